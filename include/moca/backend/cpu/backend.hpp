@@ -1,0 +1,127 @@
+// Backend<Cpu>: the op set on the host (Eigen GEMM, OpenMP loops).
+//
+// Every backend implements the same static functions on raw pointers and sizes; ops/ checks
+// shapes once and dispatches here, so a backend only computes. The contract of each function is
+// documented where the CPU kernel is defined (backend/cpu/*.hpp); backend/cuda/ follows it.
+#pragma once
+
+#include <cstdint>
+
+#include "moca/backend/cpu/elementwise.hpp"
+#include "moca/backend/cpu/gemm.hpp"
+#include "moca/backend/cpu/index.hpp"
+#include "moca/backend/cpu/reduce.hpp"
+#include "moca/backend/cpu/rows.hpp"
+#include "moca/core/device.hpp"
+
+namespace moca {
+
+template <>
+struct Backend<Cpu> {
+  template <class T>
+  static void gemm(bool ta, bool tb, std::int64_t M, std::int64_t N, std::int64_t K, T alpha,
+                   const T* A, std::int64_t lda, const T* B, std::int64_t ldb, T beta, T* C,
+                   std::int64_t ldc) {
+    cpu::gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  }
+  template <class T>
+  static void gemm_strided_batched(bool ta, bool tb, std::int64_t M, std::int64_t N,
+                                   std::int64_t K, T alpha, const T* A, std::int64_t lda,
+                                   std::int64_t sa, const T* B, std::int64_t ldb, std::int64_t sb,
+                                   T beta, T* C, std::int64_t ldc, std::int64_t sc,
+                                   std::int64_t batch) {
+    cpu::gemm_strided_batched(ta, tb, M, N, K, alpha, A, lda, sa, B, ldb, sb, beta, C, ldc, sc,
+                              batch);
+  }
+  template <class T>
+  static void fill(std::int64_t n, T value, T* x) { cpu::fill(n, value, x); }
+  template <class T>
+  static void axpby(std::int64_t n, T alpha, const T* x, T beta, T* y) {
+    cpu::axpby(n, alpha, x, beta, y);
+  }
+  template <class T>
+  static void scale(std::int64_t n, T alpha, T* x) { cpu::scale(n, alpha, x); }
+  template <class T>
+  static void add(std::int64_t n, const T* a, const T* b, T* y) { cpu::add(n, a, b, y); }
+  template <class T>
+  static void mul(std::int64_t n, const T* a, const T* b, T* y) { cpu::mul(n, a, b, y); }
+  template <class T>
+  static void add_bias(std::int64_t M, std::int64_t N, const T* bias, T* x) {
+    cpu::add_bias(M, N, bias, x);
+  }
+  template <class T>
+  static void gelu_forward(std::int64_t n, const T* x, T* y) { cpu::gelu_forward(n, x, y); }
+  template <class T>
+  static void gelu_backward(std::int64_t n, const T* x, const T* dy, T* dx) {
+    cpu::gelu_backward(n, x, dy, dx);
+  }
+  template <class T>
+  static void relu_forward(std::int64_t n, const T* x, T* y) { cpu::relu_forward(n, x, y); }
+  template <class T>
+  static void relu_backward(std::int64_t n, const T* x, const T* dy, T* dx) {
+    cpu::relu_backward(n, x, dy, dx);
+  }
+  template <class T>
+  static void softmax_rows(std::int64_t M, std::int64_t N, const T* x, T* y) {
+    cpu::softmax_rows(M, N, x, y);
+  }
+  template <class T>
+  static void log_softmax_rows(std::int64_t M, std::int64_t N, const T* x, T* y) {
+    cpu::log_softmax_rows(M, N, x, y);
+  }
+  template <class T>
+  static void softmax_rows_backward(std::int64_t M, std::int64_t N, const T* y, const T* dy,
+                                    T* dx) {
+    cpu::softmax_rows_backward(M, N, y, dy, dx);
+  }
+  template <class T>
+  static void log_softmax_rows_backward(std::int64_t M, std::int64_t N, const T* y, const T* dy,
+                                        T* dx) {
+    cpu::log_softmax_rows_backward(M, N, y, dy, dx);
+  }
+  template <class T>
+  static void layer_norm_forward(std::int64_t M, std::int64_t N, const T* x, const T* gamma,
+                                 const T* beta, double eps, T* y, T* mean, T* rstd) {
+    cpu::layer_norm_forward(M, N, x, gamma, beta, eps, y, mean, rstd);
+  }
+  template <class T>
+  static void layer_norm_backward(std::int64_t M, std::int64_t N, const T* x, const T* gamma,
+                                  const T* mean, const T* rstd, const T* dy, T* dx, T* dgamma,
+                                  T* dbeta) {
+    cpu::layer_norm_backward(M, N, x, gamma, mean, rstd, dy, dx, dgamma, dbeta);
+  }
+  template <class T>
+  static void l2_normalize_rows_forward(std::int64_t M, std::int64_t N, const T* x, double eps,
+                                        T* y, T* norm) {
+    cpu::l2_normalize_rows_forward(M, N, x, eps, y, norm);
+  }
+  template <class T>
+  static void l2_normalize_rows_backward(std::int64_t M, std::int64_t N, const T* y,
+                                         const T* norm, double eps, const T* dy, T* dx) {
+    cpu::l2_normalize_rows_backward(M, N, y, norm, eps, dy, dx);
+  }
+  template <class T>
+  static void sum_middle(std::int64_t outer, std::int64_t n, std::int64_t inner, T alpha,
+                         const T* x, T beta, T* y) {
+    cpu::sum_middle(outer, n, inner, alpha, x, beta, y);
+  }
+  template <class T>
+  static double sum_squares(std::int64_t n, const T* x) { return cpu::sum_squares(n, x); }
+  template <class T>
+  static void gather_rows(std::int64_t M, std::int64_t C, const T* src, std::int64_t rows,
+                          const std::int32_t* idx, T* dst) {
+    cpu::gather_rows(M, C, src, rows, idx, dst);
+  }
+  template <class T>
+  static void scatter_add_rows(std::int64_t M, std::int64_t C, const T* src,
+                               const std::int32_t* idx, std::int64_t rows, T* dst) {
+    cpu::scatter_add_rows(M, C, src, idx, rows, dst);
+  }
+  template <class T>
+  static void adamw(std::int64_t n, T* p, const T* g, T* m, T* v, double lr, double beta1,
+                    double beta2, double eps, double weight_decay, std::int64_t step) {
+    cpu::adamw(n, p, g, m, v, lr, beta1, beta2, eps, weight_decay, step);
+  }
+};
+
+}  // namespace moca

@@ -1,0 +1,161 @@
+// Elementwise kernels of the CPU backend: vector updates, bias, activations, optimiser updates.
+#pragma once
+
+#include <array>
+#include <cmath>
+#include <cstdint>
+
+#include "moca/backend/cpu/parallel.hpp"
+
+namespace moca::cpu {
+
+template <class T>
+void fill(std::int64_t n, T value, T* x) {
+  parallel_for(n, n, [&](std::int64_t b, std::int64_t e) {
+    for (std::int64_t i = b; i < e; ++i) x[i] = value;
+  });
+}
+
+/// y = alpha * x + beta * y  (beta == 0 overwrites y without reading it).
+template <class T>
+void axpby(std::int64_t n, T alpha, const T* x, T beta, T* y) {
+  parallel_for(n, n, [&](std::int64_t b, std::int64_t e) {
+    if (beta == T(0)) {
+#pragma omp simd
+      for (std::int64_t i = b; i < e; ++i) y[i] = alpha * x[i];
+    } else {
+#pragma omp simd
+      for (std::int64_t i = b; i < e; ++i) y[i] = alpha * x[i] + beta * y[i];
+    }
+  });
+}
+
+/// x *= alpha
+template <class T>
+void scale(std::int64_t n, T alpha, T* x) {
+  parallel_for(n, n, [&](std::int64_t b, std::int64_t e) {
+#pragma omp simd
+    for (std::int64_t i = b; i < e; ++i) x[i] *= alpha;
+  });
+}
+
+/// y = a + b (y may alias a or b).
+template <class T>
+void add(std::int64_t n, const T* a, const T* b, T* y) {
+  parallel_for(n, n, [&](std::int64_t s, std::int64_t e) {
+#pragma omp simd
+    for (std::int64_t i = s; i < e; ++i) y[i] = a[i] + b[i];
+  });
+}
+
+/// y = a * b elementwise (y may alias a or b).
+template <class T>
+void mul(std::int64_t n, const T* a, const T* b, T* y) {
+  parallel_for(n, n, [&](std::int64_t s, std::int64_t e) {
+#pragma omp simd
+    for (std::int64_t i = s; i < e; ++i) y[i] = a[i] * b[i];
+  });
+}
+
+/// x[r, :] += bias for every row r of x [M, N].
+template <class T>
+void add_bias(std::int64_t M, std::int64_t N, const T* bias, T* x) {
+  parallel_for(M, M * N, [&](std::int64_t r0, std::int64_t r1) {
+    for (std::int64_t r = r0; r < r1; ++r) {
+      T* row = x + r * N;
+#pragma omp simd
+      for (std::int64_t j = 0; j < N; ++j) row[j] += bias[j];
+    }
+  });
+}
+
+// Exact GELU, the erf form: gelu(x) = x * Phi(x), Phi the standard normal CDF.
+template <class T>
+inline T gelu_value(T x) {
+  return T(0.5) * x * (T(1) + std::erf(x * T(0.70710678118654752440)));
+}
+template <class T>
+inline T gelu_derivative(T x) {
+  const T cdf = T(0.5) * (T(1) + std::erf(x * T(0.70710678118654752440)));
+  const T pdf = T(0.39894228040143267794) * std::exp(T(-0.5) * x * x);
+  return cdf + x * pdf;
+}
+
+template <class T>
+void gelu_forward(std::int64_t n, const T* x, T* y) {
+  parallel_for(n, 8 * n, [&](std::int64_t b, std::int64_t e) {
+    for (std::int64_t i = b; i < e; ++i) y[i] = gelu_value(x[i]);
+  });
+}
+
+/// dx = dy * gelu'(x)  (dx may alias dy).
+template <class T>
+void gelu_backward(std::int64_t n, const T* x, const T* dy, T* dx) {
+  parallel_for(n, 8 * n, [&](std::int64_t b, std::int64_t e) {
+    for (std::int64_t i = b; i < e; ++i) dx[i] = dy[i] * gelu_derivative(x[i]);
+  });
+}
+
+template <class T>
+void relu_forward(std::int64_t n, const T* x, T* y) {
+  parallel_for(n, n, [&](std::int64_t b, std::int64_t e) {
+#pragma omp simd
+    for (std::int64_t i = b; i < e; ++i) y[i] = x[i] > T(0) ? x[i] : T(0);
+  });
+}
+
+/// dx = dy where x > 0, else 0 (dx may alias dy). The subgradient at 0 is 0, as in PyTorch.
+template <class T>
+void relu_backward(std::int64_t n, const T* x, const T* dy, T* dx) {
+  parallel_for(n, n, [&](std::int64_t b, std::int64_t e) {
+#pragma omp simd
+    for (std::int64_t i = b; i < e; ++i) dx[i] = x[i] > T(0) ? dy[i] : T(0);
+  });
+}
+
+/// One AdamW step (PyTorch's torch.optim.AdamW, decoupled decay applied first):
+///   p *= 1 - lr * wd;  m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2
+///   p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+/// `step` counts from 1.
+template <class T>
+void adamw(std::int64_t n, T* p, const T* g, T* m, T* v, double lr, double beta1, double beta2,
+           double eps, double weight_decay, std::int64_t step) {
+  const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
+  const double bc2 = 1.0 - std::pow(beta2, static_cast<double>(step));
+  const T decay = static_cast<T>(1.0 - lr * weight_decay);
+  const T step_size = static_cast<T>(lr / bc1);
+  const T inv_sqrt_bc2 = static_cast<T>(1.0 / std::sqrt(bc2));
+  const T b1 = static_cast<T>(beta1), b2 = static_cast<T>(beta2), e = static_cast<T>(eps);
+  parallel_for(n, 4 * n, [&](std::int64_t s, std::int64_t end) {
+#pragma omp simd
+    for (std::int64_t i = s; i < end; ++i) {
+      const T gi = g[i];
+      const T mi = b1 * m[i] + (T(1) - b1) * gi;
+      const T vi = b2 * v[i] + (T(1) - b2) * gi * gi;
+      m[i] = mi;
+      v[i] = vi;
+      p[i] = p[i] * decay - step_size * mi / (std::sqrt(vi) * inv_sqrt_bc2 + e);
+    }
+  });
+}
+
+/// Sum of squares, accumulated in double over a fixed partition (so the result does not depend
+/// on the number of threads).
+template <class T>
+double sum_squares(std::int64_t n, const T* x) {
+  constexpr std::int64_t kParts = 64;
+  std::array<double, kParts> partial{};
+  parallel_for(kParts, n, [&](std::int64_t p0, std::int64_t p1) {
+    for (std::int64_t p = p0; p < p1; ++p) {
+      const std::int64_t b = n * p / kParts, e = n * (p + 1) / kParts;
+      double s = 0.0;
+      for (std::int64_t i = b; i < e; ++i) s += static_cast<double>(x[i]) * static_cast<double>(x[i]);
+      partial[p] = s;
+    }
+  });
+  double total = 0.0;
+  for (double s : partial) total += s;
+  return total;
+}
+
+}  // namespace moca::cpu

@@ -1,0 +1,68 @@
+// GEMM on Eigen, with row-major maps over the caller's buffers (no copies, no transposes).
+#pragma once
+
+#include <Eigen/Core>
+#include <cstdint>
+
+#include "moca/backend/cpu/parallel.hpp"
+
+namespace moca::cpu {
+
+template <class T>
+using RowMajorMap =
+    Eigen::Map<Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>, Eigen::Unaligned,
+               Eigen::OuterStride<>>;
+template <class T>
+using ConstRowMajorMap =
+    Eigen::Map<const Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>,
+               Eigen::Unaligned, Eigen::OuterStride<>>;
+
+/// C[M,N] = alpha * op(A) * op(B) + beta * C, all row-major with leading dimensions lda/ldb/ldc.
+/// op(A) is [M,K]: A is stored [M,K] (lda >= K) or, transposed, [K,M] (lda >= M). Likewise B.
+/// beta == 0 overwrites C without reading it (NaN in C does not propagate), as in BLAS.
+template <class T>
+void gemm(bool trans_a, bool trans_b, std::int64_t M, std::int64_t N, std::int64_t K, T alpha,
+          const T* A, std::int64_t lda, const T* B, std::int64_t ldb, T beta, T* C,
+          std::int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  RowMajorMap<T> c(C, M, N, Eigen::OuterStride<>(ldc));
+  if (beta == T(0)) {
+    c.setZero();
+  } else if (beta != T(1)) {
+    c *= beta;
+  }
+  if (K == 0 || alpha == T(0)) return;
+  ConstRowMajorMap<T> a(A, trans_a ? K : M, trans_a ? M : K, Eigen::OuterStride<>(lda));
+  ConstRowMajorMap<T> b(B, trans_b ? N : K, trans_b ? K : N, Eigen::OuterStride<>(ldb));
+  if (!trans_a && !trans_b) {
+    c.noalias() += alpha * a * b;
+  } else if (!trans_a && trans_b) {
+    c.noalias() += alpha * a * b.transpose();
+  } else if (trans_a && !trans_b) {
+    c.noalias() += alpha * a.transpose() * b;
+  } else {
+    c.noalias() += alpha * a.transpose() * b.transpose();
+  }
+}
+
+/// `batch` independent GEMMs; matrix i of A starts at A + i * stride_a (likewise B, C).
+/// Batches run in parallel, each on one thread, when there are several.
+template <class T>
+void gemm_strided_batched(bool trans_a, bool trans_b, std::int64_t M, std::int64_t N,
+                          std::int64_t K, T alpha, const T* A, std::int64_t lda,
+                          std::int64_t stride_a, const T* B, std::int64_t ldb,
+                          std::int64_t stride_b, T beta, T* C, std::int64_t ldc,
+                          std::int64_t stride_c, std::int64_t batch) {
+  const std::int64_t work = batch * M * N * (K + 1);
+  if (batch == 1) {
+    gemm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    return;
+  }
+  parallel_for(batch, work, [&](std::int64_t b0, std::int64_t b1) {
+    for (std::int64_t i = b0; i < b1; ++i)
+      gemm(trans_a, trans_b, M, N, K, alpha, A + i * stride_a, lda, B + i * stride_b, ldb, beta,
+           C + i * stride_c, ldc);
+  });
+}
+
+}  // namespace moca::cpu

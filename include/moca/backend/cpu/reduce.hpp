@@ -1,0 +1,52 @@
+// Reductions of the CPU backend.
+#pragma once
+
+#include <cstdint>
+
+#include "moca/backend/cpu/parallel.hpp"
+#include "moca/backend/cpu/rows.hpp"
+
+namespace moca::cpu {
+
+/// Views x as [outer, n, inner] and reduces the middle axis:
+///   y[o, i] = alpha * sum_j x[o, j, i] + beta * y[o, i]   (beta == 0: y is not read).
+/// Summation order is fixed (j ascending), whatever the thread count.
+template <class T>
+void sum_middle(std::int64_t outer, std::int64_t n, std::int64_t inner, T alpha, const T* x,
+                T beta, T* y) {
+  const std::int64_t work = outer * n * inner;
+  if (inner == 1) {
+    parallel_for(outer, work, [&](std::int64_t o0, std::int64_t o1) {
+      for (std::int64_t o = o0; o < o1; ++o) {
+        acc_t<T> s = 0;
+        const T* xo = x + o * n;
+        for (std::int64_t j = 0; j < n; ++j) s += xo[j];
+        y[o] = alpha * static_cast<T>(s) + (beta == T(0) ? T(0) : beta * y[o]);
+      }
+    });
+    return;
+  }
+  // Split over (outer, column block) so both a single long reduction ([M, N] -> [N]) and many
+  // short ones keep every thread busy.
+  constexpr std::int64_t kBlock = 64;
+  const std::int64_t blocks = (inner + kBlock - 1) / kBlock;
+  parallel_for(outer * blocks, work, [&](std::int64_t t0, std::int64_t t1) {
+    acc_t<T> acc[kBlock];
+    for (std::int64_t t = t0; t < t1; ++t) {
+      const std::int64_t o = t / blocks, c0 = (t % blocks) * kBlock;
+      const std::int64_t c1 = c0 + kBlock < inner ? c0 + kBlock : inner;
+      for (std::int64_t c = c0; c < c1; ++c) acc[c - c0] = 0;
+      const T* xo = x + o * n * inner;
+      for (std::int64_t j = 0; j < n; ++j) {
+        const T* xr = xo + j * inner;
+#pragma omp simd
+        for (std::int64_t c = c0; c < c1; ++c) acc[c - c0] += xr[c];
+      }
+      T* yo = y + o * inner;
+      for (std::int64_t c = c0; c < c1; ++c)
+        yo[c] = alpha * static_cast<T>(acc[c - c0]) + (beta == T(0) ? T(0) : beta * yo[c]);
+    }
+  });
+}
+
+}  // namespace moca::cpu

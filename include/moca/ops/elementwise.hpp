@@ -1,0 +1,88 @@
+// Elementwise ops: fill, scaled sums, products, bias, activations.
+// Outputs may alias inputs of the same size unless noted.
+#pragma once
+
+#include "moca/ops/common.hpp"
+
+namespace moca::ops {
+
+template <class T, class D>
+void fill(const TensorView<T, D>& x, Scalar<T> value) {
+  Backend<D>::fill(x.numel(), T(value), x.data());
+}
+template <class T, class D>
+void zero(const TensorView<T, D>& x) {
+  fill(x, T(0));
+}
+
+/// y = alpha · x + beta · y  (beta = 0: y is overwritten without being read).
+template <class T, class D>
+void axpby(Scalar<T> alpha, const TensorView<T, D>& x, Scalar<T> beta, const TensorView<T, D>& y) {
+  detail::check_same_size("axpby", x, y);
+  Backend<D>::axpby(x.numel(), T(alpha), x.data(), T(beta), y.data());
+}
+/// y += alpha · x
+template <class T, class D>
+void axpy(Scalar<T> alpha, const TensorView<T, D>& x, const TensorView<T, D>& y) {
+  axpby(alpha, x, T(1), y);
+}
+/// x *= alpha
+template <class T, class D>
+void scale(const TensorView<T, D>& x, Scalar<T> alpha) {
+  Backend<D>::scale(x.numel(), T(alpha), x.data());
+}
+/// y = a + b
+template <class T, class D>
+void add(const TensorView<T, D>& a, const TensorView<T, D>& b, const TensorView<T, D>& y) {
+  detail::check_same_size("add", a, b);
+  detail::check_same_size("add", a, y);
+  Backend<D>::add(a.numel(), a.data(), b.data(), y.data());
+}
+/// y = a ⊙ b
+template <class T, class D>
+void mul(const TensorView<T, D>& a, const TensorView<T, D>& b, const TensorView<T, D>& y) {
+  detail::check_same_size("mul", a, b);
+  detail::check_same_size("mul", a, y);
+  Backend<D>::mul(a.numel(), a.data(), b.data(), y.data());
+}
+
+/// x[..., :] += bias, for x [..., N] and bias [N].
+template <class T, class D>
+void add_bias(const TensorView<T, D>& x, const TensorView<T, D>& bias) {
+  const auto m = x.matrix();
+  MOCA_CHECK(bias.numel() == m.size(1), "add_bias: bias ", bias.shape(),
+             " does not match the last dimension of ", x.shape());
+  Backend<D>::add_bias(m.size(0), m.size(1), bias.data(), m.data());
+}
+
+/// y = gelu(x), the exact (erf) form.
+template <class T, class D>
+void gelu(const TensorView<T, D>& x, const TensorView<T, D>& y) {
+  detail::check_same_size("gelu", x, y);
+  Backend<D>::gelu_forward(x.numel(), x.data(), y.data());
+}
+/// dx = dy · gelu'(x)
+template <class T, class D>
+void gelu_backward(const TensorView<T, D>& x, const TensorView<T, D>& dy,
+                   const TensorView<T, D>& dx) {
+  detail::check_same_size("gelu_backward", x, dy);
+  detail::check_same_size("gelu_backward", x, dx);
+  Backend<D>::gelu_backward(x.numel(), x.data(), dy.data(), dx.data());
+}
+
+/// y = max(x, 0)
+template <class T, class D>
+void relu(const TensorView<T, D>& x, const TensorView<T, D>& y) {
+  detail::check_same_size("relu", x, y);
+  Backend<D>::relu_forward(x.numel(), x.data(), y.data());
+}
+/// dx = dy where x > 0, else 0
+template <class T, class D>
+void relu_backward(const TensorView<T, D>& x, const TensorView<T, D>& dy,
+                   const TensorView<T, D>& dx) {
+  detail::check_same_size("relu_backward", x, dy);
+  detail::check_same_size("relu_backward", x, dx);
+  Backend<D>::relu_backward(x.numel(), x.data(), dy.data(), dx.data());
+}
+
+}  // namespace moca::ops

@@ -1,0 +1,87 @@
+// Matrix products.
+//
+//   ops::gemm(x, Trans::N, w, Trans::T, y);          // y[M,N] = x[M,K] · w[N,K]ᵀ  (a Linear)
+//   ops::gemm(dy, Trans::T, x, Trans::N, dw, 1, 1);   // dw += dyᵀ · x          (its weight grad)
+//
+// Tensors of rank > 2 are read as matrices [product of leading dims, last dim].
+#pragma once
+
+#include "moca/ops/common.hpp"
+
+namespace moca {
+
+enum class Trans { N, T };
+
+namespace ops {
+
+/// C = alpha · op(A) · op(B) + beta · C. beta = 0 overwrites C (NaN in C is not propagated).
+template <class T, class D>
+void gemm(const TensorView<T, D>& A, Trans ta, const TensorView<T, D>& B, Trans tb,
+          const TensorView<T, D>& C, Scalar<T> alpha = 1, Scalar<T> beta = 0) {
+  const auto a = A.matrix(), b = B.matrix(), c = C.matrix();
+  const bool tA = ta == Trans::T, tB = tb == Trans::T;
+  const std::int64_t M = tA ? a.size(1) : a.size(0), K = tA ? a.size(0) : a.size(1);
+  const std::int64_t Kb = tB ? b.size(1) : b.size(0), N = tB ? b.size(0) : b.size(1);
+  MOCA_CHECK(K == Kb && c.size(0) == M && c.size(1) == N, "gemm: incompatible shapes: A ",
+             A.shape(), tA ? "ᵀ" : "", " · B ", B.shape(), tB ? "ᵀ" : "", " -> C ", C.shape());
+  Backend<D>::gemm(tA, tB, M, N, K, T(alpha), a.data(), a.size(1), b.data(), b.size(1), T(beta),
+                   c.data(), c.size(1));
+}
+
+/// A batch of equally shaped matrices inside one buffer: matrix i starts at data + i·stride,
+/// has `rows` rows of `cols` elements, consecutive rows `ld` elements apart. It lets a GEMM read
+/// one head of a [tokens, 3·D] qkv buffer in place (ld = 3·D, stride = head dim).
+template <class T, class D>
+struct StridedBatch {
+  T* data;
+  std::int64_t rows, cols, ld, stride, count;
+};
+
+/// Describes a strided batch inside `base`, starting `offset` elements in, and checks that every
+/// element it addresses lies inside `base`.
+template <class T, class D>
+StridedBatch<T, D> strided_batch(const TensorView<T, D>& base, std::int64_t offset,
+                                 std::int64_t rows, std::int64_t cols, std::int64_t ld,
+                                 std::int64_t stride, std::int64_t count) {
+  MOCA_CHECK(rows >= 0 && cols >= 0 && count >= 0 && ld >= cols && offset >= 0 && stride >= 0,
+             "strided_batch: invalid layout rows ", rows, " cols ", cols, " ld ", ld, " stride ",
+             stride, " count ", count);
+  if (rows > 0 && cols > 0 && count > 0) {
+    const std::int64_t last = offset + (count - 1) * stride + (rows - 1) * ld + cols;
+    MOCA_CHECK(last <= base.numel(), "strided_batch: the batch reaches element ", last,
+               " of a tensor of shape ", base.shape(), " (", base.numel(), " elements)");
+  }
+  return {base.data() + offset, rows, cols, ld, stride, count};
+}
+
+/// C_i = alpha · op(A_i) · op(B_i) + beta · C_i for every matrix i of the batches.
+template <class T, class D>
+void gemm_batched(const StridedBatch<T, D>& A, Trans ta, const StridedBatch<T, D>& B, Trans tb,
+                  const StridedBatch<T, D>& C, Scalar<T> alpha = 1, Scalar<T> beta = 0) {
+  const bool tA = ta == Trans::T, tB = tb == Trans::T;
+  const std::int64_t M = tA ? A.cols : A.rows, K = tA ? A.rows : A.cols;
+  const std::int64_t Kb = tB ? B.cols : B.rows, N = tB ? B.rows : B.cols;
+  MOCA_CHECK(K == Kb && C.rows == M && C.cols == N && A.count == B.count && A.count == C.count,
+             "gemm_batched: incompatible batches: A ", A.count, "×[", A.rows, ", ", A.cols, "]",
+             tA ? "ᵀ" : "", " · B ", B.count, "×[", B.rows, ", ", B.cols, "]", tB ? "ᵀ" : "",
+             " -> C ", C.count, "×[", C.rows, ", ", C.cols, "]");
+  Backend<D>::gemm_strided_batched(tA, tB, M, N, K, T(alpha), A.data, A.ld, A.stride, B.data,
+                                   B.ld, B.stride, T(beta), C.data, C.ld, C.stride, A.count);
+}
+
+/// Batched product of rank-3 tensors: C[b] = alpha · op(A[b]) · op(B[b]) + beta · C[b].
+template <class T, class D>
+void gemm_batched(const TensorView<T, D>& A, Trans ta, const TensorView<T, D>& B, Trans tb,
+                  const TensorView<T, D>& C, Scalar<T> alpha = 1, Scalar<T> beta = 0) {
+  MOCA_CHECK(A.rank() == 3 && B.rank() == 3 && C.rank() == 3,
+             "gemm_batched: expected rank-3 tensors, got A ", A.shape(), " B ", B.shape(), " C ",
+             C.shape());
+  auto batch = [](const TensorView<T, D>& t) {
+    return StridedBatch<T, D>{t.data(), t.size(1), t.size(2), t.size(2), t.size(1) * t.size(2),
+                              t.size(0)};
+  };
+  gemm_batched(batch(A), ta, batch(B), tb, batch(C), alpha, beta);
+}
+
+}  // namespace ops
+}  // namespace moca

@@ -1,0 +1,76 @@
+// LayerNorm and row L2 normalisation over the last dimension.
+#pragma once
+
+#include "moca/ops/common.hpp"
+
+namespace moca::ops {
+
+/// y = (x - mean) / sqrt(var + eps) · gamma + beta over the last dimension (biased variance).
+/// Saves mean and rstd (one value per row) for the backward pass. gamma and beta may be empty
+/// views (no affine transform).
+template <class T, class D>
+void layer_norm(const TensorView<T, D>& x, const TensorView<T, D>& gamma,
+                const TensorView<T, D>& beta, double eps, const TensorView<T, D>& y,
+                const TensorView<T, D>& mean, const TensorView<T, D>& rstd) {
+  const std::int64_t M = x.shape().leading(), N = x.shape().last();
+  detail::check_same_shape("layer_norm", x, y);
+  MOCA_CHECK(gamma.empty() || gamma.numel() == N, "layer_norm: weight ", gamma.shape(),
+             " does not match the last dimension of ", x.shape());
+  MOCA_CHECK(beta.empty() || beta.numel() == N, "layer_norm: bias ", beta.shape(),
+             " does not match the last dimension of ", x.shape());
+  MOCA_CHECK(mean.numel() == M && rstd.numel() == M, "layer_norm: mean ", mean.shape(),
+             " and rstd ", rstd.shape(), " must hold one value per row of ", x.shape());
+  Backend<D>::layer_norm_forward(M, N, x.data(), gamma.empty() ? nullptr : gamma.data(),
+                                 beta.empty() ? nullptr : beta.data(), eps, y.data(), mean.data(),
+                                 rstd.data());
+}
+
+/// LayerNorm backward: writes dx (may alias dy), accumulates into dgamma and dbeta (either may be
+/// an empty view to skip it).
+template <class T, class D>
+void layer_norm_backward(const TensorView<T, D>& x, const TensorView<T, D>& gamma,
+                         const TensorView<T, D>& mean, const TensorView<T, D>& rstd,
+                         const TensorView<T, D>& dy, const TensorView<T, D>& dx,
+                         const TensorView<T, D>& dgamma, const TensorView<T, D>& dbeta) {
+  const std::int64_t M = x.shape().leading(), N = x.shape().last();
+  detail::check_same_shape("layer_norm_backward", x, dy);
+  detail::check_same_shape("layer_norm_backward", x, dx);
+  MOCA_CHECK(gamma.empty() || gamma.numel() == N, "layer_norm_backward: weight ", gamma.shape(),
+             " does not match ", x.shape());
+  MOCA_CHECK(dgamma.empty() || dgamma.numel() == N, "layer_norm_backward: weight grad ",
+             dgamma.shape(), " does not match ", x.shape());
+  MOCA_CHECK(dbeta.empty() || dbeta.numel() == N, "layer_norm_backward: bias grad ",
+             dbeta.shape(), " does not match ", x.shape());
+  MOCA_CHECK(mean.numel() == M && rstd.numel() == M, "layer_norm_backward: mean ", mean.shape(),
+             " and rstd ", rstd.shape(), " must hold one value per row of ", x.shape());
+  Backend<D>::layer_norm_backward(M, N, x.data(), gamma.empty() ? nullptr : gamma.data(),
+                                  mean.data(), rstd.data(), dy.data(), dx.data(),
+                                  dgamma.empty() ? nullptr : dgamma.data(),
+                                  dbeta.empty() ? nullptr : dbeta.data());
+}
+
+/// y = x / max(||x||₂, eps) over the last dimension; saves norm (one ||x||₂ per row).
+/// The MOCA codebook and prototype generators use eps = 1e-5.
+template <class T, class D>
+void l2_normalize(const TensorView<T, D>& x, double eps, const TensorView<T, D>& y,
+                  const TensorView<T, D>& norm) {
+  detail::check_same_shape("l2_normalize", x, y);
+  MOCA_CHECK(norm.numel() == x.shape().leading(), "l2_normalize: norm ", norm.shape(),
+             " must hold one value per row of ", x.shape());
+  Backend<D>::l2_normalize_rows_forward(x.shape().leading(), x.shape().last(), x.data(), eps,
+                                        y.data(), norm.data());
+}
+
+/// Backward of l2_normalize from its output y and saved norm; dx may alias dy.
+template <class T, class D>
+void l2_normalize_backward(const TensorView<T, D>& y, const TensorView<T, D>& norm, double eps,
+                           const TensorView<T, D>& dy, const TensorView<T, D>& dx) {
+  detail::check_same_shape("l2_normalize_backward", y, dy);
+  detail::check_same_shape("l2_normalize_backward", y, dx);
+  MOCA_CHECK(norm.numel() == y.shape().leading(), "l2_normalize_backward: norm ", norm.shape(),
+             " must hold one value per row of ", y.shape());
+  Backend<D>::l2_normalize_rows_backward(y.shape().leading(), y.shape().last(), y.data(),
+                                         norm.data(), eps, dy.data(), dx.data());
+}
+
+}  // namespace moca::ops

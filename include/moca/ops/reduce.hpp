@@ -1,0 +1,36 @@
+// Reductions over one axis, and the squared L2 norm.
+#pragma once
+
+#include "moca/ops/common.hpp"
+
+namespace moca::ops {
+
+/// y = alpha · Σ_axis x + beta · y. y holds x's shape without `axis` (any shape of that size:
+/// [N] and [1, N] both serve for a [M, N] → axis 0 reduction). Order of summation is fixed.
+template <class T, class D>
+void sum(const TensorView<T, D>& x, int axis, const TensorView<T, D>& y, Scalar<T> alpha = 1,
+         Scalar<T> beta = 0) {
+  MOCA_CHECK(axis >= 0 && axis < x.rank(), "sum: axis ", axis, " out of range for ", x.shape());
+  std::int64_t outer = 1, inner = 1;
+  for (int d = 0; d < axis; ++d) outer *= x.size(d);
+  for (int d = axis + 1; d < x.rank(); ++d) inner *= x.size(d);
+  MOCA_CHECK(y.numel() == outer * inner, "sum: output ", y.shape(), " does not match ", x.shape(),
+             " reduced over axis ", axis);
+  Backend<D>::sum_middle(outer, x.size(axis), inner, T(alpha), x.data(), T(beta), y.data());
+}
+
+/// y = mean over `axis` of x (+ beta · y).
+template <class T, class D>
+void mean(const TensorView<T, D>& x, int axis, const TensorView<T, D>& y, Scalar<T> beta = 0) {
+  MOCA_CHECK(axis >= 0 && axis < x.rank(), "mean: axis ", axis, " out of range for ", x.shape());
+  MOCA_CHECK(x.size(axis) > 0, "mean: empty axis ", axis, " in ", x.shape());
+  sum(x, axis, y, T(1) / static_cast<T>(x.size(axis)), beta);
+}
+
+/// Σ x², accumulated in double; the result does not depend on the thread count.
+template <class T, class D>
+double sum_squares(const TensorView<T, D>& x) {
+  return Backend<D>::sum_squares(x.numel(), x.data());
+}
+
+}  // namespace moca::ops

@@ -1,0 +1,154 @@
+// Tensor, Shape, errors, memory counters and the Philox generator.
+#include <doctest/doctest.h>
+
+#include <moca/core/random.hpp>
+#include <moca/moca.hpp>
+#include <string>
+
+using namespace moca;
+
+TEST_CASE("Shape: numel, leading, equality and printing") {
+  Shape s{2, 3, 4};
+  CHECK(s.rank() == 3);
+  CHECK(s.numel() == 24);
+  CHECK(s.leading() == 6);
+  CHECK(s.last() == 4);
+  CHECK(s == Shape{2, 3, 4});
+  CHECK_FALSE(s == Shape{2, 12});
+  CHECK(s.str() == "[2, 3, 4]");
+  CHECK(Shape{}.numel() == 1);
+  CHECK_THROWS_AS(Shape({1, 2, 3, 4, 5}), Error);
+  CHECK_THROWS_AS(Shape({2, -1}), Error);
+}
+
+TEST_CASE("Tensor: zero-filled, aligned, move-only, explicit clone") {
+  Tensor<float> t({3, 5});
+  CHECK(t.numel() == 15);
+  CHECK(reinterpret_cast<std::uintptr_t>(t.data()) % 64 == 0);
+  for (float v : t) CHECK(v == 0.0f);
+  t(1, 2) = 7.0f;
+  Tensor<float> c = t.clone();
+  CHECK(c(1, 2) == 7.0f);
+  CHECK(c.data() != t.data());
+  Tensor<float> m = std::move(t);
+  CHECK(m(1, 2) == 7.0f);
+  CHECK(t.empty());  // NOLINT(bugprone-use-after-move): moved-from tensors are empty
+  CHECK(t.data() == nullptr);
+  static_assert(!std::is_copy_constructible_v<Tensor<float>>);
+  static_assert(std::is_nothrow_move_constructible_v<Tensor<float>>);
+}
+
+TEST_CASE("TensorView: rows, row, reshape and matrix share storage") {
+  Tensor<double> t({4, 2, 3});
+  for (std::int64_t i = 0; i < t.numel(); ++i) t.data()[i] = static_cast<double>(i);
+  auto r = t.rows(1, 3);
+  CHECK(r.shape() == Shape{2, 2, 3});
+  CHECK(r.data() == t.data() + 6);
+  CHECK(r(0, 0, 0) == 6.0);
+  auto one = t.row(3);
+  CHECK(one.shape() == Shape{2, 3});
+  CHECK(one(1, 2) == 23.0);
+  CHECK(t.matrix().shape() == Shape{8, 3});
+  CHECK(t.reshape({6, 4})(5, 3) == 23.0);
+  CHECK_THROWS_AS(t.rows(3, 5), Error);
+  CHECK_THROWS_AS(t.row(4), Error);
+  CHECK_THROWS_AS(t.reshape({5, 5}), Error);
+}
+
+TEST_CASE("Tensor::resize reuses storage when it fits") {
+  Tensor<float> t({10, 10});
+  float* p = t.data();
+  const auto before = memory_stats<Cpu>().allocations;
+  t.resize({5, 7});
+  CHECK(t.data() == p);
+  CHECK(t.shape() == Shape{5, 7});
+  t.resize({10, 10});
+  CHECK(t.data() == p);
+  CHECK(memory_stats<Cpu>().allocations == before);
+  t.resize({11, 10});
+  CHECK(t.capacity() == 110);
+  CHECK(memory_stats<Cpu>().allocations == before + 1);
+}
+
+TEST_CASE("Memory counters track bytes in use and the peak") {
+  const auto base = memory_stats<Cpu>();
+  reset_peak_memory<Cpu>();
+  {
+    Tensor<float> a({1000});
+    CHECK(memory_stats<Cpu>().bytes_in_use == base.bytes_in_use + 4000);
+  }
+  const auto after = memory_stats<Cpu>();
+  CHECK(after.bytes_in_use == base.bytes_in_use);
+  CHECK(after.peak_bytes >= base.bytes_in_use + 4000);
+  CHECK(after.allocations == base.allocations + 1);
+}
+
+TEST_CASE("Shape errors name both shapes") {
+  Tensor<float> a({3, 4}), b({5, 6}), c({3, 6});
+  try {
+    ops::gemm(a, Trans::N, b, Trans::N, c);
+    FAIL("gemm accepted incompatible shapes");
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    CHECK(msg.find("[3, 4]") != std::string::npos);
+    CHECK(msg.find("[5, 6]") != std::string::npos);
+    CHECK(msg.find("gemm") != std::string::npos);
+  }
+  Tensor<float> x({2, 3}), y({3, 2});
+  try {
+    ops::softmax(x, y);
+    FAIL("softmax accepted different shapes");
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    CHECK(msg.find("[2, 3]") != std::string::npos);
+    CHECK(msg.find("[3, 2]") != std::string::npos);
+  }
+}
+
+TEST_CASE("Philox-4x32-10 matches the Random123 known-answer vectors") {
+  // Counter = (index lo, index hi, stream lo, stream hi), key = seed (lo, hi).
+  const auto zero = Philox(0).block(0, 0);
+  CHECK(zero == Philox::Block{0x6627e8d5u, 0xe169c58du, 0xbc57ac4cu, 0x9b00dbd8u});
+  const auto ones = Philox(~0ull).block(~0ull, ~0ull);
+  CHECK(ones == Philox::Block{0x408f276du, 0x41c83b0eu, 0xa20bc7c6u, 0x6d5451fdu});
+  const auto pi = Philox(0x299f31d0a4093822ull).block(0x0370734413198a2eull, 0x85a308d3243f6a88ull);
+  CHECK(pi == Philox::Block{0xd16cfe09u, 0x94fdccebu, 0x5001e420u, 0x24126ea1u});
+}
+
+TEST_CASE("Philox draws depend only on (seed, stream, index)") {
+  const Philox a(42), b(42), c(43);
+  CHECK(a.uniform(3, 1000) == b.uniform(3, 1000));
+  CHECK(a.uniform(3, 1000) != c.uniform(3, 1000));
+  CHECK(a.uniform(3, 1000) != a.uniform(4, 1000));
+  // Moments of the distributions are right.
+  double s = 0, s2 = 0, n1 = 0, n2 = 0;
+  const int n = 200000;
+  for (int i = 0; i < n; ++i) {
+    const double u = a.uniform(7, static_cast<std::uint64_t>(i));
+    CHECK_UNARY(u >= 0.0);
+    CHECK_UNARY(u < 1.0);
+    s += u;
+    s2 += u * u;
+    const double z = a.normal(8, static_cast<std::uint64_t>(i));
+    n1 += z;
+    n2 += z * z;
+  }
+  CHECK(s / n == doctest::Approx(0.5).epsilon(0.01));
+  CHECK(s2 / n - (s / n) * (s / n) == doctest::Approx(1.0 / 12).epsilon(0.01));
+  CHECK(std::abs(n1 / n) < 0.01);
+  CHECK(n2 / n == doctest::Approx(1.0).epsilon(0.01));
+  for (std::uint64_t i = 0; i < 1000; ++i) CHECK(a.below(7, 9, i) < 7);
+}
+
+TEST_CASE("fill_uniform and fill_normal are reproducible and in range") {
+  Tensor<float> x({1000}), y({1000});
+  fill_uniform(x, Philox(5), 1, -2.0, 3.0);
+  fill_uniform(y, Philox(5), 1, -2.0, 3.0);
+  for (std::int64_t i = 0; i < x.numel(); ++i) {
+    CHECK(x(i) == y(i));
+    CHECK(x(i) >= -2.0f);
+    CHECK(x(i) < 3.0f);
+  }
+  fill_normal(y, Philox(5), 2, 1.0, 0.0);
+  for (float v : y) CHECK(v == 1.0f);
+}
