@@ -5,6 +5,7 @@
 #include "moca/ops/elementwise.hpp"
 #include "moca/ops/gemm.hpp"
 #include "moca/ops/index.hpp"
+#include "moca/ops/layout.hpp"
 #include "moca/ops/normalization.hpp"
 #include "moca/ops/optim.hpp"
 #include "moca/ops/reduce.hpp"

@@ -43,7 +43,9 @@ template <class T, class D>
 StridedBatch<T, D> strided_batch(const TensorView<T, D>& base, std::int64_t offset,
                                  std::int64_t rows, std::int64_t cols, std::int64_t ld,
                                  std::int64_t stride, std::int64_t count) {
-  MOCA_CHECK(rows >= 0 && cols >= 0 && count >= 0 && ld >= cols && offset >= 0 && stride >= 0,
+  // ld = 0 (and stride = 0) describe a broadcast source: one row (one matrix) read repeatedly.
+  MOCA_CHECK(rows >= 0 && cols >= 0 && count >= 0 && (ld >= cols || ld == 0) && offset >= 0 &&
+                 stride >= 0,
              "strided_batch: invalid layout rows ", rows, " cols ", cols, " ld ", ld, " stride ",
              stride, " count ", count);
   if (rows > 0 && cols > 0 && count > 0) {

@@ -10,6 +10,7 @@
 #include "moca/backend/cpu/elementwise.hpp"
 #include "moca/backend/cpu/gemm.hpp"
 #include "moca/backend/cpu/index.hpp"
+#include "moca/backend/cpu/layout.hpp"
 #include "moca/backend/cpu/reduce.hpp"
 #include "moca/backend/cpu/rows.hpp"
 #include "moca/core/device.hpp"
@@ -116,6 +117,23 @@ struct Backend<Cpu> {
   static void scatter_add_rows(std::int64_t M, std::int64_t C, const T* src,
                                const std::int32_t* idx, std::int64_t rows, T* dst) {
     cpu::scatter_add_rows(M, C, src, idx, rows, dst);
+  }
+  template <class T>
+  static void copy_strided(std::int64_t count, std::int64_t rows, std::int64_t cols, const T* src,
+                           std::int64_t src_ld, std::int64_t src_stride, T* dst,
+                           std::int64_t dst_ld, std::int64_t dst_stride, bool accumulate) {
+    cpu::copy_strided(count, rows, cols, src, src_ld, src_stride, dst, dst_ld, dst_stride,
+                      accumulate);
+  }
+  template <class T>
+  static void patchify(std::int64_t N, std::int64_t C, std::int64_t H, std::int64_t W,
+                       std::int64_t p, const T* images, T* patches) {
+    cpu::patchify(N, C, H, W, p, images, patches);
+  }
+  template <class T>
+  static void unpatchify(std::int64_t N, std::int64_t C, std::int64_t H, std::int64_t W,
+                         std::int64_t p, const T* patches, T* images) {
+    cpu::unpatchify(N, C, H, W, p, patches, images);
   }
   template <class T>
   static void adamw(std::int64_t n, T* p, const T* g, T* m, T* v, double lr, double beta1,

@@ -1,0 +1,102 @@
+// GEMM throughput at the shapes of one ViT training step (tiny preset: D = 192, 3 heads of 64,
+// MLP 768, batch 128 × 64 patches + cls = 8192 token rows, rounded), in float on the CPU.
+//
+// A Linear y[M,N] = x[M,K] · w[N,K]ᵀ runs three GEMMs per step:
+//   fwd   y  = x · wᵀ      (N·T)
+//   dx    dx = dy · w      (N·N)
+//   dw    dw = dyᵀ · x     (T·N, summed over the M token rows)
+// Attention runs batched 65×65 products per image and head.
+//
+// Threads come from OpenMP (OMP_NUM_THREADS); the "threads" counter records how many were used.
+// Run: build/benchmarks/gemm_bench --benchmark_min_time=0.2
+#include <benchmark/benchmark.h>
+
+#include <cstdint>
+#include <moca/core/random.hpp>
+#include <moca/moca.hpp>
+#include <string>
+
+namespace {
+
+using moca::Tensor;
+using moca::Trans;
+
+void set_counters(benchmark::State& state, double flops_per_iteration) {
+  // FLOP per second, printed with an SI prefix (e.g. 52.1G/s = 52.1 GFLOP/s).
+  state.counters["flops"] = benchmark::Counter(flops_per_iteration,
+                                               benchmark::Counter::kIsIterationInvariantRate,
+                                               benchmark::Counter::kIs1000);
+  state.counters["threads"] = moca::cpu::max_threads();
+}
+
+Tensor<float> random_tensor(moca::Shape shape, std::uint64_t stream) {
+  Tensor<float> t(shape);
+  moca::fill_uniform(t, moca::Philox(1234), stream, -1.0, 1.0);
+  return t;
+}
+
+enum class Form { Fwd, Dx, Dw, NN };
+
+// Linear with M token rows, K input and N output features; `form` picks which product runs.
+void BM_linear(benchmark::State& state, Form form) {
+  const std::int64_t M = state.range(0), K = state.range(1), N = state.range(2);
+  Tensor<float> x = random_tensor({M, K}, 1), w = random_tensor({N, K}, 2);
+  Tensor<float> y = random_tensor({M, N}, 3);
+  for (auto _ : state) {
+    switch (form) {
+      case Form::Fwd: moca::ops::gemm(x, Trans::N, w, Trans::T, y); break;
+      case Form::Dx: moca::ops::gemm(y, Trans::N, w, Trans::N, x); break;
+      case Form::Dw: moca::ops::gemm(y, Trans::T, x, Trans::N, w); break;
+      case Form::NN: moca::ops::gemm(x, Trans::N, w.reshape({K, N}), Trans::N, y); break;
+    }
+    benchmark::ClobberMemory();
+  }
+  set_counters(state, 2.0 * double(M) * double(N) * double(K));
+}
+
+// The ViT step's Linear shapes as {M, K, N}.
+void vit_shapes(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"M", "K", "N"});
+  b->Args({8192, 192, 576});  // qkv
+  b->Args({8192, 192, 192});  // proj
+  b->Args({8192, 192, 768});  // fc1
+  b->Args({8192, 768, 192});  // fc2
+}
+
+BENCHMARK_CAPTURE(BM_linear, fwd, Form::Fwd)
+    ->Apply(vit_shapes)->UseRealTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_linear, dx, Form::Dx)
+    ->Apply(vit_shapes)->UseRealTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_linear, dw, Form::Dw)
+    ->Apply(vit_shapes)->UseRealTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_linear, square_nn, Form::NN)
+    ->ArgNames({"M", "K", "N"})->Args({1024, 1024, 1024})
+    ->UseRealTime()->Unit(benchmark::kMillisecond);
+
+// Attention per (image, head): scores S = Q · Kᵀ ([T,hd]·[T,hd]ᵀ) and output O = P · V
+// ([T,T]·[T,hd]), T = 65 tokens, hd = 64, batch = 128 images × 3 heads.
+void BM_attention(benchmark::State& state, bool scores) {
+  const std::int64_t B = state.range(0), T = state.range(1), hd = state.range(2);
+  Tensor<float> q = random_tensor({B, T, hd}, 4), k = random_tensor({B, T, hd}, 5);
+  Tensor<float> s = random_tensor({B, T, T}, 6);
+  for (auto _ : state) {
+    if (scores) {
+      moca::ops::gemm_batched(q, Trans::N, k, Trans::T, s);
+    } else {
+      moca::ops::gemm_batched(s, Trans::N, k, Trans::N, q);
+    }
+    benchmark::ClobberMemory();
+  }
+  set_counters(state, 2.0 * double(B) * double(T) * double(T) * double(hd));
+}
+
+BENCHMARK_CAPTURE(BM_attention, qk, true)
+    ->ArgNames({"batch", "T", "hd"})->Args({128 * 3, 65, 64})
+    ->UseRealTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_attention, pv, false)
+    ->ArgNames({"batch", "T", "hd"})->Args({128 * 3, 65, 64})
+    ->UseRealTime()->Unit(benchmark::kMillisecond);
+
+}  // namespace
+
+BENCHMARK_MAIN();

@@ -1,0 +1,74 @@
+// The pre-norm transformer block (timm's Block; spec §1.4):
+//   y = x + Attn(LN1(x));  out = y + MLP(LN2(y))
+// Parts are policies checked by concepts, so a researcher can swap one:
+//   using ReluBlock = Block<float, Cpu, MultiHeadAttention<float>, Mlp<float, Cpu, Relu>>;
+#pragma once
+
+#include <cstdint>
+
+#include "moca/nn/attention.hpp"
+#include "moca/nn/concepts.hpp"
+#include "moca/nn/layer_norm.hpp"
+#include "moca/nn/mlp.hpp"
+
+namespace moca {
+
+template <class T, class D = Cpu, class Attention = MultiHeadAttention<T, D>,
+          class MlpT = Mlp<T, D, Gelu>, class Norm = LayerNorm<T, D>>
+  requires AttentionLayer<Attention, T, D> && MlpLayer<MlpT, T, D> && NormLayer<Norm, T, D>
+class Block {
+ public:
+  Norm norm1;
+  Attention attn;
+  Norm norm2;
+  MlpT mlp;
+
+  Block() = default;
+  explicit Block(const BlockConfig& c)
+      : norm1(c.dim, c.norm_eps),
+        attn(c.dim, c.heads),
+        norm2(c.dim, c.norm_eps),
+        mlp(c.dim, c.mlp_hidden) {}
+
+  template <class V>
+  void visit(V&& v) {
+    v("norm1", norm1);
+    v("attn", attn);
+    v("norm2", norm2);
+    v("mlp", mlp);
+  }
+
+  /// x [B, T, dim] → out [B, T, dim] (out must not alias x: backward reads x).
+  void forward(const TensorView<T, D>& x, const TensorView<T, D>& out) {
+    n1_.resize(x.shape());
+    mid_.resize(x.shape());
+    n2_.resize(x.shape());
+    norm1.forward(x, n1_);
+    attn.forward(n1_, mid_);
+    ops::add(x, TensorView<T, D>(mid_), TensorView<T, D>(mid_));  // mid = x + attn
+    norm2.forward(mid_, n2_);
+    mlp.forward(n2_, out);
+    ops::add(out, TensorView<T, D>(mid_), out);  // out = mid + mlp
+  }
+
+  /// x is the input of the last forward; writes dx (may alias dout), accumulates parameter grads.
+  void backward(const TensorView<T, D>& x, const TensorView<T, D>& dout,
+                const TensorView<T, D>& dx) {
+    dmid_.resize(x.shape());
+    scratch_.resize(x.shape());
+    // out = mid + mlp(LN2(mid)): dmid = dout + LN2ᵀ(MLPᵀ(dout))
+    mlp.backward(n2_, dout, scratch_);
+    norm2.backward(mid_, scratch_, scratch_);
+    ops::add(dout, TensorView<T, D>(scratch_), TensorView<T, D>(dmid_));
+    // mid = x + attn(LN1(x)): dx = dmid + LN1ᵀ(Attnᵀ(dmid))
+    attn.backward(n1_, dmid_, scratch_);
+    norm1.backward(x, scratch_, scratch_);
+    ops::add(TensorView<T, D>(dmid_), TensorView<T, D>(scratch_), dx);
+  }
+
+ private:
+  Tensor<T, D> n1_, mid_, n2_;     // saved by forward: LN1(x), x + attn, LN2(mid)
+  Tensor<T, D> dmid_, scratch_;    // backward scratch
+};
+
+}  // namespace moca

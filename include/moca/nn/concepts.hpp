@@ -1,0 +1,60 @@
+// The plug points of a transformer block, as concepts: a wrong plug fails with one line naming
+// the concept it does not satisfy.
+//
+// A sequence layer maps x [B, T, dim] to y of the same shape, keeps what its backward needs,
+// and lists its parameters for the visitor:
+//   void forward(const TensorView<T, D>& x, const TensorView<T, D>& y);
+//   void backward(const TensorView<T, D>& x, const TensorView<T, D>& dy, const TensorView<T, D>& dx);
+//   template <class V> void visit(V&&);
+#pragma once
+
+#include <concepts>
+#include <cstdint>
+#include <string_view>
+
+#include "moca/core/tensor.hpp"
+#include "moca/nn/parameter.hpp"
+
+namespace moca {
+
+namespace detail {
+/// A visitor that accepts anything: used only to check that visit() exists.
+struct AnyVisitor {
+  template <class X>
+  void operator()(std::string_view, X&) const {}
+};
+}  // namespace detail
+
+template <class L, class T, class D>
+concept SequenceLayer = requires(L layer, const TensorView<T, D>& x) {
+  layer.forward(x, x);
+  layer.backward(x, x, x);
+  layer.visit(detail::AnyVisitor{});
+};
+
+/// A normalisation layer, constructed as Norm(dim, eps).
+template <class N, class T, class D>
+concept NormLayer = SequenceLayer<N, T, D> && std::constructible_from<N, std::int64_t, double>;
+
+/// A token-mixing layer, constructed as Attention(dim, heads).
+template <class A, class T, class D>
+concept AttentionLayer =
+    SequenceLayer<A, T, D> && std::constructible_from<A, std::int64_t, std::int64_t>;
+
+/// A channel-mixing layer, constructed as Mlp(dim, hidden).
+template <class M, class T, class D>
+concept MlpLayer = SequenceLayer<M, T, D> && std::constructible_from<M, std::int64_t, std::int64_t>;
+
+/// Parameters a transformer block is built from.
+struct BlockConfig {
+  std::int64_t dim = 768;
+  std::int64_t heads = 12;
+  std::int64_t mlp_hidden = 3072;
+  double norm_eps = 1e-6;
+};
+
+/// A transformer block, constructed from a BlockConfig.
+template <class B, class T, class D>
+concept TransformerBlock = SequenceLayer<B, T, D> && std::constructible_from<B, BlockConfig>;
+
+}  // namespace moca

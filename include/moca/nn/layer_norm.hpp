@@ -1,0 +1,52 @@
+// LayerNorm over the last dimension (torch.nn.LayerNorm: biased variance, affine weight/bias).
+#pragma once
+
+#include <cstdint>
+
+#include "moca/nn/parameter.hpp"
+#include "moca/ops.hpp"
+
+namespace moca {
+
+/// Normalises each row of x [..., dim]. The ViT presets use eps = 1e-6 (spec §1.4).
+/// Saves the per-row mean and 1/std of the last forward for backward.
+template <class T, class D = Cpu>
+class LayerNorm {
+ public:
+  Param<T, D> weight;  ///< [dim], starts at 1
+  Param<T, D> bias;    ///< [dim], starts at 0
+
+  LayerNorm() = default;
+  explicit LayerNorm(std::int64_t dim, double eps = 1e-6) : dim_(dim), eps_(eps) {
+    weight.declare({dim}, Init::ones());
+    bias.declare({dim}, Init::zeros());
+  }
+
+  template <class V>
+  void visit(V&& v) {
+    v("weight", weight);
+    v("bias", bias);
+  }
+
+  std::int64_t dim() const { return dim_; }
+  double eps() const { return eps_; }
+
+  void forward(const TensorView<T, D>& x, const TensorView<T, D>& y) {
+    const std::int64_t rows = x.shape().leading();
+    mean_.resize({rows});
+    rstd_.resize({rows});
+    ops::layer_norm(x, weight.value, bias.value, eps_, y, mean_, rstd_);
+  }
+
+  /// x is the input of the last forward. Writes dx (may alias dy); accumulates parameter grads.
+  void backward(const TensorView<T, D>& x, const TensorView<T, D>& dy, const TensorView<T, D>& dx) {
+    ops::layer_norm_backward(x, weight.value, mean_, rstd_, dy, dx, weight.grad, bias.grad);
+  }
+
+ private:
+  std::int64_t dim_ = 0;
+  double eps_ = 1e-6;
+  Tensor<T, D> mean_, rstd_;
+};
+
+}  // namespace moca
