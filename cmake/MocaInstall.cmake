@@ -3,7 +3,7 @@ include(GNUInstallDirs)
 include(CMakePackageConfigHelpers)
 
 install(DIRECTORY ${PROJECT_SOURCE_DIR}/include/moca DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
-set(_moca_export_targets moca)
+set(_moca_export_targets moca_headers)
 if(MOCA_WITH_CUDA)
   list(APPEND _moca_export_targets ${MOCA_CUDA_EXPORT_TARGETS})
 endif()

@@ -125,13 +125,16 @@ void adamw(std::int64_t n, T* p, const T* g, T* m, T* v, double lr, double beta1
   const T decay = static_cast<T>(1.0 - lr * weight_decay);
   const T step_size = static_cast<T>(lr / bc1);
   const T inv_sqrt_bc2 = static_cast<T>(1.0 / std::sqrt(bc2));
+  // 1 − β is formed in double before rounding, as torch does: rounding β2 = 0.999 to float first
+  // would make 1 − β2 off by 1.3e-5 relative.
   const T b1 = static_cast<T>(beta1), b2 = static_cast<T>(beta2), e = static_cast<T>(eps);
+  const T one_minus_b1 = static_cast<T>(1.0 - beta1), one_minus_b2 = static_cast<T>(1.0 - beta2);
   parallel_for(n, 4 * n, [&](std::int64_t s, std::int64_t end) {
 #pragma omp simd
     for (std::int64_t i = s; i < end; ++i) {
       const T gi = g[i];
-      const T mi = b1 * m[i] + (T(1) - b1) * gi;
-      const T vi = b2 * v[i] + (T(1) - b2) * gi * gi;
+      const T mi = b1 * m[i] + one_minus_b1 * gi;
+      const T vi = b2 * v[i] + one_minus_b2 * gi * gi;
       m[i] = mi;
       v[i] = vi;
       p[i] = p[i] * decay - step_size * mi / (std::sqrt(vi) * inv_sqrt_bc2 + e);

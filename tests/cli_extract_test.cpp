@@ -1,0 +1,150 @@
+// `moca extract` end to end: the binary's features equal an in-process forward; bad arguments,
+// missing tensors and shape mismatches end with a non-zero status and a message saying what was
+// expected.
+#include <doctest/doctest.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <moca/io/safetensors.hpp>
+#include <moca/io/state_dict.hpp>
+#include <moca/models/vit.hpp>
+#include <sstream>
+#include <string>
+
+using namespace moca;
+namespace fs = std::filesystem;
+
+namespace {
+
+struct Run {
+  int status;
+  std::string err;
+};
+
+Run run_cli(const std::string& args, const fs::path& dir) {
+  const fs::path err = dir / "stderr.txt";
+  const std::string cmd = std::string(MOCA_CLI) + " " + args + " > " + (dir / "stdout.txt").string() +
+                          " 2> " + err.string();
+  const int rc = std::system(cmd.c_str());
+  std::ifstream in(err);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return {rc, ss.str()};
+}
+
+VitConfig small() {
+  VitConfig c;
+  c.img_size = 8;
+  c.patch = 2;
+  c.in_chans = 2;
+  c.dim = 16;
+  c.depth = 2;
+  c.heads = 2;
+  return c;
+}
+
+std::string model_flags(const VitConfig& c) {
+  return " --img-size " + std::to_string(c.img_size) + " --patch " + std::to_string(c.patch) +
+         " --in-chans " + std::to_string(c.in_chans) + " --embed-dim " + std::to_string(c.dim) +
+         " --depth " + std::to_string(c.depth) + " --heads " + std::to_string(c.heads);
+}
+
+}  // namespace
+
+TEST_CASE("moca extract writes the class token and the patch average of the final output") {
+  const fs::path dir = fs::temp_directory_path() / "moca_cli_extract_test";
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  const VitConfig cfg = small();
+  VisionTransformer<float> vit(cfg);
+  ParameterStore<float> params(vit, false);
+  params.initialize(42);
+  save_parameters(params, dir / "ckpt.safetensors", "encoder_teacher.");
+
+  Tensor<float> images({5, 2, 8, 8});
+  fill_uniform(images, Philox(3), 0, -1, 1);
+  {
+    SafetensorsWriter w;
+    w.add("images", TensorView<float>(images));
+    w.write(dir / "images.safetensors");
+  }
+  const std::string io = " --weights " + (dir / "ckpt.safetensors").string() + " --input " +
+                         (dir / "images.safetensors").string() + " --output " +
+                         (dir / "features.safetensors").string();
+
+  SUBCASE("features match an in-process forward, across batches") {
+    const Run r = run_cli("extract" + io + model_flags(cfg) +
+                              " --prefix encoder_teacher. --batch 2",
+                          dir);
+    REQUIRE_MESSAGE(r.status == 0, r.err);
+    const auto f = SafetensorsFile::open(dir / "features.safetensors");
+    const Tensor<float> cls = f.read<float>("cls"), avg = f.read<float>("avg");
+    REQUIRE(cls.shape() == Shape{5, 16});
+    REQUIRE(avg.shape() == Shape{5, 16});
+    vit.forward(images);
+    const auto out = vit.output();
+    double max_abs = 0;
+    for (int n = 0; n < 5; ++n)
+      for (int d = 0; d < 16; ++d) {
+        double mean = 0;
+        for (int l = 1; l <= 16; ++l) mean += out(n, l, d) / 16.0;
+        CHECK(cls(n, d) == doctest::Approx(out(n, 0, d)).epsilon(1e-5));
+        CHECK(avg(n, d) == doctest::Approx(mean).epsilon(1e-5).scale(1.0));
+        max_abs = std::max(max_abs, std::abs(static_cast<double>(cls(n, d))));
+      }
+    CHECK(max_abs > 0.1);  // real features, not zeros
+  }
+
+  SUBCASE("weights that do not fit the given architecture") {
+    VitConfig wrong = cfg;
+    wrong.dim = 32;
+    const Run r = run_cli("extract" + io + model_flags(wrong) + " --prefix encoder_teacher.", dir);
+    CHECK(r.status != 0);
+    CHECK(r.err.find("ckpt.safetensors") != std::string::npos);
+    CHECK(r.err.find("expected [32") != std::string::npos);
+  }
+
+  SUBCASE("a wrong prefix leaves every tensor missing") {
+    const Run r = run_cli("extract" + io + model_flags(cfg) + " --prefix encoder.", dir);
+    CHECK(r.status != 0);
+    CHECK(r.err.find("missing") != std::string::npos);
+    CHECK(r.err.find("encoder.cls_token") != std::string::npos);
+  }
+
+  SUBCASE("an input without `images`, or with the wrong image size") {
+    {
+      SafetensorsWriter w;
+      w.add("pixels", TensorView<float>(images));
+      w.write(dir / "noimages.safetensors");
+    }
+    Run r = run_cli("extract --weights " + (dir / "ckpt.safetensors").string() + " --input " +
+                        (dir / "noimages.safetensors").string() + " --output " +
+                        (dir / "f.safetensors").string() + model_flags(cfg) +
+                        " --prefix encoder_teacher.",
+                    dir);
+    CHECK(r.status != 0);
+    CHECK(r.err.find("no tensor named `images`") != std::string::npos);
+    CHECK(r.err.find("pixels") != std::string::npos);
+    VitConfig bigger = cfg;
+    bigger.img_size = 16;  // more patches: the position table in the file no longer fits
+    r = run_cli("extract" + io + model_flags(bigger) + " --prefix encoder_teacher.", dir);
+    CHECK(r.status != 0);
+    CHECK(r.err.find("pos_embed") != std::string::npos);
+  }
+
+  SUBCASE("missing files and unknown flags") {
+    Run r = run_cli("extract --weights " + (dir / "nope.safetensors").string() + " --input " +
+                        (dir / "images.safetensors").string() + " --output x" + model_flags(cfg),
+                    dir);
+    CHECK(r.status != 0);
+    CHECK(r.err.find("nope.safetensors") != std::string::npos);
+    r = run_cli("extract" + io + model_flags(cfg) + " --frobnicate 3", dir);
+    CHECK(r.status != 0);
+    CHECK(r.err.find("frobnicate") != std::string::npos);
+    r = run_cli("extract" + io, dir);  // no architecture
+    CHECK(r.status != 0);
+    CHECK(r.err.find("--img-size") != std::string::npos);
+  }
+  fs::remove_all(dir);
+}
