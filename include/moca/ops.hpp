@@ -10,3 +10,4 @@
 #include "moca/ops/optim.hpp"
 #include "moca/ops/reduce.hpp"
 #include "moca/ops/softmax.hpp"
+#include "moca/ops/stats.hpp"

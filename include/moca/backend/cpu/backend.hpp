@@ -13,6 +13,7 @@
 #include "moca/backend/cpu/layout.hpp"
 #include "moca/backend/cpu/reduce.hpp"
 #include "moca/backend/cpu/rows.hpp"
+#include "moca/backend/cpu/stats.hpp"
 #include "moca/core/device.hpp"
 
 namespace moca {
@@ -134,6 +135,25 @@ struct Backend<Cpu> {
   static void unpatchify(std::int64_t N, std::int64_t C, std::int64_t H, std::int64_t W,
                          std::int64_t p, const T* patches, T* images) {
     cpu::unpatchify(N, C, H, W, p, patches, images);
+  }
+  template <class T>
+  static void row_max(std::int64_t M, std::int64_t N, const T* x, T* y) {
+    cpu::row_max(M, N, x, y);
+  }
+  template <class T>
+  static void batch_norm_forward(std::int64_t M, std::int64_t N, const T* x, const T* gamma,
+                                 const T* beta, double eps, T* y, T* mean, T* var) {
+    cpu::batch_norm_forward(M, N, x, gamma, beta, eps, y, mean, var);
+  }
+  template <class T>
+  static void batch_norm_backward(std::int64_t M, std::int64_t N, const T* x, const T* gamma,
+                                  const T* mean, const T* var, double eps, const T* dy, T* dx,
+                                  T* dgamma, T* dbeta) {
+    cpu::batch_norm_backward(M, N, x, gamma, mean, var, eps, dy, dx, dgamma, dbeta);
+  }
+  template <class T>
+  static double xlogy_sum(std::int64_t n, const T* x, const T* y) {
+    return cpu::xlogy_sum(n, x, y);
   }
   template <class T>
   static void adamw(std::int64_t n, T* p, const T* g, T* m, T* v, double lr, double beta1,
