@@ -56,3 +56,27 @@ class SoftTargetCrossEntropy {
 };
 
 }  // namespace moca
+
+namespace moca {
+
+/// KL(t ‖ softmax z) with batch-mean normalisation over rows (torch's kl_div(log_softmax(z), t,
+/// reduction="batchmean")): the soft-target cross-entropy minus the entropy of t, with
+/// 0 · log 0 = 0. Same gradient as the cross-entropy; backward may write dlogits over logits.
+template <class T, class D = Cpu>
+class KlDivergence {
+ public:
+  double forward(const TensorView<T, D>& logits, const TensorView<T, D>& targets) {
+    const double ce = ce_.forward(logits, targets);
+    const auto rows = static_cast<double>(logits.shape().leading());
+    return ce + ops::xlogy_sum(targets, targets) / rows;
+  }
+  void backward(const TensorView<T, D>& logits, const TensorView<T, D>& targets,
+                const TensorView<T, D>& dlogits, double scale = 1.0) {
+    ce_.backward(logits, targets, dlogits, scale);
+  }
+
+ private:
+  SoftTargetCrossEntropy<T, D> ce_;
+};
+
+}  // namespace moca
