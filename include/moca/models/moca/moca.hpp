@@ -16,7 +16,9 @@
 // once its buffers are sized.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -204,72 +206,116 @@ class Moca {
     return p;
   }
 
+  /// One micro-batch of an accumulated step: its two views and its masks.
+  struct MicroBatch {
+    TensorView<T, D> x1, x2;
+    const MaskPlan* masks;
+  };
+
   /// One iteration on B image pairs: views x1, x2 [B, C, H, W].
   MocaStepResult train_step(const TensorView<T, D>& x1, const TensorView<T, D>& x2,
                             const MocaPlan& plan, const MocaHyper& h) {
-    const std::int64_t B = x1.size(0), L = cfg_.encoder.num_patches(), S = 1 + L;
-    const std::int64_t C = cfg_.encoder.dim, K = cfg_.num_words;
-    MOCA_CHECK(x1.shape() == x2.shape() && x1.rank() == 4, "MOCA: views ", x1.shape(), " and ",
-               x2.shape(), " must be two [B, C, H, W] batches of the same shape");
-    MOCA_CHECK(plan.masks.s[0].size(0) == 2 * B && plan.masks.s[0].size(1) == L,
-               "MOCA: masks for ", plan.masks.s[0].size(0), " rows of ", plan.masks.s[0].size(1),
-               " patches, the step has ", 2 * B, " rows of ", L);
+    const MicroBatch micro{x1, x2, &plan.masks};
+    return train_step(std::span<const MicroBatch>(&micro, 1), plan.refresh, h);
+  }
+
+  /// One optimiser step over several micro-batches (spec §6.7, the reference's accum_iter):
+  /// gradients of the mean loss accumulate; the dist_norm EMA runs on every micro-batch; the
+  /// teacher EMA (before the last micro-batch's teacher pass) and the codebook refresh (from the
+  /// last micro-batch) run once per step.
+  MocaStepResult train_step(std::span<const MicroBatch> micro, const CodebookRefresh& refresh,
+                            const MocaHyper& h) {
+    MOCA_CHECK(!micro.empty(), "MOCA: a step needs at least one micro-batch");
     MocaStepResult res;
     res.lr = h.lr;
     res.weight_decay = h.weight_decay;
     res.momentum = h.momentum;
     set_moca_hyperparameters(groups_, h.lr, h.weight_decay, h.wgen_lr, h.wgen_weight_decay);
-
-    // ---- teacher side: no gradients ----
-    ema_.update(h.momentum);
-    Codebook<T, D>& cb = codebook();
-    cb.snapshot();
-    codes_.resize({2 * B, L, K});  // Q = (q1; q2): same-view token targets
-    bows_.resize({2 * B, K});      // Y = (y2; y1): cross-view image targets
-    const TensorView<T, D> Q = codes_, Y = bows_;
-    encoder_teacher.forward(x1);
-    cb.assign(encoder_teacher.output(), Q.rows(0, B), Y.rows(B, 2 * B));
-    if (plan.refresh.view == 0) {
-      chosen_.resize({B, S, C});
-      copy(encoder_teacher.output(), TensorView<T, D>(chosen_));
-    }
-    encoder_teacher.forward(x2);
-    cb.assign(encoder_teacher.output(), Q.rows(B, 2 * B), Y.rows(0, B));
-    cb.update(plan.refresh.view == 0 ? TensorView<T, D>(chosen_) : encoder_teacher.output(),
-              plan.refresh);
-    res.dist_norm = cb.dist_norm;
-
-    // ---- student side ----
-    images_.resize({2 * B, x1.size(1), x1.size(2), x1.size(3)});
-    copy(x1, TensorView<T, D>(images_).rows(0, B));
-    copy(x2, TensorView<T, D>(images_).rows(B, 2 * B));
     params_.zero_grad();
-    const TensorView<T, D> Wb = encoder_pred.forward(cb.words());
-    const TensorView<T, D> Wd = decoder_pred.forward(cb.words());
-    dWb_.resize(Wb.shape());
-    dWd_.resize(Wd.shape());
-    ops::zero(TensorView<T, D>(dWb_));
-    ops::zero(TensorView<T, D>(dWd_));
-    for (int r = 0; r < 2; ++r) student_round(r, B, plan.masks, Wb, Wd, res);
-    encoder_pred.backward(dWb_);
-    decoder_pred.backward(dWd_);
+    const double scale = 1.0 / static_cast<double>(micro.size());
+    for (std::size_t i = 0; i < micro.size(); ++i) {
+      const bool last = i + 1 == micro.size();
+      if (last) ema_.update(h.momentum);
+      prepare_targets(micro[i].x1, micro[i].x2, last ? &refresh : nullptr);
+      const MocaStepResult part = student_forward_backward(*micro[i].masks, scale);
+      for (int r = 0; r < 2; ++r) {
+        res.l_img_round[r] += scale * part.l_img_round[r];
+        res.l_loc_round[r] += scale * part.l_loc_round[r];
+      }
+    }
     res.l_img = res.l_img_round[0] + res.l_img_round[1];
     res.l_loc = res.l_loc_round[0] + res.l_loc_round[1];
     res.loss = cfg_.img_weight * res.l_img + cfg_.loc_weight * res.l_loc;
+    res.dist_norm = codebook().dist_norm;
     MOCA_CHECK(std::isfinite(res.loss), "MOCA: the loss is not finite (L_IMG ", res.l_img,
                ", L_LOC ", res.l_loc, ")");
-
-    // ---- update ----
     res.grad_norm = cfg_.clip_grad >= 0 ? clip_grad_norm(params_, cfg_.clip_grad)
                                         : global_grad_norm(params_);
     optimizer_.step(groups_);
     return res;
   }
 
+  /// Teacher side of one batch (no gradients): snapshots the codebook, computes the same-view
+  /// codes Q = (q1; q2) and cross-view bags of words Y = (y2; y1) with the dist_norm EMA of each
+  /// view, then, when `refresh` is given, refreshes the codebook (spec §4.4). The teacher EMA is
+  /// the caller's (train_step does it first).
+  void prepare_targets(const TensorView<T, D>& x1, const TensorView<T, D>& x2,
+                       const CodebookRefresh* refresh) {
+    const std::int64_t B = x1.size(0), L = cfg_.encoder.num_patches(), S = 1 + L;
+    const std::int64_t C = cfg_.encoder.dim, K = cfg_.num_words;
+    MOCA_CHECK(x1.shape() == x2.shape() && x1.rank() == 4, "MOCA: views ", x1.shape(), " and ",
+               x2.shape(), " must be two [B, C, H, W] batches of the same shape");
+    Codebook<T, D>& cb = codebook();
+    cb.snapshot();
+    codes_.resize({2 * B, L, K});
+    bows_.resize({2 * B, K});
+    const TensorView<T, D> Q = codes_, Y = bows_;
+    const bool keep_view1 = refresh != nullptr && refresh->view == 0;
+    encoder_teacher.forward(x1);
+    cb.assign(encoder_teacher.output(), Q.rows(0, B), Y.rows(B, 2 * B));
+    if (keep_view1) {
+      chosen_.resize({B, S, C});
+      copy(encoder_teacher.output(), TensorView<T, D>(chosen_));
+    }
+    encoder_teacher.forward(x2);
+    cb.assign(encoder_teacher.output(), Q.rows(B, 2 * B), Y.rows(0, B));
+    if (refresh != nullptr)
+      cb.update(keep_view1 ? TensorView<T, D>(chosen_) : encoder_teacher.output(), *refresh);
+    images_.resize({2 * B, x1.size(1), x1.size(2), x1.size(3)});
+    copy(x1, TensorView<T, D>(images_).rows(0, B));
+    copy(x2, TensorView<T, D>(images_).rows(B, 2 * B));
+  }
+
+  /// Student side against the targets of the last prepare_targets(): prototypes from the
+  /// codebook snapshot, both masking rounds forward and backward, generator backward. Adds
+  /// `scale` × the gradients of the loss to the parameter gradients (not zeroed here) and
+  /// returns the unscaled losses.
+  MocaStepResult student_forward_backward(const MaskPlan& masks, double scale = 1.0) {
+    const std::int64_t N = images_.size(0), L = cfg_.encoder.num_patches();
+    MOCA_CHECK(masks.s[0].size(0) == N && masks.s[0].size(1) == L && masks.s[1].size(0) == N,
+               "MOCA: masks for ", masks.s[0].size(0), " rows of ", masks.s[0].size(1),
+               " patches, the step has ", N, " rows of ", L);
+    MocaStepResult res;
+    const Codebook<T, D>& cb = codebook();
+    const TensorView<T, D> Wb = encoder_pred.forward(cb.words());
+    const TensorView<T, D> Wd = decoder_pred.forward(cb.words());
+    dWb_.resize(Wb.shape());
+    dWd_.resize(Wd.shape());
+    ops::zero(TensorView<T, D>(dWb_));
+    ops::zero(TensorView<T, D>(dWd_));
+    for (int r = 0; r < 2; ++r) student_round(r, N / 2, masks, Wb, Wd, scale, res);
+    encoder_pred.backward(dWb_);
+    decoder_pred.backward(dWd_);
+    res.l_img = res.l_img_round[0] + res.l_img_round[1];
+    res.l_loc = res.l_loc_round[0] + res.l_loc_round[1];
+    res.loss = cfg_.img_weight * res.l_img + cfg_.loc_weight * res.l_loc;
+    return res;
+  }
+
  private:
   // Forward and backward of one masking round; accumulates parameter gradients, dW^b and dW^d.
   void student_round(int r, std::int64_t B, const MaskPlan& masks, const TensorView<T, D>& Wb,
-                     const TensorView<T, D>& Wd, MocaStepResult& res) {
+                     const TensorView<T, D>& Wd, double scale, MocaStepResult& res) {
     const std::int64_t N = 2 * B, L = cfg_.encoder.num_patches(), C = cfg_.encoder.dim;
     const std::int64_t K = cfg_.num_words, Dd = cfg_.decoder.dim;
     const std::int64_t lk = lengths_.lk[r], ld = lengths_.ld[r], S = 1 + lk;
@@ -296,7 +342,7 @@ class Moca {
     logits_.resize({N, K});
     ops::gemm(TensorView<T, D>(g_), Trans::N, Wb, Trans::T, TensorView<T, D>(logits_), kappa, 0);
     res.l_img_round[r] = kl_.forward(logits_, bows_);
-    kl_.backward(logits_, bows_, logits_, cfg_.img_weight);  // logits_ now holds dlogits
+    kl_.backward(logits_, bows_, logits_, scale * cfg_.img_weight);  // now dlogits
     dg_.resize({N, C});
     ops::gemm(TensorView<T, D>(logits_), Trans::N, Wb, Trans::N, TensorView<T, D>(dg_), kappa, 0);
     ops::gemm(TensorView<T, D>(logits_), Trans::T, TensorView<T, D>(g_), Trans::N,
@@ -312,7 +358,7 @@ class Moca {
     loc_logits_.resize({N * ld, K});
     ops::gemm(out, Trans::N, Wd, Trans::T, TensorView<T, D>(loc_logits_), kappa, 0);
     res.l_loc_round[r] = kl_.forward(loc_logits_, targets_);
-    kl_.backward(loc_logits_, targets_, loc_logits_, cfg_.loc_weight);
+    kl_.backward(loc_logits_, targets_, loc_logits_, scale * cfg_.loc_weight);
     dout_.resize({N * ld, Dd});
     ops::gemm(TensorView<T, D>(loc_logits_), Trans::N, Wd, Trans::N, TensorView<T, D>(dout_),
               kappa, 0);

@@ -1,0 +1,116 @@
+#!/usr/bin/env python3
+"""One MOCA iteration, this library vs PyTorch on the same machine, as a ratio.
+
+Usage: benchmarks/compare_moca.py [--bench build/benchmarks/moca_bench] [--threads 2]
+                                  [--repeats 3] [--configs tiny_b128,vit_s16_b16]
+
+The PyTorch side is the project's float32 PyTorch implementation of the same recipe
+(tests/python/reference_moca.py): teacher EMA, codebook targets and refresh, both masking rounds
+with the condenser decoder, L_IMG + L_LOC, backward, clipping, AdamW with the four groups —
+the same presets, batch and thread count, medians of `--repeats` timed runs after warm-up.
+PyTorch runs in its fastest configuration here: threads = cores, OPENBLAS_CORETYPE=SkylakeX
+(Debian's OpenBLAS misdetects this CPU otherwise).
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("OPENBLAS_CORETYPE", "SkylakeX")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "python"))
+
+import torch  # noqa: E402
+
+import reference_moca as R  # noqa: E402
+
+CONFIGS = {
+    "tiny_b128": dict(model=dict(img_size=32, patch=4, in_chans=1, dim=192, depth=6, heads=3,
+                                 dec_dim=128, dec_depth=2, dec_heads=4, early_layer=2,
+                                 num_words=1024, skip_offset=1, words_per_iter=32), batch=128),
+    "vit_s16_b16": dict(model=dict(img_size=224, patch=16, in_chans=3, dim=384, depth=12, heads=6,
+                                   dec_dim=512, dec_depth=2, dec_heads=16, early_layer=4,
+                                   num_words=4096, skip_offset=2, words_per_iter=16), batch=16),
+}
+
+
+def torch_pairs_per_s(cfg, repeats, min_time=10.0):
+    mcfg, B = cfg["model"], cfg["batch"]
+    model = R.Moca(**mcfg)
+    model.init_weights()
+    opt = R.make_optimizer(model)
+    L, knew = model.L, mcfg["words_per_iter"]
+    inner = R.inner_patches(mcfg["img_size"] // mcfg["patch"], mcfg["skip_offset"])
+    shape = (B, mcfg["in_chans"], mcfg["img_size"], mcfg["img_size"])
+    x1, x2 = torch.rand(shape) * 2 - 1, torch.rand(shape) * 2 - 1
+
+    def step():
+        # train_iteration without recording the gradients (the fixture generator needs them).
+        R.set_schedule(opt, 1e-4, 0.05)
+        model.update_teacher(0.994)
+        edict = model.bow._embedding.detach().clone()
+        rec = R.teacher_targets(model, x1, x2, edict)
+        upd = rec["teacher_out1"] if torch.rand(()) < 0.5 else rec["teacher_out2"]
+        model.bow.update(upd, torch.randperm(B)[:knew], torch.randint(len(inner), (knew,)))
+        Q, Y = torch.cat([rec["q1"], rec["q2"]]), torch.cat([rec["y2"], rec["y1"]])
+        s1 = torch.argsort(torch.rand(2 * B, L), dim=1)
+        s2 = R.complementary_second_round(s1, model.lk[0], model.ld[0], model.lk[1])
+        masks = [(s1, model.lk[0], model.ld[0]), (s2, model.lk[1], model.ld[1])]
+        opt.zero_grad(set_to_none=True)
+        out = R.student_losses(model, torch.cat([x1, x2]), masks, Q, Y, edict)
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_([p for _, p in model.trainable()], R.CLIP_MAX_NORM)
+        opt.step()
+
+    for _ in range(2):
+        step()
+    rates = []
+    for _ in range(repeats):
+        n, t0 = 0, time.perf_counter()
+        while True:
+            step()
+            n += 1
+            dt = time.perf_counter() - t0
+            if dt >= min_time:
+                break
+        rates.append(n * B / dt)
+    return statistics.median(rates)
+
+
+def ours(bench, repeats, names):
+    flt = "|".join(names)
+    out = subprocess.run([bench, "--benchmark_format=json", f"--benchmark_repetitions={repeats}",
+                          f"--benchmark_filter={flt}"],
+                         check=True, capture_output=True, text=True).stdout
+    rates = {}
+    for b in json.loads(out)["benchmarks"]:
+        if b.get("run_type") != "iteration":
+            continue
+        name = b["name"].split("/")[0].replace("moca_step/", "")
+        rates.setdefault(name, []).append((b["pairs_per_s"], b["peak_step_MiB"]))
+    return {k: (statistics.median(r for r, _ in v), max(m for _, m in v)) for k, v in rates.items()}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bench", default="build/benchmarks/moca_bench")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    args = ap.parse_args()
+    names = args.configs.split(",")
+    torch.set_num_threads(args.threads)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    mine = ours(args.bench, args.repeats, names)
+    print(f"threads {args.threads}, torch {torch.__version__}, medians of {args.repeats} runs")
+    print(f"{'config':<14}{'moca pairs/s':>14}{'peak MiB':>10}{'torch pairs/s':>15}{'ratio':>8}")
+    for name in names:
+        theirs = torch_pairs_per_s(CONFIGS[name], args.repeats)
+        rate, peak = mine[name]
+        print(f"{name:<14}{rate:>14.1f}{peak:>10.0f}{theirs:>15.1f}{rate / theirs:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+// One full MOCA iteration (teacher, codebook, both masking rounds, decoder, losses, backward,
+// clipping, AdamW, EMA) at the project's presets, in image pairs per second, with peak memory:
+//   tiny      Fashion-MNIST preset (spec §16), batch 128 pairs
+//   vit_s16   ViT-S/16 encoder, 512×2 decoder, batch 16 pairs
+// compare_moca.py runs this and the same iteration in PyTorch and prints the ratio.
+#include <benchmark/benchmark.h>
+
+#include <moca/models/moca/moca.hpp>
+
+namespace {
+
+void moca_step(benchmark::State& state, moca::MocaConfig cfg, std::int64_t batch) {
+  using namespace moca;
+  cfg.words_per_iter = std::min<std::int64_t>(cfg.words_per_iter, batch);
+  Moca<float> model(cfg);
+  model.initialize(0);
+  const auto& v = cfg.encoder;
+  Tensor<float> x1({batch, v.in_chans, v.img_size, v.img_size}), x2(x1.shape());
+  fill_uniform(x1, Philox(1), 0, -1.0, 1.0);
+  fill_uniform(x2, Philox(1), 1, -1.0, 1.0);
+  MocaHyper h;
+  h.lr = 1e-4;
+  std::uint64_t step = 0;
+  const MocaPlan first = model.draw_plan(Philox(2), step++, batch);
+  model.train_step(x1, x2, first, h);  // sizes every buffer
+  reset_peak_memory<Cpu>();
+  for (auto _ : state) {
+    state.PauseTiming();
+    const MocaPlan plan = model.draw_plan(Philox(2), step++, batch);  // the loader's job
+    state.ResumeTiming();
+    benchmark::DoNotOptimize(model.train_step(x1, x2, plan, h).loss);
+  }
+  state.counters["pairs_per_s"] = benchmark::Counter(
+      static_cast<double>(batch), benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["peak_MiB"] =
+      static_cast<double>(memory_stats<Cpu>().bytes_in_use + 0) / (1024.0 * 1024.0);
+  state.counters["peak_step_MiB"] =
+      static_cast<double>(memory_stats<Cpu>().peak_bytes) / (1024.0 * 1024.0);
+}
+
+}  // namespace
+
+BENCHMARK_CAPTURE(moca_step, tiny_b128, moca::MocaConfig::tiny(), 128)
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime()
+    ->MinTime(10.0);
+BENCHMARK_CAPTURE(moca_step, vit_s16_b16, moca::MocaConfig::vit_s16(), 16)
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime()
+    ->MinTime(10.0);
+
+BENCHMARK_MAIN();

@@ -1,0 +1,342 @@
+// Backend<Cuda>: the op set on an NVIDIA GPU (cuBLAS GEMMs, CUDA kernels for the rest).
+//
+// The same static functions as Backend<Cpu>, on device pointers, with the contracts documented
+// at the CPU kernels (backend/cpu/*.hpp). GEMMs call cuBLAS here; every other function forwards to
+// a kernel wrapper in moca::cuda, declared below and defined in kernels/*.cuh, which nvcc compiles
+// once for float and double into the moca_cuda_kernels library (instantiate.cuh). So this header
+// needs no nvcc: ordinary C++ files include it (through <moca/cuda.hpp>) and link moca::cuda.
+//
+// All work is queued on Context::get().stream() and runs asynchronously, except sum_squares,
+// which returns its value to the host and so waits for it.
+#pragma once
+
+#include <cublas_v2.h>
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+#include "moca/backend/cuda/check.hpp"
+#include "moca/backend/cuda/context.hpp"
+#include "moca/core/check.hpp"
+#include "moca/core/device.hpp"
+
+namespace moca::cuda {
+
+// Kernel wrappers, one per Backend function (same arguments, device pointers), plus
+// scale_matrices for the GEMM cases that need no product. Defined for T = float and double.
+
+template <class T>
+void fill(std::int64_t n, T value, T* x);
+template <class T>
+void axpby(std::int64_t n, T alpha, const T* x, T beta, T* y);
+template <class T>
+void scale(std::int64_t n, T alpha, T* x);
+template <class T>
+void add(std::int64_t n, const T* a, const T* b, T* y);
+template <class T>
+void mul(std::int64_t n, const T* a, const T* b, T* y);
+template <class T>
+void add_bias(std::int64_t M, std::int64_t N, const T* bias, T* x);
+template <class T>
+void gelu_forward(std::int64_t n, const T* x, T* y);
+template <class T>
+void gelu_backward(std::int64_t n, const T* x, const T* dy, T* dx);
+template <class T>
+void relu_forward(std::int64_t n, const T* x, T* y);
+template <class T>
+void relu_backward(std::int64_t n, const T* x, const T* dy, T* dx);
+/// C_b = beta · C_b for `batch` matrices [M, N] (leading dimension ldc, `stride` elements apart);
+/// beta == 0 writes zeros without reading C.
+template <class T>
+void scale_matrices(std::int64_t batch, std::int64_t M, std::int64_t N, T beta, T* C,
+                    std::int64_t ldc, std::int64_t stride);
+
+template <class T>
+void softmax_rows(std::int64_t M, std::int64_t N, const T* x, T* y);
+template <class T>
+void log_softmax_rows(std::int64_t M, std::int64_t N, const T* x, T* y);
+template <class T>
+void softmax_rows_backward(std::int64_t M, std::int64_t N, const T* y, const T* dy, T* dx);
+template <class T>
+void log_softmax_rows_backward(std::int64_t M, std::int64_t N, const T* y, const T* dy, T* dx);
+template <class T>
+void layer_norm_forward(std::int64_t M, std::int64_t N, const T* x, const T* gamma, const T* beta,
+                        double eps, T* y, T* mean, T* rstd);
+template <class T>
+void layer_norm_backward(std::int64_t M, std::int64_t N, const T* x, const T* gamma,
+                         const T* mean, const T* rstd, const T* dy, T* dx, T* dgamma, T* dbeta);
+template <class T>
+void l2_normalize_rows_forward(std::int64_t M, std::int64_t N, const T* x, double eps, T* y,
+                               T* norm);
+template <class T>
+void l2_normalize_rows_backward(std::int64_t M, std::int64_t N, const T* y, const T* norm,
+                                double eps, const T* dy, T* dx);
+
+template <class T>
+void sum_middle(std::int64_t outer, std::int64_t n, std::int64_t inner, T alpha, const T* x,
+                T beta, T* y);
+template <class T>
+double sum_squares(std::int64_t n, const T* x);
+
+template <class T>
+void gather_rows(std::int64_t M, std::int64_t C, const T* src, std::int64_t rows,
+                 const std::int32_t* idx, T* dst);
+template <class T>
+void scatter_add_rows(std::int64_t M, std::int64_t C, const T* src, const std::int32_t* idx,
+                      std::int64_t rows, T* dst);
+
+template <class T>
+void copy_strided(std::int64_t count, std::int64_t rows, std::int64_t cols, const T* src,
+                  std::int64_t src_ld, std::int64_t src_stride, T* dst, std::int64_t dst_ld,
+                  std::int64_t dst_stride, bool accumulate);
+template <class T>
+void patchify(std::int64_t N, std::int64_t C, std::int64_t H, std::int64_t W, std::int64_t p,
+              const T* images, T* patches);
+template <class T>
+void unpatchify(std::int64_t N, std::int64_t C, std::int64_t H, std::int64_t W, std::int64_t p,
+                const T* patches, T* images);
+
+template <class T>
+void row_max(std::int64_t M, std::int64_t N, const T* x, T* y);
+template <class T>
+void batch_norm_forward(std::int64_t M, std::int64_t N, const T* x, const T* gamma, const T* beta,
+                        double eps, T* y, T* mean, T* var);
+template <class T>
+void batch_norm_backward(std::int64_t M, std::int64_t N, const T* x, const T* gamma,
+                         const T* mean, const T* var, double eps, const T* dy, T* dx, T* dgamma,
+                         T* dbeta);
+template <class T>
+double xlogy_sum(std::int64_t n, const T* x, const T* y);
+
+template <class T>
+void adamw(std::int64_t n, T* p, const T* g, T* m, T* v, double lr, double beta1, double beta2,
+           double eps, double weight_decay, std::int64_t step);
+
+namespace detail {
+
+/// cuBLAS takes 32-bit sizes; larger ones are refused rather than truncated.
+inline int blas_int(std::int64_t v, const char* what) {
+  MOCA_CHECK(v >= 0 && v <= std::numeric_limits<int>::max(), "gemm on CUDA: ", what, " = ", v,
+             " is outside the 32-bit range cuBLAS accepts");
+  return static_cast<int>(v);
+}
+
+inline cublasOperation_t blas_op(bool trans) { return trans ? CUBLAS_OP_T : CUBLAS_OP_N; }
+
+/// The leading dimension cuBLAS gets for a row-major operand [rows, cols]. cuBLAS wants at least
+/// max(1, cols) even where it never steps by it (a single row), and cannot read a broadcast row
+/// (ld 0, which ops::strided_batch allows for copies).
+inline int blas_ld(std::int64_t rows, std::int64_t cols, std::int64_t ld, const char* what) {
+  const std::int64_t need = std::max<std::int64_t>(cols, 1);
+  if (rows <= 1) return blas_int(std::max(ld, need), what);
+  MOCA_CHECK(ld >= need, "gemm on CUDA: ", what, " = ", ld, " is below the row length ", cols,
+             " (a broadcast row); cuBLAS cannot read that layout");
+  return blas_int(ld, what);
+}
+
+/// Row-major, batched C = alpha · op(A) · op(B) + beta · C on cuBLAS (column-major).
+///
+/// A row-major matrix X [r, c] with leading dimension ld is, read column-major, Xᵀ [c, r] with
+/// the same ld. So the row-major product C = op(A) · op(B) is computed as the column-major
+/// Cᵀ = op(B)ᵀ · op(A)ᵀ: B comes first, A second, each with its own transpose flag, and the
+/// column-major sizes are (m, n, k) = (N, M, K). Leading dimensions pass through unchanged.
+template <class T>
+void gemm(bool trans_a, bool trans_b, std::int64_t M, std::int64_t N, std::int64_t K, T alpha,
+          const T* A, std::int64_t lda, std::int64_t stride_a, const T* B, std::int64_t ldb,
+          std::int64_t stride_b, T beta, T* C, std::int64_t ldc, std::int64_t stride_c,
+          std::int64_t batch) {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
+                "THE_CUDA_GEMM_SUPPORTS_FLOAT_AND_DOUBLE");
+  if (M == 0 || N == 0 || batch == 0) return;
+  if (K == 0 || alpha == T(0)) {
+    // No product to add: C = beta · C, and beta == 0 overwrites C (NaN included), as in BLAS.
+    scale_matrices(batch, M, N, beta, C, ldc, stride_c);
+    return;
+  }
+  const int m = blas_int(N, "N"), n = blas_int(M, "M"), k = blas_int(K, "K");
+  // Stored (row-major) shapes: A is [M, K] or [K, M], B is [K, N] or [N, K], C is [M, N].
+  const int la = blas_ld(trans_a ? K : M, trans_a ? M : K, lda, "lda");
+  const int lb = blas_ld(trans_b ? N : K, trans_b ? K : N, ldb, "ldb");
+  const int lc = blas_ld(M, N, ldc, "ldc");
+  const cublasOperation_t op_a = blas_op(trans_a), op_b = blas_op(trans_b);
+  cublasHandle_t handle = Context::get().cublas();
+  if (batch == 1) {
+    if constexpr (std::is_same_v<T, float>) {
+      MOCA_CUBLAS_CHECK(
+          cublasSgemm(handle, op_b, op_a, m, n, k, &alpha, B, lb, A, la, &beta, C, lc));
+    } else {
+      MOCA_CUBLAS_CHECK(
+          cublasDgemm(handle, op_b, op_a, m, n, k, &alpha, B, lb, A, la, &beta, C, lc));
+    }
+    return;
+  }
+  const int count = blas_int(batch, "batch");
+  if constexpr (std::is_same_v<T, float>) {
+    MOCA_CUBLAS_CHECK(cublasSgemmStridedBatched(handle, op_b, op_a, m, n, k, &alpha, B, lb,
+                                                stride_b, A, la, stride_a, &beta, C, lc,
+                                                stride_c, count));
+  } else {
+    MOCA_CUBLAS_CHECK(cublasDgemmStridedBatched(handle, op_b, op_a, m, n, k, &alpha, B, lb,
+                                                stride_b, A, la, stride_a, &beta, C, lc,
+                                                stride_c, count));
+  }
+}
+
+}  // namespace detail
+}  // namespace moca::cuda
+
+namespace moca {
+
+template <>
+struct Backend<Cuda> {
+  template <class T>
+  static void gemm(bool ta, bool tb, std::int64_t M, std::int64_t N, std::int64_t K, T alpha,
+                   const T* A, std::int64_t lda, const T* B, std::int64_t ldb, T beta, T* C,
+                   std::int64_t ldc) {
+    cuda::detail::gemm(ta, tb, M, N, K, alpha, A, lda, 0, B, ldb, 0, beta, C, ldc, 0, 1);
+  }
+  template <class T>
+  static void gemm_strided_batched(bool ta, bool tb, std::int64_t M, std::int64_t N,
+                                   std::int64_t K, T alpha, const T* A, std::int64_t lda,
+                                   std::int64_t sa, const T* B, std::int64_t ldb, std::int64_t sb,
+                                   T beta, T* C, std::int64_t ldc, std::int64_t sc,
+                                   std::int64_t batch) {
+    cuda::detail::gemm(ta, tb, M, N, K, alpha, A, lda, sa, B, ldb, sb, beta, C, ldc, sc, batch);
+  }
+  template <class T>
+  static void fill(std::int64_t n, T value, T* x) { cuda::fill(n, value, x); }
+  template <class T>
+  static void axpby(std::int64_t n, T alpha, const T* x, T beta, T* y) {
+    cuda::axpby(n, alpha, x, beta, y);
+  }
+  template <class T>
+  static void scale(std::int64_t n, T alpha, T* x) { cuda::scale(n, alpha, x); }
+  template <class T>
+  static void add(std::int64_t n, const T* a, const T* b, T* y) { cuda::add(n, a, b, y); }
+  template <class T>
+  static void mul(std::int64_t n, const T* a, const T* b, T* y) { cuda::mul(n, a, b, y); }
+  template <class T>
+  static void add_bias(std::int64_t M, std::int64_t N, const T* bias, T* x) {
+    cuda::add_bias(M, N, bias, x);
+  }
+  template <class T>
+  static void gelu_forward(std::int64_t n, const T* x, T* y) { cuda::gelu_forward(n, x, y); }
+  template <class T>
+  static void gelu_backward(std::int64_t n, const T* x, const T* dy, T* dx) {
+    cuda::gelu_backward(n, x, dy, dx);
+  }
+  template <class T>
+  static void relu_forward(std::int64_t n, const T* x, T* y) { cuda::relu_forward(n, x, y); }
+  template <class T>
+  static void relu_backward(std::int64_t n, const T* x, const T* dy, T* dx) {
+    cuda::relu_backward(n, x, dy, dx);
+  }
+  template <class T>
+  static void softmax_rows(std::int64_t M, std::int64_t N, const T* x, T* y) {
+    cuda::softmax_rows(M, N, x, y);
+  }
+  template <class T>
+  static void log_softmax_rows(std::int64_t M, std::int64_t N, const T* x, T* y) {
+    cuda::log_softmax_rows(M, N, x, y);
+  }
+  template <class T>
+  static void softmax_rows_backward(std::int64_t M, std::int64_t N, const T* y, const T* dy,
+                                    T* dx) {
+    cuda::softmax_rows_backward(M, N, y, dy, dx);
+  }
+  template <class T>
+  static void log_softmax_rows_backward(std::int64_t M, std::int64_t N, const T* y, const T* dy,
+                                        T* dx) {
+    cuda::log_softmax_rows_backward(M, N, y, dy, dx);
+  }
+  template <class T>
+  static void layer_norm_forward(std::int64_t M, std::int64_t N, const T* x, const T* gamma,
+                                 const T* beta, double eps, T* y, T* mean, T* rstd) {
+    cuda::layer_norm_forward(M, N, x, gamma, beta, eps, y, mean, rstd);
+  }
+  template <class T>
+  static void layer_norm_backward(std::int64_t M, std::int64_t N, const T* x, const T* gamma,
+                                  const T* mean, const T* rstd, const T* dy, T* dx, T* dgamma,
+                                  T* dbeta) {
+    cuda::layer_norm_backward(M, N, x, gamma, mean, rstd, dy, dx, dgamma, dbeta);
+  }
+  template <class T>
+  static void l2_normalize_rows_forward(std::int64_t M, std::int64_t N, const T* x, double eps,
+                                        T* y, T* norm) {
+    cuda::l2_normalize_rows_forward(M, N, x, eps, y, norm);
+  }
+  template <class T>
+  static void l2_normalize_rows_backward(std::int64_t M, std::int64_t N, const T* y,
+                                         const T* norm, double eps, const T* dy, T* dx) {
+    cuda::l2_normalize_rows_backward(M, N, y, norm, eps, dy, dx);
+  }
+  template <class T>
+  static void sum_middle(std::int64_t outer, std::int64_t n, std::int64_t inner, T alpha,
+                         const T* x, T beta, T* y) {
+    cuda::sum_middle(outer, n, inner, alpha, x, beta, y);
+  }
+  /// Waits for the stream: the sum is returned to the host.
+  template <class T>
+  static double sum_squares(std::int64_t n, const T* x) { return cuda::sum_squares(n, x); }
+  /// Indices live on the device and are not checked there (the CPU backend checks them); see
+  /// kernels/index.cuh for what an out-of-range index does.
+  template <class T>
+  static void gather_rows(std::int64_t M, std::int64_t C, const T* src, std::int64_t rows,
+                          const std::int32_t* idx, T* dst) {
+    cuda::gather_rows(M, C, src, rows, idx, dst);
+  }
+  /// Repeated indices accumulate with atomicAdd: the order of the additions, and so the last
+  /// bits of the result, may differ from run to run.
+  template <class T>
+  static void scatter_add_rows(std::int64_t M, std::int64_t C, const T* src,
+                               const std::int32_t* idx, std::int64_t rows, T* dst) {
+    cuda::scatter_add_rows(M, C, src, idx, rows, dst);
+  }
+  template <class T>
+  static void copy_strided(std::int64_t count, std::int64_t rows, std::int64_t cols, const T* src,
+                           std::int64_t src_ld, std::int64_t src_stride, T* dst,
+                           std::int64_t dst_ld, std::int64_t dst_stride, bool accumulate) {
+    cuda::copy_strided(count, rows, cols, src, src_ld, src_stride, dst, dst_ld, dst_stride,
+                       accumulate);
+  }
+  template <class T>
+  static void patchify(std::int64_t N, std::int64_t C, std::int64_t H, std::int64_t W,
+                       std::int64_t p, const T* images, T* patches) {
+    cuda::patchify(N, C, H, W, p, images, patches);
+  }
+  template <class T>
+  static void unpatchify(std::int64_t N, std::int64_t C, std::int64_t H, std::int64_t W,
+                         std::int64_t p, const T* patches, T* images) {
+    cuda::unpatchify(N, C, H, W, p, patches, images);
+  }
+  template <class T>
+  static void row_max(std::int64_t M, std::int64_t N, const T* x, T* y) {
+    cuda::row_max(M, N, x, y);
+  }
+  template <class T>
+  static void batch_norm_forward(std::int64_t M, std::int64_t N, const T* x, const T* gamma,
+                                 const T* beta, double eps, T* y, T* mean, T* var) {
+    cuda::batch_norm_forward(M, N, x, gamma, beta, eps, y, mean, var);
+  }
+  template <class T>
+  static void batch_norm_backward(std::int64_t M, std::int64_t N, const T* x, const T* gamma,
+                                  const T* mean, const T* var, double eps, const T* dy, T* dx,
+                                  T* dgamma, T* dbeta) {
+    cuda::batch_norm_backward(M, N, x, gamma, mean, var, eps, dy, dx, dgamma, dbeta);
+  }
+  /// Waits for the stream: the sum is returned to the host.
+  template <class T>
+  static double xlogy_sum(std::int64_t n, const T* x, const T* y) {
+    return cuda::xlogy_sum(n, x, y);
+  }
+  template <class T>
+  static void adamw(std::int64_t n, T* p, const T* g, T* m, T* v, double lr, double beta1,
+                    double beta2, double eps, double weight_decay, std::int64_t step) {
+    cuda::adamw(n, p, g, m, v, lr, beta1, beta2, eps, weight_decay, step);
+  }
+};
+
+}  // namespace moca

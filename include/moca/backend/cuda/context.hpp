@@ -1,0 +1,124 @@
+// The process-wide state of the CUDA backend: the device, the stream every op is queued on, the
+// cuBLAS handle, and a small scratch buffer for reductions that return a value to the host.
+//
+//   if (!moca::cuda::available()) return run<Cpu>(cfg);   // never throws, even without a driver
+//   auto& ctx = moca::cuda::Context::get();              // created on first use
+//   ...                                                   // ops queue work on ctx.stream()
+//   ctx.synchronize();                                    // wait for it (e.g. to time a step)
+//
+// Stream: by default the legacy default stream (stream 0). It orders itself with every other
+// blocking stream, so code that mixes moca ops with its own CUDA calls needs no extra
+// synchronisation. set_stream() moves all later work (kernels, cuBLAS, copies) to another stream;
+// call it while no other thread is running ops. Copies to or from the host synchronise the
+// stream, so host data is ready when moca::copy or Tensor::to returns.
+//
+// Device: the device current when the context is first created (device 0 unless the program
+// called cudaSetDevice before its first CUDA op). One device per process for now.
+#pragma once
+
+#include <cublas_v2.h>
+#include <cuda_runtime_api.h>
+
+#include <atomic>
+#include <cstddef>
+#include <mutex>
+
+#include "moca/backend/cuda/check.hpp"
+#include "moca/core/check.hpp"
+
+namespace moca::cuda {
+
+/// Number of CUDA devices this process can use: 0 when there is no GPU, no driver, or the driver
+/// is too old for the runtime. Never throws.
+inline int device_count() noexcept {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    (void)cudaGetLastError();  // do not leave the failure behind as the thread's last error
+    return 0;
+  }
+  return n;
+}
+
+/// True when at least one CUDA device can be used. Never throws.
+inline bool available() noexcept { return device_count() > 0; }
+
+/// The backend's stream, cuBLAS handle and scratch memory (one per process).
+class Context {
+ public:
+  /// The context, created on first use (thread-safe). Throws moca::Error when no device is
+  /// available or the runtime cannot be initialised; the next call then tries again.
+  static Context& get() {
+    // Deliberately never destroyed: at exit the CUDA runtime may be unloaded before static
+    // destructors run, and destroying the cuBLAS handle then fails or crashes.
+    static Context* const instance = new Context();
+    return *instance;
+  }
+
+  Context(const Context&) = delete;
+  Context& operator=(const Context&) = delete;
+
+  /// The device the context was created on.
+  int device() const noexcept { return device_; }
+
+  /// The stream every op is queued on.
+  cudaStream_t stream() const noexcept { return stream_.load(std::memory_order_acquire); }
+
+  /// Queues all later work on `s` (which the caller owns and keeps alive). Not meant to be called
+  /// while other threads are running ops.
+  void set_stream(cudaStream_t s) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    MOCA_CUBLAS_CHECK(cublasSetStream(cublas_, s));
+    stream_.store(s, std::memory_order_release);
+  }
+
+  /// The cuBLAS handle, bound to stream(). Default math mode: float GEMMs compute in full fp32
+  /// (no TF32), so results match the CPU backend.
+  cublasHandle_t cublas() const noexcept { return cublas_; }
+
+  /// Blocks until all work queued on stream() has finished; throws if any of it failed.
+  void synchronize() const { MOCA_CUDA_CHECK(cudaStreamSynchronize(stream())); }
+
+  /// The lock a user of scratch() holds until the stream has finished with the buffer.
+  std::mutex& scratch_mutex() noexcept { return scratch_mutex_; }
+
+  /// A device buffer of at least `bytes`, reused across calls (it only grows). The caller must
+  /// hold scratch_mutex() and must synchronise the stream before releasing it.
+  void* scratch(std::size_t bytes) {
+    if (bytes > scratch_bytes_) {
+      if (scratch_ != nullptr) MOCA_CUDA_CHECK(cudaFree(scratch_));
+      scratch_ = nullptr;
+      scratch_bytes_ = 0;
+      MOCA_CUDA_CHECK(cudaMalloc(&scratch_, bytes));
+      scratch_bytes_ = bytes;
+    }
+    return scratch_;
+  }
+
+ private:
+  Context() {
+    MOCA_CHECK(device_count() > 0,
+               "CUDA backend: no CUDA device is available (no GPU, or no usable driver); check "
+               "moca::cuda::available() before using Cuda tensors");
+    MOCA_CUDA_CHECK(cudaGetDevice(&device_));
+    MOCA_CUBLAS_CHECK(cublasCreate(&cublas_));
+    const cublasStatus_t status = cublasSetStream(cublas_, stream_.load());
+    if (status != CUBLAS_STATUS_SUCCESS) {
+      (void)cublasDestroy(cublas_);
+      MOCA_CUBLAS_CHECK(status);
+    }
+  }
+
+  int device_ = 0;
+  std::atomic<cudaStream_t> stream_{nullptr};  // nullptr: the legacy default stream
+  cublasHandle_t cublas_ = nullptr;
+  std::mutex mutex_;
+  std::mutex scratch_mutex_;
+  void* scratch_ = nullptr;
+  std::size_t scratch_bytes_ = 0;
+};
+
+/// Shorthands for Context::get().stream() and Context::get().synchronize().
+inline cudaStream_t stream() { return Context::get().stream(); }
+inline void synchronize() { Context::get().synchronize(); }
+
+}  // namespace moca::cuda

@@ -1,0 +1,70 @@
+// Explicit instantiations of every kernel wrapper declared in backend/cuda/backend.hpp, for float
+// and double. src/cuda/kernels.cu includes this file once, so the kernels are compiled once into
+// moca_cuda_kernels and ordinary C++ files only need the declarations.
+#pragma once
+
+#include <cstdint>
+
+#include "moca/backend/cuda/backend.hpp"
+#include "moca/backend/cuda/kernels/elementwise.cuh"
+#include "moca/backend/cuda/kernels/index.cuh"
+#include "moca/backend/cuda/kernels/layout.cuh"
+#include "moca/backend/cuda/kernels/optim.cuh"
+#include "moca/backend/cuda/kernels/reduce.cuh"
+#include "moca/backend/cuda/kernels/rows.cuh"
+#include "moca/backend/cuda/kernels/stats.cuh"
+
+#define MOCA_CUDA_INSTANTIATE(T)                                                              \
+  template void fill<T>(std::int64_t, T, T*);                                                 \
+  template void axpby<T>(std::int64_t, T, const T*, T, T*);                                   \
+  template void scale<T>(std::int64_t, T, T*);                                                \
+  template void add<T>(std::int64_t, const T*, const T*, T*);                                 \
+  template void mul<T>(std::int64_t, const T*, const T*, T*);                                 \
+  template void add_bias<T>(std::int64_t, std::int64_t, const T*, T*);                        \
+  template void gelu_forward<T>(std::int64_t, const T*, T*);                                  \
+  template void gelu_backward<T>(std::int64_t, const T*, const T*, T*);                       \
+  template void relu_forward<T>(std::int64_t, const T*, T*);                                  \
+  template void relu_backward<T>(std::int64_t, const T*, const T*, T*);                       \
+  template void scale_matrices<T>(std::int64_t, std::int64_t, std::int64_t, T, T*,            \
+                                  std::int64_t, std::int64_t);                                \
+  template void softmax_rows<T>(std::int64_t, std::int64_t, const T*, T*);                    \
+  template void log_softmax_rows<T>(std::int64_t, std::int64_t, const T*, T*);                \
+  template void softmax_rows_backward<T>(std::int64_t, std::int64_t, const T*, const T*, T*); \
+  template void log_softmax_rows_backward<T>(std::int64_t, std::int64_t, const T*, const T*,  \
+                                             T*);                                             \
+  template void layer_norm_forward<T>(std::int64_t, std::int64_t, const T*, const T*,         \
+                                      const T*, double, T*, T*, T*);                          \
+  template void layer_norm_backward<T>(std::int64_t, std::int64_t, const T*, const T*,        \
+                                       const T*, const T*, const T*, T*, T*, T*);             \
+  template void l2_normalize_rows_forward<T>(std::int64_t, std::int64_t, const T*, double,    \
+                                             T*, T*);                                         \
+  template void l2_normalize_rows_backward<T>(std::int64_t, std::int64_t, const T*, const T*, \
+                                              double, const T*, T*);                          \
+  template void sum_middle<T>(std::int64_t, std::int64_t, std::int64_t, T, const T*, T, T*);  \
+  template double sum_squares<T>(std::int64_t, const T*);                                     \
+  template void gather_rows<T>(std::int64_t, std::int64_t, const T*, std::int64_t,            \
+                               const std::int32_t*, T*);                                      \
+  template void scatter_add_rows<T>(std::int64_t, std::int64_t, const T*,                     \
+                                    const std::int32_t*, std::int64_t, T*);                   \
+  template void copy_strided<T>(std::int64_t, std::int64_t, std::int64_t, const T*,            \
+                                std::int64_t, std::int64_t, T*, std::int64_t, std::int64_t,   \
+                                bool);                                                        \
+  template void patchify<T>(std::int64_t, std::int64_t, std::int64_t, std::int64_t,           \
+                            std::int64_t, const T*, T*);                                      \
+  template void unpatchify<T>(std::int64_t, std::int64_t, std::int64_t, std::int64_t,         \
+                              std::int64_t, const T*, T*);                                    \
+  template void row_max<T>(std::int64_t, std::int64_t, const T*, T*);                         \
+  template void batch_norm_forward<T>(std::int64_t, std::int64_t, const T*, const T*,         \
+                                      const T*, double, T*, T*, T*);                          \
+  template void batch_norm_backward<T>(std::int64_t, std::int64_t, const T*, const T*,        \
+                                       const T*, const T*, double, const T*, T*, T*, T*);     \
+  template double xlogy_sum<T>(std::int64_t, const T*, const T*);                             \
+  template void adamw<T>(std::int64_t, T*, const T*, T*, T*, double, double, double, double,  \
+                         double, std::int64_t);
+
+namespace moca::cuda {
+MOCA_CUDA_INSTANTIATE(float)
+MOCA_CUDA_INSTANTIATE(double)
+}  // namespace moca::cuda
+
+#undef MOCA_CUDA_INSTANTIATE

@@ -1,0 +1,154 @@
+// Shared pieces of the CUDA kernels: launch shapes, the grid-stride loop, warp and block
+// reductions, and math functions overloaded on float and double.
+//
+// Kernels are written for clarity first: elementwise ops run a grid-stride loop, row ops give a
+// block to each row (every pass over a row has each thread touch the same elements, which is
+// what makes in-place use safe), and column reductions give a block to 32 columns. Reductions
+// combine partial sums in an order fixed by the launch shape, so a result does not change from
+// run to run (scatter_add_rows is the one exception, see index.cuh).
+#pragma once
+
+#if !defined(__CUDACC__)
+#error "moca/backend/cuda/kernels/*.cuh hold CUDA kernels and compile only with nvcc; C++ files include <moca/cuda.hpp> and link moca::cuda instead"
+#endif
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "moca/backend/cuda/backend.hpp"
+#include "moca/backend/cuda/check.hpp"
+#include "moca/backend/cuda/context.hpp"
+
+namespace moca::cuda::kernels {
+
+/// Accumulator type: float rows accumulate in float (as the CPU backend and PyTorch do).
+template <class T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+/// Threads per block of elementwise and column kernels.
+inline constexpr int kThreads = 256;
+/// Upper bound on the blocks of a grid-stride loop: enough to fill any current GPU; larger
+/// inputs loop.
+inline constexpr std::int64_t kMaxBlocks = 8192;
+/// Upper bound on the blocks of a row or column kernel (gridDim.y allows at most 65535).
+inline constexpr std::int64_t kMaxRowBlocks = 65535;
+
+/// Shape of the block of a column reduction: kColumns adjacent columns (one warp, coalesced
+/// reads), each summed by kColumnRows threads that then combine their parts in a fixed order.
+inline constexpr int kColumns = 32;
+inline constexpr int kColumnRows = 8;
+
+/// Blocks of kThreads for a grid-stride loop over n > 0 elements.
+inline unsigned grid_for(std::int64_t n) {
+  const std::int64_t blocks = (n + kThreads - 1) / kThreads;
+  return static_cast<unsigned>(blocks < kMaxBlocks ? blocks : kMaxBlocks);
+}
+
+/// Threads of a block that owns one row of N elements: whole warps, 32 to 256.
+inline unsigned row_threads(std::int64_t N) {
+  const std::int64_t t = (N + 31) / 32 * 32;
+  return static_cast<unsigned>(t < 32 ? 32 : (t > 256 ? 256 : t));
+}
+
+/// Blocks for M > 0 rows, one row per block (more rows than blocks loop).
+inline unsigned row_blocks(std::int64_t M) {
+  return static_cast<unsigned>(M < kMaxRowBlocks ? M : kMaxRowBlocks);
+}
+
+/// Throws if the launch just made failed (bad configuration, missing kernel image). Errors
+/// inside a running kernel surface at the next synchronising call.
+inline void check_launch(const char* kernel) {
+  const cudaError_t err = cudaGetLastError();  // also resets the error
+  if (err != cudaSuccess) [[unlikely]]
+    ::moca::detail::throw_check_failure(__FILE__, __LINE__, kernel, "launching CUDA kernel ",
+                                        kernel, " failed: ", cudaGetErrorName(err), " (",
+                                        cudaGetErrorString(err), ")");
+}
+
+/// Runs f(i) for every i in [0, n) on the backend's stream.
+template <class F>
+__global__ void elementwise_kernel(std::int64_t n, F f) {
+  const std::int64_t stride = static_cast<std::int64_t>(blockDim.x) * gridDim.x;
+  for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += stride)
+    f(i);
+}
+
+template <class F>
+void launch_elementwise(std::int64_t n, const F& f) {
+  if (n <= 0) return;
+  elementwise_kernel<<<grid_for(n), kThreads, 0, stream()>>>(n, f);
+  check_launch("elementwise_kernel");
+}
+
+// ---- math on float and double (explicit names, so float never silently widens to double) ----
+
+__device__ inline float dexp(float x) { return ::expf(x); }
+__device__ inline double dexp(double x) { return ::exp(x); }
+__device__ inline float dlog(float x) { return ::logf(x); }
+__device__ inline double dlog(double x) { return ::log(x); }
+__device__ inline float dsqrt(float x) { return ::sqrtf(x); }
+__device__ inline double dsqrt(double x) { return ::sqrt(x); }
+__device__ inline float derf(float x) { return ::erff(x); }
+__device__ inline double derf(double x) { return ::erf(x); }
+
+template <class T>
+__device__ inline T neg_infinity() {
+  return static_cast<T>(-INFINITY);
+}
+
+// ---- reductions ----
+
+struct SumOp {
+  template <class T>
+  __device__ T operator()(T a, T b) const {
+    return a + b;
+  }
+};
+
+/// Maximum that, like std::max(a, b) on the CPU, keeps a when b is not greater.
+struct MaxOp {
+  template <class T>
+  __device__ T operator()(T a, T b) const {
+    return b > a ? b : a;
+  }
+};
+
+/// Reduces v over the 32 lanes of a warp; every lane gets the result.
+template <class T, class Op>
+__device__ T warp_reduce(T v, Op op) {
+  for (int offset = 16; offset > 0; offset >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  return v;
+}
+
+/// Reduces v over the block (blockDim.x a multiple of 32, blockDim.y == 1); every thread gets
+/// the result. `shared` holds 32 values; consecutive calls may reuse it.
+template <class T, class Op>
+__device__ T block_reduce(T v, Op op, T* shared) {
+  const unsigned lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
+  const unsigned warps = blockDim.x >> 5;
+  v = warp_reduce(v, op);
+  __syncthreads();  // the previous reduction may still be reading `shared`
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  T r = shared[0];
+  for (unsigned w = 1; w < warps; ++w) r = op(r, shared[w]);
+  return r;
+}
+
+/// Sums v over the kColumnRows thread rows of a column block (blockDim = kColumns ×
+/// kColumnRows); every thread of the column gets the same sum, added in the same order.
+template <class T>
+__device__ T column_reduce(T v, T (*part)[kColumns + 1]) {
+  part[threadIdx.y][threadIdx.x] = v;
+  __syncthreads();
+  T total = 0;
+  for (int k = 0; k < kColumnRows; ++k) total += part[k][threadIdx.x];
+  __syncthreads();  // `part` may be written again right after
+  return total;
+}
+
+}  // namespace moca::cuda::kernels

@@ -1,0 +1,126 @@
+// Reductions: the middle axis of [outer, n, inner], and the sum of squares returned to the host.
+// Contracts as in backend/cpu/reduce.hpp and backend/cpu/elementwise.hpp (sum_squares).
+#pragma once
+
+#include <array>
+#include <mutex>
+
+#include "moca/backend/cuda/kernels/common.cuh"
+
+namespace moca::cuda {
+namespace kernels {
+
+// inner == 1: y[o] = alpha · Σ_j x[o, j] + beta · y[o], one block per o.
+template <class T>
+__global__ void sum_rows_kernel(std::int64_t outer, std::int64_t n, T alpha, const T* x, T beta,
+                                T* y) {
+  using A = acc_t<T>;
+  __shared__ A shared[32];
+  for (std::int64_t o = blockIdx.x; o < outer; o += gridDim.x) {
+    const T* xo = x + o * n;
+    A s = 0;
+    for (std::int64_t j = threadIdx.x; j < n; j += blockDim.x) s += xo[j];
+    const T total = static_cast<T>(block_reduce(s, SumOp{}, shared));
+    if (threadIdx.x == 0) y[o] = alpha * total + (beta == T(0) ? T(0) : beta * y[o]);
+  }
+}
+
+// inner > 1: y[o, c] = alpha · Σ_j x[o, j, c] + beta · y[o, c]. A block owns kColumns adjacent
+// columns c of one o; its kColumnRows thread rows sum j ≡ threadIdx.y and combine in order.
+template <class T>
+__global__ void sum_columns_kernel(std::int64_t outer, std::int64_t n, std::int64_t inner,
+                                   T alpha, const T* x, T beta, T* y) {
+  using A = acc_t<T>;
+  __shared__ A part[kColumnRows][kColumns + 1];
+  const std::int64_t c = static_cast<std::int64_t>(blockIdx.x) * kColumns + threadIdx.x;
+  for (std::int64_t o = blockIdx.y; o < outer; o += gridDim.y) {
+    A acc = 0;
+    if (c < inner) {
+      const T* xo = x + o * n * inner + c;
+      for (std::int64_t j = threadIdx.y; j < n; j += kColumnRows) acc += xo[j * inner];
+    }
+    const A total = column_reduce(acc, part);
+    if (threadIdx.y == 0 && c < inner) {
+      T& out = y[o * inner + c];
+      out = alpha * static_cast<T>(total) + (beta == T(0) ? T(0) : beta * out);
+    }
+  }
+}
+
+/// Blocks of a sum returned to the host (at most), so their partial sums fit a small host array.
+inline constexpr std::int64_t kHostSumBlocks = 1024;
+
+// partial[b] = Σ term(i) over the grid-stride share of block b, in double.
+template <class Term>
+__global__ void sum_terms_kernel(std::int64_t n, Term term, double* partial) {
+  __shared__ double shared[32];
+  const std::int64_t stride = static_cast<std::int64_t>(blockDim.x) * gridDim.x;
+  double s = 0.0;
+  for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += stride)
+    s += term(i);
+  s = block_reduce(s, SumOp{}, shared);
+  if (threadIdx.x == 0) partial[blockIdx.x] = s;
+}
+
+/// Σ term(i) for i < n, in double, returned to the host (so it waits for the stream). Blocks write
+/// partial sums and the host adds them in block order; the number of blocks depends on n only,
+/// so the result does not change from run to run or from one GPU to another.
+template <class Term>
+double sum_terms_to_host(std::int64_t n, const Term& term, const char* kernel) {
+  if (n <= 0) return 0.0;
+  const std::int64_t wanted = (n + kThreads - 1) / kThreads;
+  const std::int64_t blocks = wanted < kHostSumBlocks ? wanted : kHostSumBlocks;
+  std::array<double, kHostSumBlocks> partial{};
+  Context& ctx = Context::get();
+  {
+    // The scratch buffer is shared; hold it until the partial sums have reached the host.
+    std::lock_guard<std::mutex> lock(ctx.scratch_mutex());
+    auto* device_partial = static_cast<double*>(ctx.scratch(sizeof(double) * blocks));
+    const cudaStream_t s = ctx.stream();
+    sum_terms_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, s>>>(n, term, device_partial);
+    check_launch(kernel);
+    MOCA_CUDA_CHECK(cudaMemcpyAsync(partial.data(), device_partial, sizeof(double) * blocks,
+                                    cudaMemcpyDeviceToHost, s));
+    MOCA_CUDA_CHECK(cudaStreamSynchronize(s));
+  }
+  double total = 0.0;
+  for (std::int64_t b = 0; b < blocks; ++b) total += partial[b];
+  return total;
+}
+
+template <class T>
+struct SquareTerm {
+  const T* x;
+  __device__ double operator()(std::int64_t i) const {
+    const double v = static_cast<double>(x[i]);
+    return v * v;
+  }
+};
+
+}  // namespace kernels
+
+template <class T>
+void sum_middle(std::int64_t outer, std::int64_t n, std::int64_t inner, T alpha, const T* x,
+                T beta, T* y) {
+  if (outer <= 0 || inner <= 0) return;
+  const cudaStream_t s = stream();
+  if (inner == 1) {
+    kernels::sum_rows_kernel<<<kernels::row_blocks(outer), kernels::row_threads(n), 0, s>>>(
+        outer, n, alpha, x, beta, y);
+    kernels::check_launch("sum_rows_kernel");
+    return;
+  }
+  const dim3 block(kernels::kColumns, kernels::kColumnRows);
+  const dim3 grid(static_cast<unsigned>((inner + kernels::kColumns - 1) / kernels::kColumns),
+                  kernels::row_blocks(outer));
+  kernels::sum_columns_kernel<<<grid, block, 0, s>>>(outer, n, inner, alpha, x, beta, y);
+  kernels::check_launch("sum_columns_kernel");
+}
+
+template <class T>
+double sum_squares(std::int64_t n, const T* x) {
+  return kernels::sum_terms_to_host(n, kernels::SquareTerm<T>{x}, "sum_terms_kernel (sum_squares)");
+}
+
+}  // namespace moca::cuda

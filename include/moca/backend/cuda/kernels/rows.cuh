@@ -1,0 +1,291 @@
+// Row kernels: softmax, log-softmax, LayerNorm, L2 normalisation over the rows of [M, N].
+// Contracts as in backend/cpu/rows.hpp.
+//
+// One block per row. Every pass over a row has thread t touch elements t, t + blockDim.x, ...,
+// and the block reductions between passes synchronise the block, so an output row may alias its
+// input row (y = x, dx = dy) exactly as on the CPU. Float rows accumulate in float.
+#pragma once
+
+#include "moca/backend/cuda/kernels/common.cuh"
+
+namespace moca::cuda {
+namespace kernels {
+
+template <class T>
+__global__ void softmax_rows_kernel(std::int64_t M, std::int64_t N, const T* x, T* y) {
+  using A = acc_t<T>;
+  __shared__ A shared[32];
+  for (std::int64_t r = blockIdx.x; r < M; r += gridDim.x) {
+    const T* xr = x + r * N;
+    T* yr = y + r * N;
+    A mx = neg_infinity<A>();
+    for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x) mx = MaxOp{}(mx, A(xr[j]));
+    const T m = static_cast<T>(block_reduce(mx, MaxOp{}, shared));
+    A sum = 0;
+    for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x) {
+      const T e = dexp(xr[j] - m);
+      yr[j] = e;
+      sum += e;
+    }
+    const T inv = T(1) / static_cast<T>(block_reduce(sum, SumOp{}, shared));
+    for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x) yr[j] *= inv;
+  }
+}
+
+template <class T>
+__global__ void log_softmax_rows_kernel(std::int64_t M, std::int64_t N, const T* x, T* y) {
+  using A = acc_t<T>;
+  __shared__ A shared[32];
+  for (std::int64_t r = blockIdx.x; r < M; r += gridDim.x) {
+    const T* xr = x + r * N;
+    T* yr = y + r * N;
+    A mx = neg_infinity<A>();
+    for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x) mx = MaxOp{}(mx, A(xr[j]));
+    const T m = static_cast<T>(block_reduce(mx, MaxOp{}, shared));
+    A sum = 0;
+    for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x) sum += dexp(xr[j] - m);
+    const T lse = m + static_cast<T>(dlog(block_reduce(sum, SumOp{}, shared)));
+    for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x) yr[j] = xr[j] - lse;
+  }
+}
+
+// dx = y · (dy − <dy, y>)
+template <class T>
+__global__ void softmax_rows_backward_kernel(std::int64_t M, std::int64_t N, const T* y,
+                                             const T* dy, T* dx) {
+  using A = acc_t<T>;
+  __shared__ A shared[32];
+  for (std::int64_t r = blockIdx.x; r < M; r += gridDim.x) {
+    const T *yr = y + r * N, *gr = dy + r * N;
+    T* dr = dx + r * N;
+    A dot = 0;
+    for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x) dot += gr[j] * yr[j];
+    const T d = static_cast<T>(block_reduce(dot, SumOp{}, shared));
+    for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x) dr[j] = yr[j] * (gr[j] - d);
+  }
+}
+
+// dx = dy − exp(y) · Σ dy
+template <class T>
+__global__ void log_softmax_rows_backward_kernel(std::int64_t M, std::int64_t N, const T* y,
+                                                 const T* dy, T* dx) {
+  using A = acc_t<T>;
+  __shared__ A shared[32];
+  for (std::int64_t r = blockIdx.x; r < M; r += gridDim.x) {
+    const T *yr = y + r * N, *gr = dy + r * N;
+    T* dr = dx + r * N;
+    A sum = 0;
+    for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x) sum += gr[j];
+    const T s = static_cast<T>(block_reduce(sum, SumOp{}, shared));
+    for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x) dr[j] = gr[j] - dexp(yr[j]) * s;
+  }
+}
+
+// Two passes for the statistics (the mean, then the squared deviations from it), as on the CPU.
+template <class T>
+__global__ void layer_norm_forward_kernel(std::int64_t M, std::int64_t N, const T* x,
+                                          const T* gamma, const T* beta, acc_t<T> eps, T* y,
+                                          T* mean, T* rstd) {
+  using A = acc_t<T>;
+  __shared__ A shared[32];
+  for (std::int64_t r = blockIdx.x; r < M; r += gridDim.x) {
+    const T* xr = x + r * N;
+    T* yr = y + r * N;
+    A s = 0;
+    for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x) s += xr[j];
+    const A mu = block_reduce(s, SumOp{}, shared) / static_cast<A>(N);
+    A ss = 0;
+    for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x) {
+      const A d = xr[j] - mu;
+      ss += d * d;
+    }
+    const A rs = A(1) / dsqrt(block_reduce(ss, SumOp{}, shared) / static_cast<A>(N) + eps);
+    const T m = static_cast<T>(mu), is = static_cast<T>(rs);
+    for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x) {
+      T v = (xr[j] - m) * is;
+      if (gamma) v *= gamma[j];
+      if (beta) v += beta[j];
+      yr[j] = v;
+    }
+    if (threadIdx.x == 0) {
+      mean[r] = m;
+      rstd[r] = is;
+    }
+  }
+}
+
+// dx = rstd · (g − mean(g) − xhat · mean(g · xhat)), g = dy · gamma (or dy without gamma).
+template <class T>
+__global__ void layer_norm_backward_kernel(std::int64_t M, std::int64_t N, const T* x,
+                                           const T* gamma, const T* mean, const T* rstd,
+                                           const T* dy, T* dx) {
+  using A = acc_t<T>;
+  __shared__ A shared[32];
+  for (std::int64_t r = blockIdx.x; r < M; r += gridDim.x) {
+    const T *xr = x + r * N, *gr = dy + r * N;
+    T* dr = dx + r * N;
+    const T m = mean[r], is = rstd[r];
+    A sum_g = 0, sum_gx = 0;
+    for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x) {
+      const T g = gamma ? gr[j] * gamma[j] : gr[j];
+      sum_g += g;
+      sum_gx += g * (xr[j] - m) * is;
+    }
+    const T mg = static_cast<T>(block_reduce(sum_g, SumOp{}, shared) / static_cast<A>(N));
+    const T mgx = static_cast<T>(block_reduce(sum_gx, SumOp{}, shared) / static_cast<A>(N));
+    for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x) {
+      const T g = gamma ? gr[j] * gamma[j] : gr[j];
+      const T xhat = (xr[j] - m) * is;
+      dr[j] = is * (g - mg - xhat * mgx);
+    }
+  }
+}
+
+// dgamma[j] += Σ_r dy[r, j] · xhat[r, j],  dbeta[j] += Σ_r dy[r, j]. A block owns 32 columns;
+// its 8 thread rows walk the matrix rows r ≡ threadIdx.y (mod 8), then combine in a fixed order.
+// One writer per column, so accumulating into dgamma/dbeta needs no atomics.
+template <class T>
+__global__ void layer_norm_param_grad_kernel(std::int64_t M, std::int64_t N, const T* x,
+                                             const T* mean, const T* rstd, const T* dy,
+                                             T* dgamma, T* dbeta) {
+  using A = acc_t<T>;
+  __shared__ A part[kColumnRows][kColumns + 1];
+  const std::int64_t j = static_cast<std::int64_t>(blockIdx.x) * kColumns + threadIdx.x;
+  A acc_g = 0, acc_b = 0;
+  if (j < N) {
+    for (std::int64_t r = threadIdx.y; r < M; r += kColumnRows) {
+      const T g = dy[r * N + j];
+      acc_g += g * (x[r * N + j] - mean[r]) * rstd[r];
+      acc_b += g;
+    }
+  }
+  const A total_g = column_reduce(acc_g, part);
+  const A total_b = column_reduce(acc_b, part);
+  if (threadIdx.y == 0 && j < N) {
+    if (dgamma) dgamma[j] += static_cast<T>(total_g);
+    if (dbeta) dbeta[j] += static_cast<T>(total_b);
+  }
+}
+
+// y = x / max(||x||, eps); norm = ||x|| before the clamp.
+template <class T>
+__global__ void l2_normalize_rows_forward_kernel(std::int64_t M, std::int64_t N, const T* x,
+                                                 T eps, T* y, T* norm) {
+  using A = acc_t<T>;
+  __shared__ A shared[32];
+  for (std::int64_t r = blockIdx.x; r < M; r += gridDim.x) {
+    const T* xr = x + r * N;
+    T* yr = y + r * N;
+    A ss = 0;
+    for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x) ss += xr[j] * xr[j];
+    const T nrm = static_cast<T>(dsqrt(block_reduce(ss, SumOp{}, shared)));
+    const T inv = T(1) / (nrm < eps ? eps : nrm);  // std::max(nrm, eps), NaN handling included
+    for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x) yr[j] = xr[j] * inv;
+    if (threadIdx.x == 0) norm[r] = nrm;
+  }
+}
+
+// Where ||x|| > eps: dx = (dy − y <y, dy>) / ||x||; where clamped: dx = dy / eps.
+template <class T>
+__global__ void l2_normalize_rows_backward_kernel(std::int64_t M, std::int64_t N, const T* y,
+                                                  const T* norm, T eps, const T* dy, T* dx) {
+  using A = acc_t<T>;
+  __shared__ A shared[32];
+  for (std::int64_t r = blockIdx.x; r < M; r += gridDim.x) {
+    const T *yr = y + r * N, *gr = dy + r * N;
+    T* dr = dx + r * N;
+    const T nrm = norm[r];
+    if (nrm > eps) {  // the same for the whole block, so the reduction inside is safe
+      A dot = 0;
+      for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x) dot += yr[j] * gr[j];
+      const T d = static_cast<T>(block_reduce(dot, SumOp{}, shared));
+      const T inv = T(1) / nrm;
+      for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x) dr[j] = (gr[j] - yr[j] * d) * inv;
+    } else {
+      for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x) dr[j] = gr[j] / eps;
+    }
+  }
+}
+
+}  // namespace kernels
+
+template <class T>
+void softmax_rows(std::int64_t M, std::int64_t N, const T* x, T* y) {
+  if (M <= 0 || N <= 0) return;
+  kernels::softmax_rows_kernel<<<kernels::row_blocks(M), kernels::row_threads(N), 0, stream()>>>(
+      M, N, x, y);
+  kernels::check_launch("softmax_rows_kernel");
+}
+
+template <class T>
+void log_softmax_rows(std::int64_t M, std::int64_t N, const T* x, T* y) {
+  if (M <= 0 || N <= 0) return;
+  kernels::log_softmax_rows_kernel<<<kernels::row_blocks(M), kernels::row_threads(N), 0,
+                                     stream()>>>(M, N, x, y);
+  kernels::check_launch("log_softmax_rows_kernel");
+}
+
+template <class T>
+void softmax_rows_backward(std::int64_t M, std::int64_t N, const T* y, const T* dy, T* dx) {
+  if (M <= 0 || N <= 0) return;
+  kernels::softmax_rows_backward_kernel<<<kernels::row_blocks(M), kernels::row_threads(N), 0,
+                                          stream()>>>(M, N, y, dy, dx);
+  kernels::check_launch("softmax_rows_backward_kernel");
+}
+
+template <class T>
+void log_softmax_rows_backward(std::int64_t M, std::int64_t N, const T* y, const T* dy, T* dx) {
+  if (M <= 0 || N <= 0) return;
+  kernels::log_softmax_rows_backward_kernel<<<kernels::row_blocks(M), kernels::row_threads(N), 0,
+                                              stream()>>>(M, N, y, dy, dx);
+  kernels::check_launch("log_softmax_rows_backward_kernel");
+}
+
+template <class T>
+void layer_norm_forward(std::int64_t M, std::int64_t N, const T* x, const T* gamma, const T* beta,
+                        double eps, T* y, T* mean, T* rstd) {
+  if (M <= 0) return;  // N == 0 still writes mean and rstd (NaN), as on the CPU
+  kernels::layer_norm_forward_kernel<<<kernels::row_blocks(M), kernels::row_threads(N), 0,
+                                       stream()>>>(
+      M, N, x, gamma, beta, static_cast<kernels::acc_t<T>>(eps), y, mean, rstd);
+  kernels::check_launch("layer_norm_forward_kernel");
+}
+
+template <class T>
+void layer_norm_backward(std::int64_t M, std::int64_t N, const T* x, const T* gamma,
+                         const T* mean, const T* rstd, const T* dy, T* dx, T* dgamma, T* dbeta) {
+  if (M <= 0 || N <= 0) return;
+  const cudaStream_t s = stream();
+  // Parameter gradients first: dx may overwrite dy, and the stream runs the kernels in order.
+  if (dgamma || dbeta) {
+    const dim3 block(kernels::kColumns, kernels::kColumnRows);
+    const unsigned blocks = static_cast<unsigned>((N + kernels::kColumns - 1) / kernels::kColumns);
+    kernels::layer_norm_param_grad_kernel<<<blocks, block, 0, s>>>(M, N, x, mean, rstd, dy,
+                                                                   dgamma, dbeta);
+    kernels::check_launch("layer_norm_param_grad_kernel");
+  }
+  kernels::layer_norm_backward_kernel<<<kernels::row_blocks(M), kernels::row_threads(N), 0, s>>>(
+      M, N, x, gamma, mean, rstd, dy, dx);
+  kernels::check_launch("layer_norm_backward_kernel");
+}
+
+template <class T>
+void l2_normalize_rows_forward(std::int64_t M, std::int64_t N, const T* x, double eps, T* y,
+                               T* norm) {
+  if (M <= 0) return;  // N == 0 still writes norm = 0, as on the CPU
+  kernels::l2_normalize_rows_forward_kernel<<<kernels::row_blocks(M), kernels::row_threads(N), 0,
+                                              stream()>>>(M, N, x, static_cast<T>(eps), y, norm);
+  kernels::check_launch("l2_normalize_rows_forward_kernel");
+}
+
+template <class T>
+void l2_normalize_rows_backward(std::int64_t M, std::int64_t N, const T* y, const T* norm,
+                                double eps, const T* dy, T* dx) {
+  if (M <= 0 || N <= 0) return;
+  kernels::l2_normalize_rows_backward_kernel<<<kernels::row_blocks(M), kernels::row_threads(N), 0,
+                                               stream()>>>(M, N, y, norm, static_cast<T>(eps), dy,
+                                                           dx);
+  kernels::check_launch("l2_normalize_rows_backward_kernel");
+}
+
+}  // namespace moca::cuda

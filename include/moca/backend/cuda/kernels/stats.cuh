@@ -1,0 +1,145 @@
+// Statistics kernels: row maxima, training-mode batch normalisation over the rows of [M, N], and
+// Σ x·log y returned to the host. Contracts as in backend/cpu/stats.hpp.
+//
+// Batch normalisation reduces over rows, so a block owns kColumns columns and all M rows of
+// them: its kColumnRows thread rows each walk rows r ≡ threadIdx.y and combine their parts in a
+// fixed order. Every pass has each thread touch the same elements, so dx may alias dy (and y, x).
+#pragma once
+
+#include "moca/backend/cuda/kernels/common.cuh"
+#include "moca/backend/cuda/kernels/reduce.cuh"
+
+namespace moca::cuda {
+namespace kernels {
+
+template <class T>
+__global__ void row_max_kernel(std::int64_t M, std::int64_t N, const T* x, T* y) {
+  __shared__ T shared[32];
+  for (std::int64_t r = blockIdx.x; r < M; r += gridDim.x) {
+    const T* xr = x + r * N;
+    T m = neg_infinity<T>();
+    for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x) m = MaxOp{}(m, xr[j]);
+    m = block_reduce(m, MaxOp{}, shared);
+    if (threadIdx.x == 0) y[r] = m;
+  }
+}
+
+template <class T>
+__global__ void batch_norm_forward_kernel(std::int64_t M, std::int64_t N, const T* x,
+                                          const T* gamma, const T* beta, T eps, T* y, T* mean,
+                                          T* var) {
+  using A = acc_t<T>;
+  __shared__ A part[kColumnRows][kColumns + 1];
+  const std::int64_t j = static_cast<std::int64_t>(blockIdx.x) * kColumns + threadIdx.x;
+  const bool active = j < N;
+  A s = 0;
+  if (active)
+    for (std::int64_t r = threadIdx.y; r < M; r += kColumnRows) s += x[r * N + j];
+  const T mu = static_cast<T>(column_reduce(s, part) / static_cast<A>(M));
+  A ss = 0;
+  if (active) {
+    for (std::int64_t r = threadIdx.y; r < M; r += kColumnRows) {
+      const T d = x[r * N + j] - mu;
+      ss += d * d;
+    }
+  }
+  const T v = static_cast<T>(column_reduce(ss, part) / static_cast<A>(M));
+  if (!active) return;  // no barrier follows
+  const T is = T(1) / dsqrt(v + eps);
+  for (std::int64_t r = threadIdx.y; r < M; r += kColumnRows) {
+    T out = (x[r * N + j] - mu) * is;
+    if (gamma) out *= gamma[j];
+    if (beta) out += beta[j];
+    y[r * N + j] = out;
+  }
+  if (threadIdx.y == 0) {
+    mean[j] = mu;
+    var[j] = v;
+  }
+}
+
+// dx = rstd · (g − mean_r(g) − xhat · mean_r(g · xhat)), g = dy · gamma; dgamma += Σ dy · xhat,
+// dbeta += Σ dy.
+template <class T>
+__global__ void batch_norm_backward_kernel(std::int64_t M, std::int64_t N, const T* x,
+                                           const T* gamma, const T* mean, const T* var, T eps,
+                                           const T* dy, T* dx, T* dgamma, T* dbeta) {
+  using A = acc_t<T>;
+  __shared__ A part[kColumnRows][kColumns + 1];
+  const std::int64_t j = static_cast<std::int64_t>(blockIdx.x) * kColumns + threadIdx.x;
+  const bool active = j < N;
+  T mu = 0, is = 0, gm = 1;
+  A s_dy = 0, s_dyx = 0;
+  if (active) {
+    mu = mean[j];
+    is = T(1) / dsqrt(var[j] + eps);
+    gm = gamma ? gamma[j] : T(1);
+    for (std::int64_t r = threadIdx.y; r < M; r += kColumnRows) {
+      const T xhat = (x[r * N + j] - mu) * is;
+      const T g = dy[r * N + j];
+      s_dy += g;
+      s_dyx += g * xhat;
+    }
+  }
+  const T sum_dy = static_cast<T>(column_reduce(s_dy, part));
+  const T sum_dyx = static_cast<T>(column_reduce(s_dyx, part));
+  if (!active) return;  // no barrier follows
+  if (threadIdx.y == 0) {
+    if (dgamma) dgamma[j] += sum_dyx;
+    if (dbeta) dbeta[j] += sum_dy;
+  }
+  const T sum_g = sum_dy * gm, sum_gx = sum_dyx * gm;
+  for (std::int64_t r = threadIdx.y; r < M; r += kColumnRows) {
+    const T xhat = (x[r * N + j] - mu) * is;
+    const T g = dy[r * N + j] * gm;
+    dx[r * N + j] = is * (g - sum_g / static_cast<T>(M) - xhat * sum_gx / static_cast<T>(M));
+  }
+}
+
+template <class T>
+struct XlogyTerm {  // x · log y, and 0 where x == 0 (torch.xlogy)
+  const T *x, *y;
+  __device__ double operator()(std::int64_t i) const {
+    return x[i] != T(0) ? static_cast<double>(x[i]) * ::log(static_cast<double>(y[i])) : 0.0;
+  }
+};
+
+}  // namespace kernels
+
+template <class T>
+void row_max(std::int64_t M, std::int64_t N, const T* x, T* y) {
+  if (M <= 0) return;  // N == 0 still writes -inf, as on the CPU
+  kernels::row_max_kernel<<<kernels::row_blocks(M), kernels::row_threads(N), 0, stream()>>>(M, N,
+                                                                                            x, y);
+  kernels::check_launch("row_max_kernel");
+}
+
+template <class T>
+void batch_norm_forward(std::int64_t M, std::int64_t N, const T* x, const T* gamma, const T* beta,
+                        double eps, T* y, T* mean, T* var) {
+  if (M <= 0 || N <= 0) return;
+  const dim3 block(kernels::kColumns, kernels::kColumnRows);
+  const unsigned blocks = static_cast<unsigned>((N + kernels::kColumns - 1) / kernels::kColumns);
+  kernels::batch_norm_forward_kernel<<<blocks, block, 0, stream()>>>(
+      M, N, x, gamma, beta, static_cast<T>(eps), y, mean, var);
+  kernels::check_launch("batch_norm_forward_kernel");
+}
+
+template <class T>
+void batch_norm_backward(std::int64_t M, std::int64_t N, const T* x, const T* gamma,
+                         const T* mean, const T* var, double eps, const T* dy, T* dx, T* dgamma,
+                         T* dbeta) {
+  if (M <= 0 || N <= 0) return;
+  const dim3 block(kernels::kColumns, kernels::kColumnRows);
+  const unsigned blocks = static_cast<unsigned>((N + kernels::kColumns - 1) / kernels::kColumns);
+  kernels::batch_norm_backward_kernel<<<blocks, block, 0, stream()>>>(
+      M, N, x, gamma, mean, var, static_cast<T>(eps), dy, dx, dgamma, dbeta);
+  kernels::check_launch("batch_norm_backward_kernel");
+}
+
+template <class T>
+double xlogy_sum(std::int64_t n, const T* x, const T* y) {
+  return kernels::sum_terms_to_host(n, kernels::XlogyTerm<T>{x, y}, "sum_terms_kernel (xlogy_sum)");
+}
+
+}  // namespace moca::cuda

@@ -1,0 +1,870 @@
+// The CUDA backend: every op of ops/ against the CPU backend (parity), device memory, and error
+// reporting. A plain C++ file: it sees only the declarations of the kernels, which it links from
+// moca::cuda, as any user program does.
+//
+// Parity: the same random inputs go through both backends; results must agree to a normalised
+// error ||cpu - gpu|| / ||cpu|| of 1e-6 (float) or 1e-12 (double), widened like the square root of
+// the number of terms a result sums (the backends sum in different orders). Every device output
+// sits between guard elements holding a sentinel, and outputs that an op must overwrite without
+// reading start as NaN.
+//
+// Without a device each test that needs one reports "skipped: no CUDA device" and passes.
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <moca/core/random.hpp>
+#include <moca/cuda.hpp>
+#include <moca/moca.hpp>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+using namespace moca;
+
+namespace {
+
+// Leaves the current test case, with a message saying why, where no device is available.
+#define SKIP_WITHOUT_CUDA_DEVICE()             \
+  do {                                         \
+    if (!cuda::available()) {                  \
+      MESSAGE("skipped: no CUDA device");      \
+      return;                                  \
+    }                                          \
+  } while (0)
+
+/// Allowed normalised error for results that sum `terms` values: the summation order differs
+/// between the backends, and the rounding error it makes grows like sqrt(terms).
+template <class T>
+double tolerance(std::int64_t terms = 1) {
+  const double base = std::is_same_v<T, float> ? 1e-6 : 1e-12;
+  return base * std::max(1.0, std::sqrt(static_cast<double>(terms) / 64.0));
+}
+
+/// ||a - b|| / ||a|| (||a - b|| when a is zero); NaN anywhere makes it NaN, which fails a check.
+template <class T>
+double relative_error(const TensorView<T>& a, const TensorView<T>& b) {
+  REQUIRE(a.numel() == b.numel());
+  double diff = 0.0, ref = 0.0;
+  for (std::int64_t i = 0; i < a.numel(); ++i) {
+    const double d = static_cast<double>(a.data()[i]) - static_cast<double>(b.data()[i]);
+    diff += d * d;
+    ref += static_cast<double>(a.data()[i]) * static_cast<double>(a.data()[i]);
+  }
+  return ref > 0.0 ? std::sqrt(diff / ref) : std::sqrt(diff);
+}
+
+std::uint64_t next_stream() {
+  static std::uint64_t stream = 0;
+  return ++stream;
+}
+
+template <class T>
+Tensor<T> random_tensor(Shape shape, double lo = -1.0, double hi = 1.0) {
+  Tensor<T> t(shape);
+  fill_uniform<T>(t, Philox(2024), next_stream(), lo, hi);
+  return t;
+}
+
+template <class T>
+Tensor<T> full(Shape shape, T value) {
+  Tensor<T> t(shape);
+  std::fill(t.begin(), t.end(), value);
+  return t;
+}
+
+template <class T>
+Tensor<T> nan_tensor(Shape shape) {
+  return full<T>(shape, std::numeric_limits<T>::quiet_NaN());
+}
+
+template <class T>
+Tensor<T, Cuda> to_device(const TensorView<T>& x) {
+  Tensor<T, Cuda> t(x.shape());
+  moca::copy(x, TensorView<T, Cuda>(t));
+  return t;
+}
+
+template <class T>
+Tensor<T> to_host(const TensorView<T, Cuda>& x) {
+  Tensor<T> t(x.shape());
+  moca::copy(x, TensorView<T>(t));
+  return t;
+}
+
+/// A device output with kGuard sentinel elements on each side, to catch out-of-bounds writes.
+template <class T>
+class Guarded {
+ public:
+  static constexpr std::int64_t kGuard = 64;
+  static constexpr T kSentinel = T(-12345.5);
+
+  explicit Guarded(const TensorView<T>& init)
+      : shape_(init.shape()), storage_(Shape{init.numel() + 2 * kGuard}) {
+    Tensor<T> host(storage_.shape());
+    std::fill(host.begin(), host.end(), kSentinel);
+    std::copy(init.data(), init.data() + init.numel(), host.data() + kGuard);
+    moca::copy(TensorView<T>(host), TensorView<T, Cuda>(storage_));
+  }
+
+  /// The output itself, between the guards.
+  TensorView<T, Cuda> view() const { return TensorView<T, Cuda>(storage_.data() + kGuard, shape_); }
+  /// Its content, on the host.
+  Tensor<T> result() const { return to_host(view()); }
+
+  bool guards_intact() const {
+    const Tensor<T> all = to_host(TensorView<T, Cuda>(storage_));
+    const std::int64_t n = all.numel();
+    for (std::int64_t i = 0; i < kGuard; ++i)
+      if (all.data()[i] != kSentinel || all.data()[n - 1 - i] != kSentinel) return false;
+    return true;
+  }
+
+ private:
+  Shape shape_;
+  Tensor<T, Cuda> storage_;
+};
+
+/// Checks a device result against the CPU one, and the guards around it.
+template <class T>
+void check_parity(const char* what, const TensorView<T>& expected, const Guarded<T>& actual,
+                  double tol) {
+  const Tensor<T> got = actual.result();
+  const double err = relative_error(expected, TensorView<T>(got));
+  INFO(what, ": relative error ", err, " (tolerance ", tol, ")");
+  CHECK(err <= tol);
+  CHECK(actual.guards_intact());
+}
+
+Trans trans(bool t) { return t ? Trans::T : Trans::N; }
+
+}  // namespace
+
+// ---- device, memory, errors ----------------------------------------------------------------------
+
+TEST_CASE("cuda: device queries never throw, and failures name the call") {
+  const int count = cuda::device_count();
+  CHECK(count >= 0);
+  CHECK(cuda::available() == (count > 0));
+  MESSAGE("CUDA devices: ", count);
+
+  try {
+    MOCA_CUDA_CHECK(cudaErrorInvalidValue);
+    FAIL("MOCA_CUDA_CHECK did not throw");
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    CHECK(msg.find("cudaErrorInvalidValue") != std::string::npos);
+    CHECK(msg.find("ops_cuda_test.cpp") != std::string::npos);
+  }
+  try {
+    MOCA_CUBLAS_CHECK(CUBLAS_STATUS_INVALID_VALUE);
+    FAIL("MOCA_CUBLAS_CHECK did not throw");
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    CHECK(msg.find("CUBLAS_STATUS_INVALID_VALUE") != std::string::npos);
+    CHECK(msg.find("ops_cuda_test.cpp") != std::string::npos);
+  }
+  CHECK_NOTHROW([] { MOCA_CUDA_CHECK(cudaSuccess); }());
+  CHECK_NOTHROW([] { MOCA_CUBLAS_CHECK(CUBLAS_STATUS_SUCCESS); }());
+
+  // A broadcast row (leading dimension 0) is a valid copy source but no layout cuBLAS reads: the
+  // GEMM refuses it before touching the device.
+  auto broadcast_gemm = [] {
+    Backend<Cuda>::gemm<float>(false, false, 4, 3, 2, 1.0f, nullptr, 0, nullptr, 3, 0.0f, nullptr,
+                               3);
+  };
+  CHECK_THROWS_AS(broadcast_gemm(), Error);
+}
+
+TEST_CASE("cuda: without a device, using one throws moca::Error instead of crashing") {
+  if (cuda::available()) {
+    MESSAGE("skipped: a CUDA device is present");
+    return;
+  }
+  const auto before = memory_stats<Cuda>();
+  CHECK_THROWS_AS(cuda::Context::get(), Error);
+  CHECK_THROWS_AS((Tensor<float, Cuda>({4, 4})), Error);
+  CHECK(memory_stats<Cuda>().allocations == before.allocations);
+  CHECK(memory_stats<Cuda>().bytes_in_use == before.bytes_in_use);
+  // An empty tensor allocates nothing, so it needs no device.
+  CHECK_NOTHROW((Tensor<float, Cuda>()));
+}
+
+TEST_CASE("cuda: tensors round-trip between host and device, zero-filled and counted") {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  const auto& ctx = cuda::Context::get();
+  cudaDeviceProp prop{};
+  MOCA_CUDA_CHECK(cudaGetDeviceProperties(&prop, ctx.device()));
+  MESSAGE("running on ", prop.name);
+
+  const auto before = memory_stats<Cuda>();
+  {
+    Tensor<float, Cuda> z({3, 5});
+    CHECK(memory_stats<Cuda>().bytes_in_use == before.bytes_in_use + 60);
+    CHECK(memory_stats<Cuda>().allocations == before.allocations + 1);
+    const Tensor<float> back = z.to<Cpu>();
+    for (float v : back) CHECK(v == 0.0f);
+  }
+  CHECK(memory_stats<Cuda>().bytes_in_use == before.bytes_in_use);
+
+  const Tensor<double> x = random_tensor<double>({7, 33});
+  const Tensor<double, Cuda> g = x.to<Cuda>();
+  const Tensor<double, Cuda> g2 = g.clone();  // device to device
+  Tensor<double, Cuda> g3({7, 33});
+  moca::copy(TensorView<double, Cuda>(g2), TensorView<double, Cuda>(g3));
+  const Tensor<double> back = g3.to<Cpu>();
+  CHECK(std::equal(x.begin(), x.end(), back.begin()));
+  // Views of device tensors address the same storage as on the host.
+  const Tensor<double> row = to_host(g.row(3));
+  CHECK(std::equal(row.begin(), row.end(), x.data() + 3 * 33));
+  cuda::synchronize();
+}
+
+// ---- gemm --------------------------------------------------------------------------------------
+
+TEST_CASE_TEMPLATE("cuda parity: gemm, all transposes, alpha and beta", T, float, double) {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  struct Case {
+    std::int64_t M, N, K;
+  };
+  const Case cases[] = {{1, 1, 1}, {7, 33, 5}, {33, 7, 257}, {64, 257, 33}, {5, 3, 0}, {0, 4, 3}};
+  const std::pair<T, T> scalars[] = {{T(1), T(0)}, {T(0.75), T(-0.5)}, {T(0), T(0)},
+                                     {T(0), T(2)}};
+  for (const Case& c : cases) {
+    for (int t = 0; t < 4; ++t) {
+      const bool ta = (t & 1) != 0, tb = (t & 2) != 0;
+      const Tensor<T> A = random_tensor<T>(ta ? Shape{c.K, c.M} : Shape{c.M, c.K});
+      const Tensor<T> B = random_tensor<T>(tb ? Shape{c.N, c.K} : Shape{c.K, c.N});
+      const Tensor<T, Cuda> gA = to_device<T>(A), gB = to_device<T>(B);
+      for (const auto& [alpha, beta] : scalars) {
+        CAPTURE(c.M);
+        CAPTURE(c.N);
+        CAPTURE(c.K);
+        CAPTURE(ta);
+        CAPTURE(tb);
+        CAPTURE(alpha);
+        CAPTURE(beta);
+        // beta == 0 must overwrite C without reading it: start from NaN.
+        Tensor<T> C = beta == T(0) ? nan_tensor<T>({c.M, c.N}) : random_tensor<T>({c.M, c.N});
+        Guarded<T> gC(C);
+        ops::gemm(A, trans(ta), B, trans(tb), C, alpha, beta);
+        ops::gemm(gA, trans(ta), gB, trans(tb), gC.view(), alpha, beta);
+        check_parity<T>("gemm", C, gC, tolerance<T>(c.K));
+      }
+    }
+  }
+}
+
+TEST_CASE_TEMPLATE("cuda parity: gemm with leading dimensions wider than the matrices", T, float,
+                   double) {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  const std::int64_t M = 9, N = 13, K = 33, pad = 3;
+  for (int t = 0; t < 4; ++t) {
+    const bool ta = (t & 1) != 0, tb = (t & 2) != 0;
+    CAPTURE(ta);
+    CAPTURE(tb);
+    const std::int64_t a_rows = ta ? K : M, a_cols = ta ? M : K;
+    const std::int64_t b_rows = tb ? N : K, b_cols = tb ? K : N;
+    const std::int64_t lda = a_cols + pad, ldb = b_cols + pad + 1, ldc = N + pad + 2;
+    const Tensor<T> A = random_tensor<T>({a_rows, lda});
+    const Tensor<T> B = random_tensor<T>({b_rows, ldb});
+    const Tensor<T, Cuda> gA = to_device<T>(A), gB = to_device<T>(B);
+    for (T beta : {T(0), T(1.5)}) {
+      CAPTURE(beta);
+      // The padding columns of C must come back untouched: compare the whole buffer.
+      Tensor<T> C = random_tensor<T>({M, ldc});
+      Guarded<T> gC(C);
+      Backend<Cpu>::gemm(ta, tb, M, N, K, T(0.5), A.data(), lda, B.data(), ldb, beta, C.data(),
+                         ldc);
+      Backend<Cuda>::gemm(ta, tb, M, N, K, T(0.5), gA.data(), lda, gB.data(), ldb, beta,
+                          gC.view().data(), ldc);
+      check_parity<T>("gemm with padded leading dimensions", C, gC, tolerance<T>(K));
+    }
+  }
+}
+
+TEST_CASE_TEMPLATE("cuda parity: batched gemm, rank-3 and strided layouts", T, float, double) {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  const std::int64_t batch = 3, M = 7, N = 33, K = 17;
+  for (int t = 0; t < 4; ++t) {
+    const bool ta = (t & 1) != 0, tb = (t & 2) != 0;
+    CAPTURE(ta);
+    CAPTURE(tb);
+    const Tensor<T> A = random_tensor<T>(ta ? Shape{batch, K, M} : Shape{batch, M, K});
+    const Tensor<T> B = random_tensor<T>(tb ? Shape{batch, N, K} : Shape{batch, K, N});
+    const Tensor<T, Cuda> gA = to_device<T>(A), gB = to_device<T>(B);
+    for (T beta : {T(0), T(-1)}) {
+      Tensor<T> C = beta == T(0) ? nan_tensor<T>({batch, M, N}) : random_tensor<T>({batch, M, N});
+      Guarded<T> gC(C);
+      ops::gemm_batched(A, trans(ta), B, trans(tb), C, T(1.25), beta);
+      ops::gemm_batched(gA, trans(ta), gB, trans(tb), gC.view(), T(1.25), beta);
+      check_parity<T>("gemm_batched", C, gC, tolerance<T>(K));
+    }
+  }
+
+  // Attention scores read in place from a [tokens, 3·D] qkv buffer: one head per batch entry,
+  // rows 3·D apart, heads `head_dim` apart (ld != cols, stride < rows · ld).
+  const std::int64_t tokens = 17, heads = 3, head_dim = 8, D = heads * head_dim;
+  const Tensor<T> qkv = random_tensor<T>({tokens, 3 * D});
+  const Tensor<T, Cuda> g_qkv = to_device<T>(qkv);
+  Tensor<T> scores = nan_tensor<T>({heads, tokens, tokens});
+  Guarded<T> g_scores(scores);
+  auto run = [&](const auto& src, const auto& dst) {
+    const auto q = ops::strided_batch(src, 0, tokens, head_dim, 3 * D, head_dim, heads);
+    const auto k = ops::strided_batch(src, D, tokens, head_dim, 3 * D, head_dim, heads);
+    const auto s = ops::strided_batch(dst, 0, tokens, tokens, tokens, tokens * tokens, heads);
+    ops::gemm_batched(q, Trans::N, k, Trans::T, s, T(0.35));
+  };
+  run(TensorView<T>(qkv), TensorView<T>(scores));
+  run(TensorView<T, Cuda>(g_qkv), g_scores.view());
+  check_parity<T>("gemm_batched on a strided qkv layout", scores, g_scores,
+                  tolerance<T>(head_dim));
+}
+
+// ---- elementwise ---------------------------------------------------------------------------------
+
+TEST_CASE_TEMPLATE("cuda parity: fill, axpby, scale, add, mul", T, float, double) {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  // 3'000'017 elements exceed one pass of the grid-stride loop.
+  for (std::int64_t n : {1, 7, 33, 257, 100003, 3000017}) {
+    CAPTURE(n);
+    const Tensor<T> x = random_tensor<T>({n}), y0 = random_tensor<T>({n});
+    const Tensor<T, Cuda> gx = to_device<T>(x);
+
+    Tensor<T> f = nan_tensor<T>({n});
+    Guarded<T> gf(f);
+    ops::fill(f, T(0.25));
+    ops::fill(gf.view(), T(0.25));
+    check_parity<T>("fill", f, gf, tolerance<T>());
+
+    Tensor<T> y = nan_tensor<T>({n});  // beta == 0 does not read y
+    Guarded<T> gy(y);
+    ops::axpby(T(-1.5), x, T(0), y);
+    ops::axpby(T(-1.5), gx, T(0), gy.view());
+    check_parity<T>("axpby, beta = 0", y, gy, tolerance<T>());
+
+    Tensor<T> y2 = y0.clone();
+    Guarded<T> gy2(y0);
+    ops::axpby(T(0.5), x, T(-2), y2);
+    ops::axpby(T(0.5), gx, T(-2), gy2.view());
+    check_parity<T>("axpby", y2, gy2, tolerance<T>());
+
+    ops::axpy(T(3), x, y2);
+    ops::axpy(T(3), gx, gy2.view());
+    check_parity<T>("axpy", y2, gy2, tolerance<T>());
+
+    ops::scale(y2, T(-0.75));
+    ops::scale(gy2.view(), T(-0.75));
+    check_parity<T>("scale", y2, gy2, tolerance<T>());
+
+    Tensor<T> s = nan_tensor<T>({n});
+    Guarded<T> gs(s);
+    ops::add(x, y0, s);
+    const Tensor<T, Cuda> gy0 = to_device<T>(y0);
+    ops::add(gx, gy0, gs.view());
+    check_parity<T>("add", s, gs, tolerance<T>());
+
+    Tensor<T> p = y0.clone();  // in place: y aliases b
+    Guarded<T> gp(y0);
+    ops::mul(x, p, p);
+    ops::mul(gx, gp.view(), gp.view());
+    check_parity<T>("mul in place", p, gp, tolerance<T>());
+  }
+}
+
+TEST_CASE_TEMPLATE("cuda parity: add_bias", T, float, double) {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  for (std::int64_t M : {1, 5, 64}) {
+    for (std::int64_t N : {1, 7, 33, 257}) {
+      CAPTURE(M);
+      CAPTURE(N);
+      Tensor<T> x = random_tensor<T>({M, N});
+      const Tensor<T> bias = random_tensor<T>({N});
+      Guarded<T> gx(x);
+      const Tensor<T, Cuda> gbias = to_device<T>(bias);
+      ops::add_bias(x, bias);
+      ops::add_bias(gx.view(), gbias);
+      check_parity<T>("add_bias", x, gx, tolerance<T>());
+    }
+  }
+}
+
+TEST_CASE_TEMPLATE("cuda parity: gelu and relu, forward and backward", T, float, double) {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  for (std::int64_t n : {1, 7, 33, 257, 100003}) {
+    CAPTURE(n);
+    Tensor<T> x = random_tensor<T>({n}, -5.0, 5.0);
+    for (std::int64_t i = 0; i < n; i += 5) x.data()[i] = T(0);  // relu's subgradient at 0
+    const Tensor<T> dy = random_tensor<T>({n});
+    const Tensor<T, Cuda> gx = to_device<T>(x), gdy = to_device<T>(dy);
+
+    Tensor<T> y = nan_tensor<T>({n});
+    Guarded<T> gy(y);
+    ops::gelu(x, y);
+    ops::gelu(gx, gy.view());
+    check_parity<T>("gelu", y, gy, tolerance<T>());
+
+    Tensor<T> dx = dy.clone();  // dx aliases dy
+    Guarded<T> gdx(dy);
+    ops::gelu_backward(x, dx, dx);
+    ops::gelu_backward(gx, gdx.view(), gdx.view());
+    check_parity<T>("gelu_backward in place", dx, gdx, tolerance<T>());
+
+    Tensor<T> r = nan_tensor<T>({n});
+    Guarded<T> gr(r);
+    ops::relu(x, r);
+    ops::relu(gx, gr.view());
+    check_parity<T>("relu", r, gr, tolerance<T>());
+
+    Tensor<T> dr = nan_tensor<T>({n});
+    Guarded<T> gdr(dr);
+    ops::relu_backward(x, dy, dr);
+    ops::relu_backward(gx, gdy, gdr.view());
+    check_parity<T>("relu_backward", dr, gdr, tolerance<T>());
+  }
+}
+
+// ---- row ops -------------------------------------------------------------------------------------
+
+TEST_CASE_TEMPLATE("cuda parity: softmax and log_softmax, forward and backward", T, float,
+                   double) {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  for (std::int64_t M : {1, 5, 64}) {
+    for (std::int64_t N : {1, 7, 33, 257, 1500}) {
+      CAPTURE(M);
+      CAPTURE(N);
+      const Tensor<T> x = random_tensor<T>({M, N}, -6.0, 6.0);
+      const Tensor<T> dy = random_tensor<T>({M, N});
+      const Tensor<T, Cuda> gx = to_device<T>(x), gdy = to_device<T>(dy);
+
+      Tensor<T> y = nan_tensor<T>({M, N});
+      Guarded<T> gy(y);
+      ops::softmax(x, y);
+      ops::softmax(gx, gy.view());
+      check_parity<T>("softmax", y, gy, tolerance<T>(N));
+
+      Guarded<T> g_inplace(x);  // y aliases x
+      ops::softmax(g_inplace.view(), g_inplace.view());
+      check_parity<T>("softmax in place", y, g_inplace, tolerance<T>(N));
+
+      Tensor<T> ly = nan_tensor<T>({M, N});
+      Guarded<T> gly(ly);
+      ops::log_softmax(x, ly);
+      ops::log_softmax(gx, gly.view());
+      check_parity<T>("log_softmax", ly, gly, tolerance<T>(N));
+
+      // Backward from the same (CPU) forward output on both sides; dx aliases dy.
+      const Tensor<T, Cuda> g_y = to_device<T>(y), g_ly = to_device<T>(ly);
+      Tensor<T> dx = dy.clone();
+      Guarded<T> gdx(dy);
+      ops::softmax_backward(y, dx, dx);
+      ops::softmax_backward(g_y, gdx.view(), gdx.view());
+      check_parity<T>("softmax_backward in place", dx, gdx, tolerance<T>(N));
+
+      Tensor<T> ldx = nan_tensor<T>({M, N});
+      Guarded<T> gldx(ldx);
+      ops::log_softmax_backward(ly, dy, ldx);
+      ops::log_softmax_backward(g_ly, gdy, gldx.view());
+      check_parity<T>("log_softmax_backward", ldx, gldx, tolerance<T>(N));
+    }
+  }
+}
+
+TEST_CASE_TEMPLATE("cuda parity: layer_norm forward and backward", T, float, double) {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  const double eps = 1e-5;
+  for (std::int64_t M : {1, 7, 64}) {
+    for (std::int64_t N : {1, 7, 33, 257, 1500}) {
+      for (bool affine : {true, false}) {
+        CAPTURE(M);
+        CAPTURE(N);
+        CAPTURE(affine);
+        const Tensor<T> x = random_tensor<T>({M, N}, -3.0, 5.0);
+        const Tensor<T> gamma = affine ? random_tensor<T>({N}, 0.5, 1.5) : Tensor<T>();
+        const Tensor<T> beta = affine ? random_tensor<T>({N}) : Tensor<T>();
+        const Tensor<T, Cuda> gx = to_device<T>(x);
+        const Tensor<T, Cuda> g_gamma = affine ? to_device<T>(gamma) : Tensor<T, Cuda>();
+        const Tensor<T, Cuda> g_beta = affine ? to_device<T>(beta) : Tensor<T, Cuda>();
+
+        Tensor<T> y = nan_tensor<T>({M, N}), mean = nan_tensor<T>({M}), rstd = nan_tensor<T>({M});
+        Guarded<T> gy(y), gmean(mean), grstd(rstd);
+        ops::layer_norm(x, gamma, beta, eps, y, mean, rstd);
+        ops::layer_norm(gx, g_gamma, g_beta, eps, gy.view(), gmean.view(), grstd.view());
+        check_parity<T>("layer_norm y", y, gy, tolerance<T>(N));
+        check_parity<T>("layer_norm mean", mean, gmean, tolerance<T>(N));
+        check_parity<T>("layer_norm rstd", rstd, grstd, tolerance<T>(N));
+
+        // Backward from the CPU's saved statistics; dgamma and dbeta accumulate into what they
+        // hold, and either may be absent. dx aliases dy.
+        const Tensor<T> dy = random_tensor<T>({M, N});
+        const Tensor<T, Cuda> g_mean = to_device<T>(mean), g_rstd = to_device<T>(rstd);
+        for (int grads = 0; grads < 3; ++grads) {
+          CAPTURE(grads);
+          const bool with_dgamma = grads != 2, with_dbeta = grads == 0;
+          Tensor<T> dgamma = with_dgamma ? random_tensor<T>({N}) : Tensor<T>();
+          Tensor<T> dbeta = with_dbeta ? random_tensor<T>({N}) : Tensor<T>();
+          Guarded<T> g_dgamma(dgamma), g_dbeta(dbeta);
+          const TensorView<T, Cuda> none;
+          Tensor<T> dx = dy.clone();
+          Guarded<T> gdx(dy);
+          ops::layer_norm_backward(x, gamma, mean, rstd, dx, dx, dgamma, dbeta);
+          ops::layer_norm_backward(gx, g_gamma, g_mean, g_rstd, gdx.view(), gdx.view(),
+                                   with_dgamma ? g_dgamma.view() : none,
+                                   with_dbeta ? g_dbeta.view() : none);
+          check_parity<T>("layer_norm_backward dx in place", dx, gdx, tolerance<T>(N));
+          check_parity<T>("layer_norm_backward dgamma (accumulated)", dgamma, g_dgamma,
+                          tolerance<T>(M));
+          check_parity<T>("layer_norm_backward dbeta (accumulated)", dbeta, g_dbeta,
+                          tolerance<T>(M));
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE_TEMPLATE("cuda parity: l2_normalize forward and backward, clamped rows included", T,
+                   float, double) {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  const double eps = 1e-5;
+  for (std::int64_t M : {3, 64}) {
+    for (std::int64_t N : {1, 7, 33, 257, 1500}) {
+      CAPTURE(M);
+      CAPTURE(N);
+      Tensor<T> x = random_tensor<T>({M, N});
+      for (std::int64_t j = 0; j < N; ++j) {
+        x(0, j) = T(0);      // norm 0: clamped to eps
+        x(1, j) *= T(1e-7);  // below eps: clamped
+      }
+      const Tensor<T, Cuda> gx = to_device<T>(x);
+      Tensor<T> y = nan_tensor<T>({M, N}), norm = nan_tensor<T>({M});
+      Guarded<T> gy(y), gnorm(norm);
+      ops::l2_normalize(x, eps, y, norm);
+      ops::l2_normalize(gx, eps, gy.view(), gnorm.view());
+      check_parity<T>("l2_normalize y", y, gy, tolerance<T>(N));
+      check_parity<T>("l2_normalize norm", norm, gnorm, tolerance<T>(N));
+
+      Guarded<T> g_inplace(x);  // y aliases x
+      Tensor<T> norm2 = nan_tensor<T>({M});
+      Guarded<T> gnorm2(norm2);
+      ops::l2_normalize(g_inplace.view(), eps, g_inplace.view(), gnorm2.view());
+      check_parity<T>("l2_normalize in place", y, g_inplace, tolerance<T>(N));
+
+      const Tensor<T> dy = random_tensor<T>({M, N});
+      const Tensor<T, Cuda> g_y = to_device<T>(y), g_norm = to_device<T>(norm);
+      Tensor<T> dx = dy.clone();
+      Guarded<T> gdx(dy);  // dx aliases dy
+      ops::l2_normalize_backward(y, norm, eps, dx, dx);
+      ops::l2_normalize_backward(g_y, g_norm, eps, gdx.view(), gdx.view());
+      check_parity<T>("l2_normalize_backward in place", dx, gdx, tolerance<T>(N));
+    }
+  }
+}
+
+// ---- reductions ----------------------------------------------------------------------------------
+
+TEST_CASE_TEMPLATE("cuda parity: sum and mean over every axis", T, float, double) {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  const Shape shapes[] = {{1, 1, 1}, {2, 7, 33}, {3, 257, 1}, {5, 33, 257}, {1, 1000, 7},
+                          {70000, 2, 1}};
+  for (const Shape& s : shapes) {
+    const Tensor<T> x = random_tensor<T>(s);
+    const Tensor<T, Cuda> gx = to_device<T>(x);
+    for (int axis = 0; axis < 3; ++axis) {
+      CAPTURE(s);
+      CAPTURE(axis);
+      Shape out;
+      switch (axis) {
+        case 0: out = Shape{s[1], s[2]}; break;
+        case 1: out = Shape{s[0], s[2]}; break;
+        default: out = Shape{s[0], s[1]}; break;
+      }
+      const double tol = tolerance<T>(s[axis]);
+      Tensor<T> y = nan_tensor<T>(out);  // beta == 0 does not read y
+      Guarded<T> gy(y);
+      ops::sum(x, axis, y);
+      ops::sum(gx, axis, gy.view());
+      check_parity<T>("sum, beta = 0", y, gy, tol);
+
+      const Tensor<T> y0 = random_tensor<T>(out);
+      Tensor<T> y2 = y0.clone();
+      Guarded<T> gy2(y0);
+      ops::sum(x, axis, y2, T(0.5), T(-1.25));
+      ops::sum(gx, axis, gy2.view(), T(0.5), T(-1.25));
+      check_parity<T>("sum with alpha and beta", y2, gy2, tol);
+
+      Tensor<T> m = nan_tensor<T>(out);
+      Guarded<T> gm(m);
+      ops::mean(x, axis, m);
+      ops::mean(gx, axis, gm.view());
+      check_parity<T>("mean", m, gm, tol);
+    }
+  }
+}
+
+TEST_CASE_TEMPLATE("cuda parity: sum_squares in double, deterministic", T, float, double) {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  for (std::int64_t n : {0, 1, 7, 257, 1000003}) {
+    CAPTURE(n);
+    const Tensor<T> x = random_tensor<T>({n});
+    const Tensor<T, Cuda> gx = to_device<T>(x);
+    const double expected = ops::sum_squares(x);
+    const double got = ops::sum_squares(gx);
+    const double err = expected > 0 ? std::abs(expected - got) / expected : std::abs(got);
+    CHECK(err <= 1e-12);
+    CHECK(ops::sum_squares(gx) == got);  // same bits on every call
+  }
+}
+
+// ---- gather / scatter ----------------------------------------------------------------------------
+
+TEST_CASE_TEMPLATE("cuda parity: gather_rows and scatter_add_rows", T, float, double) {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  const std::int64_t R = 17, M = 40;
+  Tensor<Index> idx({M});
+  for (std::int64_t i = 0; i < M; ++i) idx(i) = static_cast<Index>((i * 7 + 3) % R);  // repeats
+  const Tensor<Index, Cuda> g_idx = idx.to<Cuda>();
+  for (std::int64_t C : {1, 7, 33, 257}) {
+    CAPTURE(C);
+    const Tensor<T> src = random_tensor<T>({R, C});
+    const Tensor<T, Cuda> g_src = to_device<T>(src);
+    Tensor<T> dst = nan_tensor<T>({M, C});
+    Guarded<T> g_dst(dst);
+    ops::gather_rows(src, idx, dst);
+    ops::gather_rows(g_src, g_idx, g_dst.view());
+    check_parity<T>("gather_rows", dst, g_dst, 0.0);  // a copy: exact
+
+    const Tensor<T> rows = random_tensor<T>({M, C});
+    const Tensor<T, Cuda> g_rows = to_device<T>(rows);
+    Tensor<T> acc = random_tensor<T>({R, C});
+    Guarded<T> g_acc(acc);
+    ops::scatter_add_rows(rows, idx, acc);
+    ops::scatter_add_rows(g_rows, g_idx, g_acc.view());
+    check_parity<T>("scatter_add_rows", acc, g_acc, tolerance<T>(M));
+  }
+}
+
+TEST_CASE("cuda: out-of-range indices are skipped on the device, never followed") {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  const std::int64_t R = 4, C = 5;
+  Tensor<Index> idx({3});
+  idx(0) = 2;
+  idx(1) = -1;
+  idx(2) = static_cast<Index>(R);
+  const Tensor<Index, Cuda> g_idx = idx.to<Cuda>();
+  const Tensor<float> src = random_tensor<float>({R, C});
+  const Tensor<float, Cuda> g_src = to_device<float>(src);
+
+  Guarded<float> g_dst(nan_tensor<float>({3, C}));
+  ops::gather_rows(g_src, g_idx, g_dst.view());
+  const Tensor<float> dst = g_dst.result();
+  for (std::int64_t c = 0; c < C; ++c) {
+    CHECK(dst(0, c) == src(2, c));
+    CHECK(dst(1, c) == 0.0f);
+    CHECK(dst(2, c) == 0.0f);
+  }
+  CHECK(g_dst.guards_intact());
+
+  const Tensor<float> rows = full<float>({3, C}, 1.0f);
+  Guarded<float> g_acc(full<float>({R, C}, 0.0f));
+  ops::scatter_add_rows(to_device<float>(rows), g_idx, g_acc.view());
+  const Tensor<float> acc = g_acc.result();
+  for (std::int64_t r = 0; r < R; ++r)
+    for (std::int64_t c = 0; c < C; ++c) CHECK(acc(r, c) == (r == 2 ? 1.0f : 0.0f));
+  CHECK(g_acc.guards_intact());
+  CHECK_NOTHROW(cuda::synchronize());
+}
+
+// ---- layout ------------------------------------------------------------------------------------
+
+TEST_CASE_TEMPLATE("cuda parity: copy_strided, with broadcast sources and accumulation", T, float,
+                   double) {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  const std::int64_t N = 3, K = 7, D = 33, S = 1 + K;
+  const Tensor<T> cls = random_tensor<T>({D}), tok = random_tensor<T>({N, K, D});
+  const Tensor<T, Cuda> g_cls = to_device<T>(cls), g_tok = to_device<T>(tok);
+  // seq [N, 1 + K, D]: cls in row 0 of every sample (one row broadcast to N matrices), tokens
+  // after it; then cls broadcast to all K token rows (ld 0) and added.
+  auto assemble = [&](const auto& c, const auto& t, const auto& seq, bool accumulate) {
+    ops::copy_strided(ops::strided_batch(c, 0, 1, D, 0, 0, N),
+                      ops::strided_batch(seq, 0, 1, D, D, S * D, N), accumulate);
+    ops::copy_strided(ops::strided_batch(t, 0, K, D, D, K * D, N),
+                      ops::strided_batch(seq, D, K, D, D, S * D, N), accumulate);
+    ops::copy_strided(ops::strided_batch(c, 0, K, D, 0, 0, N),
+                      ops::strided_batch(seq, D, K, D, D, S * D, N), true);
+  };
+  for (bool accumulate : {false, true}) {
+    CAPTURE(accumulate);
+    Tensor<T> seq = random_tensor<T>({N, S, D});
+    Guarded<T> g_seq(seq);
+    assemble(TensorView<T>(cls), TensorView<T>(tok), TensorView<T>(seq), accumulate);
+    assemble(TensorView<T, Cuda>(g_cls), TensorView<T, Cuda>(g_tok), g_seq.view(), accumulate);
+    check_parity<T>("copy_strided", seq, g_seq, tolerance<T>());
+  }
+}
+
+TEST_CASE_TEMPLATE("cuda parity: patchify and unpatchify", T, float, double) {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  const std::int64_t N = 2, C = 3, H = 8, W = 12, p = 4, L = (H / p) * (W / p);
+  const Tensor<T> images = random_tensor<T>({N, C, H, W});
+  Tensor<T> patches = nan_tensor<T>({N, L, C * p * p});
+  Guarded<T> g_patches(patches);
+  ops::patchify(images, p, patches);
+  ops::patchify(TensorView<T, Cuda>(to_device<T>(images)), p, g_patches.view());
+  check_parity<T>("patchify", patches, g_patches, 0.0);  // a permutation: exact
+
+  const Tensor<T> src = random_tensor<T>({N, L, C * p * p});
+  Tensor<T> back = nan_tensor<T>({N, C, H, W});
+  Guarded<T> g_back(back);
+  ops::unpatchify(src, p, back);
+  ops::unpatchify(TensorView<T, Cuda>(to_device<T>(src)), p, g_back.view());
+  check_parity<T>("unpatchify", back, g_back, 0.0);
+}
+
+// ---- statistics ----------------------------------------------------------------------------------
+
+TEST_CASE_TEMPLATE("cuda parity: row_max", T, float, double) {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  for (std::int64_t M : {1, 5, 64}) {
+    for (std::int64_t N : {1, 7, 33, 257, 1500}) {
+      CAPTURE(M);
+      CAPTURE(N);
+      const Tensor<T> x = random_tensor<T>({M, N}, -3.0, 3.0);
+      Tensor<T> y = nan_tensor<T>({M});
+      Guarded<T> gy(y);
+      ops::row_max(x, y);
+      ops::row_max(TensorView<T, Cuda>(to_device<T>(x)), gy.view());
+      check_parity<T>("row_max", y, gy, 0.0);  // a maximum is exact
+    }
+  }
+}
+
+TEST_CASE_TEMPLATE("cuda parity: batch_norm forward and backward", T, float, double) {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  const double eps = 1e-5;
+  for (std::int64_t M : {2, 7, 64, 300}) {
+    for (std::int64_t N : {1, 7, 33, 257}) {
+      for (bool affine : {true, false}) {
+        CAPTURE(M);
+        CAPTURE(N);
+        CAPTURE(affine);
+        const Tensor<T> x = random_tensor<T>({M, N}, -2.0, 4.0);
+        const Tensor<T> gamma = affine ? random_tensor<T>({N}, 0.5, 1.5) : Tensor<T>();
+        const Tensor<T> beta = affine ? random_tensor<T>({N}) : Tensor<T>();
+        const Tensor<T, Cuda> gx = to_device<T>(x);
+        const Tensor<T, Cuda> g_gamma = affine ? to_device<T>(gamma) : Tensor<T, Cuda>();
+        const Tensor<T, Cuda> g_beta = affine ? to_device<T>(beta) : Tensor<T, Cuda>();
+
+        Tensor<T> y = nan_tensor<T>({M, N}), mean = nan_tensor<T>({N}), var = nan_tensor<T>({N});
+        Guarded<T> gy(y), gmean(mean), gvar(var);
+        ops::batch_norm(x, gamma, beta, eps, y, mean, var);
+        ops::batch_norm(gx, g_gamma, g_beta, eps, gy.view(), gmean.view(), gvar.view());
+        check_parity<T>("batch_norm y", y, gy, tolerance<T>(M));
+        check_parity<T>("batch_norm mean", mean, gmean, tolerance<T>(M));
+        check_parity<T>("batch_norm var", var, gvar, tolerance<T>(M));
+
+        // Backward from the CPU's statistics; dgamma and dbeta accumulate, dx aliases dy.
+        const Tensor<T> dy = random_tensor<T>({M, N});
+        const Tensor<T, Cuda> g_mean = to_device<T>(mean), g_var = to_device<T>(var);
+        Tensor<T> dgamma = random_tensor<T>({N}), dbeta = random_tensor<T>({N});
+        Guarded<T> g_dgamma(dgamma), g_dbeta(dbeta);
+        Tensor<T> dx = dy.clone();
+        Guarded<T> gdx(dy);
+        ops::batch_norm_backward(x, gamma, mean, var, eps, dx, dx, dgamma, dbeta);
+        ops::batch_norm_backward(gx, g_gamma, g_mean, g_var, eps, gdx.view(), gdx.view(),
+                                 g_dgamma.view(), g_dbeta.view());
+        check_parity<T>("batch_norm_backward dx in place", dx, gdx, tolerance<T>(M));
+        check_parity<T>("batch_norm_backward dgamma (accumulated)", dgamma, g_dgamma,
+                        tolerance<T>(M));
+        check_parity<T>("batch_norm_backward dbeta (accumulated)", dbeta, g_dbeta,
+                        tolerance<T>(M));
+      }
+    }
+  }
+}
+
+TEST_CASE_TEMPLATE("cuda parity: xlogy_sum in double, zeros of x masked", T, float, double) {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  for (std::int64_t n : {0, 1, 7, 257, 1000003}) {
+    CAPTURE(n);
+    Tensor<T> x = random_tensor<T>({n}, 0.0, 1.0);
+    Tensor<T> y = random_tensor<T>({n}, 0.01, 1.0);
+    for (std::int64_t i = 0; i < n; i += 3) {
+      x(i) = T(0);
+      y(i) = T(0);  // 0 · log 0 counts as 0
+    }
+    const Tensor<T, Cuda> gx = to_device<T>(x), gy = to_device<T>(y);
+    const double expected = ops::xlogy_sum(x, y);
+    const double got = ops::xlogy_sum(gx, gy);
+    const double err = expected != 0 ? std::abs(expected - got) / std::abs(expected) : std::abs(got);
+    CHECK(err <= 1e-12);
+  }
+}
+
+// ---- optimiser -----------------------------------------------------------------------------------
+
+TEST_CASE_TEMPLATE("cuda parity: adamw over several steps", T, float, double) {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  for (std::int64_t n : {1, 7, 1000}) {
+    CAPTURE(n);
+    Tensor<T> p = random_tensor<T>({n}), m({n}), v({n});
+    Guarded<T> gp(p), gm(m), gv(v);
+    ops::AdamWStep s{.lr = 1e-2, .beta1 = 0.9, .beta2 = 0.999, .eps = 1e-8, .weight_decay = 0.05};
+    for (std::int64_t step = 1; step <= 3; ++step) {
+      s.step = step;
+      const Tensor<T> g = random_tensor<T>({n});
+      const Tensor<T, Cuda> gg = to_device<T>(g);
+      ops::adamw(p, g, m, v, s);
+      ops::adamw(gp.view(), gg, gm.view(), gv.view(), s);
+    }
+    check_parity<T>("adamw p", p, gp, tolerance<T>());
+    check_parity<T>("adamw m", m, gm, tolerance<T>());
+    check_parity<T>("adamw v", v, gv, tolerance<T>());
+  }
+}
+
+// ---- the same layer code on both devices ---------------------------------------------------------
+
+namespace {
+
+// A pre-norm MLP block with a softmax head, written once against ops/ for any device:
+// y = softmax(gelu(layer_norm(x) · W1ᵀ + b1) · W2ᵀ).
+template <class T, class D>
+void tiny_block(const TensorView<T, D>& x, const TensorView<T, D>& w1, const TensorView<T, D>& b1,
+                const TensorView<T, D>& w2, const TensorView<T, D>& h, const TensorView<T, D>& z,
+                const TensorView<T, D>& mean, const TensorView<T, D>& rstd,
+                const TensorView<T, D>& y) {
+  ops::layer_norm(x, TensorView<T, D>(), TensorView<T, D>(), 1e-5, h, mean, rstd);
+  ops::gemm(h, Trans::N, w1, Trans::T, z);
+  ops::add_bias(z, b1);
+  ops::gelu(z, z);
+  ops::gemm(z, Trans::N, w2, Trans::T, y);
+  ops::softmax(y, y);
+}
+
+}  // namespace
+
+TEST_CASE_TEMPLATE("cuda parity: a block written once against ops/ runs on both devices", T,
+                   float, double) {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  const std::int64_t tokens = 65, dim = 48, hidden = 96, classes = 10;
+  const Tensor<T> x = random_tensor<T>({tokens, dim}, -2.0, 2.0);
+  const Tensor<T> w1 = random_tensor<T>({hidden, dim}, -0.2, 0.2);
+  const Tensor<T> b1 = random_tensor<T>({hidden}, -0.1, 0.1);
+  const Tensor<T> w2 = random_tensor<T>({classes, hidden}, -0.2, 0.2);
+
+  Tensor<T> h({tokens, dim}), z({tokens, hidden}), mean({tokens}), rstd({tokens}),
+      y({tokens, classes});
+  tiny_block<T, Cpu>(x, w1, b1, w2, h, z, mean, rstd, y);
+
+  const Tensor<T, Cuda> gx = to_device<T>(x), gw1 = to_device<T>(w1), gb1 = to_device<T>(b1), gw2 = to_device<T>(w2);
+  Tensor<T, Cuda> gh({tokens, dim}), gz({tokens, hidden}), gmean({tokens}), grstd({tokens}),
+      gy({tokens, classes});
+  tiny_block<T, Cuda>(gx, gw1, gb1, gw2, gh, gz, gmean, grstd, gy);
+  const Tensor<T> got = to_host(TensorView<T, Cuda>(gy));
+  // Five ops in a row: allow the rounding differences of each to add up.
+  const double err = relative_error(TensorView<T>(y), TensorView<T>(got));
+  INFO("relative error ", err);
+  CHECK(err <= 5 * tolerance<T>(hidden));
+}
