@@ -45,7 +45,7 @@ Tensor<T> uniform(Shape s, std::uint64_t stream, double lo = -1.0, double hi = 1
   return t;
 }
 
-/// Integers in [lo, hi]: products and sums of these stay exact in float.
+/// Integers in [lo, hi]: with small bounds, products and sums of them stay exact in float.
 template <class T>
 Tensor<T> integers(Shape s, std::uint64_t stream, int lo, int hi) {
   Tensor<T> t(s);
@@ -54,6 +54,15 @@ Tensor<T> integers(Shape s, std::uint64_t stream, int lo, int hi) {
     t.data()[i] = static_cast<T>(
         lo + static_cast<int>(r.below(static_cast<std::uint64_t>(hi - lo + 1), stream,
                                       static_cast<std::uint64_t>(i))));
+  return t;
+}
+
+/// Integers in [-m, -1] ∪ [1, m]: exact in float like integers(), and a 1×1 product of them
+/// cannot be zero.
+template <class T>
+Tensor<T> nonzero_integers(Shape s, std::uint64_t stream, int m) {
+  Tensor<T> t = integers<T>(s, stream, -m, m - 1);
+  for (T& v : t) v = v >= 0 ? v + 1 : v;
   return t;
 }
 
@@ -102,8 +111,8 @@ template <class T>
 void check_close_scaled(const std::string& what, const TensorView<T>& actual, const Vec& expected,
                         double rel, const Vec& scale) {
   REQUIRE_MESSAGE(actual.numel() == static_cast<i64>(expected.size()),
-                  what + ": size differs from the reference");
-  CHECK_MESSAGE(max_abs(expected) > 0, what + ": the reference is all zero");
+                  (what + ": size differs from the reference"));
+  CHECK_MESSAGE(max_abs(expected) > 0, (what + ": the reference is all zero"));
   i64 failures = 0, worst = 0;
   double worst_ratio = -1;
   for (i64 i = 0; i < actual.numel(); ++i) {
@@ -147,7 +156,7 @@ void check_exact(const std::string& what, const TensorView<T>& actual, const Vec
 template <class T>
 void check_bitwise(const std::string& what, const TensorView<T>& a, const TensorView<T>& b) {
   REQUIRE(a.numel() == b.numel());
-  CHECK_MESSAGE(std::memcmp(a.data(), b.data(), a.bytes()) == 0, what + ": results differ bitwise");
+  CHECK_MESSAGE(std::memcmp(a.data(), b.data(), a.bytes()) == 0, (what + ": results differ bitwise"));
 }
 
 /// Runs f, which must throw moca::Error whose message contains every piece (the shapes).
@@ -159,10 +168,10 @@ void check_error_names(const std::string& what, F&& f, std::initializer_list<std
     const std::string msg = e.what();
     for (const std::string& p : pieces)
       CHECK_MESSAGE(msg.find(p) != std::string::npos,
-                    what + ": message \"" + msg + "\" does not name " + p);
+                    (what + ": message \"" + msg + "\" does not name " + p));
     return;
   }
-  FAIL_CHECK(what + ": no moca::Error thrown");
+  FAIL_CHECK((what + ": no moca::Error thrown"));
 }
 
 /// Central differences of loss against the analytic gradient; the gradient must not vanish
@@ -173,7 +182,7 @@ void check_gradient(const std::string& name, const TensorView<double>& x,
                     const testing::GradcheckOptions& opt = {}) {
   const auto report = testing::gradcheck(name, x, analytic, loss, opt);
   CHECK_MESSAGE(report.ok, report.message());
-  CHECK_MESSAGE(report.grad_norm > 0, name + ": the analytic gradient is zero");
+  CHECK_MESSAGE(report.grad_norm > 0, (name + ": the analytic gradient is zero"));
 }
 
 /// Sets the OpenMP thread count for its lifetime.

@@ -1,0 +1,231 @@
+// ops::gemm and ops::gemm_batched against a naive double loop, their gradients, shape errors.
+#include <array>
+#include <string>
+
+#include "reference.hpp"
+
+using namespace moca;
+using namespace moca::test;
+
+namespace {
+
+struct Dims {
+  i64 M, N, K;
+};
+// Odd sizes cross Eigen's packing and register-block boundaries; 257 exceeds a cache block.
+constexpr std::array<Dims, 11> kDims = {{{1, 1, 1},
+                                         {1, 7, 3},
+                                         {3, 1, 7},
+                                         {7, 3, 1},
+                                         {3, 7, 33},
+                                         {33, 65, 7},
+                                         {65, 33, 65},
+                                         {7, 257, 33},
+                                         {257, 3, 65},
+                                         {33, 7, 257},
+                                         {64, 65, 257}}};
+
+constexpr std::array<std::array<bool, 2>, 4> kTrans = {{{false, false}, {false, true}, {true, false}, {true, true}}};
+
+Trans tr(bool t) { return t ? Trans::T : Trans::N; }
+
+/// How op(X) = [rows, cols] is stored.
+Shape stored(bool t, i64 rows, i64 cols) { return t ? Shape{cols, rows} : Shape{rows, cols}; }
+
+std::string label(const char* what, const Dims& d, bool ta, bool tb, double alpha, double beta) {
+  return detail::str(what, " M=", d.M, " N=", d.N, " K=", d.K, " ", ta ? "T" : "N",
+                     tb ? "T" : "N", " alpha=", alpha, " beta=", beta);
+}
+
+/// The reference of ops::gemm on whole tensors.
+template <class T>
+Vec ref_gemm(const Tensor<T>& A, bool ta, const Tensor<T>& B, bool tb, const Tensor<T>& C,
+             const Dims& d, double alpha, double beta) {
+  Vec a = to_vec<T>(A), b = to_vec<T>(B), c = to_vec<T>(C);
+  ref::gemm(ta, tb, d.M, d.N, d.K, alpha, a.data(), ta ? d.M : d.K, b.data(), tb ? d.K : d.N,
+            beta, c.data(), d.N);
+  return c;
+}
+
+}  // namespace
+
+TEST_CASE_TEMPLATE("gemm: integer inputs give the exact product for every transpose pair", T,
+                   float, double) {
+  // |values| <= 4 and K <= 257 keep every partial sum below 2^24: float arithmetic is exact,
+  // whatever order Eigen sums in, so the result must equal the reference bit for bit.
+  const std::array<std::array<double, 2>, 4> scalars = {{{1, 0}, {2, 1}, {0.5, -3}, {-1, 0.5}}};
+  std::uint64_t stream = 1;
+  for (const Dims& d : kDims)
+    for (const auto& [ta, tb] : kTrans)
+      for (const auto& [alpha, beta] : scalars) {
+        auto A = nonzero_integers<T>(stored(ta, d.M, d.K), stream++, 4);
+        auto B = nonzero_integers<T>(stored(tb, d.K, d.N), stream++, 4);
+        auto C = integers<T>({d.M, d.N}, stream++, -4, 4);
+        const Vec expected = ref_gemm(A, ta, B, tb, C, d, alpha, beta);
+        ops::gemm(A, tr(ta), B, tr(tb), C, alpha, beta);
+        check_exact(label("gemm", d, ta, tb, alpha, beta), C, expected);
+      }
+}
+
+TEST_CASE_TEMPLATE("gemm: real inputs match the double reference", T, float, double) {
+  std::uint64_t stream = 1000;
+  for (const Dims& d : kDims)
+    for (const auto& [ta, tb] : kTrans) {
+      auto A = uniform<T>(stored(ta, d.M, d.K), stream++);
+      auto B = uniform<T>(stored(tb, d.K, d.N), stream++);
+      auto C = uniform<T>({d.M, d.N}, stream++);
+      const Vec expected = ref_gemm(A, ta, B, tb, C, d, 0.75, -1.25);
+      ops::gemm(A, tr(ta), B, tr(tb), C, 0.75, -1.25);
+      check_close(label("gemm", d, ta, tb, 0.75, -1.25), C, expected);
+    }
+}
+
+TEST_CASE_TEMPLATE("gemm: beta = 0 overwrites C without reading it", T, float, double) {
+  std::uint64_t stream = 2000;
+  for (const Dims& d : kDims)
+    for (const auto& [ta, tb] : kTrans) {
+      auto A = nonzero_integers<T>(stored(ta, d.M, d.K), stream++, 4);
+      auto B = nonzero_integers<T>(stored(tb, d.K, d.N), stream++, 4);
+      Tensor<T> C({d.M, d.N});
+      // The reference ignores C when beta is 0, so the NaN cannot reach it.
+      fill_nan<T>(C);
+      const Vec expected = ref_gemm(A, ta, B, tb, C, d, 3.0, 0.0);
+      ops::gemm(A, tr(ta), B, tr(tb), C, 3, 0);
+      check_exact(label("gemm into NaN", d, ta, tb, 3, 0), C, expected);
+    }
+}
+
+TEST_CASE_TEMPLATE("gemm: K = 0 scales C by beta", T, float, double) {
+  Tensor<T> A({3, 0}), B({0, 5});
+  auto C = integers<T>({3, 5}, 7, 1, 4);
+  const Vec c0 = to_vec<T>(C);
+  ops::gemm(A, Trans::N, B, Trans::N, C, 1, 2);
+  for (i64 i = 0; i < C.numel(); ++i) CHECK(C.data()[i] == static_cast<T>(2 * c0[i]));
+  fill_nan<T>(C);
+  ops::gemm(A, Trans::N, B, Trans::N, C, 1, 0);
+  for (i64 i = 0; i < C.numel(); ++i) CHECK(C.data()[i] == T(0));
+}
+
+TEST_CASE_TEMPLATE("gemm_batched (rank-3 tensors) computes every matrix of the batch", T, float,
+                   double) {
+  const std::array<i64, 3> batches = {1, 3, 5};
+  std::uint64_t stream = 3000;
+  for (i64 nb : batches)
+    for (const Dims& d : {Dims{1, 1, 1}, Dims{3, 7, 33}, Dims{33, 65, 7}, Dims{65, 3, 257}})
+      for (const auto& [ta, tb] : kTrans) {
+        const Shape as = stored(ta, d.M, d.K), bs = stored(tb, d.K, d.N);
+        auto A = nonzero_integers<T>({nb, as[0], as[1]}, stream++, 4);
+        auto B = nonzero_integers<T>({nb, bs[0], bs[1]}, stream++, 4);
+        auto C = integers<T>({nb, d.M, d.N}, stream++, -4, 4);
+        Vec a = to_vec<T>(A), b = to_vec<T>(B), c = to_vec<T>(C);
+        for (i64 i = 0; i < nb; ++i)
+          ref::gemm(ta, tb, d.M, d.N, d.K, 2.0, a.data() + i * d.M * d.K, ta ? d.M : d.K,
+                    b.data() + i * d.K * d.N, tb ? d.K : d.N, -1.0, c.data() + i * d.M * d.N,
+                    d.N);
+        ops::gemm_batched(A, tr(ta), B, tr(tb), C, 2, -1);
+        check_exact(label("gemm_batched", d, ta, tb, 2, -1) + detail::str(" batch=", nb), C, c);
+      }
+}
+
+TEST_CASE_TEMPLATE("gemm_batched (strided) reads and writes attention heads in place", T, float,
+                   double) {
+  // qkv [tokens, 3·D] holds q, k, v side by side; head h of q is columns [h·dh, (h+1)·dh) with
+  // rows 3·D apart. Integer inputs keep float exact (|partial sums| < 2^24).
+  for (const auto& [tokens, heads, dh] :
+       std::array<std::array<i64, 3>, 4>{{{1, 1, 1}, {7, 3, 5}, {33, 2, 7}, {65, 4, 3}}}) {
+    const i64 D = heads * dh, ld = 3 * D;
+    auto qkv = nonzero_integers<T>({tokens, ld}, 4000 + static_cast<std::uint64_t>(tokens), 3);
+    const Vec x = to_vec<T>(qkv);
+    auto q = ops::strided_batch<T, Cpu>(qkv, 0, tokens, dh, ld, dh, heads);
+    auto k = ops::strided_batch<T, Cpu>(qkv, D, tokens, dh, ld, dh, heads);
+    auto v = ops::strided_batch<T, Cpu>(qkv, 2 * D, tokens, dh, ld, dh, heads);
+
+    // scores[h] = q_h · k_hᵀ into a dense [heads, tokens, tokens] tensor
+    Tensor<T> scores({heads, tokens, tokens});
+    auto s = ops::strided_batch<T, Cpu>(scores, 0, tokens, tokens, tokens, tokens * tokens, heads);
+    ops::gemm_batched(q, Trans::N, k, Trans::T, s);
+    Vec s_ref(static_cast<std::size_t>(heads * tokens * tokens));
+    for (i64 h = 0; h < heads; ++h)
+      ref::gemm(false, true, tokens, tokens, dh, 1.0, x.data() + h * dh, ld, x.data() + D + h * dh,
+                ld, 0.0, s_ref.data() + h * tokens * tokens, tokens);
+    check_exact(detail::str("q·kᵀ tokens=", tokens, " heads=", heads), scores, s_ref);
+
+    // out[:, head h] = scores[h] · v_h, written with row stride D into [tokens, D]
+    Tensor<T> out({tokens, D});
+    fill_nan<T>(out);
+    auto o = ops::strided_batch<T, Cpu>(out, 0, tokens, dh, D, dh, heads);
+    ops::gemm_batched(s, Trans::N, v, Trans::N, o);
+    Vec o_ref(static_cast<std::size_t>(tokens * D));
+    for (i64 h = 0; h < heads; ++h)
+      ref::gemm(false, false, tokens, dh, tokens, 1.0, s_ref.data() + h * tokens * tokens, tokens,
+                x.data() + 2 * D + h * dh, ld, 0.0, o_ref.data() + h * dh, D);
+    check_exact(detail::str("scores·v tokens=", tokens, " heads=", heads), out, o_ref);
+
+    // dk_h += scores_hᵀ · q_h accumulated into the k columns of a [tokens, 3·D] gradient buffer:
+    // the q and v columns must keep their values.
+    auto grad = integers<T>({tokens, ld}, 4100 + static_cast<std::uint64_t>(tokens), -2, 2);
+    Vec g_ref = to_vec<T>(grad);
+    auto dk = ops::strided_batch<T, Cpu>(grad, D, tokens, dh, ld, dh, heads);
+    ops::gemm_batched(s, Trans::T, q, Trans::N, dk, 1, 1);
+    for (i64 h = 0; h < heads; ++h)
+      ref::gemm(true, false, tokens, dh, tokens, 1.0, s_ref.data() + h * tokens * tokens, tokens,
+                x.data() + h * dh, ld, 1.0, g_ref.data() + D + h * dh, ld);
+    check_exact(detail::str("dk tokens=", tokens, " heads=", heads), grad, g_ref);
+  }
+}
+
+TEST_CASE("gemm: gradients of <r, op(A)·op(B)> pass gradcheck") {
+  std::uint64_t stream = 5000;
+  for (const Dims& d : {Dims{1, 1, 1}, Dims{3, 5, 4}, Dims{7, 3, 5}, Dims{2, 7, 1}})
+    for (const auto& [ta, tb] : kTrans) {
+      auto A = uniform<double>(stored(ta, d.M, d.K), stream++);
+      auto B = uniform<double>(stored(tb, d.K, d.N), stream++);
+      auto r = uniform<double>({d.M, d.N}, stream++);
+      Tensor<double> C({d.M, d.N}), dA(A.shape()), dB(B.shape());
+      auto loss = [&] {
+        ops::gemm(A, tr(ta), B, tr(tb), C);
+        return testing::dot<double>(r, C);
+      };
+      // d/dA: r·op(B)ᵀ (stored as [M, K]) or op(B)·rᵀ (stored as [K, M]); likewise for B.
+      if (!ta)
+        ops::gemm(r, Trans::N, B, tr(!tb), dA);
+      else
+        ops::gemm(B, tr(tb), r, Trans::T, dA);
+      if (!tb)
+        ops::gemm(A, tr(!ta), r, Trans::N, dB);
+      else
+        ops::gemm(r, Trans::T, A, tr(ta), dB);
+      const std::string name = label("gemm", d, ta, tb, 1, 0);
+      check_gradient(name + " dA", A, dA, loss);
+      check_gradient(name + " dB", B, dB, loss);
+    }
+}
+
+TEST_CASE("gemm: shape errors name the shapes") {
+  Tensor<float> a({3, 4}), b({5, 6}), c({3, 6}), b2({4, 6}), c2({6, 3});
+  check_error_names("gemm inner", [&] { ops::gemm(a, Trans::N, b, Trans::N, c); },
+                    {"gemm", "[3, 4]", "[5, 6]", "[3, 6]"});
+  check_error_names("gemm output", [&] { ops::gemm(a, Trans::N, b2, Trans::N, c2); },
+                    {"gemm", "[3, 4]", "[4, 6]", "[6, 3]"});
+  check_error_names("gemm transposed", [&] { ops::gemm(a, Trans::T, b2, Trans::N, c); },
+                    {"gemm", "[3, 4]ᵀ", "[4, 6]", "[3, 6]"});
+
+  Tensor<float> A({2, 3, 4}), B({2, 4, 5}), C({2, 3, 5}), B3({3, 4, 5}), M2({3, 4});
+  ops::gemm_batched(A, Trans::N, B, Trans::N, C);  // the consistent case is accepted
+  check_error_names("gemm_batched rank", [&] { ops::gemm_batched(M2, Trans::N, B, Trans::N, C); },
+                    {"gemm_batched", "[3, 4]", "[2, 4, 5]", "[2, 3, 5]"});
+  check_error_names("gemm_batched count", [&] { ops::gemm_batched(A, Trans::N, B3, Trans::N, C); },
+                    {"gemm_batched", "2×[3, 4]", "3×[4, 5]", "2×[3, 5]"});
+  check_error_names("gemm_batched inner", [&] { ops::gemm_batched(A, Trans::T, B, Trans::N, C); },
+                    {"gemm_batched", "2×[3, 4]ᵀ", "2×[4, 5]"});
+
+  Tensor<float> qkv({7, 12});
+  check_error_names("strided_batch range",
+                    [&] { ops::strided_batch<float, Cpu>(qkv, 8, 7, 2, 12, 2, 3); },
+                    {"strided_batch", "[7, 12]"});
+  check_error_names("strided_batch ld",
+                    [&] { ops::strided_batch<float, Cpu>(qkv, 0, 7, 4, 3, 4, 1); },
+                    {"strided_batch", "ld 3"});
+  // The last head ends exactly at the buffer's end: accepted.
+  CHECK_NOTHROW(ops::strided_batch<float, Cpu>(qkv, 8, 7, 2, 12, 2, 2));
+}

@@ -1,0 +1,328 @@
+// Row ops (softmax, log_softmax, layer_norm, l2_normalize) and their backwards against double
+// loops; gradients, aliasing, thread-count independence and shape errors.
+#include <array>
+#include <string>
+
+#include "reference.hpp"
+
+using namespace moca;
+using namespace moca::test;
+
+namespace {
+// Rows of odd lengths, a single row, a rank-3 tensor (rows over two leading dimensions) and a
+// [257, 257] case large enough for the threaded path.
+const std::array<Shape, 9> kShapes = {{{1, 3},
+                                       {3, 7},
+                                       {7, 33},
+                                       {33, 65},
+                                       {65, 257},
+                                       {257, 7},
+                                       {1, 257},
+                                       {257, 257},
+                                       {3, 5, 33}}};
+
+std::string label(const char* what, const Shape& s) { return detail::str(what, " ", s); }
+
+constexpr double kEps = 1e-5;
+
+/// An empty view: "no gamma", "no dgamma".
+template <class T>
+TensorView<T> none() {
+  return {};
+}
+}  // namespace
+
+TEST_CASE_TEMPLATE("softmax and log_softmax match the reference", T, float, double) {
+  std::uint64_t stream = 1;
+  for (const Shape& s : kShapes) {
+    const i64 M = s.leading(), N = s.last();
+    auto x = uniform<T>(s, stream++, -4, 4), dy = uniform<T>(s, stream++);
+    Tensor<T> y(s), ly(s), dx(s), ldx(s);
+    ops::softmax(x, y);
+    ops::log_softmax(x, ly);
+    const Vec xv = to_vec<T>(x);
+    check_close_rows(label("softmax", s), y, ref::softmax(xv, M, N, false));
+    check_close_rows(label("log_softmax", s), ly, ref::softmax(xv, M, N, true));
+
+    // Backwards from the op's own outputs, as a layer calls them.
+    fill_nan<T>(dx);
+    fill_nan<T>(ldx);
+    ops::softmax_backward(y, dy, dx);
+    ops::log_softmax_backward(ly, dy, ldx);
+    check_close_rows(label("softmax_backward", s), dx,
+                     ref::softmax_backward(to_vec<T>(y), to_vec<T>(dy), M, N, false));
+    check_close_rows(label("log_softmax_backward", s), ldx,
+                     ref::softmax_backward(to_vec<T>(ly), to_vec<T>(dy), M, N, true));
+
+    // dx may alias dy.
+    auto g = dy.clone();
+    ops::softmax_backward(y, g, g);
+    check_bitwise(label("softmax_backward dx=dy", s), g, dx);
+    g = dy.clone();
+    ops::log_softmax_backward(ly, g, g);
+    check_bitwise(label("log_softmax_backward dx=dy", s), g, ldx);
+  }
+}
+
+TEST_CASE_TEMPLATE("softmax of a single column is one, and large logits do not overflow", T, float,
+                   double) {
+  auto x = uniform<T>({5, 1}, 50, -100, 100);
+  Tensor<T> y({5, 1});
+  ops::softmax(x, y);
+  for (T v : y) CHECK(v == T(1));
+  ops::log_softmax(x, y);
+  for (T v : y) CHECK(v == T(0));
+  // exp(1000) overflows; the max-shifted form does not.
+  Tensor<T> big({1, 3}), p({1, 3});
+  big(0, 0) = 1000, big(0, 1) = 999, big(0, 2) = -1000;
+  ops::softmax(big, p);
+  check_close("softmax of large logits", p, ref::softmax({1000, 999, -1000}, 1, 3, false));
+}
+
+TEST_CASE_TEMPLATE("layer_norm matches the reference, with and without affine parameters", T,
+                   float, double) {
+  std::uint64_t stream = 100;
+  for (const Shape& s : kShapes) {
+    const i64 M = s.leading(), N = s.last();
+    // Offset inputs: the mean must really be subtracted.
+    auto x = uniform<T>(s, stream++, 1, 5);
+    auto gamma = uniform<T>({N}, stream++, 0.5, 1.5), beta = uniform<T>({N}, stream++);
+    const Vec xv = to_vec<T>(x), gv = to_vec<T>(gamma), bv = to_vec<T>(beta);
+    for (int affine = 0; affine < 4; ++affine) {
+      const bool with_gamma = affine & 1, with_beta = affine & 2;
+      const std::string what = label("layer_norm", s) + (with_gamma ? " gamma" : "") +
+                               (with_beta ? " beta" : "");
+      Tensor<T> y(s), mean({M}), rstd({M});
+      fill_nan<T>(y);
+      ops::layer_norm(x, with_gamma ? gamma : none<T>(), with_beta ? beta : none<T>(), kEps, y,
+                      mean, rstd);
+      const auto e = ref::layer_norm(xv, with_gamma ? gv : Vec{}, with_beta ? bv : Vec{}, kEps, M, N);
+      check_close_rows(what, y, e.y);
+      check_close(what + " mean", mean, e.mean);
+      check_close(what + " rstd", rstd, e.rstd);
+    }
+  }
+}
+
+TEST_CASE_TEMPLATE("layer_norm_backward: dx overwritten, dgamma and dbeta accumulated", T, float,
+                   double) {
+  std::uint64_t stream = 200;
+  for (const Shape& s : kShapes) {
+    const i64 M = s.leading(), N = s.last();
+    auto x = uniform<T>(s, stream++, 1, 5), dy = uniform<T>(s, stream++);
+    auto gamma = uniform<T>({N}, stream++, 0.5, 1.5);
+    auto dgamma0 = uniform<T>({N}, stream++), dbeta0 = uniform<T>({N}, stream++);
+    for (const bool affine : {false, true}) {
+      const auto g = affine ? static_cast<TensorView<T>>(gamma) : none<T>();
+      Tensor<T> y(s), mean({M}), rstd({M});
+      ops::layer_norm(x, g, none<T>(), kEps, y, mean, rstd);
+      const auto e = ref::layer_norm_backward(to_vec<T>(x), affine ? to_vec<T>(gamma) : Vec{},
+                                              to_vec<T>(mean), to_vec<T>(rstd), to_vec<T>(dy), M, N);
+      Vec dgamma_ref = to_vec<T>(dgamma0), dbeta_ref = to_vec<T>(dbeta0);
+      for (i64 j = 0; j < N; ++j) dgamma_ref[j] += e.dgamma[j], dbeta_ref[j] += e.dbeta[j];
+      const std::string what = label("layer_norm_backward", s) + (affine ? " affine" : "");
+
+      Tensor<T> dx(s);
+      fill_nan<T>(dx);
+      auto dgamma = dgamma0.clone(), dbeta = dbeta0.clone();
+      ops::layer_norm_backward(x, g, mean, rstd, dy, dx, dgamma, dbeta);
+      check_close_rows(what + " dx", dx, e.dx);
+      check_close(what + " dgamma", dgamma, dgamma_ref);
+      check_close(what + " dbeta", dbeta, dbeta_ref);
+
+      // An empty view skips that gradient; the rest is unchanged.
+      Tensor<T> dx2(s);
+      auto dgamma2 = dgamma0.clone(), dbeta2 = dbeta0.clone();
+      ops::layer_norm_backward(x, g, mean, rstd, dy, dx2, none<T>(), dbeta2);
+      check_bitwise(what + " dx without dgamma", dx2, dx);
+      check_bitwise(what + " dbeta without dgamma", dbeta2, dbeta);
+      ops::layer_norm_backward(x, g, mean, rstd, dy, dx2, dgamma2, none<T>());
+      check_bitwise(what + " dgamma without dbeta", dgamma2, dgamma);
+      fill_nan<T>(dx2);
+      ops::layer_norm_backward(x, g, mean, rstd, dy, dx2, none<T>(), none<T>());
+      check_bitwise(what + " dx alone", dx2, dx);
+
+      // dx may alias dy: the parameter gradients still see the incoming dy.
+      auto gd = dy.clone();
+      auto dgamma3 = dgamma0.clone(), dbeta3 = dbeta0.clone();
+      ops::layer_norm_backward(x, g, mean, rstd, gd, gd, dgamma3, dbeta3);
+      check_bitwise(what + " dx=dy", gd, dx);
+      check_bitwise(what + " dgamma with dx=dy", dgamma3, dgamma);
+      check_bitwise(what + " dbeta with dx=dy", dbeta3, dbeta);
+    }
+  }
+}
+
+TEST_CASE_TEMPLATE("l2_normalize and its backward, including rows clamped at eps", T, float,
+                   double) {
+  std::uint64_t stream = 300;
+  for (const Shape& s : kShapes) {
+    const i64 M = s.leading(), N = s.last();
+    auto x = uniform<T>(s, stream++), dy = uniform<T>(s, stream++);
+    // Row 0 has a norm below eps (at most 1e-8 · sqrt(257)): the clamped branch.
+    for (i64 j = 0; j < N; ++j) x.data()[j] *= T(1e-8);
+    Tensor<T> y(s), norm({M}), dx(s);
+    ops::l2_normalize(x, kEps, y, norm);
+    const auto e = ref::l2_normalize(to_vec<T>(x), kEps, M, N);
+    REQUIRE(e.norm[0] < kEps);
+    check_close_rows(label("l2_normalize", s), y, e.y);
+    // Norms are compared elementwise: the clamped row's norm is tiny.
+    check_close_scaled(label("l2_normalize norm", s), norm, e.norm, kRel<T>, Vec{0.0});
+
+    fill_nan<T>(dx);
+    ops::l2_normalize_backward(y, norm, kEps, dy, dx);
+    check_close_rows(label("l2_normalize_backward", s), dx,
+                     ref::l2_normalize_backward(to_vec<T>(y), to_vec<T>(norm), kEps,
+                                                to_vec<T>(dy), M, N));
+    auto g = dy.clone();
+    ops::l2_normalize_backward(y, norm, kEps, g, g);
+    check_bitwise(label("l2_normalize_backward dx=dy", s), g, dx);
+  }
+}
+
+TEST_CASE("row op gradients pass gradcheck") {
+  std::uint64_t stream = 400;
+  for (const Shape& s : {Shape{1, 4}, Shape{3, 7}, Shape{2, 3, 5}}) {
+    const std::string sh = s.str();
+    const i64 M = s.leading(), N = s.last();
+    auto r = uniform<double>(s, stream++);
+    Tensor<double> y(s), dx(s);
+
+    auto x = uniform<double>(s, stream++, -2, 2);
+    auto softmax_loss = [&] {
+      ops::softmax(x, y);
+      return testing::dot<double>(r, y);
+    };
+    softmax_loss();
+    ops::softmax_backward(y, r, dx);
+    check_gradient("softmax " + sh, x, dx, softmax_loss);
+
+    auto log_softmax_loss = [&] {
+      ops::log_softmax(x, y);
+      return testing::dot<double>(r, y);
+    };
+    log_softmax_loss();
+    ops::log_softmax_backward(y, r, dx);
+    check_gradient("log_softmax " + sh, x, dx, log_softmax_loss);
+
+    auto xl = uniform<double>(s, stream++, 1, 4);
+    auto gamma = uniform<double>({N}, stream++, 0.5, 1.5), beta = uniform<double>({N}, stream++);
+    Tensor<double> mean({M}), rstd({M}), dgamma({N}), dbeta({N});
+    for (const bool affine : {false, true}) {
+      const TensorView<double> g = affine ? static_cast<TensorView<double>>(gamma) : none<double>();
+      const TensorView<double> b = affine ? static_cast<TensorView<double>>(beta) : none<double>();
+      auto ln_loss = [&] {
+        ops::layer_norm(xl, g, b, kEps, y, mean, rstd);
+        return testing::dot<double>(r, y);
+      };
+      ln_loss();
+      ops::zero(dgamma);
+      ops::zero(dbeta);
+      ops::layer_norm_backward(xl, g, mean, rstd, r, dx, dgamma, dbeta);
+      const std::string what = "layer_norm " + sh + (affine ? " affine" : "");
+      check_gradient(what + " dx", xl, dx, ln_loss);
+      if (affine) {
+        check_gradient(what + " dgamma", gamma, dgamma, ln_loss);
+        check_gradient(what + " dbeta", beta, dbeta, ln_loss);
+      }
+    }
+
+    // eps = 0.5 puts the scaled row well inside the clamped branch (norm <= 0.05 · sqrt(7)),
+    // far from the kink compared with the finite-difference step.
+    const double eps = 0.5;
+    auto xn = uniform<double>(s, stream++);
+    for (i64 j = 0; j < N; ++j) xn.data()[j] *= 0.05;
+    Tensor<double> norm({M});
+    auto l2_loss = [&] {
+      ops::l2_normalize(xn, eps, y, norm);
+      return testing::dot<double>(r, y);
+    };
+    l2_loss();
+    REQUIRE(norm(0) < eps);
+    for (i64 i = 1; i < M; ++i) REQUIRE(norm(i) > eps);
+    ops::l2_normalize_backward(y, norm, eps, r, dx);
+    check_gradient("l2_normalize " + sh, xn, dx, l2_loss);
+  }
+}
+
+TEST_CASE_TEMPLATE("layer_norm_backward does not depend on the thread count", T, float, double) {
+  // 513 · 257 elements: both the column-parallel parameter sums and the row-parallel dx run
+  // threaded.
+  const Shape s{513, 257};
+  REQUIRE(s.numel() > cpu::kParallelGrain);
+  auto x = uniform<T>(s, 500, -2, 3), dy = uniform<T>(s, 501), gamma = uniform<T>({257}, 502);
+  Tensor<T> y(s), mean({513}), rstd({513});
+  ops::layer_norm(x, gamma, none<T>(), kEps, y, mean, rstd);
+  auto run = [&](int threads) {
+    Threads guard(threads);
+    std::array<Tensor<T>, 3> out{Tensor<T>(s), uniform<T>({257}, 503), uniform<T>({257}, 504)};
+    ops::layer_norm_backward(x, gamma, mean, rstd, dy, out[0], out[1], out[2]);
+    return out;
+  };
+  const auto one = run(1);
+  for (int threads : {2, 3}) {
+    const auto many = run(threads);
+    const std::string t = detail::str(" with ", threads, " threads");
+    check_bitwise("dx" + t, many[0], one[0]);
+    check_bitwise("dgamma" + t, many[1], one[1]);
+    check_bitwise("dbeta" + t, many[2], one[2]);
+  }
+}
+
+TEST_CASE("row op shape errors name the shapes") {
+  Tensor<float> a({3, 4}), b({4, 3}), v3({3}), v4({4}), v5({5});
+  check_error_names("softmax", [&] { ops::softmax(a, b); }, {"softmax", "[3, 4]", "[4, 3]"});
+  check_error_names("log_softmax", [&] { ops::log_softmax(a, b); },
+                    {"log_softmax", "[3, 4]", "[4, 3]"});
+  check_error_names("softmax_backward dy", [&] { ops::softmax_backward(a, b, a); },
+                    {"softmax_backward", "[3, 4]", "[4, 3]"});
+  check_error_names("softmax_backward dx", [&] { ops::softmax_backward(a, a, b); },
+                    {"softmax_backward", "[3, 4]", "[4, 3]"});
+  check_error_names("log_softmax_backward", [&] { ops::log_softmax_backward(a, b, a); },
+                    {"log_softmax_backward", "[3, 4]", "[4, 3]"});
+  check_error_names("log_softmax_backward dx", [&] { ops::log_softmax_backward(a, a, b); },
+                    {"log_softmax_backward", "[3, 4]", "[4, 3]"});
+
+  check_error_names("layer_norm y", [&] { ops::layer_norm(a, v4, v4, kEps, b, v3, v3); },
+                    {"layer_norm", "[3, 4]", "[4, 3]"});
+  check_error_names("layer_norm gamma", [&] { ops::layer_norm(a, v3, v4, kEps, a, v3, v3); },
+                    {"layer_norm", "weight", "[3]", "[3, 4]"});
+  check_error_names("layer_norm beta", [&] { ops::layer_norm(a, v4, v5, kEps, a, v3, v3); },
+                    {"layer_norm", "bias", "[5]", "[3, 4]"});
+  check_error_names("layer_norm stats", [&] { ops::layer_norm(a, v4, v4, kEps, a, v4, v3); },
+                    {"layer_norm", "[4]", "[3]", "[3, 4]"});
+  ops::layer_norm(a, v4, v4, kEps, a, v3, v3);  // the consistent call is accepted
+
+  check_error_names("layer_norm_backward dy",
+                    [&] { ops::layer_norm_backward(a, v4, v3, v3, b, a, v4, v4); },
+                    {"layer_norm_backward", "[3, 4]", "[4, 3]"});
+  check_error_names("layer_norm_backward dx",
+                    [&] { ops::layer_norm_backward(a, v4, v3, v3, a, b, v4, v4); },
+                    {"layer_norm_backward", "[3, 4]", "[4, 3]"});
+  check_error_names("layer_norm_backward gamma",
+                    [&] { ops::layer_norm_backward(a, v5, v3, v3, a, a, v4, v4); },
+                    {"layer_norm_backward", "[5]", "[3, 4]"});
+  check_error_names("layer_norm_backward dgamma",
+                    [&] { ops::layer_norm_backward(a, v4, v3, v3, a, a, v3, v4); },
+                    {"layer_norm_backward", "weight grad", "[3]", "[3, 4]"});
+  check_error_names("layer_norm_backward dbeta",
+                    [&] { ops::layer_norm_backward(a, v4, v3, v3, a, a, v4, v5); },
+                    {"layer_norm_backward", "bias grad", "[5]", "[3, 4]"});
+  check_error_names("layer_norm_backward stats",
+                    [&] { ops::layer_norm_backward(a, v4, v3, v5, a, a, v4, v4); },
+                    {"layer_norm_backward", "[3]", "[5]", "[3, 4]"});
+
+  check_error_names("l2_normalize y", [&] { ops::l2_normalize(a, kEps, b, v3); },
+                    {"l2_normalize", "[3, 4]", "[4, 3]"});
+  check_error_names("l2_normalize norm", [&] { ops::l2_normalize(a, kEps, a, v4); },
+                    {"l2_normalize", "[4]", "[3, 4]"});
+  check_error_names("l2_normalize_backward dy",
+                    [&] { ops::l2_normalize_backward(a, v3, kEps, b, a); },
+                    {"l2_normalize_backward", "[3, 4]", "[4, 3]"});
+  check_error_names("l2_normalize_backward dx",
+                    [&] { ops::l2_normalize_backward(a, v3, kEps, a, b); },
+                    {"l2_normalize_backward", "[3, 4]", "[4, 3]"});
+  check_error_names("l2_normalize_backward norm",
+                    [&] { ops::l2_normalize_backward(a, v5, kEps, a, a); },
+                    {"l2_normalize_backward", "[5]", "[3, 4]"});
+}
