@@ -13,6 +13,7 @@
 #include "moca/core/version.hpp"
 #include "moca/core/random.hpp"
 #include "moca/io.hpp"
+#include "moca/models/moca/moca.hpp"
 #include "moca/models/vit.hpp"
 #include "moca/nn.hpp"
 #include "moca/ops.hpp"
