@@ -1,4 +1,4 @@
-#!/usr/bin/env python3
+#!/usr/bin/python3
 """One MOCA iteration, this library vs PyTorch on the same machine, as a ratio.
 
 Usage: benchmarks/compare_moca.py [--bench build/benchmarks/moca_bench] [--threads 2]
@@ -8,7 +8,8 @@ The PyTorch side is the project's float32 PyTorch implementation of the same rec
 (tests/python/reference_moca.py): teacher EMA, codebook targets and refresh, both masking rounds
 with the condenser decoder, L_IMG + L_LOC, backward, clipping, AdamW with the four groups —
 the same presets, batch and thread count, medians of `--repeats` timed runs after warm-up.
-PyTorch runs in its fastest configuration here: threads = cores, OPENBLAS_CORETYPE=SkylakeX
+Needs Python with torch (Debian: /usr/bin/python3 with python3-torch). PyTorch runs in its fastest
+configuration here: threads = cores, OPENBLAS_CORETYPE=SkylakeX
 (Debian's OpenBLAS misdetects this CPU otherwise).
 """
 import argparse

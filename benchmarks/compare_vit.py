@@ -1,4 +1,4 @@
-#!/usr/bin/env python3
+#!/usr/bin/python3
 """ViT forward+backward, this library vs PyTorch on the same machine, as a ratio.
 
 Usage: benchmarks/compare_vit.py [--bench build/benchmarks/vit_bench] [--threads 2] [--repeats 5]
