@@ -89,7 +89,7 @@ def ours(bench, repeats, names):
     for b in json.loads(out)["benchmarks"]:
         if b.get("run_type") != "iteration":
             continue
-        name = b["name"].split("/")[0].replace("moca_step/", "")
+        name = b["name"].split("/")[1]  # moca_step/<config>/min_time:.../real_time
         rates.setdefault(name, []).append((b["pairs_per_s"], b["peak_step_MiB"]))
     return {k: (statistics.median(r for r, _ in v), max(m for _, m in v)) for k, v in rates.items()}
 

@@ -65,7 +65,7 @@ def ours_images_per_s(bench, repeats):
     for b in json.loads(out)["benchmarks"]:
         if b.get("run_type") != "iteration":
             continue
-        name = b["name"].split("/")[0].replace("vit_train_step/", "")
+        name = b["name"].split("/")[1]  # vit_train_step/<config>/min_time:.../real_time
         rates.setdefault(name, []).append((b["images_per_s"], b.get("peak_MiB", 0.0)))
     return {k: (statistics.median(r for r, _ in v), max(m for _, m in v)) for k, v in rates.items()}
 

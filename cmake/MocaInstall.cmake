@@ -7,12 +7,9 @@ set(_moca_export_targets moca_headers)
 if(MOCA_WITH_CUDA)
   list(APPEND _moca_export_targets ${MOCA_CUDA_EXPORT_TARGETS})
 endif()
-# INCLUDES DESTINATION gives the exported targets their include directory (the
-# $<INSTALL_INTERFACE:...> in CMakeLists.txt is read before GNUInstallDirs sets its variables).
 install(TARGETS ${_moca_export_targets} EXPORT mocaTargets
         ARCHIVE DESTINATION ${CMAKE_INSTALL_LIBDIR}
-        LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR}
-        INCLUDES DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
+        LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR})
 install(EXPORT mocaTargets NAMESPACE moca:: DESTINATION ${CMAKE_INSTALL_LIBDIR}/cmake/moca)
 
 set(MOCA_CONFIG_WITH_CUDA ${MOCA_WITH_CUDA})

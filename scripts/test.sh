@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# Configures (first time only) and builds build/, then runs the test suite with ctest.
+# Builds and runs the test suite: installs missing Debian packages, configures build/ the first
+# time (scripts/configure.sh: tests, examples, benchmarks, CUDA when nvcc is found), builds it
+# and runs ctest.
 #   scripts/test.sh [extra ctest arguments...]
-# BUILD_DIR and JOBS override the build folder (build) and the parallelism (2).
+# BUILD_DIR and JOBS override the build folder (build) and the build parallelism (2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 build_dir=${BUILD_DIR:-build}
 jobs=${JOBS:-2}
 
+scripts/install-deps.sh
 if [ ! -f "$build_dir/CMakeCache.txt" ]; then
-  cmake -S . -B "$build_dir" -G Ninja -DCMAKE_BUILD_TYPE=Release -DMOCA_BUILD_TESTS=ON
+  scripts/configure.sh "$build_dir"
 fi
 cmake --build "$build_dir" -j "$jobs"
 # Tests run one at a time: each already uses two OpenMP threads.
