@@ -59,8 +59,8 @@ teacher == student unmasked output, spec §14 gradient flow, float64 finite diff
 
 The fixture is committed; CI needs no Python. To regenerate (torch from Debian's python3-torch,
 safetensors from PyPI):
-    python3 -m venv --system-site-packages /tmp/st-venv && /tmp/st-venv/bin/pip install safetensors
-    /tmp/st-venv/bin/python tests/python/generate_moca_reference.py
+    python3 -m venv --system-site-packages .venv && .venv/bin/pip install safetensors
+    .venv/bin/python tests/python/generate_moca_reference.py
 """
 import copy
 import json

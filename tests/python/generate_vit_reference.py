@@ -13,8 +13,8 @@ Contents (all float64 unless noted):
 
 The fixture is committed; CI needs no Python. To regenerate (torch from Debian's python3-torch,
 safetensors from PyPI):
-    python3 -m venv --system-site-packages /tmp/st-venv && /tmp/st-venv/bin/pip install safetensors
-    /tmp/st-venv/bin/python tests/python/generate_vit_reference.py
+    python3 -m venv --system-site-packages .venv && .venv/bin/pip install safetensors
+    .venv/bin/python tests/python/generate_vit_reference.py
 """
 import math
 import pathlib
