@@ -106,7 +106,7 @@ TEST_CASE("The whole MOCA loss passes the gradient check for every trainable ten
     return moca.student_forward_backward(plan.masks).loss;
   };
   testing::GradcheckOptions opt;
-  opt.max_checks = 5;
+  opt.max_checks = 4;
   // The loss is O(10): with a step of 1e-6 the differences carry ~5e-9 of roundoff, as large as
   // small gradient entries' tolerance; 1e-5 divides it by ten, truncation stays near 1e-10.
   opt.eps = 1e-5;
@@ -198,15 +198,15 @@ TEST_CASE("After the first iteration a step allocates nothing") {
 // Sanitizer builds run about ten times slower; they check memory safety of the same code path
 // with fewer iterations, the optimised suite runs all twenty.
 #if defined(__SANITIZE_ADDRESS__)
-constexpr int kTinyIterations = 6;
+constexpr int kTinyIterations = 4;
 #else
 constexpr int kTinyIterations = 20;
 #endif
 
 TEST_CASE("Twenty iterations of the tiny preset lower the loss and repeat bit for bit") {
   MocaConfig cfg = MocaConfig::tiny();
-  cfg.words_per_iter = 8;  // a small batch keeps the test quick; new words must not exceed it
-  const std::int64_t B = 8;
+  cfg.words_per_iter = 4;  // a small batch keeps the test quick; new words must not exceed it
+  const std::int64_t B = 4;
   auto run = [&](std::vector<double>& losses) {
     Moca<float> moca(cfg);
     moca.initialize(0);
