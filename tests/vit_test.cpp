@@ -186,6 +186,9 @@ TEST_CASE("ViT gradients: unmasked, and masked with an intermediate output (spec
   fill_uniform(img, Philox(7), 0, -1, 1);
   testing::GradcheckOptions opt;
   opt.max_checks = 40;  // per tensor: enough to catch a wrong path, quick to run
+  // The key part of the qkv bias has an exactly zero gradient (softmax cancels it); there the
+  // central difference is pure roundoff, about 1e-8 in unoptimised builds.
+  opt.atol = 1e-7;
 
   SUBCASE("unmasked, final output, with the image gradient") {
     moca::test::check_module_gradients(
