@@ -1,8 +1,9 @@
 // The `moca` command-line program.
 //
-//   moca extract --weights W.safetensors --input X.safetensors --output F.safetensors \
-//                --img-size 224 --patch 16 --in-chans 3 --embed-dim 768 --depth 12 --heads 12 \
-//                [--mlp-ratio 4] [--prefix encoder_teacher.]
+//   moca knn --checkpoint C [--data ...] [--teacher|--student] ...       k-NN evaluation
+//   moca extract (--checkpoint C | --weights W <architecture>) --input X --output F
+//
+// `moca <command> --help` lists every flag.
 //
 // Every error ends with a message on stderr and a non-zero exit status.
 #include <CLI/CLI.hpp>
@@ -12,11 +13,14 @@
 #include <moca/core/version.hpp>
 
 #include "extract.hpp"
+#include "knn.hpp"
 
 int main(int argc, char** argv) {
   CLI::App app{"moca: Vision Transformers and MOCA self-supervised pretraining"};
   app.set_version_flag("--version", moca::kVersion);
   app.require_subcommand(1);
+  moca::cli::KnnOptions knn;
+  CLI::App* knn_cmd = moca::cli::add_knn_command(app, knn);
   moca::cli::ExtractOptions extract;
   CLI::App* extract_cmd = moca::cli::add_extract_command(app, extract);
   try {
@@ -25,6 +29,7 @@ int main(int argc, char** argv) {
     return app.exit(e);
   }
   try {
+    if (knn_cmd->parsed()) moca::cli::run_knn(knn);
     if (extract_cmd->parsed()) moca::cli::run_extract(extract);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "moca: error: %s\n", e.what());
