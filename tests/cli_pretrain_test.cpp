@@ -262,7 +262,7 @@ TEST_CASE("moca pretrain: Ctrl-C saves a checkpoint; SIGKILL never leaves a brok
     return v;
   };
   auto wait_for_steps = [&](std::int64_t n) {
-    for (int i = 0; i < 600 && logged_steps(out) < n; ++i)
+    for (int i = 0; i < 2400 && logged_steps(out) < n; ++i)
       std::this_thread::sleep_for(std::chrono::milliseconds(50));
     REQUIRE(logged_steps(out) >= n);
   };

@@ -5,6 +5,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <filesystem>
+#include <optional>
 #include <moca/core/check.hpp>
 #include <moca/data/loader.hpp>
 #include <moca/io/atomic_file.hpp>
@@ -62,7 +63,8 @@ LoadReport load_vit_weights(ParameterStore<float>& store, const SafetensorsFile&
 eval::Features encode_dataset(VisionTransformer<float>& vit, const data::Dataset& ds,
                               const data::AugmentConfig& augment, eval::Pooling pooling,
                               std::int64_t batch, std::int64_t limit, int workers,
-                              const std::string& progress_label) {
+                              const std::string& progress_label,
+                              const std::function<void()>& poll) {
   MOCA_CHECK(limit >= 0, "a limit of ", limit, " images");
   const std::int64_t n = limit == 0 ? ds.size() : std::min(limit, ds.size());
   MOCA_CHECK(n > 0, "the data set holds no images");
@@ -73,17 +75,57 @@ eval::Features encode_dataset(VisionTransformer<float>& vit, const data::Dataset
   MOCA_CHECK(t.channels() == vc.in_chans && t.size() == vc.img_size, "preprocessing makes ",
              t.channels(), "×", t.size(), "×", t.size(), " images but the encoder takes ",
              vc.in_chans, "×", vc.img_size, "×", vc.img_size);
-  if (progress_label.empty()) return eval::encode(vit, loader, pooling, n);
-  train::ProgressBar bar(progress_label, n);
+  std::optional<train::ProgressBar> bar;
+  if (!progress_label.empty()) bar.emplace(progress_label, n);
   eval::Features f = eval::encode(vit, loader, pooling, n, [&](std::int64_t done, std::int64_t) {
-    bar.update(done);
+    if (poll) poll();
+    if (bar) bar->update(done);
   });
-  bar.finish();
+  if (bar) bar->finish();
+  return f;
+}
+
+eval::Features pixel_features(const data::Dataset& ds, const data::AugmentConfig& augment,
+                              std::int64_t batch, std::int64_t limit, int workers,
+                              const std::string& progress_label) {
+  MOCA_CHECK(limit >= 0, "a limit of ", limit, " images");
+  const std::int64_t n = limit == 0 ? ds.size() : std::min(limit, ds.size());
+  MOCA_CHECK(n > 0, "the data set holds no images");
+  const FirstN part(ds, n);
+  data::EvalLoader loader(part, augment, batch, workers);
+  const std::int64_t dim = loader.transform().numel();
+  eval::Features f;
+  f.features.resize({n, dim});
+  f.labels.assign(static_cast<std::size_t>(n), -1);
+  std::optional<train::ProgressBar> bar;
+  if (!progress_label.empty()) bar.emplace(progress_label, n);
+  std::int64_t done = 0;
+  while (const data::EvalBatch* b = loader.next()) {
+    const std::int64_t m = b->size();
+    copy(TensorView<float>(b->images).reshape({m, dim}),
+         TensorView<float>(f.features).rows(done, done + m));
+    for (std::int64_t k = 0; k < m; ++k)
+      f.labels[static_cast<std::size_t>(done + k)] = b->labels[static_cast<std::size_t>(k)];
+    done += m;
+    if (bar) bar->update(done);
+  }
+  if (bar) bar->finish();
   return f;
 }
 
 KnnResult run_knn_protocol(VisionTransformer<float>& vit, const RunData& data,
                            const data::AugmentConfig& augment, const KnnProtocol& p) {
+  return run_knn_protocol(
+      data, p, [&](const data::Dataset& ds, std::int64_t limit, const std::string& label) {
+        return encode_dataset(vit, ds, augment, p.pooling, p.batch, limit, p.workers, label,
+                              p.poll);
+      });
+}
+
+KnnResult run_knn_protocol(
+    const RunData& data, const KnnProtocol& p,
+    const std::function<eval::Features(const data::Dataset&, std::int64_t, const std::string&)>&
+        features) {
   MOCA_CHECK(data.train != nullptr, "k-NN: no data");
   MOCA_CHECK(data.test != nullptr, "k-NN needs a test split for its queries, and ",
              data.description, " has none (use fashion-mnist, a folder of IDX files with the "
@@ -101,12 +143,9 @@ KnnResult run_knn_protocol(VisionTransformer<float>& vit, const RunData& data,
   r.temperature = p.temperature;
   r.classes = std::max(data.train->num_classes(), data.test->num_classes());
   const auto t0 = std::chrono::steady_clock::now();
-  const eval::Features bank =
-      encode_dataset(vit, *data.train, augment, p.pooling, p.batch, p.bank_limit, p.workers,
-                     p.progress ? "k-NN bank" : "");
+  const eval::Features bank = features(*data.train, p.bank_limit, p.progress ? "k-NN bank" : "");
   const eval::Features queries =
-      encode_dataset(vit, *data.test, augment, p.pooling, p.batch, p.query_limit, p.workers,
-                     p.progress ? "k-NN queries" : "");
+      features(*data.test, p.query_limit, p.progress ? "k-NN queries" : "");
   r.encode_seconds = seconds_since(t0);
   r.bank = bank.features.size(0);
   r.queries = queries.features.size(0);
@@ -184,9 +223,16 @@ CLI::App* add_knn_command(CLI::App& app, KnnOptions& opt) {
   CLI::App* cmd = app.add_subcommand(
       "knn", "Weighted k-NN accuracy of a MOCA checkpoint's encoder (train split as the memory "
              "bank, test split as the queries)");
-  cmd->add_option("--checkpoint", opt.checkpoint,
-                  "weights file, checkpoint folder, checkpoints folder or run folder")
-      ->required();
+  auto* ckpt = cmd->add_option("--checkpoint", opt.checkpoint,
+                               "weights file, checkpoint folder, checkpoints folder or run folder");
+  auto* pixels = cmd->add_flag("--pixels", opt.pixels,
+                               "raw-pixel baseline: the preprocessed images are the features");
+  ckpt->excludes(pixels);
+  cmd->add_option("--preset", opt.preset,
+                  "with --pixels: the image geometry of this preset (tiny, vit-s16, vit-b16)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"tiny", "vit-s16", "vit-b16"}))
+      ->needs(pixels);
   cmd->add_option("--data", opt.data,
                   "fashion-mnist, a folder of IDX files, or an image folder with train/ and "
                   "val/ (or test/)")
@@ -227,6 +273,43 @@ CLI::App* add_knn_command(CLI::App& app, KnnOptions& opt) {
 
 void run_knn(const KnnOptions& opt) {
   set_cpu_threads(opt.threads);
+  MOCA_CHECK(opt.pixels || !opt.checkpoint.empty(),
+             "moca knn: give --checkpoint (a run, checkpoint or weights file) or --pixels");
+  KnnProtocol p;
+  p.pooling = eval::parse_pooling(opt.pool);
+  p.ks = opt.ks;
+  p.temperature = opt.temperature;
+  p.batch = opt.batch;
+  p.bank_limit = opt.bank_limit;
+  p.query_limit = opt.query_limit;
+  p.workers = opt.workers;
+  auto write_json = [&](nlohmann::json j) {
+    if (opt.json.empty()) return;
+    const std::string text =
+        j.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) + "\n";
+    AtomicFileWriter out(opt.json);
+    out.write(text.data(), text.size());
+    out.commit();
+  };
+  if (opt.pixels) {
+    const VitConfig geometry = opt.preset == "tiny"      ? VitConfig::tiny()
+                               : opt.preset == "vit-s16" ? VitConfig::vit_s16()
+                                                         : VitConfig::vit_b16();
+    const RunData data = open_run_data(opt.data, opt.strict);
+    const data::AugmentConfig aug = augment_for(geometry, data.fashion_mnist_like);
+    std::fprintf(stderr, "raw pixels (%d×%d×%d, normalised)\ndata: %s\n", aug.channels,
+                 aug.eval_crop, aug.eval_crop, data.description.c_str());
+    const KnnResult r = run_knn_protocol(
+        data, p, [&](const data::Dataset& ds, std::int64_t limit, const std::string& label) {
+          return pixel_features(ds, aug, p.batch, limit, p.workers, label);
+        });
+    print_knn_table(r, stdout);
+    nlohmann::json j = r.to_json();
+    j["pooling"] = "pixels";
+    j["data"] = data.description;
+    write_json(j);
+    return;
+  }
   const std::filesystem::path weights_path = resolve_weights(opt.checkpoint);
   const auto weights = SafetensorsFile::open(weights_path);
   const MocaConfig cfg = read_moca_config(weights);
@@ -245,29 +328,15 @@ void run_knn(const KnnOptions& opt) {
   std::fprintf(stderr, "weights: %s (%s encoder)\ndata: %s\n", weights_path.string().c_str(),
                teacher ? "teacher" : "student", data.description.c_str());
 
-  KnnProtocol p;
-  p.pooling = eval::parse_pooling(opt.pool);
-  p.ks = opt.ks;
-  p.temperature = opt.temperature;
-  p.batch = opt.batch;
-  p.bank_limit = opt.bank_limit;
-  p.query_limit = opt.query_limit;
-  p.workers = opt.workers;
   const KnnResult r =
       run_knn_protocol(vit, data, augment_for(cfg.encoder, data.fashion_mnist_like), p);
   print_knn_table(r, stdout);
 
-  if (!opt.json.empty()) {
-    nlohmann::json j = r.to_json();
-    j["weights"] = weights_path.string();
-    j["encoder"] = teacher ? "teacher" : "student";
-    j["data"] = data.description;
-    const std::string text =
-        j.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) + "\n";
-    AtomicFileWriter out(opt.json);
-    out.write(text.data(), text.size());
-    out.commit();
-  }
+  nlohmann::json j = r.to_json();
+  j["weights"] = weights_path.string();
+  j["encoder"] = teacher ? "teacher" : "student";
+  j["data"] = data.description;
+  write_json(j);
 }
 
 }  // namespace moca::cli

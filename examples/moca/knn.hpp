@@ -14,6 +14,7 @@
 #include <CLI/CLI.hpp>
 #include <cstdint>
 #include <cstdio>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -53,6 +54,7 @@ struct KnnProtocol {
   std::int64_t query_limit = 0;    ///< use the first N test images (0: all)
   int workers = 2;                 ///< preprocessing threads
   bool progress = true;            ///< progress lines on stderr while encoding
+  std::function<void()> poll;      ///< called after every encoded batch; may throw to abandon
 };
 
 /// What one k-NN evaluation found.
@@ -74,7 +76,8 @@ struct KnnResult {
 eval::Features encode_dataset(VisionTransformer<float>& vit, const data::Dataset& ds,
                               const data::AugmentConfig& augment, eval::Pooling pooling,
                               std::int64_t batch, std::int64_t limit, int workers,
-                              const std::string& progress_label);
+                              const std::string& progress_label,
+                              const std::function<void()>& poll = {});
 
 /// Encodes the bank (data.train) and the queries (data.test) and runs the weighted k-NN vote.
 /// A limit larger than its split means the whole split. Throws moca::Error when the data has no
@@ -83,6 +86,17 @@ eval::Features encode_dataset(VisionTransformer<float>& vit, const data::Dataset
 KnnResult run_knn_protocol(VisionTransformer<float>& vit, const RunData& data,
                            const data::AugmentConfig& augment, const KnnProtocol& protocol);
 
+/// The same protocol with features from `features(split, limit, progress_label)`.
+KnnResult run_knn_protocol(
+    const RunData& data, const KnnProtocol& protocol,
+    const std::function<eval::Features(const data::Dataset&, std::int64_t, const std::string&)>&
+        features);
+
+/// The raw-pixel baseline's features: the preprocessed image itself, flattened [N, C·S·S].
+eval::Features pixel_features(const data::Dataset& ds, const data::AugmentConfig& augment,
+                              std::int64_t batch, std::int64_t limit, int workers,
+                              const std::string& progress_label);
+
 /// Prints "k  T  top-1 %  top-5 %" rows.
 void print_knn_table(const KnnResult& result, std::FILE* out);
 
@@ -90,6 +104,8 @@ void print_knn_table(const KnnResult& result, std::FILE* out);
 struct KnnOptions {
   std::string checkpoint, data = "fashion-mnist", pool = "avg", json;
   bool student = false, teacher = false, strict = false;
+  bool pixels = false;          ///< raw-pixel baseline instead of a checkpoint
+  std::string preset = "tiny";  ///< image geometry of the raw-pixel baseline
   std::vector<std::int64_t> ks = {10, 20};
   double temperature = 0.07;
   std::int64_t batch = 256, bank_limit = 0, query_limit = 0;

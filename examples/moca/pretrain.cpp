@@ -58,6 +58,9 @@ const char* const kTrainingFlags[] = {
 
 std::atomic<int> g_interrupts{0};
 
+// Thrown out of an evaluation when Ctrl-C arrives, so that a long k-NN pass does not delay it.
+struct Interrupted {};
+
 extern "C" void on_interrupt(int) {
   // The first Ctrl-C asks the loop to save and stop; a second one ends the process at once.
   if (g_interrupts.fetch_add(1) >= 1) {
@@ -500,7 +503,8 @@ int run_pretrain(const PretrainOptions& o, const CLI::App& cmd) {
   Moca<float> moca(cfg);
   moca.initialize(seed);
   std::int64_t step = 0;
-  double elapsed_before = 0;  // training seconds of earlier parts of the run
+  double elapsed_before = 0;  // wall seconds of earlier parts of the run
+  double train_before = 0;    // of which training (not evaluation)
   std::error_code ec;
   fs::create_directories(out, ec);
   MOCA_CHECK(!ec, "cannot create the output folder ", out.string(), ": ", ec.message());
@@ -512,6 +516,7 @@ int run_pretrain(const PretrainOptions& o, const CLI::App& cmd) {
     const auto state = SafetensorsFile::open(*resume_dir / kStateFile);
     step = load_moca_train_state(moca, state);
     if (const auto e = state.metadata("elapsed_s")) elapsed_before = std::stod(*e);
+    if (const auto e = state.metadata("train_s")) train_before = std::stod(*e);
     log = train::JsonlLog::resume(out / "log.jsonl", step);
     for (const json& r : train::JsonlLog::read(out / "log.jsonl")) curves.add(r);
     std::fprintf(stderr, "  resumed   from %s at step %lld\n", resume_dir->string().c_str(),
@@ -526,6 +531,9 @@ int run_pretrain(const PretrainOptions& o, const CLI::App& cmd) {
 
   const auto t_start = Clock::now();
   auto elapsed = [&] { return elapsed_before + seconds_since(t_start); };
+  // The time limit counts training only: evaluations and checkpoints do not eat the budget.
+  double paused_s = 0;      // seconds of this part spent in evaluations
+  auto train_elapsed = [&] { return train_before + seconds_since(t_start) - paused_s; };
   auto epoch_of = [&](std::int64_t s) {
     return static_cast<double>(s) / static_cast<double>(steps_per_epoch);
   };
@@ -536,7 +544,9 @@ int run_pretrain(const PretrainOptions& o, const CLI::App& cmd) {
     ckpts.save(s, [&](const fs::path& dir) {
       save_moca_weights(moca, dir / kWeightsFile, {{kConfigKey, model_json}});
       save_moca_train_state(moca, s, dir / kStateFile,
-                            {{kRunKey, run.dump()}, {"elapsed_s", fmt("%.3f", elapsed())}});
+                            {{kRunKey, run.dump()},
+                             {"elapsed_s", fmt("%.3f", elapsed())},
+                             {"train_s", fmt("%.3f", train_elapsed())}});
     });
   };
 
@@ -552,6 +562,9 @@ int run_pretrain(const PretrainOptions& o, const CLI::App& cmd) {
     protocol.bank_limit = o.knn_bank;
     protocol.query_limit = o.knn_queries;
     protocol.workers = std::max(1, o.workers);
+    protocol.poll = [] {
+      if (g_interrupts.load() > 0) throw Interrupted{};
+    };
     const KnnResult r = run_knn_protocol(enc, data, aug, protocol);
     const eval::KnnAccuracy& shown = r.accuracy.back();  // the last k drawn in the curve
     for (const eval::KnnAccuracy& a : r.accuracy) {
@@ -576,13 +589,24 @@ int run_pretrain(const PretrainOptions& o, const CLI::App& cmd) {
     }
     curves.add({{"step", s}, {"knn_top1", shown.top1}});
     curves.write(out / "curves.svg");
+    paused_s += seconds_since(t0);
   };
   if (!can_knn && (o.knn_every > 0 || o.final_knn || o.knn_init))
     std::fprintf(stderr, "note: no labelled test split: k-NN evaluation is skipped\n");
 
   std::signal(SIGINT, on_interrupt);
   std::signal(SIGTERM, on_interrupt);
-  if (o.knn_init && step == 0 && !resume_dir) evaluate(0, "init");
+  // An evaluation returns false when Ctrl-C cut it short.
+  auto try_evaluate = [&](std::int64_t s, const char* when) {
+    try {
+      evaluate(s, when);
+      return true;
+    } catch (const Interrupted&) {
+      std::fprintf(stderr, "\nk-NN evaluation interrupted\n");
+      return false;
+    }
+  };
+  if (o.knn_init && step == 0 && !resume_dir) (void)try_evaluate(0, "init");
 
   train::ProgressBar bar("pretrain", total, step);
   auto last_ckpt = Clock::now();
@@ -596,7 +620,7 @@ int run_pretrain(const PretrainOptions& o, const CLI::App& cmd) {
       stop = Stop::Interrupted;
       break;
     }
-    if (elapsed() >= limit_s) {
+    if (train_elapsed() >= limit_s) {
       stop = Stop::TimeLimit;
       break;
     }
@@ -640,7 +664,7 @@ int run_pretrain(const PretrainOptions& o, const CLI::App& cmd) {
       if (std::fmod(static_cast<double>(epoch), every) < 1e-9 ||
           std::floor(static_cast<double>(epoch) / every) !=
               std::floor(static_cast<double>(epoch - 1) / every)) {
-        evaluate(step, "periodic");
+        (void)try_evaluate(step, "periodic");
         window_start = Clock::now();
         window_steps = 0;
       }
@@ -680,7 +704,7 @@ int run_pretrain(const PretrainOptions& o, const CLI::App& cmd) {
   std::fprintf(stderr, "trained %lld steps in %s (peak memory %.0f MiB); checkpoint in %s\n",
                static_cast<long long>(step), train::format_duration(elapsed()).c_str(), peak_mib,
                ckpt_root.string().c_str());
-  if (o.final_knn) evaluate(step, "final");
+  if (o.final_knn && !try_evaluate(step, "final")) return 130;
   return 0;
 }
 
