@@ -249,6 +249,20 @@ TEST_CASE("moca pretrain: a run, a stopped and resumed run, then knn and extract
   REQUIRE(r.status == 0);
   const auto f = SafetensorsFile::open(fx.dir / "f.safetensors");
   CHECK(f.shape("avg") == std::vector<std::int64_t>{40, 32});
+
+  // The raw-pixel baseline on the same data: the bars' orientation is plain in the pixels.
+  r = run_cli("knn --pixels --data " + fx.data.string() + " -k 5 --json " +
+                  (fx.dir / "pixels.json").string(),
+              fx.dir);
+  INFO(r.err);
+  REQUIRE(r.status == 0);
+  const json px = json::parse(slurp(fx.dir / "pixels.json"));
+  CHECK(px["pooling"] == "pixels");
+  CHECK(px["bank"] == 96);
+  CHECK(px["results"][0]["count"] == 40);
+  CHECK(px["results"][0]["top1"].get<double>() > 0.5);
+  CHECK(run_cli("knn --data " + fx.data.string(), fx.dir).status != 0);  // neither source
+  CHECK(run_cli("knn --pixels --checkpoint " + a.string(), fx.dir).status != 0);  // both
 }
 
 TEST_CASE("moca pretrain: Ctrl-C saves a checkpoint; SIGKILL never leaves a broken one") {
