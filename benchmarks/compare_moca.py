@@ -8,9 +8,9 @@ The PyTorch side is the project's float32 PyTorch implementation of the same rec
 (tests/python/reference_moca.py): teacher EMA, codebook targets and refresh, both masking rounds
 with the condenser decoder, L_IMG + L_LOC, backward, clipping, AdamW with the four groups —
 the same presets, batch and thread count, medians of `--repeats` timed runs after warm-up.
-Needs Python with torch (Debian: /usr/bin/python3 with python3-torch). PyTorch runs in its fastest
-configuration here: threads = cores, OPENBLAS_CORETYPE=SkylakeX
-(Debian's OpenBLAS misdetects this CPU otherwise).
+Needs Python with torch (Debian: /usr/bin/python3 with python3-torch) on an optimised BLAS
+(Debian: libopenblas0-pthread; with only the reference libblas3, PyTorch's GEMMs run ~40x slower
+and the ratio means nothing). PyTorch uses threads = cores.
 """
 import argparse
 import json
@@ -20,7 +20,9 @@ import subprocess
 import sys
 import time
 
-os.environ.setdefault("OPENBLAS_CORETYPE", "SkylakeX")
+# OpenBLAS detects the CPU itself; forcing a core type it lacks (e.g. SkylakeX without AVX-512)
+# ends in an illegal instruction. PyTorch must use an optimised BLAS (Debian: libopenblas0-pthread),
+# not the reference libblas3, or the comparison is meaningless.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "python"))
 
 import torch  # noqa: E402

@@ -5,9 +5,9 @@ Usage: benchmarks/compare_vit.py [--bench build/benchmarks/vit_bench] [--threads
 
 Runs the C++ benchmark (Google Benchmark, JSON output, `--repeats` repetitions) and the same
 configurations in PyTorch (same model structure, batch, thread count; medians of `--repeats`
-timed runs after warm-up) and prints images/s for both and their ratio. PyTorch runs in its
-fastest configuration here: threads = cores, OPENBLAS_CORETYPE=SkylakeX (Debian's OpenBLAS
-misdetects this CPU otherwise).
+timed runs after warm-up) and prints images/s for both and their ratio. PyTorch uses threads =
+cores and needs an optimised BLAS (Debian: libopenblas0-pthread; with only the reference
+libblas3 its GEMMs run ~40x slower and the ratio means nothing).
 """
 import argparse
 import json
@@ -17,7 +17,9 @@ import subprocess
 import sys
 import time
 
-os.environ.setdefault("OPENBLAS_CORETYPE", "SkylakeX")
+# OpenBLAS detects the CPU itself; forcing a core type it lacks (e.g. SkylakeX without AVX-512)
+# ends in an illegal instruction. PyTorch must use an optimised BLAS (Debian: libopenblas0-pthread),
+# not the reference libblas3, or the comparison is meaningless.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "python"))
 
 import torch  # noqa: E402
