@@ -1,9 +1,12 @@
 // Tensor, Shape, errors, memory counters and the Philox generator.
 #include <doctest/doctest.h>
 
+#include <chrono>
+#include <moca/core/profiler.hpp>
 #include <moca/core/random.hpp>
 #include <moca/moca.hpp>
 #include <string>
+#include <vector>
 
 using namespace moca;
 
@@ -151,4 +154,54 @@ TEST_CASE("fill_uniform and fill_normal are reproducible and in range") {
   }
   fill_normal(y, Philox(5), 2, 1.0, 0.0);
   for (float v : y) CHECK(v == 1.0f);
+}
+
+namespace {
+void spin_for(double seconds) {
+  const auto end = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
+  while (std::chrono::steady_clock::now() < end) {
+  }
+}
+double seconds_of(const std::vector<profiler::Entry>& report, const std::string& name,
+                  std::int64_t* calls = nullptr) {
+  for (const auto& e : report)
+    if (name == e.name) {
+      if (calls) *calls = e.calls;
+      return e.seconds;
+    }
+  return -1;
+}
+}  // namespace
+
+TEST_CASE("profiler: nested scopes are charged their own time only") {
+  profiler::reset();
+  {
+    MOCA_PROFILE_SCOPE("ignored while off");
+    spin_for(0.001);
+  }
+  profiler::enable();
+  for (int i = 0; i < 2; ++i) {
+    MOCA_PROFILE_SCOPE("outer");
+    spin_for(0.010);
+    {
+      MOCA_PROFILE_SCOPE("inner");
+      spin_for(0.030);
+    }
+  }
+  profiler::enable(false);
+  const auto report = profiler::report();
+  std::int64_t outer_calls = 0, inner_calls = 0;
+  const double outer = seconds_of(report, "outer", &outer_calls);
+  const double inner = seconds_of(report, "inner", &inner_calls);
+  CHECK(outer_calls == 2);
+  CHECK(inner_calls == 2);
+  CHECK(seconds_of(report, "ignored while off") < 0);
+  // outer spins 20 ms of its own and waits 60 ms in inner: its entry holds only the 20 ms.
+  CHECK(inner >= 0.060);
+  CHECK(outer >= 0.020);
+  CHECK(outer < 0.050);
+  REQUIRE(report.size() == 2);
+  CHECK(std::string(report[0].name) == "inner");  // largest first
+  profiler::reset();
+  CHECK(profiler::report().empty());
 }

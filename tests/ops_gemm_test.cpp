@@ -1,6 +1,13 @@
 // ops::gemm and ops::gemm_batched against a naive double loop, their gradients, shape errors.
+#include <algorithm>
+#include <cmath>
 #include <array>
 #include <string>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "reference.hpp"
 
@@ -66,6 +73,54 @@ TEST_CASE_TEMPLATE("gemm: integer inputs give the exact product for every transp
         check_exact(label("gemm", d, ta, tb, alpha, beta), C, expected);
       }
 }
+
+TEST_CASE_TEMPLATE("gemm: shapes that cross every cache block are exact", T, float, double) {
+  // The packed float kernel cuts C into 168-row and 4080-column blocks and the inner dimension
+  // into 256-long slices (balanced), accumulating into C slice by slice; these shapes make 2-3
+  // blocks of each kind with ragged tiles. |values| <= 3 and K <= 800 keep sums exact in float.
+  const std::array<Dims, 4> dims = {{{400, 37, 700}, {13, 6200, 20}, {253, 70, 385}, {7, 9, 800}}};
+  const std::array<std::array<double, 2>, 3> scalars = {{{1, 0}, {1, 1}, {2, -1}}};
+  std::uint64_t stream = 500;
+  for (const Dims& d : dims)
+    for (const auto& [ta, tb] : kTrans)
+      for (const auto& [alpha, beta] : scalars) {
+        auto A = nonzero_integers<T>(stored(ta, d.M, d.K), stream++, 3);
+        auto B = nonzero_integers<T>(stored(tb, d.K, d.N), stream++, 3);
+        auto C = integers<T>({d.M, d.N}, stream++, -3, 3);
+        const Vec expected = ref_gemm(A, ta, B, tb, C, d, alpha, beta);
+        ops::gemm(A, tr(ta), B, tr(tb), C, alpha, beta);
+        check_exact(label("gemm", d, ta, tb, alpha, beta), C, expected);
+      }
+}
+
+#ifdef _OPENMP
+TEST_CASE("gemm: float results are identical for every thread count") {
+  // Threads own disjoint rectangles of C and every element sums in the same order, so the bits
+  // cannot depend on how C was cut (rows for a tall C, columns for a wide one).
+  const int threads_before = omp_get_max_threads();
+  const std::array<Dims, 3> dims = {{{1000, 96, 300}, {40, 1200, 500}, {65, 65, 64}}};
+  std::uint64_t stream = 700;
+  for (const Dims& d : dims)
+    for (const auto& [ta, tb] : kTrans) {
+      auto A = uniform<float>(stored(ta, d.M, d.K), stream++);
+      auto B = uniform<float>(stored(tb, d.K, d.N), stream++);
+      std::vector<Tensor<float>> results;
+      for (int threads : {1, 2, 3, 4}) {
+        omp_set_num_threads(threads);
+        Tensor<float> C({d.M, d.N});
+        ops::gemm(A, tr(ta), B, tr(tb), C);
+        results.push_back(std::move(C));
+      }
+      omp_set_num_threads(threads_before);
+      check_close(label("gemm 1 thread", d, ta, tb, 1, 0), results[0],
+                  ref_gemm(A, ta, B, tb, results[0], d, 1.0, 0.0));
+      for (std::size_t i = 1; i < results.size(); ++i)
+        CHECK_MESSAGE(std::equal(results[0].data(), results[0].data() + results[0].numel(),
+                                 results[i].data()),
+                      label("gemm", d, ta, tb, 1, 0), " differs with ", i + 1, " threads");
+    }
+}
+#endif
 
 TEST_CASE_TEMPLATE("gemm: real inputs match the double reference", T, float, double) {
   std::uint64_t stream = 1000;
@@ -228,4 +283,35 @@ TEST_CASE("gemm: shape errors name the shapes") {
                     {"strided_batch", "ld 3"});
   // The last head ends exactly at the buffer's end: accepted.
   CHECK_NOTHROW(ops::strided_batch<float, Cpu>(qkv, 8, 7, 2, 12, 2, 2));
+}
+
+TEST_CASE_TEMPLATE("attention: the fused op matches the composed batched form", T, float, double) {
+  // The CPU backend runs one task per (image, head); the composed form (the path of backends
+  // without a fused op) runs strided batched GEMMs and whole-tensor softmax. Both must agree,
+  // forward and backward, including ragged token counts.
+  std::uint64_t stream = 900;
+  for (const auto& [B, S, H, hd] : std::array<std::array<i64, 4>, 3>{{{2, 17, 3, 8},
+                                                                      {3, 65, 2, 16},
+                                                                      {1, 5, 1, 4}}}) {
+    const i64 dim = H * hd;
+    auto qkv = uniform<T>({B, S, 3 * dim}, stream++, -2, 2);
+    auto dctx = uniform<T>({B, S, dim}, stream++);
+    const T scale = T(1) / std::sqrt(T(hd));
+    Tensor<T> probs({B, H, S, S}), ctx({B, S, dim}), probs_ref({B, H, S, S}), ctx_ref({B, S, dim});
+    ops::attention_forward(qkv, H, scale, probs, ctx);
+    ops::attention_impl::attention_forward_composed<T, Cpu>(qkv, H, scale, probs_ref, ctx_ref);
+    const std::string what = detail::str("attention B=", B, " S=", S, " H=", H, " hd=", hd);
+    check_close(what + " probs", probs, to_vec<T>(probs_ref));
+    check_close(what + " ctx", ctx, to_vec<T>(ctx_ref));
+    Tensor<T> dprobs({B, H, S, S}), dqkv({B, S, 3 * dim}), dprobs_ref({B, H, S, S}),
+        dqkv_ref({B, S, 3 * dim});
+    fill_nan<T>(dqkv);  // every element must be written
+    ops::attention_backward(qkv, probs, dctx, H, scale, dprobs, dqkv);
+    ops::attention_impl::attention_backward_composed<T, Cpu>(qkv, probs_ref, dctx, H, scale, dprobs_ref,
+                                                     dqkv_ref);
+    check_close(what + " dqkv", dqkv, to_vec<T>(dqkv_ref));
+  }
+  Tensor<float> qkv({2, 5, 12}), probs({2, 3, 5, 5}), ctx({2, 5, 4});
+  check_error_names("attention heads", [&] { ops::attention_forward(qkv, 5, 1.0f, probs, ctx); },
+                    {"attention", "[2, 5, 12]", "5 heads"});
 }

@@ -1,6 +1,8 @@
 // Row ops (softmax, log_softmax, layer_norm, l2_normalize) and their backwards against double
 // loops; gradients, aliasing, thread-count independence and shape errors.
 #include <array>
+#include <cmath>
+#include <limits>
 #include <string>
 
 #include "reference.hpp"
@@ -77,6 +79,28 @@ TEST_CASE_TEMPLATE("softmax of a single column is one, and large logits do not o
   big(0, 0) = 1000, big(0, 1) = 999, big(0, 2) = -1000;
   ops::softmax(big, p);
   check_close("softmax of large logits", p, ref::softmax({1000, 999, -1000}, 1, 3, false));
+}
+
+TEST_CASE_TEMPLATE("softmax: a -inf logit has probability 0, a NaN logit poisons its row", T,
+                   float, double) {
+  // Rows of 11 cross the 8-lane boundary of the vectorised float path.
+  const T inf = std::numeric_limits<T>::infinity();
+  auto x = uniform<T>({3, 11}, 60, -3, 3);
+  x(0, 9) = -inf;
+  x(1, 2) = std::numeric_limits<T>::quiet_NaN();
+  Tensor<T> p({3, 11}), lp({3, 11});
+  ops::softmax(x, p);
+  ops::log_softmax(x, lp);
+  CHECK(p(0, 9) == T(0));
+  CHECK(lp(0, 9) == -inf);
+  T row0 = 0;
+  for (i64 j = 0; j < 11; ++j) row0 += p(0, j);
+  CHECK(std::abs(row0 - T(1)) < T(1e-6));
+  for (i64 j = 0; j < 11; ++j) {
+    CHECK_MESSAGE(std::isnan(p(1, j)), "softmax column ", j);
+    CHECK_MESSAGE(std::isnan(lp(1, j)), "log_softmax column ", j);
+    CHECK(std::isfinite(p(2, j)));
+  }
 }
 
 TEST_CASE_TEMPLATE("layer_norm matches the reference, with and without affine parameters", T,

@@ -2,6 +2,7 @@
 // check shapes, and run on the tensors' device through Backend<Device>.
 #pragma once
 
+#include "moca/ops/attention.hpp"
 #include "moca/ops/elementwise.hpp"
 #include "moca/ops/gemm.hpp"
 #include "moca/ops/index.hpp"

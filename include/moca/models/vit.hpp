@@ -22,6 +22,7 @@
 #include <utility>
 #include <vector>
 
+#include "moca/core/profiler.hpp"
 #include "moca/nn/block.hpp"
 #include "moca/nn/layer_norm.hpp"
 #include "moca/nn/parameter.hpp"
@@ -114,6 +115,7 @@ class VisionTransformer {
   /// Runs the encoder on images [N, C, H, W]. With `keep` [N, K] (patch indices on the host),
   /// only those patches enter, in the given order, after their positions were added.
   void forward(const TensorView<T, D>& images, const TensorView<Index, Cpu>* keep = nullptr) {
+    MOCA_PROFILE_SCOPE("vit tokens");
     const std::int64_t N = images.size(0), L = cfg_.num_patches(), dim = cfg_.dim;
     MOCA_CHECK(images.rank() == 4 && images.size(1) == cfg_.in_chans &&
                    images.size(2) == cfg_.img_size && images.size(3) == cfg_.img_size,
@@ -160,6 +162,7 @@ class VisionTransformer {
   /// Backpropagates gradients given for any outputs of the last forward (offsets as output()).
   /// Accumulates into the parameter gradients; writes d_images unless it is an empty view.
   void backward(std::span<const OutputGrad> grads, const TensorView<T, D>& d_images = {}) {
+    MOCA_PROFILE_SCOPE("vit tokens");
     const Shape shape = out_.shape();
     const std::int64_t N = shape[0], S = shape[1], dim = cfg_.dim, K = S - 1;
     for (const OutputGrad& g : grads)

@@ -2,6 +2,7 @@
 // Mlp<T, D, Activation> takes one; a custom activation is a struct with the same two functions.
 #pragma once
 
+#include "moca/core/profiler.hpp"
 #include "moca/ops.hpp"
 
 namespace moca {
@@ -11,11 +12,13 @@ struct Gelu {
   static constexpr const char* name = "gelu";
   template <class T, class D>
   static void forward(const TensorView<T, D>& x, const TensorView<T, D>& y) {
+    MOCA_PROFILE_SCOPE(name);
     ops::gelu(x, y);
   }
   template <class T, class D>
   static void backward(const TensorView<T, D>& x, const TensorView<T, D>& dy,
                        const TensorView<T, D>& dx) {
+    MOCA_PROFILE_SCOPE(name);
     ops::gelu_backward(x, dy, dx);
   }
 };
@@ -25,11 +28,13 @@ struct Relu {
   static constexpr const char* name = "relu";
   template <class T, class D>
   static void forward(const TensorView<T, D>& x, const TensorView<T, D>& y) {
+    MOCA_PROFILE_SCOPE(name);
     ops::relu(x, y);
   }
   template <class T, class D>
   static void backward(const TensorView<T, D>& x, const TensorView<T, D>& dy,
                        const TensorView<T, D>& dx) {
+    MOCA_PROFILE_SCOPE(name);
     ops::relu_backward(x, dy, dx);
   }
 };

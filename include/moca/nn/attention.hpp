@@ -2,13 +2,14 @@
 //
 // qkv = x · Wqkvᵀ + b has features [q | k | v], each `dim` wide and head-major inside (head h
 // uses features h·hd … h·hd + hd − 1). Per head: P = softmax(q kᵀ · hd^-½), o = P v; heads are
-// concatenated head-major and projected by `proj`. No masking, no dropout. The heads are read
-// in place from the qkv buffer through strided batched GEMMs (one call per head over the batch).
+// concatenated head-major and projected by `proj`. No masking, no dropout. The core (scores,
+// softmax, products) is ops::attention_forward/backward, which reads the heads in place.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 
+#include "moca/core/profiler.hpp"
 #include "moca/nn/linear.hpp"
 
 namespace moca {
@@ -36,6 +37,7 @@ class MultiHeadAttention {
 
   /// x [B, T, dim] → y [B, T, dim]
   void forward(const TensorView<T, D>& x, const TensorView<T, D>& y) {
+    MOCA_PROFILE_SCOPE("attention");
     MOCA_CHECK(x.rank() == 3 && x.size(2) == dim_, "attention: expected input [B, T, ", dim_,
                "], got ", x.shape());
     const std::int64_t B = x.size(0), S = x.size(1), H = heads_, hd = head_dim();
@@ -44,39 +46,23 @@ class MultiHeadAttention {
     ctx_.resize({B, S, dim_});
     qkv.forward(x, qkv_);
     const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(hd)));
-    for (std::int64_t h = 0; h < H; ++h)
-      ops::gemm_batched(head(qkv_, h, 0), Trans::N, head(qkv_, h, 1), Trans::T, scores(probs_, h),
-                        scale, 0);
-    ops::softmax(TensorView<T, D>(probs_), TensorView<T, D>(probs_));
-    for (std::int64_t h = 0; h < H; ++h)
-      ops::gemm_batched(scores(probs_, h), Trans::N, head(qkv_, h, 2), Trans::N, head_of(ctx_, h));
+    ops::attention_forward(TensorView<T, D>(qkv_), H, scale, TensorView<T, D>(probs_),
+                           TensorView<T, D>(ctx_));
     proj.forward(ctx_, y);
   }
 
   /// x is the input of the last forward; writes dx, accumulates parameter gradients.
   void backward(const TensorView<T, D>& x, const TensorView<T, D>& dy, const TensorView<T, D>& dx) {
+    MOCA_PROFILE_SCOPE("attention");
     const std::int64_t H = heads_, hd = head_dim();
     dctx_.resize(ctx_.shape());
     dprobs_.resize(probs_.shape());
     dqkv_.resize(qkv_.shape());
     proj.backward(ctx_, dy, dctx_);
-    for (std::int64_t h = 0; h < H; ++h) {
-      // o = P v:  dP = do · vᵀ,  dv = Pᵀ · do
-      ops::gemm_batched(head_of(dctx_, h), Trans::N, head(qkv_, h, 2), Trans::T,
-                        scores(dprobs_, h));
-      ops::gemm_batched(scores(probs_, h), Trans::T, head_of(dctx_, h), Trans::N,
-                        head(dqkv_, h, 2));
-    }
-    ops::softmax_backward(TensorView<T, D>(probs_), TensorView<T, D>(dprobs_),
-                          TensorView<T, D>(dprobs_));
     const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(hd)));
-    for (std::int64_t h = 0; h < H; ++h) {
-      // S = q kᵀ · scale:  dq = dS · k · scale,  dk = dSᵀ · q · scale
-      ops::gemm_batched(scores(dprobs_, h), Trans::N, head(qkv_, h, 1), Trans::N,
-                        head(dqkv_, h, 0), scale, 0);
-      ops::gemm_batched(scores(dprobs_, h), Trans::T, head(qkv_, h, 0), Trans::N,
-                        head(dqkv_, h, 1), scale, 0);
-    }
+    ops::attention_backward(TensorView<T, D>(qkv_), TensorView<T, D>(probs_),
+                            TensorView<T, D>(dctx_), H, scale, TensorView<T, D>(dprobs_),
+                            TensorView<T, D>(dqkv_));
     qkv.backward(x, dqkv_, dx);
   }
 
@@ -84,22 +70,6 @@ class MultiHeadAttention {
   TensorView<T, D> attention_probs() const { return probs_; }
 
  private:
-  // Head h of part (0 = q, 1 = k, 2 = v) in a [B, T, 3·dim] buffer: B matrices [T, hd].
-  ops::StridedBatch<T, D> head(const TensorView<T, D>& buf, std::int64_t h, int part) const {
-    const std::int64_t B = buf.size(0), S = buf.size(1), hd = head_dim();
-    return ops::strided_batch(buf, part * dim_ + h * hd, S, hd, 3 * dim_, S * 3 * dim_, B);
-  }
-  // Head h in a [B, T, dim] buffer.
-  ops::StridedBatch<T, D> head_of(const TensorView<T, D>& buf, std::int64_t h) const {
-    const std::int64_t B = buf.size(0), S = buf.size(1), hd = head_dim();
-    return ops::strided_batch(buf, h * hd, S, hd, dim_, S * dim_, B);
-  }
-  // The [T, T] score matrices of head h in a [B, H, T, T] buffer.
-  ops::StridedBatch<T, D> scores(const TensorView<T, D>& buf, std::int64_t h) const {
-    const std::int64_t B = buf.size(0), S = buf.size(2);
-    return ops::strided_batch(buf, h * S * S, S, S, S, heads_ * S * S, B);
-  }
-
   std::int64_t dim_ = 0, heads_ = 1;
   Tensor<T, D> qkv_, probs_, ctx_;      // saved by forward
   Tensor<T, D> dctx_, dprobs_, dqkv_;   // backward scratch

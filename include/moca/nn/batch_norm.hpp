@@ -5,6 +5,7 @@
 
 #include <cstdint>
 
+#include "moca/core/profiler.hpp"
 #include "moca/nn/parameter.hpp"
 #include "moca/ops.hpp"
 
@@ -37,6 +38,7 @@ class BatchNorm1d {
   /// x [M, features] → y, normalised with the batch's statistics; updates the running ones
   /// (unbiased variance, momentum 0.1) unless `update_running` is false.
   void forward(const TensorView<T, D>& x, const TensorView<T, D>& y, bool update_running = true) {
+    MOCA_PROFILE_SCOPE("batch_norm");
     mean_.resize({features_});
     var_.resize({features_});
     ops::batch_norm(x, weight.value, bias.value, eps_, y, mean_, var_);
@@ -51,6 +53,7 @@ class BatchNorm1d {
 
   /// x is the input of the last forward; writes dx, accumulates weight and bias gradients.
   void backward(const TensorView<T, D>& x, const TensorView<T, D>& dy, const TensorView<T, D>& dx) {
+    MOCA_PROFILE_SCOPE("batch_norm");
     ops::batch_norm_backward(x, weight.value, TensorView<T, D>(mean_), TensorView<T, D>(var_), eps_,
                              dy, dx, weight.grad, bias.grad);
   }

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 
+#include "moca/core/profiler.hpp"
 #include "moca/nn/attention.hpp"
 #include "moca/nn/concepts.hpp"
 #include "moca/nn/layer_norm.hpp"
@@ -40,6 +41,7 @@ class Block {
 
   /// x [B, T, dim] → out [B, T, dim] (out must not alias x: backward reads x).
   void forward(const TensorView<T, D>& x, const TensorView<T, D>& out) {
+    MOCA_PROFILE_SCOPE("residual");
     n1_.resize(x.shape());
     mid_.resize(x.shape());
     n2_.resize(x.shape());
@@ -54,6 +56,7 @@ class Block {
   /// x is the input of the last forward; writes dx (may alias dout), accumulates parameter grads.
   void backward(const TensorView<T, D>& x, const TensorView<T, D>& dout,
                 const TensorView<T, D>& dx) {
+    MOCA_PROFILE_SCOPE("residual");
     dmid_.resize(x.shape());
     scratch_.resize(x.shape());
     // out = mid + mlp(LN2(mid)): dmid = dout + LN2ᵀ(MLPᵀ(dout))

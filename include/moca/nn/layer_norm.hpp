@@ -3,6 +3,7 @@
 
 #include <cstdint>
 
+#include "moca/core/profiler.hpp"
 #include "moca/nn/parameter.hpp"
 #include "moca/ops.hpp"
 
@@ -32,6 +33,7 @@ class LayerNorm {
   double eps() const { return eps_; }
 
   void forward(const TensorView<T, D>& x, const TensorView<T, D>& y) {
+    MOCA_PROFILE_SCOPE("layer_norm");
     const std::int64_t rows = x.shape().leading();
     mean_.resize({rows});
     rstd_.resize({rows});
@@ -40,6 +42,7 @@ class LayerNorm {
 
   /// x is the input of the last forward. Writes dx (may alias dy); accumulates parameter grads.
   void backward(const TensorView<T, D>& x, const TensorView<T, D>& dy, const TensorView<T, D>& dx) {
+    MOCA_PROFILE_SCOPE("layer_norm");
     ops::layer_norm_backward(x, weight.value, mean_, rstd_, dy, dx, weight.grad, bias.grad);
   }
 

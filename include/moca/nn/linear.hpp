@@ -3,6 +3,7 @@
 
 #include <cstdint>
 
+#include "moca/core/profiler.hpp"
 #include "moca/nn/parameter.hpp"
 #include "moca/ops.hpp"
 
@@ -37,6 +38,7 @@ class Linear {
 
   /// y = x · Wᵀ + b
   void forward(const TensorView<T, D>& x, const TensorView<T, D>& y) const {
+    MOCA_PROFILE_SCOPE("linear");
     ops::gemm(x, Trans::N, weight.value, Trans::T, y);
     if (has_bias_) ops::add_bias(y, bias.value);
   }
@@ -45,6 +47,7 @@ class Linear {
   /// `accumulate_dx`). dx may be an empty view when the input needs no gradient.
   void backward(const TensorView<T, D>& x, const TensorView<T, D>& dy, const TensorView<T, D>& dx,
                 bool accumulate_dx = false) const {
+    MOCA_PROFILE_SCOPE("linear");
     if (!weight.grad.empty()) ops::gemm(dy, Trans::T, x, Trans::N, weight.grad, 1, 1);
     if (has_bias_ && !bias.grad.empty()) ops::sum(dy.matrix(), 0, bias.grad, 1, 1);
     if (!dx.empty()) ops::gemm(dy, Trans::N, weight.value, Trans::N, dx, 1, accumulate_dx ? 1 : 0);

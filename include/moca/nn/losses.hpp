@@ -10,6 +10,7 @@
 // a constant for the logits, so it shares the gradient.
 #pragma once
 
+#include "moca/core/profiler.hpp"
 #include "moca/ops.hpp"
 
 namespace moca {
@@ -20,6 +21,7 @@ class SoftTargetCrossEntropy {
   /// Loss of logits z [..., K] against targets of the same shape; one buffer of z's size is
   /// reused across calls.
   double forward(const TensorView<T, D>& logits, const TensorView<T, D>& targets) {
+    MOCA_PROFILE_SCOPE("loss");
     MOCA_CHECK(logits.shape() == targets.shape(), "cross-entropy: logits ", logits.shape(),
                " and targets ", targets.shape(), " differ");
     const std::int64_t rows = logits.shape().leading();
@@ -37,6 +39,7 @@ class SoftTargetCrossEntropy {
   /// dlogits = scale · (softmax(z) − t) / rows (or adds it, with `accumulate`).
   void backward(const TensorView<T, D>& logits, const TensorView<T, D>& targets,
                 const TensorView<T, D>& dlogits, double scale = 1.0, bool accumulate = false) {
+    MOCA_PROFILE_SCOPE("loss");
     MOCA_CHECK(logits.shape() == targets.shape() && logits.shape() == dlogits.shape(),
                "cross-entropy backward: logits ", logits.shape(), ", targets ", targets.shape(),
                " and gradient ", dlogits.shape(), " differ");
@@ -66,12 +69,14 @@ template <class T, class D = Cpu>
 class KlDivergence {
  public:
   double forward(const TensorView<T, D>& logits, const TensorView<T, D>& targets) {
+    MOCA_PROFILE_SCOPE("loss");
     const double ce = ce_.forward(logits, targets);
     const auto rows = static_cast<double>(logits.shape().leading());
     return ce + ops::xlogy_sum(targets, targets) / rows;
   }
   void backward(const TensorView<T, D>& logits, const TensorView<T, D>& targets,
                 const TensorView<T, D>& dlogits, double scale = 1.0) {
+    MOCA_PROFILE_SCOPE("loss");
     ce_.backward(logits, targets, dlogits, scale);
   }
 

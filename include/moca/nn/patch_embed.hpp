@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "moca/core/profiler.hpp"
 #include "moca/nn/parameter.hpp"
 #include "moca/ops.hpp"
 
@@ -45,6 +46,7 @@ class PatchEmbed {
 
   /// images [N, C, H, W] → tokens [N, (H/p)(W/p), dim]
   void forward(const TensorView<T, D>& images, const TensorView<T, D>& tokens) {
+    MOCA_PROFILE_SCOPE("patch_embed");
     MOCA_CHECK(images.rank() == 4 && images.size(1) == in_chans_, "patch embedding: expected [N, ",
                in_chans_, ", H, W] images, got ", images.shape());
     const std::int64_t L = (images.size(2) / patch_) * (images.size(3) / patch_);
@@ -57,6 +59,7 @@ class PatchEmbed {
 
   /// Accumulates the parameter gradients; writes d_images unless it is an empty view.
   void backward(const TensorView<T, D>& dtokens, const TensorView<T, D>& d_images) {
+    MOCA_PROFILE_SCOPE("patch_embed");
     if (!proj.weight.grad.empty())
       ops::gemm(dtokens, Trans::T, TensorView<T, D>(patches_), Trans::N,
                 weight_matrix(proj.weight.grad), 1, 1);

@@ -6,6 +6,7 @@
 // Tensors of rank > 2 are read as matrices [product of leading dims, last dim].
 #pragma once
 
+#include "moca/core/profiler.hpp"
 #include "moca/ops/common.hpp"
 
 namespace moca {
@@ -24,6 +25,7 @@ void gemm(const TensorView<T, D>& A, Trans ta, const TensorView<T, D>& B, Trans 
   const std::int64_t Kb = tB ? b.size(1) : b.size(0), N = tB ? b.size(0) : b.size(1);
   MOCA_CHECK(K == Kb && c.size(0) == M && c.size(1) == N, "gemm: incompatible shapes: A ",
              A.shape(), tA ? "ᵀ" : "", " · B ", B.shape(), tB ? "ᵀ" : "", " -> C ", C.shape());
+  profiler::count_flops(2.0 * double(M) * double(N) * double(K));
   Backend<D>::gemm(tA, tB, M, N, K, T(alpha), a.data(), a.size(1), b.data(), b.size(1), T(beta),
                    c.data(), c.size(1));
 }
@@ -67,6 +69,7 @@ void gemm_batched(const StridedBatch<T, D>& A, Trans ta, const StridedBatch<T, D
              "gemm_batched: incompatible batches: A ", A.count, "×[", A.rows, ", ", A.cols, "]",
              tA ? "ᵀ" : "", " · B ", B.count, "×[", B.rows, ", ", B.cols, "]", tB ? "ᵀ" : "",
              " -> C ", C.count, "×[", C.rows, ", ", C.cols, "]");
+  profiler::count_flops(2.0 * double(M) * double(N) * double(K) * double(A.count));
   Backend<D>::gemm_strided_batched(tA, tB, M, N, K, T(alpha), A.data, A.ld, A.stride, B.data,
                                    B.ld, B.stride, T(beta), C.data, C.ld, C.stride, A.count);
 }

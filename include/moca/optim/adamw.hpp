@@ -19,6 +19,7 @@
 #include <string_view>
 #include <vector>
 
+#include "moca/core/profiler.hpp"
 #include "moca/core/check.hpp"
 #include "moca/core/tensor.hpp"
 #include "moca/nn/parameter.hpp"
@@ -59,6 +60,7 @@ class AdamW {
   /// One step: advances the step counter, then updates every group with its own lr and weight
   /// decay. `groups` must describe this optimiser's arena.
   void step(const ParamGroups& groups) {
+    MOCA_PROFILE_SCOPE("adamw");
     detail::check_groups_fit("AdamW", groups, values_.numel());
     for (const ParamGroup& g : groups)
       MOCA_CHECK(g.lr >= 0.0 && g.weight_decay >= 0.0, "AdamW: group '", g.name,

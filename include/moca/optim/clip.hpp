@@ -13,6 +13,7 @@
 #include <cmath>
 #include <optional>
 
+#include "moca/core/profiler.hpp"
 #include "moca/core/check.hpp"
 #include "moca/core/tensor.hpp"
 #include "moca/nn/parameter.hpp"
@@ -44,6 +45,7 @@ inline double clip_coefficient(double norm, double max_norm) {
 /// Clips a flat gradient buffer to `max_norm` (≥ 0) and returns its norm before clipping.
 template <class T, class D>
 double clip_grad_norm(const TensorView<T, D>& grads, double max_norm) {
+  MOCA_PROFILE_SCOPE("clip_grad_norm");
   MOCA_CHECK(max_norm >= 0.0, "clip_grad_norm: negative max_norm ", max_norm,
              " (pass std::nullopt to disable clipping)");
   const double norm = global_grad_norm(grads);

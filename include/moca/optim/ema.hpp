@@ -18,6 +18,7 @@
 #include <string_view>
 #include <vector>
 
+#include "moca/core/profiler.hpp"
 #include "moca/core/check.hpp"
 #include "moca/core/tensor.hpp"
 #include "moca/nn/parameter.hpp"
@@ -87,6 +88,7 @@ class EmaLink {
 
   /// θ_T ← m·θ_T + (1 − m)·θ_S; does nothing when m ≥ 1. Requires m ≥ 0.
   void update(double momentum) const {
+    MOCA_PROFILE_SCOPE("ema");
     MOCA_CHECK(momentum >= 0.0, "ema_update: negative momentum ", momentum);
     if (momentum >= 1.0) return;
     ops::axpby(T(1.0 - momentum), source_, T(momentum), target_);

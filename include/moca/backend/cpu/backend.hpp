@@ -7,6 +7,7 @@
 
 #include <cstdint>
 
+#include "moca/backend/cpu/attention.hpp"
 #include "moca/backend/cpu/elementwise.hpp"
 #include "moca/backend/cpu/gemm.hpp"
 #include "moca/backend/cpu/index.hpp"
@@ -34,6 +35,17 @@ struct Backend<Cpu> {
                                    std::int64_t batch) {
     cpu::gemm_strided_batched(ta, tb, M, N, K, alpha, A, lda, sa, B, ldb, sb, beta, C, ldc, sc,
                               batch);
+  }
+  template <class T>
+  static void attention_forward(std::int64_t B, std::int64_t H, std::int64_t S, std::int64_t hd,
+                                T scale, const T* qkv, T* probs, T* ctx) {
+    cpu::attention_forward(B, H, S, hd, scale, qkv, probs, ctx);
+  }
+  template <class T>
+  static void attention_backward(std::int64_t B, std::int64_t H, std::int64_t S, std::int64_t hd,
+                                 T scale, const T* qkv, const T* probs, const T* dctx, T* dprobs,
+                                 T* dqkv) {
+    cpu::attention_backward(B, H, S, hd, scale, qkv, probs, dctx, dprobs, dqkv);
   }
   template <class T>
   static void fill(std::int64_t n, T value, T* x) { cpu::fill(n, value, x); }

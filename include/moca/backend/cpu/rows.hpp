@@ -9,6 +9,7 @@
 #include <type_traits>
 
 #include "moca/backend/cpu/parallel.hpp"
+#include "moca/backend/cpu/simd_math.hpp"
 
 namespace moca::cpu {
 
@@ -16,12 +17,78 @@ namespace moca::cpu {
 template <class T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
+#ifdef MOCA_CPU_SIMD_MATH
+// Float rows on AVX2: 8 lanes at a time, the ragged end through masked loads. Sums run in 8
+// partial lanes added in a fixed order, so results do not depend on the thread count.
+namespace lanes {
+
+inline __m256 load(const float* p, std::int64_t left, __m256 fill) {
+  if (left >= 8) return _mm256_loadu_ps(p);
+  const __m256i mask = simd::first_lanes(left);
+  return _mm256_blendv_ps(fill, _mm256_maskload_ps(p, mask), _mm256_castsi256_ps(mask));
+}
+
+inline void store(float* p, std::int64_t left, __m256 v) {
+  if (left >= 8) {
+    _mm256_storeu_ps(p, v);
+  } else {
+    _mm256_maskstore_ps(p, simd::first_lanes(left), v);
+  }
+}
+
+inline float row_max(std::int64_t N, const float* x) {
+  const __m256 lowest = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  __m256 m = lowest;
+  for (std::int64_t j = 0; j < N; j += 8) m = _mm256_max_ps(m, load(x + j, N - j, lowest));
+  return simd::max(m);
+}
+
+/// Σ_j e^(x_j - shift); writes the terms to y when y is not null.
+inline float sum_exp(std::int64_t N, const float* x, float shift, float* y) {
+  const __m256 s = _mm256_set1_ps(shift), zero = _mm256_setzero_ps();
+  __m256 acc = zero;
+  for (std::int64_t j = 0; j < N; j += 8) {
+    const __m256 lowest = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+    const __m256 e = simd::exp(_mm256_sub_ps(load(x + j, N - j, lowest), s));  // pad: e^-inf = 0
+    acc = _mm256_add_ps(acc, e);
+    if (y) store(y + j, N - j, e);
+  }
+  return simd::sum(acc);
+}
+
+inline float sum(std::int64_t N, const float* x) {
+  const __m256 zero = _mm256_setzero_ps();
+  __m256 acc = zero;
+  for (std::int64_t j = 0; j < N; j += 8) acc = _mm256_add_ps(acc, load(x + j, N - j, zero));
+  return simd::sum(acc);
+}
+
+inline float dot(std::int64_t N, const float* a, const float* b) {
+  const __m256 zero = _mm256_setzero_ps();
+  __m256 acc = zero;
+  for (std::int64_t j = 0; j < N; j += 8)
+    acc = _mm256_fmadd_ps(load(a + j, N - j, zero), load(b + j, N - j, zero), acc);
+  return simd::sum(acc);
+}
+
+}  // namespace lanes
+#endif
+
 template <class T>
 void softmax_rows(std::int64_t M, std::int64_t N, const T* x, T* y) {
   parallel_for(M, 4 * M * N, [&](std::int64_t r0, std::int64_t r1) {
     for (std::int64_t r = r0; r < r1; ++r) {
       const T* xr = x + r * N;
       T* yr = y + r * N;
+#ifdef MOCA_CPU_SIMD_MATH
+      if constexpr (std::is_same_v<T, float>) {
+        const float mx = lanes::row_max(N, xr);
+        const __m256 inv = _mm256_set1_ps(1.0f / lanes::sum_exp(N, xr, mx, yr));
+        for (std::int64_t j = 0; j < N; j += 8)
+          lanes::store(yr + j, N - j, _mm256_mul_ps(lanes::load(yr + j, N - j, inv), inv));
+        continue;
+      }
+#endif
       T mx = -std::numeric_limits<T>::infinity();
       for (std::int64_t j = 0; j < N; ++j) mx = std::max(mx, xr[j]);
       acc_t<T> sum = 0;
@@ -41,6 +108,15 @@ void log_softmax_rows(std::int64_t M, std::int64_t N, const T* x, T* y) {
     for (std::int64_t r = r0; r < r1; ++r) {
       const T* xr = x + r * N;
       T* yr = y + r * N;
+#ifdef MOCA_CPU_SIMD_MATH
+      if constexpr (std::is_same_v<T, float>) {
+        const float mx = lanes::row_max(N, xr);
+        const __m256 lse = _mm256_set1_ps(mx + std::log(lanes::sum_exp(N, xr, mx, nullptr)));
+        for (std::int64_t j = 0; j < N; j += 8)
+          lanes::store(yr + j, N - j, _mm256_sub_ps(lanes::load(xr + j, N - j, lse), lse));
+        continue;
+      }
+#endif
       T mx = -std::numeric_limits<T>::infinity();
       for (std::int64_t j = 0; j < N; ++j) mx = std::max(mx, xr[j]);
       acc_t<T> sum = 0;
@@ -58,6 +134,17 @@ void softmax_rows_backward(std::int64_t M, std::int64_t N, const T* y, const T* 
     for (std::int64_t r = r0; r < r1; ++r) {
       const T *yr = y + r * N, *gr = dy + r * N;
       T* dr = dx + r * N;
+#ifdef MOCA_CPU_SIMD_MATH
+      if constexpr (std::is_same_v<T, float>) {
+        const __m256 d = _mm256_set1_ps(lanes::dot(N, gr, yr)), zero = _mm256_setzero_ps();
+        for (std::int64_t j = 0; j < N; j += 8) {
+          const __m256 g = lanes::load(gr + j, N - j, zero);
+          lanes::store(dr + j, N - j, _mm256_mul_ps(lanes::load(yr + j, N - j, zero),
+                                                    _mm256_sub_ps(g, d)));
+        }
+        continue;
+      }
+#endif
       acc_t<T> dot = 0;
       for (std::int64_t j = 0; j < N; ++j) dot += gr[j] * yr[j];
       for (std::int64_t j = 0; j < N; ++j) dr[j] = yr[j] * (gr[j] - static_cast<T>(dot));
@@ -72,6 +159,16 @@ void log_softmax_rows_backward(std::int64_t M, std::int64_t N, const T* y, const
     for (std::int64_t r = r0; r < r1; ++r) {
       const T *yr = y + r * N, *gr = dy + r * N;
       T* dr = dx + r * N;
+#ifdef MOCA_CPU_SIMD_MATH
+      if constexpr (std::is_same_v<T, float>) {
+        const __m256 s = _mm256_set1_ps(lanes::sum(N, gr)), zero = _mm256_setzero_ps();
+        for (std::int64_t j = 0; j < N; j += 8) {
+          const __m256 p = simd::exp(lanes::load(yr + j, N - j, zero));
+          lanes::store(dr + j, N - j, _mm256_fnmadd_ps(p, s, lanes::load(gr + j, N - j, zero)));
+        }
+        continue;
+      }
+#endif
       acc_t<T> sum = 0;
       for (std::int64_t j = 0; j < N; ++j) sum += gr[j];
       for (std::int64_t j = 0; j < N; ++j) dr[j] = gr[j] - std::exp(yr[j]) * static_cast<T>(sum);
@@ -88,6 +185,31 @@ void layer_norm_forward(std::int64_t M, std::int64_t N, const T* x, const T* gam
     for (std::int64_t r = r0; r < r1; ++r) {
       const T* xr = x + r * N;
       T* yr = y + r * N;
+#ifdef MOCA_CPU_SIMD_MATH
+      if constexpr (std::is_same_v<T, float>) {
+        const __m256 zero = _mm256_setzero_ps();
+        const float mu = lanes::sum(N, xr) / static_cast<float>(N);
+        const __m256 m = _mm256_set1_ps(mu);
+        __m256 acc = zero;
+        for (std::int64_t j = 0; j < N; j += 8) {
+          // Padding lanes load mu: their deviation is 0.
+          const __m256 d = _mm256_sub_ps(lanes::load(xr + j, N - j, m), m);
+          acc = _mm256_fmadd_ps(d, d, acc);
+        }
+        const float is = 1.0f / std::sqrt(simd::sum(acc) / static_cast<float>(N) +
+                                          static_cast<float>(eps));
+        const __m256 vis = _mm256_set1_ps(is), one = _mm256_set1_ps(1.0f);
+        for (std::int64_t j = 0; j < N; j += 8) {
+          __m256 v = _mm256_mul_ps(_mm256_sub_ps(lanes::load(xr + j, N - j, m), m), vis);
+          if (gamma) v = _mm256_mul_ps(v, lanes::load(gamma + j, N - j, one));
+          if (beta) v = _mm256_add_ps(v, lanes::load(beta + j, N - j, zero));
+          lanes::store(yr + j, N - j, v);
+        }
+        mean[r] = mu;
+        rstd[r] = is;
+        continue;
+      }
+#endif
       acc_t<T> s = 0;
       for (std::int64_t j = 0; j < N; ++j) s += xr[j];
       const acc_t<T> mu = s / static_cast<acc_t<T>>(N);
@@ -123,9 +245,13 @@ void layer_norm_backward(std::int64_t M, std::int64_t N, const T* x, const T* ga
       for (std::int64_t r = 0; r < M; ++r) {
         const T *xr = x + r * N, *gr = dy + r * N;
         const T m = mean[r], is = rstd[r];
-        for (std::int64_t j = c0; j < c1; ++j) {
-          if (dgamma) dgamma[j] += gr[j] * (xr[j] - m) * is;
-          if (dbeta) dbeta[j] += gr[j];
+        if (dgamma) {
+#pragma omp simd
+          for (std::int64_t j = c0; j < c1; ++j) dgamma[j] += gr[j] * ((xr[j] - m) * is);
+        }
+        if (dbeta) {
+#pragma omp simd
+          for (std::int64_t j = c0; j < c1; ++j) dbeta[j] += gr[j];
         }
       }
     });
@@ -135,6 +261,31 @@ void layer_norm_backward(std::int64_t M, std::int64_t N, const T* x, const T* ga
       const T *xr = x + r * N, *gr = dy + r * N;
       T* dr = dx + r * N;
       const T m = mean[r], is = rstd[r];
+#ifdef MOCA_CPU_SIMD_MATH
+      if constexpr (std::is_same_v<T, float>) {
+        const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
+        const __m256 vm = _mm256_set1_ps(m), vis = _mm256_set1_ps(is);
+        __m256 acc_g = zero, acc_gx = zero;
+        for (std::int64_t j = 0; j < N; j += 8) {
+          __m256 g = lanes::load(gr + j, N - j, zero);  // padding lanes: g = 0
+          if (gamma) g = _mm256_mul_ps(g, lanes::load(gamma + j, N - j, one));
+          const __m256 xhat = _mm256_mul_ps(_mm256_sub_ps(lanes::load(xr + j, N - j, vm), vm), vis);
+          acc_g = _mm256_add_ps(acc_g, g);
+          acc_gx = _mm256_fmadd_ps(g, xhat, acc_gx);
+        }
+        const __m256 mg = _mm256_set1_ps(simd::sum(acc_g) / static_cast<float>(N));
+        const __m256 mgx = _mm256_set1_ps(simd::sum(acc_gx) / static_cast<float>(N));
+        for (std::int64_t j = 0; j < N; j += 8) {
+          __m256 g = lanes::load(gr + j, N - j, zero);
+          if (gamma) g = _mm256_mul_ps(g, lanes::load(gamma + j, N - j, one));
+          const __m256 xhat = _mm256_mul_ps(_mm256_sub_ps(lanes::load(xr + j, N - j, vm), vm), vis);
+          // dx = rstd · (g - mean(g) - xhat · mean(g · xhat))
+          lanes::store(dr + j, N - j,
+                       _mm256_mul_ps(vis, _mm256_fnmadd_ps(xhat, mgx, _mm256_sub_ps(g, mg))));
+        }
+        continue;
+      }
+#endif
       acc_t<T> sum_g = 0, sum_gx = 0;  // sums of dxhat and dxhat * xhat
       for (std::int64_t j = 0; j < N; ++j) {
         const T g = gamma ? gr[j] * gamma[j] : gr[j];

@@ -14,6 +14,7 @@
 #include <utility>
 #include <vector>
 
+#include "moca/core/profiler.hpp"
 #include "moca/core/rng.hpp"
 #include "moca/nn/parameter.hpp"
 #include "moca/ops.hpp"
@@ -102,6 +103,7 @@ class Codebook {
   /// (inner-token average, L1-normalised). Also folds this view's statistic into dist_norm.
   void assign(const TensorView<T, D>& teacher_out, const TensorView<T, D>& q,
               const TensorView<T, D>& y) {
+    MOCA_PROFILE_SCOPE("codebook");
     const std::int64_t N = teacher_out.size(0), S = teacher_out.size(1), C = cfg_.dim;
     const std::int64_t L = S - 1, K = cfg_.num_words, I = static_cast<std::int64_t>(inner_.size());
     MOCA_CHECK(teacher_out.rank() == 3 && teacher_out.size(2) == C && L == cfg_.grid * cfg_.grid,
@@ -167,6 +169,7 @@ class Codebook {
   /// Replaces the oldest words with the chosen teacher tokens (L2-normalised), advances the ring
   /// pointer and makes dist_norm_prev ← dist_norm. `teacher_out` is the chosen view's output.
   void update(const TensorView<T, D>& teacher_out, const CodebookRefresh& r) {
+    MOCA_PROFILE_SCOPE("codebook");
     const std::int64_t N = teacher_out.size(0), S = teacher_out.size(1), C = cfg_.dim;
     const auto n_new = static_cast<std::int64_t>(r.images.size());
     MOCA_CHECK(n_new == cfg_.words_per_iter && r.inner_tokens.size() == r.images.size(),

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "moca/core/profiler.hpp"
 #include "moca/nn/block.hpp"
 #include "moca/nn/layer_norm.hpp"
 #include "moca/nn/linear.hpp"
@@ -77,6 +78,7 @@ class CondenserDecoder {
   /// visible ones in the encoder's order). Returns out [N·ld, Dd], valid until the next forward.
   TensorView<T, D> forward(const TensorView<T, D>& g, const TensorView<T, D>& mid,
                            const TensorView<Index, Cpu>& decoded) {
+    MOCA_PROFILE_SCOPE("decoder");
     const std::int64_t N = mid.size(0), lk = mid.size(1) - 1, ld = decoded.size(1);
     const std::int64_t Dm = enc_dim_, Dd = dim_, S = 1 + ld;
     MOCA_CHECK(g.shape() == Shape({N, Dm}) && mid.rank() == 3 && mid.size(2) == Dm &&
@@ -126,6 +128,7 @@ class CondenserDecoder {
   /// Accumulates parameter gradients.
   void backward(const TensorView<T, D>& dout, const TensorView<T, D>& dg,
                 const TensorView<T, D>& dmid) {
+    MOCA_PROFILE_SCOPE("decoder");
     const Shape s = final_.shape();
     const std::int64_t N = s[0], S = s[1], ld = S - 1, lk = lk_, Dm = enc_dim_, Dd = dim_;
     MOCA_CHECK(dout.numel() == N * ld * Dd && dg.shape() == Shape({N, Dm}) &&

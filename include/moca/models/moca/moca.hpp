@@ -22,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "moca/core/profiler.hpp"
 #include "moca/models/moca/codebook.hpp"
 #include "moca/models/moca/condenser_decoder.hpp"
 #include "moca/models/moca/masking.hpp"
@@ -225,6 +226,7 @@ class Moca {
   /// last micro-batch) run once per step.
   MocaStepResult train_step(std::span<const MicroBatch> micro, const CodebookRefresh& refresh,
                             const MocaHyper& h) {
+    MOCA_PROFILE_SCOPE("moca step");
     MOCA_CHECK(!micro.empty(), "MOCA: a step needs at least one micro-batch");
     MocaStepResult res;
     res.lr = h.lr;

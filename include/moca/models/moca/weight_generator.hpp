@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "moca/core/profiler.hpp"
 #include "moca/nn/batch_norm.hpp"
 #include "moca/nn/linear.hpp"
 #include "moca/ops.hpp"
@@ -71,6 +72,7 @@ class WeightGenerator {
   /// Prototypes for codebook E [K, C] (E is a constant: no gradient flows back into it).
   /// Returns W [K, C_out], valid until the next forward.
   TensorView<T, D> forward(const TensorView<T, D>& E) {
+    MOCA_PROFILE_SCOPE("weight_generator");
     const std::int64_t K = E.size(0);
     Generator& g = layers_w[0].generator;
     z_.resize({K, in_});
@@ -100,6 +102,7 @@ class WeightGenerator {
   /// Backpropagates dW (the gradient of the prototypes of the last forward) into the
   /// generator's parameters. dW is used as scratch.
   void backward(const TensorView<T, D>& dW) {
+    MOCA_PROFILE_SCOPE("weight_generator");
     Generator& g = layers_w[0].generator;
     ops::l2_normalize_backward(TensorView<T, D>(w_), TensorView<T, D>(wnorm_), kNormalizeEps, dW,
                                dW);  // dW now holds d(R + S)

@@ -1,0 +1,95 @@
+// Where one MOCA iteration spends its time, by layer and update (moca/core/profiler.hpp), with
+// throughput and peak memory: the per-op profile docs/performance.md records.
+//
+//   build/benchmarks/moca_profile [--preset tiny|vit-s16] [--batch B] [--steps N]
+//
+// The first step sizes every buffer and is not counted; threads come from OMP_NUM_THREADS.
+// "linear" is the GEMMs of every Linear (with their bias); "attention" is the attention core
+// (q·kᵀ, softmax, p·v and their backward) without its two Linears; "moca step" is what the
+// step does outside every layer (masking, gathers, the teacher's targets bookkeeping).
+// GFLOP/s counts the matrix products each scope ran (2·M·N·K each), the model FLOPs of the step.
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <moca/core/profiler.hpp>
+#include <moca/models/moca/moca.hpp>
+#include <string>
+
+int main(int argc, char** argv) {
+  using namespace moca;
+  std::string preset = "tiny";
+  std::int64_t batch = 128, steps = 3;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--preset" && i + 1 < argc) {
+      preset = argv[++i];
+    } else if (a == "--batch" && i + 1 < argc) {
+      batch = std::atoll(argv[++i]);
+    } else if (a == "--steps" && i + 1 < argc) {
+      steps = std::atoll(argv[++i]);
+    } else {
+      std::fprintf(stderr,
+                   "usage: moca_profile [--preset tiny|vit-s16] [--batch B] [--steps N]\n"
+                   "unknown or incomplete argument: %s\n",
+                   a.c_str());
+      return 2;
+    }
+  }
+  if (preset != "tiny" && preset != "vit-s16") {
+    std::fprintf(stderr, "moca_profile: --preset must be tiny or vit-s16, got %s\n",
+                 preset.c_str());
+    return 2;
+  }
+  if (batch < 2 || steps < 1) {
+    std::fprintf(stderr, "moca_profile: --batch must be >= 2 and --steps >= 1\n");
+    return 2;
+  }
+  MocaConfig cfg = preset == "tiny" ? MocaConfig::tiny() : MocaConfig::vit_s16();
+  cfg.words_per_iter = std::min<std::int64_t>(cfg.words_per_iter, batch);
+  Moca<float> model(cfg);
+  model.initialize(0);
+  const auto& v = cfg.encoder;
+  Tensor<float> x1({batch, v.in_chans, v.img_size, v.img_size}), x2(x1.shape());
+  fill_uniform(x1, Philox(1), 0, -1.0, 1.0);
+  fill_uniform(x2, Philox(1), 1, -1.0, 1.0);
+  MocaHyper h;
+  h.lr = 1e-4;
+  std::uint64_t step = 0;
+  model.train_step(x1, x2, model.draw_plan(Philox(2), step++, batch), h);  // sizes buffers
+  reset_peak_memory<Cpu>();
+  profiler::reset();
+  profiler::enable();
+  double total = 0;
+  for (std::int64_t s = 0; s < steps; ++s) {
+    const MocaPlan plan = model.draw_plan(Philox(2), step++, batch);
+    const auto t0 = std::chrono::steady_clock::now();
+    model.train_step(x1, x2, plan, h);
+    total += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  }
+  profiler::enable(false);
+  const double per_step = total / static_cast<double>(steps);
+  std::printf("preset %s, batch %lld pairs, %d threads, %lld steps: %.3f s/step, %.1f pairs/s, "
+              "peak %.0f MiB\n",
+              preset.c_str(), static_cast<long long>(batch), cpu::max_threads(),
+              static_cast<long long>(steps), per_step, static_cast<double>(batch) / per_step,
+              static_cast<double>(memory_stats<Cpu>().peak_bytes) / (1024.0 * 1024.0));
+  std::printf("%-18s %10s %7s %12s %10s\n", "scope", "ms/step", "share", "calls/step",
+              "GFLOP/s");
+  double gemm_flops = 0;
+  double covered = 0;
+  for (const auto& e : profiler::report()) {
+    const double ms = 1e3 * e.seconds / static_cast<double>(steps);
+    covered += e.seconds;
+    gemm_flops += e.flops;
+    std::printf("%-18s %10.1f %6.1f%% %12.1f", e.name, ms, 100.0 * e.seconds / total,
+                static_cast<double>(e.calls) / static_cast<double>(steps));
+    if (e.flops > 0) std::printf(" %10.1f", e.flops / e.seconds / 1e9);
+    std::printf("\n");
+  }
+  std::printf("%-18s %10.1f %6.1f%%\n", "(outside scopes)",
+              1e3 * (total - covered) / static_cast<double>(steps),
+              100.0 * (total - covered) / total);
+  std::printf("matrix products: %.1f GFLOP per step; whole step %.1f GFLOP/s\n",
+              gemm_flops / 1e9 / static_cast<double>(steps), gemm_flops / total / 1e9);
+  return 0;
+}

@@ -1,0 +1,377 @@
+// Single-precision GEMM for x86-64 with AVX2 and FMA: packed panels and a 6×16 register-blocked
+// micro-kernel, in the loop structure of Goto and van de Geijn ("Anatomy of high-performance
+// matrix multiplication", 2008) as BLIS organises it.
+//
+//   for each NC-column block of C        (packed B block, KC × NC, stays in L3)
+//     for each KC slice of the inner dim  (packed once per slice)
+//       for each MC-row block of C        (packed A block, MC × KC, stays in L2)
+//         for each 16-column panel        (B micro-panel, KC × 16, stays in L1)
+//           for each 6-row panel          -> micro-kernel: 12 ymm accumulators, 2 loads of B and
+//                                            6 broadcasts of A per k, 12 FMAs
+//
+// Packing reads op(A) and op(B) through their strides, so every transpose combination runs the
+// same kernel at the same speed, and zero-pads ragged edges so the kernel always computes a full
+// tile. Threads split C into disjoint rectangles (rows or columns, whichever packs less twice);
+// each thread runs the serial algorithm on its own rectangle with its own buffers, so there is no
+// barrier, and since an element's sum runs in the same order whatever its rectangle, the result
+// is identical for every thread count.
+//
+// Only compiled where the compiler targets AVX2 and FMA (-march=native on such a CPU); gemm.hpp
+// falls back to Eigen elsewhere and for double.
+#pragma once
+
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__CUDACC__)
+#define MOCA_CPU_SGEMM_AVX2 1
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <new>
+
+#include "moca/backend/cpu/parallel.hpp"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace moca::cpu::sgemm_avx2 {
+
+inline constexpr std::int64_t kMR = 6;     // rows of the micro-tile
+inline constexpr std::int64_t kNR = 16;    // columns of the micro-tile: two ymm registers
+inline constexpr std::int64_t kKC = 256;   // inner-dimension slice: a B micro-panel is 16 KiB
+inline constexpr std::int64_t kMC = 168;   // rows of a packed A block: 168 KiB, half an L2
+inline constexpr std::int64_t kNC = 4080;  // columns of a packed B block
+
+/// A 64-byte aligned float buffer that only grows, one per thread: after the first GEMM of each
+/// shape class a training step packs into memory it already owns.
+class PackBuffer {
+ public:
+  PackBuffer() = default;
+  PackBuffer(const PackBuffer&) = delete;
+  PackBuffer& operator=(const PackBuffer&) = delete;
+  ~PackBuffer() { std::free(data_); }
+
+  float* reserve(std::int64_t floats) {
+    if (floats > capacity_) {
+      std::free(data_);
+      const std::size_t bytes = (static_cast<std::size_t>(floats) * sizeof(float) + 63) / 64 * 64;
+      data_ = static_cast<float*>(std::aligned_alloc(64, bytes));
+      if (data_ == nullptr) {
+        capacity_ = 0;
+        throw std::bad_alloc();
+      }
+      capacity_ = floats;
+    }
+    return data_;
+  }
+
+ private:
+  float* data_ = nullptr;
+  std::int64_t capacity_ = 0;
+};
+
+struct ThreadBuffers {
+  PackBuffer a, b;
+};
+
+inline ThreadBuffers& thread_buffers() {
+  thread_local ThreadBuffers buffers;
+  return buffers;
+}
+
+/// Transposes the 8×8 block held in r[0..7] (row i in r[i]) in place.
+inline void transpose8(__m256 r[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+  r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+  r[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+  r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+  r[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+  r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+  r[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+  r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+/// Floats a packed A buffer needs past its panels: pack_a's 8-wide stores overrun by 2.
+inline constexpr std::int64_t kPackSlack = 8;
+
+/// Packs rows [i0, i0+mc) × inner [k0, k0+kc) of op(A) into 6-row panels: panel p holds, for
+/// each k, the 6 values op(A)(i0+6p+r, k0+k) contiguously; rows past mc are zero.
+inline void pack_a(const float* A, std::int64_t lda, bool trans, std::int64_t i0,
+                   std::int64_t mc, std::int64_t k0, std::int64_t kc, float* out) {
+  for (std::int64_t p = 0; p < mc; p += kMR) {
+    const std::int64_t rows = std::min(kMR, mc - p);
+    float* dst = out + p * kc;
+    if (trans) {  // A is stored [K, M]: the 6 values of one k are contiguous
+      const float* src = A + k0 * lda + i0 + p;
+      for (std::int64_t k = 0; k < kc; ++k, src += lda, dst += kMR) {
+        std::int64_t r = 0;
+        for (; r < rows; ++r) dst[r] = src[r];
+        for (; r < kMR; ++r) dst[r] = 0.0f;
+      }
+      continue;
+    }
+    // A is stored [M, K]: the 6 rows are read side by side, 8 values of k at a time, and
+    // transposed in registers (two zero rows pad the 8×8 block). Each k's 8-wide store spills 2
+    // values into the next k's slot, which the next store overwrites; the last spills into the
+    // slack past the panel, or into the next panel, which is written afterwards.
+    const float* src[kMR];
+    for (std::int64_t r = 0; r < kMR; ++r) src[r] = A + (i0 + p + std::min(r, rows - 1)) * lda + k0;
+    std::int64_t k = 0;
+    for (; k + 8 <= kc; k += 8) {
+      __m256 v[8];
+      for (std::int64_t r = 0; r < kMR; ++r)
+        v[r] = r < rows ? _mm256_loadu_ps(src[r] + k) : _mm256_setzero_ps();
+      v[6] = v[7] = _mm256_setzero_ps();
+      transpose8(v);
+      for (std::int64_t j = 0; j < 8; ++j) _mm256_storeu_ps(dst + (k + j) * kMR, v[j]);
+    }
+    for (; k < kc; ++k)
+      for (std::int64_t r = 0; r < kMR; ++r) dst[k * kMR + r] = r < rows ? src[r][k] : 0.0f;
+  }
+}
+
+/// Packs inner [k0, k0+kc) × columns [j0, j0+nc) of op(B) into 16-column panels: panel q holds,
+/// for each k, the 16 values op(B)(k0+k, j0+16q+c) contiguously; columns past nc are zero.
+inline void pack_b(const float* B, std::int64_t ldb, bool trans, std::int64_t k0,
+                   std::int64_t kc, std::int64_t j0, std::int64_t nc, float* out) {
+  for (std::int64_t q = 0; q < nc; q += kNR) {
+    const std::int64_t cols = std::min(kNR, nc - q);
+    float* dst = out + q * kc;
+    if (!trans) {  // B is stored [K, N]: the 16 values of one k are contiguous
+      const float* src = B + k0 * ldb + j0 + q;
+      if (cols == kNR) {
+        for (std::int64_t k = 0; k < kc; ++k, src += ldb, dst += kNR) {
+          _mm256_store_ps(dst, _mm256_loadu_ps(src));
+          _mm256_store_ps(dst + 8, _mm256_loadu_ps(src + 8));
+        }
+      } else {
+        for (std::int64_t k = 0; k < kc; ++k, src += ldb, dst += kNR) {
+          std::int64_t c = 0;
+          for (; c < cols; ++c) dst[c] = src[c];
+          for (; c < kNR; ++c) dst[c] = 0.0f;
+        }
+      }
+    } else {  // B is stored [N, K]: each column of op(B) is contiguous along k
+      // Two groups of 8 columns, read 8 values of k at a time and transposed in registers.
+      for (std::int64_t half = 0; half < 2; ++half) {
+        const std::int64_t c0 = half * 8;
+        const float* src[8];
+        for (std::int64_t c = 0; c < 8; ++c)
+          src[c] = B + (j0 + q + std::min(c0 + c, cols - 1)) * ldb + k0;
+        std::int64_t k = 0;
+        for (; k + 8 <= kc; k += 8) {
+          __m256 v[8];
+          for (std::int64_t c = 0; c < 8; ++c)
+            v[c] = c0 + c < cols ? _mm256_loadu_ps(src[c] + k) : _mm256_setzero_ps();
+          transpose8(v);
+          for (std::int64_t j = 0; j < 8; ++j) _mm256_store_ps(dst + (k + j) * kNR + c0, v[j]);
+        }
+        for (; k < kc; ++k)
+          for (std::int64_t c = 0; c < 8; ++c)
+            dst[k * kNR + c0 + c] = c0 + c < cols ? src[c][k] : 0.0f;
+      }
+    }
+  }
+}
+
+/// How the kernel combines its product P with C.
+enum class Update { Overwrite, Accumulate, Scale };  // C = αP, C += αP, C = αP + βC
+
+/// C[0:m, 0:n] (row stride ldc) ← α·P combined per `update`, where P's row r is acc[r][0..1].
+[[gnu::noinline]] inline void store_tile(const __m256 (&acc)[kMR][2], float* c, std::int64_t ldc,
+                                         std::int64_t m, std::int64_t n, float alpha, float beta,
+                                         Update update) {
+  const __m256 va = _mm256_set1_ps(alpha), vb = _mm256_set1_ps(beta);
+  if (m == kMR && n == kNR) {
+    for (std::int64_t r = 0; r < kMR; ++r) {
+      float* row = c + r * ldc;
+      __m256 lo = _mm256_mul_ps(acc[r][0], va), hi = _mm256_mul_ps(acc[r][1], va);
+      if (update == Update::Accumulate) {
+        lo = _mm256_add_ps(lo, _mm256_loadu_ps(row));
+        hi = _mm256_add_ps(hi, _mm256_loadu_ps(row + 8));
+      } else if (update == Update::Scale) {
+        lo = _mm256_fmadd_ps(vb, _mm256_loadu_ps(row), lo);
+        hi = _mm256_fmadd_ps(vb, _mm256_loadu_ps(row + 8), hi);
+      }
+      _mm256_storeu_ps(row, lo);
+      _mm256_storeu_ps(row + 8, hi);
+    }
+    return;
+  }
+  // A ragged tile: C is never touched outside [0, m) × [0, n).
+  alignas(32) float tile[kNR];
+  for (std::int64_t r = 0; r < m; ++r) {
+    _mm256_store_ps(tile, acc[r][0]);
+    _mm256_store_ps(tile + 8, acc[r][1]);
+    float* row = c + r * ldc;
+    for (std::int64_t j = 0; j < n; ++j) {
+      const float p = alpha * tile[j];
+      row[j] = update == Update::Overwrite    ? p
+               : update == Update::Accumulate ? row[j] + p
+                                              : beta * row[j] + p;
+    }
+  }
+}
+
+/// C[0:m, 0:n] (row stride ldc) ← α · Ap·Bp combined per `update`, where Ap is one packed 6-row
+/// panel and Bp one packed 16-column panel, both kc long. Kept out of line so that its loop
+/// gets all 16 ymm registers: 12 accumulators, 2 rows of B, 1 broadcast of A.
+[[gnu::noinline]] inline void micro_kernel(std::int64_t kc, const float* __restrict a,
+                                           const float* __restrict b, float* c, std::int64_t ldc,
+                                           std::int64_t m, std::int64_t n, float alpha,
+                                           float beta, Update update) {
+  __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps();
+  __m256 c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
+  __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps();
+  __m256 c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps();
+  __m256 c40 = _mm256_setzero_ps(), c41 = _mm256_setzero_ps();
+  __m256 c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
+  // C's tile is read (or written) after the loop: start fetching its rows now.
+  for (std::int64_t r = 0; r < m; ++r) {
+    _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc + kNR - 1), _MM_HINT_T0);
+  }
+#pragma GCC unroll 4
+  for (std::int64_t k = 0; k < kc; ++k, a += kMR, b += kNR) {
+    const __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
+    __m256 ak = _mm256_broadcast_ss(a + 0);
+    c00 = _mm256_fmadd_ps(ak, b0, c00);
+    c01 = _mm256_fmadd_ps(ak, b1, c01);
+    ak = _mm256_broadcast_ss(a + 1);
+    c10 = _mm256_fmadd_ps(ak, b0, c10);
+    c11 = _mm256_fmadd_ps(ak, b1, c11);
+    ak = _mm256_broadcast_ss(a + 2);
+    c20 = _mm256_fmadd_ps(ak, b0, c20);
+    c21 = _mm256_fmadd_ps(ak, b1, c21);
+    ak = _mm256_broadcast_ss(a + 3);
+    c30 = _mm256_fmadd_ps(ak, b0, c30);
+    c31 = _mm256_fmadd_ps(ak, b1, c31);
+    ak = _mm256_broadcast_ss(a + 4);
+    c40 = _mm256_fmadd_ps(ak, b0, c40);
+    c41 = _mm256_fmadd_ps(ak, b1, c41);
+    ak = _mm256_broadcast_ss(a + 5);
+    c50 = _mm256_fmadd_ps(ak, b0, c50);
+    c51 = _mm256_fmadd_ps(ak, b1, c51);
+  }
+  const __m256 acc[kMR][2] = {{c00, c01}, {c10, c11}, {c20, c21},
+                              {c30, c31}, {c40, c41}, {c50, c51}};
+  store_tile(acc, c, ldc, m, n, alpha, beta, update);
+}
+
+/// Splits `n` into the number of blocks nearest n / `target` (at least one), of equal size
+/// rounded up to a multiple of `unit`: a 192-row C is one block of 192 rather than 168 + 24,
+/// whose second block would reuse each packed B panel for only 4 rows of tiles.
+inline std::int64_t balanced_block(std::int64_t n, std::int64_t target, std::int64_t unit) {
+  const std::int64_t blocks = std::max<std::int64_t>(1, (n + target / 2) / target);
+  const std::int64_t size = (n + blocks - 1) / blocks;
+  return (size + unit - 1) / unit * unit;
+}
+
+/// The serial algorithm on the rectangle [m0, m1) × [n0, n1) of C.
+inline void gemm_block(bool trans_a, bool trans_b, std::int64_t m0, std::int64_t m1,
+                       std::int64_t n0, std::int64_t n1, std::int64_t K, float alpha,
+                       const float* A, std::int64_t lda, const float* B, std::int64_t ldb,
+                       float beta, float* C, std::int64_t ldc) {
+  if (m0 >= m1 || n0 >= n1) return;
+  const std::int64_t kc_block = balanced_block(K, kKC, 8);
+  const std::int64_t nc_block = balanced_block(n1 - n0, kNC, kNR);
+  const std::int64_t mc_block = balanced_block(m1 - m0, kMC, kMR);
+  ThreadBuffers& buffers = thread_buffers();
+  float* bp = buffers.b.reserve(kc_block * nc_block);
+  float* ap = buffers.a.reserve(kc_block * mc_block + kPackSlack);
+  const Update first = beta == 0.0f ? Update::Overwrite
+                       : beta == 1.0f ? Update::Accumulate
+                                      : Update::Scale;
+  for (std::int64_t jc = n0; jc < n1; jc += nc_block) {
+    const std::int64_t nc = std::min(nc_block, n1 - jc);
+    for (std::int64_t pc = 0; pc < K; pc += kc_block) {
+      const std::int64_t kc = std::min(kc_block, K - pc);
+      pack_b(B, ldb, trans_b, pc, kc, jc, nc, bp);
+      const Update update = pc == 0 ? first : Update::Accumulate;
+      for (std::int64_t ic = m0; ic < m1; ic += mc_block) {
+        const std::int64_t mc = std::min(mc_block, m1 - ic);
+        pack_a(A, lda, trans_a, ic, mc, pc, kc, ap);
+        for (std::int64_t jr = 0; jr < nc; jr += kNR) {
+          const std::int64_t n = std::min(kNR, nc - jr);
+          for (std::int64_t ir = 0; ir < mc; ir += kMR) {
+            micro_kernel(kc, ap + ir * kc, bp + jr * kc, C + (ic + ir) * ldc + jc + jr, ldc,
+                         std::min(kMR, mc - ir), n, alpha, beta, update);
+          }
+        }
+      }
+    }
+  }
+}
+
+/// How C is cut among threads: `row_parts` × `col_parts` rectangles, on tile boundaries.
+struct Split {
+  std::int64_t row_parts = 1, col_parts = 1;
+};
+
+/// Picks the cut of C into `threads` rectangles that packs the least: every column part packs
+/// its rows of A again and every row part its columns of B. Parts must have a tile each.
+inline Split choose_split(std::int64_t M, std::int64_t N, int threads) {
+  const std::int64_t row_tiles = (M + kMR - 1) / kMR, col_tiles = (N + kNR - 1) / kNR;
+  Split best;
+  double best_cost = -1;
+  for (std::int64_t rp = 1; rp <= threads; ++rp) {
+    if (threads % rp != 0) continue;
+    const std::int64_t cp = threads / rp;
+    if (rp > row_tiles || cp > col_tiles) continue;
+    const double cost = double(cp) * double(M) + double(rp) * double(N);
+    if (best_cost < 0 || cost < best_cost) {
+      best_cost = cost;
+      best = {rp, cp};
+    }
+  }
+  return best;
+}
+
+/// Below this many multiply-adds a GEMM runs on the calling thread.
+inline constexpr std::int64_t kParallelMacs = 1 << 18;
+
+/// C[M,N] = α·op(A)·op(B) + β·C, row-major, as cpu::gemm documents; K > 0 and α != 0.
+inline void gemm(bool trans_a, bool trans_b, std::int64_t M, std::int64_t N, std::int64_t K,
+                 float alpha, const float* A, std::int64_t lda, const float* B, std::int64_t ldb,
+                 float beta, float* C, std::int64_t ldc) {
+  int threads = 1;
+  if (!in_parallel() && M * N * K >= kParallelMacs) threads = max_threads();
+  Split split = choose_split(M, N, threads);
+  // A thread count with no tile-aligned cut (a prime count for a thin C) runs on fewer threads.
+  while (threads > 1 && split.row_parts * split.col_parts != threads) {
+    --threads;
+    split = choose_split(M, N, threads);
+  }
+  if (threads == 1) {
+    gemm_block(trans_a, trans_b, 0, M, 0, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    return;
+  }
+  const std::int64_t row_tiles = (M + kMR - 1) / kMR, col_tiles = (N + kNR - 1) / kNR;
+  const std::int64_t parts = split.row_parts * split.col_parts;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(threads)
+#endif
+  for (std::int64_t part = 0; part < parts; ++part) {
+    const std::int64_t rp = part / split.col_parts, cp = part % split.col_parts;
+    const std::int64_t m0 = std::min(M, row_tiles * rp / split.row_parts * kMR);
+    const std::int64_t m1 = std::min(M, row_tiles * (rp + 1) / split.row_parts * kMR);
+    const std::int64_t n0 = std::min(N, col_tiles * cp / split.col_parts * kNR);
+    const std::int64_t n1 = std::min(N, col_tiles * (cp + 1) / split.col_parts * kNR);
+    gemm_block(trans_a, trans_b, m0, m1, n0, n1, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  }
+}
+
+}  // namespace moca::cpu::sgemm_avx2
+
+#endif

@@ -1,0 +1,132 @@
+// The attention core of a multi-head layer, on a fused [B, S, 3·dim] qkv buffer (q | k | v,
+// heads side by side inside each part, head h at features h·hd … h·hd + hd − 1):
+//
+//   ops::attention_forward(qkv, heads, scale, probs, ctx);
+//     P[b,h] = softmax(scale · Q_bh · K_bhᵀ)   -> probs [B, H, S, S] (kept for backward)
+//     ctx[b, :, h·hd …] = P[b,h] · V_bh         -> ctx [B, S, dim]
+//   ops::attention_backward(qkv, probs, dctx, heads, scale, dprobs, dqkv);
+//     dqkv [B, S, 3·dim] (overwritten); dprobs [B, H, S, S] is scratch
+//
+// A backend that provides attention_forward/attention_backward runs each (image, head) pair as
+// one task with its S×S block in cache (the CPU backend); any other backend runs the composed
+// form below: strided batched GEMMs over the batch, one call per head, and whole-tensor softmax.
+#pragma once
+
+#include <cstdint>
+
+#include "moca/core/profiler.hpp"
+#include "moca/ops/common.hpp"
+#include "moca/ops/gemm.hpp"
+#include "moca/ops/softmax.hpp"
+
+namespace moca::ops {
+
+namespace attention_impl {
+
+template <class T, class D>
+void check_attention(const TensorView<T, D>& qkv, std::int64_t heads, const TensorView<T, D>& probs,
+                     const TensorView<T, D>& ctx) {
+  MOCA_CHECK(qkv.rank() == 3 && qkv.size(2) % 3 == 0 && heads > 0 &&
+                 (qkv.size(2) / 3) % heads == 0,
+             "attention: expected qkv [B, S, 3·dim] with dim divisible by ", heads,
+             " heads, got ", qkv.shape());
+  const std::int64_t B = qkv.size(0), S = qkv.size(1), dim = qkv.size(2) / 3;
+  MOCA_CHECK(probs.shape() == Shape({B, heads, S, S}) && ctx.shape() == Shape({B, S, dim}),
+             "attention: for qkv ", qkv.shape(), " and ", heads, " heads expected probs [", B,
+             ", ", heads, ", ", S, ", ", S, "] and [", B, ", ", S, ", ", dim, "], got ",
+             probs.shape(), " and ", ctx.shape());
+}
+
+// Head h of part (0 = q, 1 = k, 2 = v) of qkv: B matrices [S, hd].
+template <class T, class D>
+StridedBatch<T, D> qkv_head(const TensorView<T, D>& qkv, std::int64_t heads, std::int64_t h,
+                            int part) {
+  const std::int64_t B = qkv.size(0), S = qkv.size(1), dim = qkv.size(2) / 3, hd = dim / heads;
+  return strided_batch(qkv, part * dim + h * hd, S, hd, 3 * dim, S * 3 * dim, B);
+}
+// Head h of a [B, S, dim] buffer.
+template <class T, class D>
+StridedBatch<T, D> ctx_head(const TensorView<T, D>& ctx, std::int64_t heads, std::int64_t h) {
+  const std::int64_t B = ctx.size(0), S = ctx.size(1), dim = ctx.size(2), hd = dim / heads;
+  return strided_batch(ctx, h * hd, S, hd, dim, S * dim, B);
+}
+// The [S, S] matrices of head h in a [B, H, S, S] buffer.
+template <class T, class D>
+StridedBatch<T, D> probs_head(const TensorView<T, D>& probs, std::int64_t h) {
+  const std::int64_t B = probs.size(0), H = probs.size(1), S = probs.size(2);
+  return strided_batch(probs, h * S * S, S, S, S, H * S * S, B);
+}
+
+template <class T, class D>
+void attention_forward_composed(const TensorView<T, D>& qkv, std::int64_t heads, T scale,
+                                const TensorView<T, D>& probs, const TensorView<T, D>& ctx) {
+  for (std::int64_t h = 0; h < heads; ++h)
+    gemm_batched(qkv_head(qkv, heads, h, 0), Trans::N, qkv_head(qkv, heads, h, 1), Trans::T,
+                 probs_head(probs, h), scale, 0);
+  softmax(probs, probs);
+  for (std::int64_t h = 0; h < heads; ++h)
+    gemm_batched(probs_head(probs, h), Trans::N, qkv_head(qkv, heads, h, 2), Trans::N,
+                 ctx_head(ctx, heads, h));
+}
+
+template <class T, class D>
+void attention_backward_composed(const TensorView<T, D>& qkv, const TensorView<T, D>& probs,
+                                 const TensorView<T, D>& dctx, std::int64_t heads, T scale,
+                                 const TensorView<T, D>& dprobs, const TensorView<T, D>& dqkv) {
+  for (std::int64_t h = 0; h < heads; ++h) {
+    // o = P v:  dP = do · vᵀ,  dv = Pᵀ · do
+    gemm_batched(ctx_head(dctx, heads, h), Trans::N, qkv_head(qkv, heads, h, 2), Trans::T,
+                 probs_head(dprobs, h));
+    gemm_batched(probs_head(probs, h), Trans::T, ctx_head(dctx, heads, h), Trans::N,
+                 qkv_head(dqkv, heads, h, 2));
+  }
+  softmax_backward(probs, dprobs, dprobs);
+  for (std::int64_t h = 0; h < heads; ++h) {
+    // S = q kᵀ · scale:  dq = dS · k · scale,  dk = dSᵀ · q · scale
+    gemm_batched(probs_head(dprobs, h), Trans::N, qkv_head(qkv, heads, h, 1), Trans::N,
+                 qkv_head(dqkv, heads, h, 0), scale, 0);
+    gemm_batched(probs_head(dprobs, h), Trans::T, qkv_head(qkv, heads, h, 0), Trans::N,
+                 qkv_head(dqkv, heads, h, 1), scale, 0);
+  }
+}
+
+template <class T, class D>
+concept FusedAttentionBackend = requires(std::int64_t n, T s, const T* c, T* p) {
+  Backend<D>::attention_forward(n, n, n, n, s, c, p, p);
+  Backend<D>::attention_backward(n, n, n, n, s, c, c, c, p, p);
+};
+
+}  // namespace attention_impl
+
+template <class T, class D>
+void attention_forward(const TensorView<T, D>& qkv, std::int64_t heads, Scalar<T> scale,
+                       const TensorView<T, D>& probs, const TensorView<T, D>& ctx) {
+  attention_impl::check_attention(qkv, heads, probs, ctx);
+  const std::int64_t B = qkv.size(0), S = qkv.size(1), hd = qkv.size(2) / 3 / heads;
+  if constexpr (attention_impl::FusedAttentionBackend<T, D>) {
+    profiler::count_flops(4.0 * double(B * heads) * double(S) * double(S) * double(hd));
+    Backend<D>::attention_forward(B, heads, S, hd, T(scale), qkv.data(), probs.data(),
+                                  ctx.data());
+  } else {
+    attention_impl::attention_forward_composed(qkv, heads, T(scale), probs, ctx);
+  }
+}
+
+template <class T, class D>
+void attention_backward(const TensorView<T, D>& qkv, const TensorView<T, D>& probs,
+                        const TensorView<T, D>& dctx, std::int64_t heads, Scalar<T> scale,
+                        const TensorView<T, D>& dprobs, const TensorView<T, D>& dqkv) {
+  attention_impl::check_attention(qkv, heads, probs, dctx);
+  moca::detail::check_same_shape("attention_backward", probs, dprobs);
+  moca::detail::check_same_shape("attention_backward", qkv, dqkv);
+  const std::int64_t B = qkv.size(0), S = qkv.size(1), hd = qkv.size(2) / 3 / heads;
+  if constexpr (attention_impl::FusedAttentionBackend<T, D>) {
+    profiler::count_flops(8.0 * double(B * heads) * double(S) * double(S) * double(hd));
+    Backend<D>::attention_backward(B, heads, S, hd, T(scale), qkv.data(), probs.data(),
+                                   dctx.data(), dprobs.data(), dqkv.data());
+  } else {
+    attention_impl::attention_backward_composed(qkv, probs, dctx, heads, T(scale), dprobs, dqkv);
+  }
+}
+
+}  // namespace moca::ops
