@@ -113,18 +113,19 @@ inline void pack_a(const float* A, std::int64_t lda, bool trans, std::int64_t i0
     const std::int64_t rows = std::min(kMR, mc - p);
     float* dst = out + p * kc;
     if (trans) {  // A is stored [K, M]: the 6 values of one k are contiguous
+      // One masked 8-wide load (lanes past `rows` read nothing and are 0) and one 8-wide store
+      // per k; the store's 2 extra lanes are overwritten by the next k, as below.
+      const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(rows)),
+                                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
       const float* src = A + k0 * lda + i0 + p;
-      for (std::int64_t k = 0; k < kc; ++k, src += lda, dst += kMR) {
-        std::int64_t r = 0;
-        for (; r < rows; ++r) dst[r] = src[r];
-        for (; r < kMR; ++r) dst[r] = 0.0f;
-      }
+      for (std::int64_t k = 0; k < kc; ++k, src += lda, dst += kMR)
+        _mm256_storeu_ps(dst, _mm256_maskload_ps(src, mask));
       continue;
     }
     // A is stored [M, K]: the 6 rows are read side by side, 8 values of k at a time, and
     // transposed in registers (two zero rows pad the 8×8 block). Each k's 8-wide store spills 2
     // values into the next k's slot, which the next store overwrites; the last spills into the
-    // slack past the panel, or into the next panel, which is written afterwards.
+    // slack past the panel (kPackSlack), or into the next panel, which is written afterwards.
     const float* src[kMR];
     for (std::int64_t r = 0; r < kMR; ++r) src[r] = A + (i0 + p + std::min(r, rows - 1)) * lda + k0;
     std::int64_t k = 0;
