@@ -93,6 +93,31 @@ TEST_CASE_TEMPLATE("gemm: shapes that cross every cache block are exact", T, flo
       }
 }
 
+TEST_CASE_TEMPLATE("gemm_bias adds the bias to every row of the product, exactly", T, float,
+                   double) {
+  // The packed float kernel adds the bias as it stores the first inner slice of each tile; the
+  // column blocks, thread cuts and ragged tiles must each pick the right part of the bias.
+  std::vector<Dims> dims(kDims.begin(), kDims.end());
+  dims.insert(dims.end(), {{400, 37, 700}, {13, 6200, 20}, {253, 70, 385}});
+  std::uint64_t stream = 800;
+  for (const Dims& d : dims)
+    for (const auto& [ta, tb] : kTrans) {
+      auto A = nonzero_integers<T>(stored(ta, d.M, d.K), stream++, 3);
+      auto B = nonzero_integers<T>(stored(tb, d.K, d.N), stream++, 3);
+      auto bias = integers<T>({d.N}, stream++, -50, 50);
+      Tensor<T> C({d.M, d.N});
+      fill_nan<T>(C);  // overwritten, never read
+      Vec expected = ref_gemm(A, ta, B, tb, C, d, 1.0, 0.0);
+      const Vec bv = to_vec<T>(bias);
+      for (std::size_t i = 0; i < expected.size(); ++i) expected[i] += bv[i % bv.size()];
+      ops::gemm_bias(A, tr(ta), B, tr(tb), bias, C);
+      check_exact(label("gemm_bias", d, ta, tb, 1, 0), C, expected);
+    }
+  Tensor<float> a({3, 4}), b({5, 4}), c({3, 5}), wrong({4});
+  check_error_names("gemm_bias", [&] { ops::gemm_bias(a, Trans::N, b, Trans::T, wrong, c); },
+                    {"gemm_bias", "[4]", "[3, 5]"});
+}
+
 #ifdef _OPENMP
 TEST_CASE("gemm: float results are identical for every thread count") {
   // Threads own disjoint rectangles of C and every element sums in the same order, so the bits

@@ -39,8 +39,11 @@ class Linear {
   /// y = x · Wᵀ + b
   void forward(const TensorView<T, D>& x, const TensorView<T, D>& y) const {
     MOCA_PROFILE_SCOPE("linear");
-    ops::gemm(x, Trans::N, weight.value, Trans::T, y);
-    if (has_bias_) ops::add_bias(y, bias.value);
+    if (has_bias_) {
+      ops::gemm_bias(x, Trans::N, weight.value, Trans::T, bias.value, y);
+    } else {
+      ops::gemm(x, Trans::N, weight.value, Trans::T, y);
+    }
   }
 
   /// Accumulates dW += dyᵀ · x and db += Σ dy; writes dx = dy · W (or adds it, with

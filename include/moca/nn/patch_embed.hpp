@@ -52,9 +52,8 @@ class PatchEmbed {
     const std::int64_t L = (images.size(2) / patch_) * (images.size(3) / patch_);
     patches_.resize({images.size(0), L, features()});
     ops::patchify(images, patch_, TensorView<T, D>(patches_));
-    ops::gemm(TensorView<T, D>(patches_), Trans::N, weight_matrix(proj.weight.value), Trans::T,
-              tokens);
-    ops::add_bias(tokens, proj.bias.value);
+    ops::gemm_bias(TensorView<T, D>(patches_), Trans::N, weight_matrix(proj.weight.value),
+                   Trans::T, proj.bias.value, tokens);
   }
 
   /// Accumulates the parameter gradients; writes d_images unless it is an empty view.

@@ -30,6 +30,35 @@ void gemm(const TensorView<T, D>& A, Trans ta, const TensorView<T, D>& B, Trans 
                    c.data(), c.size(1));
 }
 
+namespace gemm_impl {
+template <class T, class D>
+concept BiasGemmBackend = requires(bool t, std::int64_t n, const T* c, T* p) {
+  Backend<D>::gemm_bias(t, t, n, n, n, c, n, c, n, c, p, n);
+};
+}  // namespace gemm_impl
+
+/// C = op(A) · op(B) + bias, the bias ([N]) added to every row: a Linear's forward. Backends
+/// that provide gemm_bias add it as they store C; others run gemm and then add_bias.
+template <class T, class D>
+void gemm_bias(const TensorView<T, D>& A, Trans ta, const TensorView<T, D>& B, Trans tb,
+               const TensorView<T, D>& bias, const TensorView<T, D>& C) {
+  const auto a = A.matrix(), b = B.matrix(), c = C.matrix();
+  const bool tA = ta == Trans::T, tB = tb == Trans::T;
+  const std::int64_t M = tA ? a.size(1) : a.size(0), K = tA ? a.size(0) : a.size(1);
+  const std::int64_t Kb = tB ? b.size(1) : b.size(0), N = tB ? b.size(0) : b.size(1);
+  MOCA_CHECK(K == Kb && c.size(0) == M && c.size(1) == N && bias.numel() == N,
+             "gemm_bias: incompatible shapes: A ", A.shape(), tA ? "ᵀ" : "", " · B ", B.shape(),
+             tB ? "ᵀ" : "", " + bias ", bias.shape(), " -> C ", C.shape());
+  if constexpr (gemm_impl::BiasGemmBackend<T, D>) {
+    profiler::count_flops(2.0 * double(M) * double(N) * double(K));
+    Backend<D>::gemm_bias(tA, tB, M, N, K, a.data(), a.size(1), b.data(), b.size(1), bias.data(),
+                          c.data(), c.size(1));
+  } else {
+    gemm(A, ta, B, tb, C);
+    Backend<D>::add_bias(M, N, bias.data(), c.data());
+  }
+}
+
 /// A batch of equally shaped matrices inside one buffer: matrix i starts at data + i·stride,
 /// has `rows` rows of `cols` elements, consecutive rows `ld` elements apart. It lets a GEMM read
 /// one head of a [tokens, 3·D] qkv buffer in place (ld = 3·D, stride = head dim).

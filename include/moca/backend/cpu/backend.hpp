@@ -27,6 +27,13 @@ struct Backend<Cpu> {
                    std::int64_t ldc) {
     cpu::gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
   }
+  /// C = op(A)·op(B) + bias on every row (one pass over C).
+  template <class T>
+  static void gemm_bias(bool ta, bool tb, std::int64_t M, std::int64_t N, std::int64_t K,
+                        const T* A, std::int64_t lda, const T* B, std::int64_t ldb, const T* bias,
+                        T* C, std::int64_t ldc) {
+    cpu::gemm(ta, tb, M, N, K, T(1), A, lda, B, ldb, T(0), C, ldc, bias);
+  }
   template <class T>
   static void gemm_strided_batched(bool ta, bool tb, std::int64_t M, std::int64_t N,
                                    std::int64_t K, T alpha, const T* A, std::int64_t lda,

@@ -24,23 +24,29 @@ using ConstRowMajorMap =
 /// C[M,N] = alpha * op(A) * op(B) + beta * C, all row-major with leading dimensions lda/ldb/ldc.
 /// op(A) is [M,K]: A is stored [M,K] (lda >= K) or, transposed, [K,M] (lda >= M). Likewise B.
 /// beta == 0 overwrites C without reading it (NaN in C does not propagate), as in BLAS.
+/// With `bias` (N values), bias is added to every row of C as well: a Linear's y = x·Wᵀ + b in
+/// one pass over y.
 template <class T>
 void gemm(bool trans_a, bool trans_b, std::int64_t M, std::int64_t N, std::int64_t K, T alpha,
           const T* A, std::int64_t lda, const T* B, std::int64_t ldb, T beta, T* C,
-          std::int64_t ldc) {
+          std::int64_t ldc, const T* bias = nullptr) {
   if (M == 0 || N == 0) return;
   RowMajorMap<T> c(C, M, N, Eigen::OuterStride<>(ldc));
+  auto add_bias_rows = [&] {
+    if (bias) c.rowwise() += Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>>(bias, N);
+  };
   if (K == 0 || alpha == T(0)) {
     if (beta == T(0)) {
       c.setZero();
     } else if (beta != T(1)) {
       c *= beta;
     }
+    add_bias_rows();
     return;
   }
 #ifdef MOCA_CPU_SGEMM_AVX2
   if constexpr (std::is_same_v<T, float>) {
-    sgemm_avx2::gemm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    sgemm_avx2::gemm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, bias);
     return;
   }
 #endif
@@ -60,6 +66,7 @@ void gemm(bool trans_a, bool trans_b, std::int64_t M, std::int64_t N, std::int64
   } else {
     c.noalias() += alpha * a.transpose() * b.transpose();
   }
+  add_bias_rows();
 }
 
 /// `batch` independent GEMMs; matrix i of A starts at A + i * stride_a (likewise B, C).

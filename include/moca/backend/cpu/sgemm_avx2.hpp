@@ -189,15 +189,19 @@ inline void pack_b(const float* B, std::int64_t ldb, bool trans, std::int64_t k0
 /// How the kernel combines its product P with C.
 enum class Update { Overwrite, Accumulate, Scale };  // C = αP, C += αP, C = αP + βC
 
-/// C[0:m, 0:n] (row stride ldc) ← α·P combined per `update`, where P's row r is acc[r][0..1].
+/// C[0:m, 0:n] (row stride ldc) ← α·P combined per `update`, where P's row r is acc[r][0..1],
+/// plus bias[0:n] on every row when `bias` is not null.
 [[gnu::noinline]] inline void store_tile(const __m256 (&acc)[kMR][2], float* c, std::int64_t ldc,
                                          std::int64_t m, std::int64_t n, float alpha, float beta,
-                                         Update update) {
+                                         Update update, const float* bias) {
   const __m256 va = _mm256_set1_ps(alpha), vb = _mm256_set1_ps(beta);
   if (m == kMR && n == kNR) {
+    const __m256 bias_lo = bias ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();
+    const __m256 bias_hi = bias ? _mm256_loadu_ps(bias + 8) : _mm256_setzero_ps();
     for (std::int64_t r = 0; r < kMR; ++r) {
       float* row = c + r * ldc;
-      __m256 lo = _mm256_mul_ps(acc[r][0], va), hi = _mm256_mul_ps(acc[r][1], va);
+      __m256 lo = _mm256_fmadd_ps(acc[r][0], va, bias_lo);
+      __m256 hi = _mm256_fmadd_ps(acc[r][1], va, bias_hi);
       if (update == Update::Accumulate) {
         lo = _mm256_add_ps(lo, _mm256_loadu_ps(row));
         hi = _mm256_add_ps(hi, _mm256_loadu_ps(row + 8));
@@ -217,7 +221,7 @@ enum class Update { Overwrite, Accumulate, Scale };  // C = αP, C += αP, C = �
     _mm256_store_ps(tile + 8, acc[r][1]);
     float* row = c + r * ldc;
     for (std::int64_t j = 0; j < n; ++j) {
-      const float p = alpha * tile[j];
+      const float p = bias ? alpha * tile[j] + bias[j] : alpha * tile[j];
       row[j] = update == Update::Overwrite    ? p
                : update == Update::Accumulate ? row[j] + p
                                               : beta * row[j] + p;
@@ -225,13 +229,13 @@ enum class Update { Overwrite, Accumulate, Scale };  // C = αP, C += αP, C = �
   }
 }
 
-/// C[0:m, 0:n] (row stride ldc) ← α · Ap·Bp combined per `update`, where Ap is one packed 6-row
-/// panel and Bp one packed 16-column panel, both kc long. Kept out of line so that its loop
+/// C[0:m, 0:n] (row stride ldc) ← α · Ap·Bp combined per `update` (+ bias[0:n] when not null),
+/// where Ap is one packed 6-row panel and Bp one packed 16-column panel, both kc long. Kept out of line so that its loop
 /// gets all 16 ymm registers: 12 accumulators, 2 rows of B, 1 broadcast of A.
 [[gnu::noinline]] inline void micro_kernel(std::int64_t kc, const float* __restrict a,
                                            const float* __restrict b, float* c, std::int64_t ldc,
                                            std::int64_t m, std::int64_t n, float alpha,
-                                           float beta, Update update) {
+                                           float beta, Update update, const float* bias) {
   __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps();
   __m256 c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
   __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps();
@@ -267,7 +271,7 @@ enum class Update { Overwrite, Accumulate, Scale };  // C = αP, C += αP, C = �
   }
   const __m256 acc[kMR][2] = {{c00, c01}, {c10, c11}, {c20, c21},
                               {c30, c31}, {c40, c41}, {c50, c51}};
-  store_tile(acc, c, ldc, m, n, alpha, beta, update);
+  store_tile(acc, c, ldc, m, n, alpha, beta, update, bias);
 }
 
 /// Splits `n` into the number of blocks nearest n / `target` (at least one), of equal size
@@ -279,11 +283,12 @@ inline std::int64_t balanced_block(std::int64_t n, std::int64_t target, std::int
   return (size + unit - 1) / unit * unit;
 }
 
-/// The serial algorithm on the rectangle [m0, m1) × [n0, n1) of C.
+/// The serial algorithm on the rectangle [m0, m1) × [n0, n1) of C; `bias` (indexed by column
+/// of C, or null) is added with the first inner slice.
 inline void gemm_block(bool trans_a, bool trans_b, std::int64_t m0, std::int64_t m1,
                        std::int64_t n0, std::int64_t n1, std::int64_t K, float alpha,
                        const float* A, std::int64_t lda, const float* B, std::int64_t ldb,
-                       float beta, float* C, std::int64_t ldc) {
+                       float beta, float* C, std::int64_t ldc, const float* bias) {
   if (m0 >= m1 || n0 >= n1) return;
   const std::int64_t kc_block = balanced_block(K, kKC, 8);
   const std::int64_t nc_block = balanced_block(n1 - n0, kNC, kNR);
@@ -307,7 +312,8 @@ inline void gemm_block(bool trans_a, bool trans_b, std::int64_t m0, std::int64_t
           const std::int64_t n = std::min(kNR, nc - jr);
           for (std::int64_t ir = 0; ir < mc; ir += kMR) {
             micro_kernel(kc, ap + ir * kc, bp + jr * kc, C + (ic + ir) * ldc + jc + jr, ldc,
-                         std::min(kMR, mc - ir), n, alpha, beta, update);
+                         std::min(kMR, mc - ir), n, alpha, beta, update,
+                         bias && pc == 0 ? bias + jc + jr : nullptr);
           }
         }
       }
@@ -342,10 +348,11 @@ inline Split choose_split(std::int64_t M, std::int64_t N, int threads) {
 /// Below this many multiply-adds a GEMM runs on the calling thread.
 inline constexpr std::int64_t kParallelMacs = 1 << 18;
 
-/// C[M,N] = α·op(A)·op(B) + β·C, row-major, as cpu::gemm documents; K > 0 and α != 0.
+/// C[M,N] = α·op(A)·op(B) + β·C (+ bias[N] on every row when `bias` is not null), row-major, as
+/// cpu::gemm documents; K > 0 and α != 0.
 inline void gemm(bool trans_a, bool trans_b, std::int64_t M, std::int64_t N, std::int64_t K,
                  float alpha, const float* A, std::int64_t lda, const float* B, std::int64_t ldb,
-                 float beta, float* C, std::int64_t ldc) {
+                 float beta, float* C, std::int64_t ldc, const float* bias = nullptr) {
   int threads = 1;
   if (!in_parallel() && M * N * K >= kParallelMacs) threads = max_threads();
   Split split = choose_split(M, N, threads);
@@ -355,7 +362,7 @@ inline void gemm(bool trans_a, bool trans_b, std::int64_t M, std::int64_t N, std
     split = choose_split(M, N, threads);
   }
   if (threads == 1) {
-    gemm_block(trans_a, trans_b, 0, M, 0, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    gemm_block(trans_a, trans_b, 0, M, 0, N, K, alpha, A, lda, B, ldb, beta, C, ldc, bias);
     return;
   }
   const std::int64_t row_tiles = (M + kMR - 1) / kMR, col_tiles = (N + kNR - 1) / kNR;
@@ -369,7 +376,7 @@ inline void gemm(bool trans_a, bool trans_b, std::int64_t M, std::int64_t N, std
     const std::int64_t m1 = std::min(M, row_tiles * (rp + 1) / split.row_parts * kMR);
     const std::int64_t n0 = std::min(N, col_tiles * cp / split.col_parts * kNR);
     const std::int64_t n1 = std::min(N, col_tiles * (cp + 1) / split.col_parts * kNR);
-    gemm_block(trans_a, trans_b, m0, m1, n0, n1, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    gemm_block(trans_a, trans_b, m0, m1, n0, n1, K, alpha, A, lda, B, ldb, beta, C, ldc, bias);
   }
 }
 
