@@ -7,6 +7,7 @@ Usage: benchmarks/compare_gemm.py [--bench build/benchmarks/gemm_bench] [--threa
 The shapes are gemm_bench's: the three products of each Linear of the tiny preset (forward
 x·Wᵀ, input gradient dy·W, weight gradient dyᵀ·x over 8192 token rows), a 1024³ square
 product, and the batched attention products (torch.bmm; OpenBLAS has no batched call). The
+gemm_bench's FMA peak of the cores is printed with them. The
 three sides are measured in turns, `--repeats` rounds, and each figure is the median of its
 rounds, so a slow spell of a shared machine hits all of them alike. OpenBLAS is Debian's
 libopenblas0-pthread, called through ctypes with its own thread count set to --threads.
@@ -42,6 +43,9 @@ def ours(bench):
                           check=True, capture_output=True, text=True).stdout
     rates = {}
     for b in json.loads(text)["benchmarks"]:
+        if b["name"].startswith("BM_fma_peak"):
+            rates["fma_peak"] = b["flops"] / 1e9
+            continue
         name = "/".join(b["name"].split("/")[1:-1])  # BM_linear/<name...>/real_time
         rates[name] = b["flops"] / 1e9
     return rates
@@ -131,6 +135,11 @@ def main():
         cells += [f"{x:>10.1f}" if x is not None else f"{'-':>10}" for x in (ob, tm)]
         ratio = f"{mine / max(theirs):>11.2f}" if mine and theirs else f"{'-':>11}"
         print(f"{name:<32}{''.join(cells)}{ratio}")
+    if "fma_peak" in med["ours"]:
+        peak = med["ours"]["fma_peak"]
+        best = max(med["ours"][name] for name, *_ in shapes)
+        print(f"FMA peak of the cores (gemm_bench BM_fma_peak): {peak:.1f} GFLOP/s; "
+              f"the fastest moca product above reaches {100 * best / peak:.0f}% of it")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,13 @@
 // Run: build/benchmarks/gemm_bench --benchmark_min_time=0.2
 #include <benchmark/benchmark.h>
 
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #include <cstdint>
 #include <moca/core/random.hpp>
 #include <moca/moca.hpp>
@@ -96,6 +103,41 @@ BENCHMARK_CAPTURE(BM_attention, qk, true)
 BENCHMARK_CAPTURE(BM_attention, pv, false)
     ->ArgNames({"batch", "T", "hd"})->Args({128 * 3, 65, 64})
     ->UseRealTime()->Unit(benchmark::kMillisecond);
+
+#if defined(__AVX2__) && defined(__FMA__)
+// The FMA peak of the cores: every thread runs 10 independent chains of 8-wide fused
+// multiply-adds (enough to cover the FMA latency on two pipes), nothing else. The MFU figures of
+// docs/performance.md divide by this.
+void BM_fma_peak(benchmark::State& state) {
+  constexpr std::int64_t kIterations = 20'000'000;
+  int threads = 1;
+  for (auto _ : state) {
+    float sink = 0;
+#pragma omp parallel reduction(+ : sink)
+    {
+#ifdef _OPENMP
+#pragma omp single
+      threads = omp_get_num_threads();
+#endif
+      __m256 a[10];
+      for (auto& v : a) v = _mm256_set1_ps(1.0f);
+      const __m256 m = _mm256_set1_ps(0.9999999f), c = _mm256_set1_ps(1e-7f);
+      for (std::int64_t i = 0; i < kIterations; ++i)
+        for (auto& v : a) v = _mm256_fmadd_ps(v, m, c);
+      __m256 s = a[0];
+      for (int j = 1; j < 10; ++j) s = _mm256_add_ps(s, a[j]);
+      sink += _mm256_cvtss_f32(s);
+    }
+    benchmark::DoNotOptimize(sink);
+  }
+  // 10 chains × 8 lanes × 2 FLOP per FMA, per thread.
+  state.counters["flops"] = benchmark::Counter(160.0 * double(kIterations) * threads,
+                                               benchmark::Counter::kIsIterationInvariantRate,
+                                               benchmark::Counter::kIs1000);
+  state.counters["threads"] = threads;
+}
+BENCHMARK(BM_fma_peak)->UseRealTime()->Unit(benchmark::kMillisecond);
+#endif
 
 }  // namespace
 
