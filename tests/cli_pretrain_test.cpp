@@ -175,8 +175,12 @@ TEST_CASE("moca pretrain: a run, a stopped and resumed run, then knn and extract
   const std::vector<json> ra = step_records(a);
   REQUIRE(ra.size() == 12);
   for (const char* key : {"step", "epoch", "elapsed_s", "loss", "l_img", "l_loc", "lr", "wd",
-                          "momentum", "grad_norm", "pairs_per_s"})
+                          "momentum", "grad_norm", "pairs_per_s", "data_wait_share"})
     CHECK(ra.back().contains(key));
+  for (const json& rec : ra) {
+    CHECK(rec["data_wait_share"].get<double>() >= 0.0);
+    CHECK(rec["data_wait_share"].get<double>() <= 1.0);
+  }
   CHECK(ra.back()["step"] == 12);
   CHECK(ra.back()["epoch"].get<double>() == doctest::Approx(2.0));
   CHECK(ra.front()["lr"].get<double>() == 0.0);  // warmup starts at zero

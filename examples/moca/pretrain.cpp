@@ -612,6 +612,7 @@ int run_pretrain(const PretrainOptions& o, const CLI::App& cmd) {
   auto last_ckpt = Clock::now();
   auto window_start = Clock::now();
   std::int64_t window_steps = 0;
+  double window_data_s = 0;  // time the window's steps waited for their batches
   std::string details;
   enum class Stop { Done, Interrupted, UntilStep, TimeLimit } stop = Stop::Done;
   reset_peak_memory<Cpu>();
@@ -624,14 +625,16 @@ int run_pretrain(const PretrainOptions& o, const CLI::App& cmd) {
       stop = Stop::TimeLimit;
       break;
     }
+    const auto load_start = Clock::now();
     load_step(step, moca);
+    window_data_s += seconds_since(load_start);
     const MocaStepResult res = moca.train_step(
         std::span<const Moca<float>::MicroBatch>(micro_batches), sb.plans.back().refresh,
         hyper(schedule, step));
     ++step;
     ++window_steps;
-    const double pairs_per_s =
-        static_cast<double>(window_steps * batch) / std::max(seconds_since(window_start), 1e-9);
+    const double window_s = std::max(seconds_since(window_start), 1e-9);
+    const double pairs_per_s = static_cast<double>(window_steps * batch) / window_s;
     details = "loss " + fmt("%.4f", res.loss) + " (img " + fmt("%.3f", res.l_img) + ", loc " +
               fmt("%.3f", res.l_loc) + ") lr " + fmt("%.2e", res.lr) + " | " +
               fmt("%.1f", pairs_per_s) + " pairs/s";
@@ -648,12 +651,15 @@ int run_pretrain(const PretrainOptions& o, const CLI::App& cmd) {
                         {"grad_norm", res.grad_norm},
                         {"dist_norm", res.dist_norm},
                         {"pairs_per_s", pairs_per_s},
+                        // Share of the time the loader made the step wait (0: it kept ahead).
+                        {"data_wait_share", std::min(1.0, window_data_s / window_s)},
                         {"peak_mib", static_cast<double>(memory_stats<Cpu>().peak_bytes) /
                                          (1024.0 * 1024.0)}};
       log.write(rec);
       curves.add(rec);
       window_start = Clock::now();
       window_steps = 0;
+      window_data_s = 0;
     }
     bar.update(step, details);
 
