@@ -42,7 +42,7 @@ namespace moca::cpu::sgemm_avx2 {
 inline constexpr std::int64_t kMR = 6;     // rows of the micro-tile
 inline constexpr std::int64_t kNR = 16;    // columns of the micro-tile: two ymm registers
 inline constexpr std::int64_t kKC = 256;   // inner-dimension slice: a B micro-panel is 16 KiB
-inline constexpr std::int64_t kMC = 168;   // rows of a packed A block: 168 KiB, half an L2
+inline constexpr std::int64_t kMC = 168;   // rows of a packed A block: 168 KiB of a 512 KiB L2
 inline constexpr std::int64_t kNC = 4080;  // columns of a packed B block
 
 /// A 64-byte aligned float buffer that only grows, one per thread: after the first GEMM of each
