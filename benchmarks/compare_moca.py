@@ -7,7 +7,10 @@ Usage: benchmarks/compare_moca.py [--bench build/benchmarks/moca_bench] [--threa
 The PyTorch side is the project's float32 PyTorch implementation of the same recipe
 (tests/python/reference_moca.py): teacher EMA, codebook targets and refresh, both masking rounds
 with the condenser decoder, L_IMG + L_LOC, backward, clipping, AdamW with the four groups —
-the same presets, batch and thread count, medians of `--repeats` timed runs after warm-up.
+the same presets, batch and thread count. The two sides run in turns (ours, then PyTorch, then
+ours again...), each turn a timed run of at least 10 s after warm-up, so that the slow and fast
+spells of a shared machine fall on both; printed are the medians of the turns and the median of
+the per-turn ratios.
 Needs Python with torch (Debian: /usr/bin/python3 with python3-torch) on an optimised BLAS
 (Debian: libopenblas0-pthread; with only the reference libblas3, PyTorch's GEMMs run ~40x slower
 and the ratio means nothing). PyTorch uses threads = cores.
@@ -39,61 +42,60 @@ CONFIGS = {
 }
 
 
-def torch_pairs_per_s(cfg, repeats, min_time=10.0):
-    mcfg, B = cfg["model"], cfg["batch"]
-    model = R.Moca(**mcfg)
-    model.init_weights()
-    opt = R.make_optimizer(model)
-    L, knew = model.L, mcfg["words_per_iter"]
-    inner = R.inner_patches(mcfg["img_size"] // mcfg["patch"], mcfg["skip_offset"])
-    shape = (B, mcfg["in_chans"], mcfg["img_size"], mcfg["img_size"])
-    x1, x2 = torch.rand(shape) * 2 - 1, torch.rand(shape) * 2 - 1
+class TorchSide:
+    """The PyTorch MOCA iteration for one configuration, built once and timed turn by turn."""
 
-    def step():
+    def __init__(self, cfg):
+        mcfg, B = cfg["model"], cfg["batch"]
+        self.B = B
+        self.model = model = R.Moca(**mcfg)
+        model.init_weights()
+        self.opt = R.make_optimizer(model)
+        self.L, self.knew = model.L, mcfg["words_per_iter"]
+        self.inner = R.inner_patches(mcfg["img_size"] // mcfg["patch"], mcfg["skip_offset"])
+        shape = (B, mcfg["in_chans"], mcfg["img_size"], mcfg["img_size"])
+        self.x1, self.x2 = torch.rand(shape) * 2 - 1, torch.rand(shape) * 2 - 1
+        for _ in range(2):
+            self.step()
+
+    def step(self):
         # train_iteration without recording the gradients (the fixture generator needs them).
+        model, opt, B, L = self.model, self.opt, self.B, self.L
         R.set_schedule(opt, 1e-4, 0.05)
         model.update_teacher(0.994)
         edict = model.bow._embedding.detach().clone()
-        rec = R.teacher_targets(model, x1, x2, edict)
+        rec = R.teacher_targets(model, self.x1, self.x2, edict)
         upd = rec["teacher_out1"] if torch.rand(()) < 0.5 else rec["teacher_out2"]
-        model.bow.update(upd, torch.randperm(B)[:knew], torch.randint(len(inner), (knew,)))
+        model.bow.update(upd, torch.randperm(B)[:self.knew],
+                         torch.randint(len(self.inner), (self.knew,)))
         Q, Y = torch.cat([rec["q1"], rec["q2"]]), torch.cat([rec["y2"], rec["y1"]])
         s1 = torch.argsort(torch.rand(2 * B, L), dim=1)
         s2 = R.complementary_second_round(s1, model.lk[0], model.ld[0], model.lk[1])
         masks = [(s1, model.lk[0], model.ld[0]), (s2, model.lk[1], model.ld[1])]
         opt.zero_grad(set_to_none=True)
-        out = R.student_losses(model, torch.cat([x1, x2]), masks, Q, Y, edict)
+        out = R.student_losses(model, torch.cat([self.x1, self.x2]), masks, Q, Y, edict)
         out["loss"].backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in model.trainable()], R.CLIP_MAX_NORM)
         opt.step()
 
-    for _ in range(2):
-        step()
-    rates = []
-    for _ in range(repeats):
+    def pairs_per_s(self, min_time=10.0):
         n, t0 = 0, time.perf_counter()
         while True:
-            step()
+            self.step()
             n += 1
             dt = time.perf_counter() - t0
             if dt >= min_time:
-                break
-        rates.append(n * B / dt)
-    return statistics.median(rates)
+                return n * self.B / dt
 
 
-def ours(bench, repeats, names):
-    flt = "|".join(names)
-    out = subprocess.run([bench, "--benchmark_format=json", f"--benchmark_repetitions={repeats}",
-                          f"--benchmark_filter={flt}"],
+def ours(bench, name):
+    """One turn of our side: a fresh moca_bench run of `name` (warm-up, then at least 10 s)."""
+    out = subprocess.run([bench, "--benchmark_format=json", f"--benchmark_filter=/{name}/"],
                          check=True, capture_output=True, text=True).stdout
-    rates = {}
     for b in json.loads(out)["benchmarks"]:
-        if b.get("run_type") != "iteration":
-            continue
-        name = b["name"].split("/")[1]  # moca_step/<config>/min_time:.../real_time
-        rates.setdefault(name, []).append((b["pairs_per_s"], b["peak_step_MiB"]))
-    return {k: (statistics.median(r for r, _ in v), max(m for _, m in v)) for k, v in rates.items()}
+        if b.get("run_type") == "iteration":
+            return b["pairs_per_s"], b["peak_step_MiB"]
+    raise RuntimeError(f"moca_bench printed no result for {name}")
 
 
 def main():
@@ -106,13 +108,22 @@ def main():
     names = args.configs.split(",")
     torch.set_num_threads(args.threads)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    mine = ours(args.bench, args.repeats, names)
-    print(f"threads {args.threads}, torch {torch.__version__}, medians of {args.repeats} runs")
-    print(f"{'config':<14}{'moca pairs/s':>14}{'peak MiB':>10}{'torch pairs/s':>15}{'ratio':>8}")
+    print(f"threads {args.threads}, torch {torch.__version__}, {args.repeats} turns per side")
+    print(f"{'config':<14}{'moca pairs/s':>14}{'peak MiB':>10}{'torch pairs/s':>15}"
+          f"{'ratio':>8}  per-turn ratios")
     for name in names:
-        theirs = torch_pairs_per_s(CONFIGS[name], args.repeats)
-        rate, peak = mine[name]
-        print(f"{name:<14}{rate:>14.1f}{peak:>10.0f}{theirs:>15.1f}{rate / theirs:>8.2f}")
+        theirs_side = TorchSide(CONFIGS[name])
+        mine, theirs, peaks = [], [], []
+        for _ in range(args.repeats):
+            rate, peak = ours(args.bench, name)
+            mine.append(rate)
+            peaks.append(peak)
+            theirs.append(theirs_side.pairs_per_s())
+        ratios = [m / t for m, t in zip(mine, theirs)]
+        turns = " ".join(f"{r:.2f}" for r in ratios)
+        print(f"{name:<14}{statistics.median(mine):>14.1f}{max(peaks):>10.0f}"
+              f"{statistics.median(theirs):>15.1f}{statistics.median(ratios):>8.2f}  {turns}",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -103,6 +103,42 @@ TEST_CASE_TEMPLATE("softmax: a -inf logit has probability 0, a NaN logit poisons
   }
 }
 
+TEST_CASE_TEMPLATE("softmax_with_spread: codes and max − mean of every row, fused and composed",
+                   T, float, double) {
+  std::uint64_t stream = 900;
+  for (const Shape& s : kShapes) {
+    const i64 M = s.leading(), N = s.last();
+    // Cosine-like values; scale = inv_delta / dist_norm of MOCA's first steps.
+    const Tensor<T> x = uniform<T>(s, stream++, -1, 1);
+    const double scale = 20.0;
+    Vec scaled = to_vec<T>(x), spread(static_cast<std::size_t>(M));
+    for (i64 r = 0; r < M; ++r) {
+      double mx = -1e300, sum = 0;
+      for (i64 j = 0; j < N; ++j) mx = std::max(mx, scaled[r * N + j]), sum += scaled[r * N + j];
+      spread[r] = mx - sum / static_cast<double>(N);
+    }
+    for (double& v : scaled) v *= scale;
+    const Vec codes = ref::softmax(scaled, M, N, false);
+    Tensor<T> fused(s), composed(s), sp_fused({M}), sp_composed({M}), ws;
+    copy(TensorView<T>(x), TensorView<T>(fused));
+    copy(TensorView<T>(x), TensorView<T>(composed));
+    ops::softmax_with_spread(TensorView<T>(fused), scale, TensorView<T>(sp_fused), ws);
+    CHECK(ws.numel() == 0);  // the fused kernel needs no workspace
+    ops::softmax_impl::spread_composed(TensorView<T>(composed), T(scale),
+                                       TensorView<T>(sp_composed), ws);
+    check_close_rows(label("fused codes", s), TensorView<T>(fused), codes);
+    check_close_rows(label("composed codes", s), TensorView<T>(composed), codes);
+    check_close(label("fused spread", s), TensorView<T>(sp_fused), spread, kRel<T> * 10);
+    check_close(label("composed spread", s), TensorView<T>(sp_composed), spread, kRel<T> * 10);
+  }
+  Tensor<T> x({2, 3}), sp({2}), ws;
+  const TensorView<T> xv = x;
+  check_error_names("spread size", [&] { ops::softmax_with_spread(xv, 1.0, xv, ws); },
+                    {"softmax_with_spread", "[2, 3]"});
+  check_error_names("scale", [&] { ops::softmax_with_spread(xv, 0.0, TensorView<T>(sp), ws); },
+                    {"softmax_with_spread", "positive"});
+}
+
 TEST_CASE_TEMPLATE("layer_norm matches the reference, with and without affine parameters", T,
                    float, double) {
   std::uint64_t stream = 100;

@@ -7,6 +7,7 @@
 #include "moca/ops/gemm.hpp"
 #include "moca/ops/index.hpp"
 #include "moca/ops/layout.hpp"
+#include "moca/ops/losses.hpp"
 #include "moca/ops/normalization.hpp"
 #include "moca/ops/optim.hpp"
 #include "moca/ops/reduce.hpp"

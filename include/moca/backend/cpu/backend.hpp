@@ -12,6 +12,7 @@
 #include "moca/backend/cpu/gemm.hpp"
 #include "moca/backend/cpu/index.hpp"
 #include "moca/backend/cpu/layout.hpp"
+#include "moca/backend/cpu/losses.hpp"
 #include "moca/backend/cpu/reduce.hpp"
 #include "moca/backend/cpu/rows.hpp"
 #include "moca/backend/cpu/stats.hpp"
@@ -89,6 +90,10 @@ struct Backend<Cpu> {
   template <class T>
   static void log_softmax_rows(std::int64_t M, std::int64_t N, const T* x, T* y) {
     cpu::log_softmax_rows(M, N, x, y);
+  }
+  template <class T>
+  static void softmax_spread_rows(std::int64_t M, std::int64_t N, T scale, T* x, T* spread) {
+    cpu::softmax_spread_rows(M, N, scale, x, spread);
   }
   template <class T>
   static void softmax_rows_backward(std::int64_t M, std::int64_t N, const T* y, const T* dy,
@@ -173,6 +178,11 @@ struct Backend<Cpu> {
   template <class T>
   static double xlogy_sum(std::int64_t n, const T* x, const T* y) {
     return cpu::xlogy_sum(n, x, y);
+  }
+  template <class T>
+  static double soft_target_rows(std::int64_t M, std::int64_t K, const T* z, const T* t,
+                                 const std::int32_t* idx, bool entropy, T s, T* dz) {
+    return cpu::soft_target_rows(M, K, z, t, idx, entropy, s, dz);
   }
   template <class T>
   static void adamw(std::int64_t n, T* p, const T* g, T* m, T* v, double lr, double beta1,

@@ -127,6 +127,51 @@ void log_softmax_rows(std::int64_t M, std::int64_t N, const T* x, T* y) {
   });
 }
 
+/// x ← softmax(scale · x) row by row, in place (scale > 0), after writing each row's spread
+/// max_k x − mean_k x of the unscaled row: MOCA's codebook codes and their temperature
+/// statistic in one pass over rows that stay in cache.
+template <class T>
+void softmax_spread_rows(std::int64_t M, std::int64_t N, T scale, T* x, T* spread) {
+  parallel_for(M, 4 * M * N, [&](std::int64_t r0, std::int64_t r1) {
+    for (std::int64_t r = r0; r < r1; ++r) {
+      T* xr = x + r * N;
+#ifdef MOCA_CPU_SIMD_MATH
+      if constexpr (std::is_same_v<T, float>) {
+        const float mx = lanes::row_max(N, xr);
+        spread[r] = mx - lanes::sum(N, xr) / static_cast<float>(N);
+        const __m256 a = _mm256_set1_ps(scale), shift = _mm256_set1_ps(mx);
+        const __m256 zero = _mm256_setzero_ps();
+        __m256 acc = zero;
+        for (std::int64_t j = 0; j < N; j += 8) {
+          // Padding lanes: x = max, e^0 = 1 would count, so they are masked out of the sum.
+          const std::int64_t left = N - j;
+          const __m256 x_shifted = _mm256_sub_ps(lanes::load(xr + j, left, shift), shift);
+          __m256 e = simd::exp(_mm256_mul_ps(a, x_shifted));
+          if (left < 8) e = _mm256_and_ps(e, _mm256_castsi256_ps(simd::first_lanes(left)));
+          acc = _mm256_add_ps(acc, e);
+          lanes::store(xr + j, left, e);
+        }
+        const __m256 inv = _mm256_set1_ps(1.0f / simd::sum(acc));
+        for (std::int64_t j = 0; j < N; j += 8)
+          lanes::store(xr + j, N - j, _mm256_mul_ps(lanes::load(xr + j, N - j, zero), inv));
+        continue;
+      }
+#endif
+      T mx = -std::numeric_limits<T>::infinity();
+      acc_t<T> total = 0;
+      for (std::int64_t j = 0; j < N; ++j) mx = std::max(mx, xr[j]), total += xr[j];
+      spread[r] = mx - static_cast<T>(total) / static_cast<T>(N);
+      acc_t<T> sum = 0;
+      for (std::int64_t j = 0; j < N; ++j) {
+        xr[j] = std::exp(scale * (xr[j] - mx));
+        sum += xr[j];
+      }
+      const T inv = T(1) / static_cast<T>(sum);
+      for (std::int64_t j = 0; j < N; ++j) xr[j] *= inv;
+    }
+  });
+}
+
 /// Given y = softmax(x): dx = y * (dy - <dy, y>)  (dx may alias dy).
 template <class T>
 void softmax_rows_backward(std::int64_t M, std::int64_t N, const T* y, const T* dy, T* dx) {

@@ -123,18 +123,15 @@ class Codebook {
     TensorView<T, D> cos = q.reshape({N * L, K});
     ops::gemm(TensorView<T, D>(tokens_).reshape({N * L, C}), Trans::N, TensorView<T, D>(snapshot_),
               Trans::T, cos);
-    // Statistic: mean over tokens of (max cos − mean cos) = mean of (mean dist − min dist).
-    stat_.resize({2, N * L});
+    // Codes with the previous iteration's temperature, in place over the similarities, and the
+    // statistic: mean over tokens of (max cos − mean cos) = mean of (mean dist − min dist).
+    stat_.resize({N * L});
     total_.resize({1});
-    ops::row_max(cos, stat_.row(0));
-    ops::mean(cos, 1, stat_.row(1));
-    ops::axpy(T(-1), stat_.row(1), stat_.row(0));
-    ops::sum(stat_.row(0), 0, TensorView<T, D>(total_));
+    ops::softmax_with_spread(cos, cfg_.inv_delta / dist_norm_prev, TensorView<T, D>(stat_),
+                             spread_workspace_);
+    ops::sum(TensorView<T, D>(stat_), 0, TensorView<T, D>(total_));
     const double t = std::abs(host_scalar(total_) / static_cast<double>(N * L));
     dist_norm = cfg_.dist_norm_decay * dist_norm + (1.0 - cfg_.dist_norm_decay) * t;
-    // Codes with the previous iteration's temperature, in place over the similarities.
-    ops::scale(cos, cfg_.inv_delta / dist_norm_prev);
-    ops::softmax(cos, cos);
     // Bag of words: average of the inner tokens' codes, then L1-normalised.
     set_inner_rows(N, L);
     inner_codes_.resize({N, I, K});
@@ -229,7 +226,7 @@ class Codebook {
   CodebookConfig cfg_;
   std::vector<Index> inner_;
   Tensor<T, D> snapshot_, tokens_, rows_, stat_, total_, inner_codes_, row_sums_, fresh_,
-      fresh_norm_;
+      fresh_norm_, spread_workspace_;
   Tensor<T, Cpu> host_sums_;
   Tensor<Index, D> inner_rows_, rows_index_;
   Tensor<Index, Cpu> host_rows_;

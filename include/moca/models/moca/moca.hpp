@@ -343,8 +343,8 @@ class Moca {
     // L_IMG: KL(Y ‖ softmax(κ g W^bᵀ)), batch-mean over the N rows.
     logits_.resize({N, K});
     ops::gemm(TensorView<T, D>(g_), Trans::N, Wb, Trans::T, TensorView<T, D>(logits_), kappa, 0);
-    res.l_img_round[r] = kl_.forward(logits_, bows_);
-    kl_.backward(logits_, bows_, logits_, scale * cfg_.img_weight);  // now dlogits
+    res.l_img_round[r] = kl_.forward_backward(logits_, bows_, logits_,  // now dlogits
+                                              scale * cfg_.img_weight);
     dg_.resize({N, C});
     ops::gemm(TensorView<T, D>(logits_), Trans::N, Wb, Trans::N, TensorView<T, D>(dg_), kappa, 0);
     ops::gemm(TensorView<T, D>(logits_), Trans::T, TensorView<T, D>(g_), Trans::N,
@@ -354,13 +354,11 @@ class Moca {
     TensorView<Index, Cpu> decoded = decoded_;
     const TensorView<T, D> out = decoder.forward(g_, mid, decoded);  // [N·ld, Dd]
     set_target_rows(N, L, ld);
-    targets_.resize({N * ld, K});
-    ops::gather_rows(TensorView<T, D>(codes_).reshape({N * L, K}), TensorView<Index, D>(target_rows_),
-                     TensorView<T, D>(targets_));
     loc_logits_.resize({N * ld, K});
     ops::gemm(out, Trans::N, Wd, Trans::T, TensorView<T, D>(loc_logits_), kappa, 0);
-    res.l_loc_round[r] = kl_.forward(loc_logits_, targets_);
-    kl_.backward(loc_logits_, targets_, loc_logits_, scale * cfg_.loc_weight);
+    res.l_loc_round[r] = kl_.forward_backward(  // the targets read in place from Q
+        loc_logits_, TensorView<T, D>(codes_).reshape({N * L, K}), target_rows_, loc_logits_,
+        scale * cfg_.loc_weight);
     dout_.resize({N * ld, Dd});
     ops::gemm(TensorView<T, D>(loc_logits_), Trans::N, Wd, Trans::N, TensorView<T, D>(dout_),
               kappa, 0);
@@ -401,7 +399,7 @@ class Moca {
   KlDivergence<T, D> kl_;
   Tensor<Index, Cpu> visible_, decoded_, host_rows_;
   Tensor<Index, D> target_rows_;
-  Tensor<T, D> codes_, bows_, chosen_, images_, dWb_, dWd_, g_, patches_, logits_, dg_, targets_,
+  Tensor<T, D> codes_, bows_, chosen_, images_, dWb_, dWd_, g_, patches_, logits_, dg_,
       loc_logits_, dout_, dmid_, dlast_;
 };
 
