@@ -7,28 +7,18 @@
 
 #include <moca/models/moca/moca.hpp>
 
+#include "moca_rig.hpp"
+
 namespace {
 
 void moca_step(benchmark::State& state, moca::MocaConfig cfg, std::int64_t batch) {
   using namespace moca;
-  cfg.words_per_iter = std::min<std::int64_t>(cfg.words_per_iter, batch);
-  Moca<float> model(cfg);
-  model.initialize(0);
-  const auto& v = cfg.encoder;
-  Tensor<float> x1({batch, v.in_chans, v.img_size, v.img_size}), x2(x1.shape());
-  fill_uniform(x1, Philox(1), 0, -1.0, 1.0);
-  fill_uniform(x2, Philox(1), 1, -1.0, 1.0);
-  MocaHyper h;
-  h.lr = 1e-4;
-  std::uint64_t step = 0;
-  const MocaPlan first = model.draw_plan(Philox(2), step++, batch);
-  model.train_step(x1, x2, first, h);  // sizes every buffer
-  reset_peak_memory<Cpu>();
+  bench::MocaRig rig(cfg, batch);
   for (auto _ : state) {
     state.PauseTiming();
-    const MocaPlan plan = model.draw_plan(Philox(2), step++, batch);  // the loader's job
+    const MocaPlan plan = rig.next_plan();
     state.ResumeTiming();
-    benchmark::DoNotOptimize(model.train_step(x1, x2, plan, h).loss);
+    benchmark::DoNotOptimize(rig.train(plan).loss);
   }
   state.counters["pairs_per_s"] = benchmark::Counter(
       static_cast<double>(batch), benchmark::Counter::kIsIterationInvariantRate);

@@ -15,6 +15,8 @@
 #include <moca/models/moca/moca.hpp>
 #include <string>
 
+#include "moca_rig.hpp"
+
 int main(int argc, char** argv) {
   using namespace moca;
   std::string preset = "tiny";
@@ -44,26 +46,14 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "moca_profile: --batch must be >= 2 and --steps >= 1\n");
     return 2;
   }
-  MocaConfig cfg = preset == "tiny" ? MocaConfig::tiny() : MocaConfig::vit_s16();
-  cfg.words_per_iter = std::min<std::int64_t>(cfg.words_per_iter, batch);
-  Moca<float> model(cfg);
-  model.initialize(0);
-  const auto& v = cfg.encoder;
-  Tensor<float> x1({batch, v.in_chans, v.img_size, v.img_size}), x2(x1.shape());
-  fill_uniform(x1, Philox(1), 0, -1.0, 1.0);
-  fill_uniform(x2, Philox(1), 1, -1.0, 1.0);
-  MocaHyper h;
-  h.lr = 1e-4;
-  std::uint64_t step = 0;
-  model.train_step(x1, x2, model.draw_plan(Philox(2), step++, batch), h);  // sizes buffers
-  reset_peak_memory<Cpu>();
+  bench::MocaRig rig(preset == "tiny" ? MocaConfig::tiny() : MocaConfig::vit_s16(), batch);
   profiler::reset();
   profiler::enable();
   double total = 0;
   for (std::int64_t s = 0; s < steps; ++s) {
-    const MocaPlan plan = model.draw_plan(Philox(2), step++, batch);
+    const MocaPlan plan = rig.next_plan();
     const auto t0 = std::chrono::steady_clock::now();
-    model.train_step(x1, x2, plan, h);
+    rig.train(plan);
     total += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   }
   profiler::enable(false);

@@ -207,10 +207,21 @@ TEST_CASE("moca pretrain: a run, a stopped and resumed run, then knn and extract
   INFO(r.err);
   REQUIRE(r.status == 0);
   CHECK(train::CheckpointDir(b / "checkpoints").latest()->filename() == "step-0000005");
-  r = run_cli("pretrain --out " + b.string() + " --resume --threads 1 --workers 2 --log-every 1",
+  // Resumed twice: first with no evaluation flags (the run's own --knn-k 5 applies), then with
+  // --knn-k 3, which wins over the saved setting.
+  r = run_cli("pretrain --out " + b.string() +
+                  " --resume --threads 1 --workers 2 --log-every 1 --until-step 8",
               fx.dir);
   INFO(r.err);
   REQUIRE(r.status == 0);
+  r = run_cli("pretrain --out " + b.string() + " --resume --threads 1 --log-every 1 --knn-k 3",
+              fx.dir);
+  INFO(r.err);
+  REQUIRE(r.status == 0);
+  std::vector<std::int64_t> ks_b;
+  for (const json& j : train::JsonlLog::read(b / "log.jsonl"))
+    if (j.contains("knn_top1")) ks_b.push_back(j["k"].get<std::int64_t>());
+  CHECK(ks_b == std::vector<std::int64_t>{5, 3});  // epoch 1 (step 6), then the end
   const std::vector<json> rb = step_records(b);
   REQUIRE(rb.size() == ra.size());
   for (std::size_t i = 0; i < ra.size(); ++i) {

@@ -94,6 +94,21 @@ TEST_CASE_TEMPLATE("sum over rank 1 and 2, and sum_squares", T, float, double) {
   check_close("sum [33, 65] axis 1", rows, ref::sum_middle(mv, 33, 65, 1, 1, 0, {}));
 }
 
+TEST_CASE("a long float sum keeps its small terms") {
+  // 4·2^20 terms of 1e-3: a float running sum reaches 4,194 (ulp 4.9e-4) and would round every
+  // later term by up to a quarter of itself; the reduction must stay at float rounding of the
+  // result.
+  const i64 n = i64{4} << 20;
+  Tensor<float> x({n}), y({1});
+  ops::fill(TensorView<float>(x), 1e-3);
+  ops::sum(x, 0, y);
+  const double exact = static_cast<double>(n) * static_cast<double>(1e-3f);
+  CHECK(static_cast<double>(y.data()[0]) == doctest::Approx(exact).epsilon(1e-6));
+  Tensor<float> means({1});
+  ops::mean(x, 0, means);
+  CHECK(static_cast<double>(means.data()[0]) == doctest::Approx(1e-3).epsilon(1e-6));
+}
+
 TEST_CASE("sum and mean gradients pass gradcheck") {
   // The gradient of a sum over an axis is dy broadcast along that axis (times alpha).
   const Shape s{3, 4, 5};
@@ -222,13 +237,17 @@ TEST_CASE_TEMPLATE("sum, sum_squares and scatter_add_rows do not depend on the t
     for (int threads : {2, 3})
       check_bitwise(detail::str("sum ", c.s, " axis ", c.axis, " with ", threads, " threads"),
                     run(threads), one);
-    // The documented order: j ascending, in the accumulator type.
+    // The documented order: j ascending, in the accumulator type (double for contiguous sums).
     Vec serial(static_cast<std::size_t>(outer * inner));
     for (i64 o = 0; o < outer; ++o)
       for (i64 i = 0; i < inner; ++i) {
         cpu::acc_t<T> acc = 0;
-        for (i64 j = 0; j < n; ++j) acc += x.data()[(o * n + j) * inner + i];
-        serial[o * inner + i] = static_cast<T>(acc);
+        double wide = 0;
+        for (i64 j = 0; j < n; ++j) {
+          acc += x.data()[(o * n + j) * inner + i];
+          wide += static_cast<double>(x.data()[(o * n + j) * inner + i]);
+        }
+        serial[o * inner + i] = inner == 1 ? static_cast<T>(wide) : static_cast<T>(acc);
       }
     check_exact(detail::str("sum ", c.s, " axis ", c.axis, " in ascending order"), one, serial);
   }

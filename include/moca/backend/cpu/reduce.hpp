@@ -10,7 +10,9 @@ namespace moca::cpu {
 
 /// Views x as [outer, n, inner] and reduces the middle axis:
 ///   y[o, i] = alpha * sum_j x[o, j, i] + beta * y[o, i]   (beta == 0: y is not read).
-/// Summation order is fixed (j ascending), whatever the thread count.
+/// Summation order is fixed (j ascending), whatever the thread count. Contiguous reductions
+/// (inner == 1) accumulate in double: a float running sum of millions of small terms loses the
+/// terms below half its ulp (a flat float sum of MOCA's L_LOC terms came out 5% low).
 template <class T>
 void sum_middle(std::int64_t outer, std::int64_t n, std::int64_t inner, T alpha, const T* x,
                 T beta, T* y) {
@@ -18,9 +20,9 @@ void sum_middle(std::int64_t outer, std::int64_t n, std::int64_t inner, T alpha,
   if (inner == 1) {
     parallel_for(outer, work, [&](std::int64_t o0, std::int64_t o1) {
       for (std::int64_t o = o0; o < o1; ++o) {
-        acc_t<T> s = 0;
+        double s = 0;
         const T* xo = x + o * n;
-        for (std::int64_t j = 0; j < n; ++j) s += xo[j];
+        for (std::int64_t j = 0; j < n; ++j) s += static_cast<double>(xo[j]);
         y[o] = alpha * static_cast<T>(s) + (beta == T(0) ? T(0) : beta * y[o]);
       }
     });
