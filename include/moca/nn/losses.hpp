@@ -39,12 +39,13 @@ class SoftTargetLoss {
     MOCA_CHECK(logits.shape() == dlogits.shape(), name(), " backward: logits ", logits.shape(),
                " and gradient ", dlogits.shape(), " differ");
     const T s = static_cast<T>(scale / rows(logits));
+    // The loss value is discarded here: skip the entropy (it does not enter the gradient).
     if (!accumulate) {
-      ops::soft_target_loss(logits, targets, nullptr, WithEntropy, s, dlogits, workspace_);
+      ops::soft_target_loss(logits, targets, nullptr, false, s, dlogits, workspace_);
       return;
     }
     grad_.resize(logits.shape());
-    ops::soft_target_loss(logits, targets, nullptr, WithEntropy, s, TensorView<T, D>(grad_),
+    ops::soft_target_loss(logits, targets, nullptr, false, s, TensorView<T, D>(grad_),
                           workspace_);
     ops::axpy(T(1), TensorView<T, D>(grad_), dlogits);
   }
