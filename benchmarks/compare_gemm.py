@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""GEMM GFLOP/s at the ViT step's shapes: this library, OpenBLAS (cblas_sgemm) and torch.mm.
+"""GEMM GFLOP/s at the ViT step's shapes: this library, OpenBLAS (cblas_sgemm), oneDNN and torch.mm.
 
 Usage: benchmarks/compare_gemm.py [--bench build/benchmarks/gemm_bench] [--threads 2]
                                   [--repeats 5]
@@ -10,7 +10,11 @@ product, and the batched attention products (torch.bmm; OpenBLAS has no batched 
 gemm_bench's FMA peak of the cores is printed with them. The
 three sides are measured in turns, `--repeats` rounds, and each figure is the median of its
 rounds, so a slow spell of a shared machine hits all of them alike. OpenBLAS is Debian's
-libopenblas0-pthread, called through ctypes with its own thread count set to --threads.
+libopenblas0-pthread, called through ctypes with its own thread count set to --threads. oneDNN
+is PyTorch's own build of it, called as `torch._C._nn.mkldnn_linear(x, w, b)` (C = x·wᵀ + b)
+on operands converted to its blocked layout beforehand, each product's operands given in the
+orientation that call wants (so its transposes are free) and a zero bias; its time includes
+allocating the output, which that call always does.
 """
 import argparse
 import ctypes
@@ -93,6 +97,17 @@ def torch_gflops(ta, tb, m, n, k, a, b, c):
     return timed(lambda: torch.mm(a_op, b_op, out=c), 2.0 * m * n * k)
 
 
+def onednn_operands(ta, tb, a, b):
+    """op(A) [M, K] and op(B)ᵀ [N, K] for mkldnn_linear, contiguous and in oneDNN's layout."""
+    x = (a.t() if ta else a).contiguous()
+    w = (b if tb else b.t()).contiguous()
+    return x.to_mkldnn(), w.to_mkldnn(), torch.zeros(w.shape[0]).to_mkldnn()
+
+
+def onednn_gflops(m, n, k, x, w, bias):
+    return timed(lambda: torch._C._nn.mkldnn_linear(x, w, bias), 2.0 * m * n * k)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bench", default="build/benchmarks/gemm_bench")
@@ -104,10 +119,13 @@ def main():
     blas = OpenBlas(args.threads)
     shapes = products()
     data = {name: operands(ta, tb, m, n, k) for name, ta, tb, m, n, k in shapes}
+    has_onednn = torch.backends.mkldnn.is_available()
+    dnn = {name: onednn_operands(ta, tb, *data[name][:2])
+           for name, ta, tb, *_ in shapes} if has_onednn else {}
     b_, t_, d_ = ATTENTION
     q, kk, s = torch.rand(b_, t_, d_), torch.rand(b_, t_, d_), torch.empty(b_, t_, t_)
     att_flops = 2.0 * b_ * t_ * t_ * d_
-    rounds = {"ours": {}, "openblas": {}, "torch": {}}
+    rounds = {"ours": {}, "openblas": {}, "onednn": {}, "torch": {}}
     for _ in range(args.repeats):
         for name, rate in ours(args.bench).items():
             rounds["ours"].setdefault(name, []).append(rate)
@@ -115,6 +133,8 @@ def main():
             a, b, c = data[name]
             rounds["openblas"].setdefault(name, []).append(blas.gflops(ta, tb, m, n, k, a, b, c))
             rounds["torch"].setdefault(name, []).append(torch_gflops(ta, tb, m, n, k, a, b, c))
+            if has_onednn:
+                rounds["onednn"].setdefault(name, []).append(onednn_gflops(m, n, k, *dnn[name]))
         rounds["torch"].setdefault("qk", []).append(
             timed(lambda: torch.bmm(q, kk.transpose(1, 2), out=s), att_flops))
         rounds["torch"].setdefault("pv", []).append(
@@ -122,17 +142,17 @@ def main():
     med = {side: {k: statistics.median(v) for k, v in r.items()} for side, r in rounds.items()}
     print(f"threads {args.threads}, torch {torch.__version__}, GFLOP/s, medians of "
           f"{args.repeats} rounds")
-    print(f"{'product':<32}{'moca':>8}{'OpenBLAS':>10}{'torch.mm':>10}{'moca/best':>11}")
+    print(f"{'product':<32}{'moca':>8}{'OpenBLAS':>10}{'oneDNN':>10}{'torch.mm':>10}"
+          f"{'moca/best':>11}")
     rows = [name for name, *_ in shapes]
     rows += [f"qk/batch:{b_}/T:{t_}/hd:{d_}", f"pv/batch:{b_}/T:{t_}/hd:{d_}"]
     for name in rows:
         key = name.split("/")[0] if name.startswith(("qk", "pv")) else name
         mine = med["ours"].get(name)
-        theirs = [med[side][key] for side in ("openblas", "torch") if key in med[side]]
-        ob = med["openblas"].get(key)
-        tm = med["torch"].get(key)
+        theirs = [med[side][key] for side in ("openblas", "onednn", "torch") if key in med[side]]
+        others = [med[side].get(key) for side in ("openblas", "onednn", "torch")]
         cells = [f"{x:>8.1f}" if x is not None else f"{'-':>8}" for x in (mine,)]
-        cells += [f"{x:>10.1f}" if x is not None else f"{'-':>10}" for x in (ob, tm)]
+        cells += [f"{x:>10.1f}" if x is not None else f"{'-':>10}" for x in others]
         ratio = f"{mine / max(theirs):>11.2f}" if mine and theirs else f"{'-':>11}"
         print(f"{name:<32}{''.join(cells)}{ratio}")
     if "fma_peak" in med["ours"]:

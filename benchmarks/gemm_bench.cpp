@@ -18,6 +18,7 @@
 #include <omp.h>
 #endif
 
+#include <cmath>
 #include <cstdint>
 #include <moca/core/random.hpp>
 #include <moca/moca.hpp>
@@ -102,6 +103,34 @@ BENCHMARK_CAPTURE(BM_attention, qk, true)
     ->UseRealTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_attention, pv, false)
     ->ArgNames({"batch", "T", "hd"})->Args({128 * 3, 65, 64})
+    ->UseRealTime()->Unit(benchmark::kMillisecond);
+
+// The attention core op as layers run it, forward and backward, on a [B, S, 3·dim] qkv buffer:
+// the teacher's 65 tokens, the student's 30 and 17 visible ones (tiny preset, 3 heads of 64),
+// the decoder's heads of 32, and ViT-S/16's 197 tokens (6 heads of 64).
+void BM_attention_core(benchmark::State& state) {
+  const std::int64_t B = state.range(0), S = state.range(1), H = state.range(2),
+                     hd = state.range(3), dim = H * hd;
+  Tensor<float> qkv = random_tensor({B, S, 3 * dim}, 7), dctx = random_tensor({B, S, dim}, 8);
+  Tensor<float> probs({B, H, S, S}), ctx({B, S, dim}), dprobs({B, H, S, S}),
+      dqkv({B, S, 3 * dim});
+  const float scale = 1.0f / std::sqrt(float(hd));
+  for (auto _ : state) {
+    moca::ops::attention_forward(qkv, H, scale, probs, ctx);
+    moca::ops::attention_backward(qkv, probs, dctx, H, scale, dprobs, dqkv);
+    benchmark::ClobberMemory();
+  }
+  // Six products of 2·S·S·hd FLOP per (image, head): two forward, four backward.
+  set_counters(state, 6.0 * 2.0 * double(B * H) * double(S * S) * double(hd));
+}
+
+BENCHMARK(BM_attention_core)
+    ->ArgNames({"B", "S", "H", "hd"})
+    ->Args({128, 65, 3, 64})
+    ->Args({128, 30, 3, 64})
+    ->Args({128, 17, 3, 64})
+    ->Args({128, 33, 4, 32})
+    ->Args({16, 197, 6, 64})
     ->UseRealTime()->Unit(benchmark::kMillisecond);
 
 #if defined(__AVX2__) && defined(__FMA__)

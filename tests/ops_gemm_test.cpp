@@ -315,8 +315,15 @@ TEST_CASE_TEMPLATE("attention: the fused op matches the composed batched form", 
   // without a fused op) runs strided batched GEMMs and whole-tensor softmax. Both must agree,
   // forward and backward, including ragged token counts.
   std::uint64_t stream = 900;
-  for (const auto& [B, S, H, hd] : std::array<std::array<i64, 4>, 3>{{{2, 17, 3, 8},
+  // hd a multiple of 8 with up to 256 tokens runs the CPU's unpacked small-head kernel (17, 30,
+  // 65, 197 tokens and the 256 limit); hd = 4 and 257 tokens run the packed GEMM.
+  for (const auto& [B, S, H, hd] : std::array<std::array<i64, 4>, 8>{{{2, 17, 3, 8},
                                                                       {3, 65, 2, 16},
+                                                                      {2, 30, 3, 64},
+                                                                      {1, 197, 2, 64},
+                                                                      {1, 256, 1, 24},
+                                                                      {1, 33, 4, 32},
+                                                                      {1, 257, 1, 8},
                                                                       {1, 5, 1, 4}}}) {
     const i64 dim = H * hd;
     auto qkv = uniform<T>({B, S, 3 * dim}, stream++, -2, 2);
@@ -340,3 +347,69 @@ TEST_CASE_TEMPLATE("attention: the fused op matches the composed batched form", 
   check_error_names("attention heads", [&] { ops::attention_forward(qkv, 5, 1.0f, probs, ctx); },
                     {"attention", "[2, 5, 12]", "5 heads"});
 }
+
+#ifdef MOCA_CPU_SGEMM_AVX2
+TEST_CASE("small_gemm: every tile height and width, A stored either way, matches double") {
+  // C = α·A·B with A read through (row, column) strides: row-major A (the scores, dQ) and A
+  // stored transposed (dV = Pᵀ·dO, dK = dSᵀ·Q). M up to 13 crosses every tile height (4, 6, 8
+  // and their ragged ends); N from 8 to 72 every split of the vectors into blocks of 3, 2, 1.
+  // Padding columns of B and C past N (guards) must stay as they were.
+  std::uint64_t stream = 1300;
+  for (const i64 M : {1, 2, 3, 4, 5, 6, 7, 9, 13, 65})
+    for (const i64 N : {8, 16, 24, 32, 40, 64, 72})
+      for (const i64 K : {1, 17, 64})
+        for (const bool a_transposed : {false, true}) {
+          const i64 lda = (a_transposed ? M : K) + 3, ldb = N + 5, ldc = N + 7;
+          auto A = uniform<float>({a_transposed ? K : M, lda}, stream++);
+          auto B = uniform<float>({K, ldb}, stream++);
+          Tensor<float> C({M, ldc});
+          std::fill(C.data(), C.data() + C.numel(), 7.0f);
+          const float alpha = 0.75f;
+          const i64 ars = a_transposed ? 1 : lda, acs = a_transposed ? lda : 1;
+          cpu::sgemm_avx2::PackBuffer panel;
+          cpu::small_gemm::gemm(M, N, K, alpha, A.data(), ars, acs, B.data(), ldb, C.data(), ldc,
+                                panel.reserve(cpu::small_gemm::panel_floats(K)));
+          double worst = 0;
+          bool guards_intact = true;
+          for (i64 i = 0; i < M; ++i) {
+            for (i64 j = 0; j < N; ++j) {
+              double ref = 0;
+              for (i64 k = 0; k < K; ++k)
+                ref += double(A.data()[i * ars + k * acs]) * double(B.data()[k * ldb + j]);
+              ref *= alpha;
+              worst = std::max(worst, std::abs(ref - double(C.data()[i * ldc + j])) /
+                                          (1.0 + std::abs(ref)));
+            }
+            for (i64 j = N; j < ldc; ++j) guards_intact = guards_intact && C.data()[i * ldc + j] == 7.0f;
+          }
+          const std::string what = detail::str("small_gemm M=", M, " N=", N, " K=", K,
+                                               a_transposed ? " Aᵀ" : " A");
+          CHECK_MESSAGE(worst < 1e-5, what, ": worst error ", worst);
+          CHECK_MESSAGE(guards_intact, what, " wrote past column N");
+        }
+}
+#endif
+
+#ifdef _OPENMP
+TEST_CASE("attention: float results are identical for every thread count") {
+  // One task per (image, head), each computed whole on one thread: the bits cannot depend on
+  // how the tasks were shared out.
+  const int threads_before = omp_get_max_threads();
+  const i64 B = 3, S = 30, H = 3, hd = 64, dim = H * hd;
+  auto qkv = uniform<float>({B, S, 3 * dim}, 1400, -2, 2);
+  auto dctx = uniform<float>({B, S, dim}, 1401);
+  std::vector<std::vector<float>> results;
+  for (int threads : {1, 2, 3}) {
+    omp_set_num_threads(threads);
+    Tensor<float> probs({B, H, S, S}), ctx({B, S, dim}), dprobs({B, H, S, S}), dqkv({B, S, 3 * dim});
+    ops::attention_forward(qkv, H, 0.125f, probs, ctx);
+    ops::attention_backward(qkv, probs, dctx, H, 0.125f, dprobs, dqkv);
+    std::vector<float> all(ctx.data(), ctx.data() + ctx.numel());
+    all.insert(all.end(), dqkv.data(), dqkv.data() + dqkv.numel());
+    results.push_back(std::move(all));
+  }
+  omp_set_num_threads(threads_before);
+  CHECK(results[0] == results[1]);
+  CHECK(results[0] == results[2]);
+}
+#endif

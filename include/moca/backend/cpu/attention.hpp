@@ -2,15 +2,121 @@
 // its softmax and both products stay in cache, and the threads split pairs rather than each
 // small product. Layout as ops/attention.hpp documents; every GEMM inside runs on the task's
 // thread (cpu::gemm does not nest parallel regions).
+//
+// Float heads of up to kSmallHeadTokens tokens with hd a multiple of 8 (every preset) run the
+// unpacked products of small_gemm.hpp: K and V are transposed once per head into a buffer
+// padded to 8 tokens, the scores go to a padded buffer whose rows the softmax reads in place,
+// and no operand is packed. Other shapes and double run the packed cpu::gemm.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "moca/backend/cpu/gemm.hpp"
 #include "moca/backend/cpu/parallel.hpp"
 #include "moca/backend/cpu/rows.hpp"
+#include "moca/backend/cpu/small_gemm.hpp"
 
 namespace moca::cpu {
+
+#ifdef MOCA_CPU_SGEMM_AVX2
+namespace small_head {
+
+/// Longest token sequence run unpacked: its [S, S] scores (256 KiB) still fit in L2.
+inline constexpr std::int64_t kSmallHeadTokens = 256;
+
+inline bool applies(std::int64_t S, std::int64_t hd) {
+  return S <= kSmallHeadTokens && hd % 8 == 0;
+}
+
+inline std::int64_t padded(std::int64_t S) { return (S + 7) / 8 * 8; }
+
+/// xt[d, t] = x[t, d] for t < S, 0 for S ≤ t < Sp; x is [S, hd] with row stride ldx.
+inline void transpose_padded(std::int64_t S, std::int64_t hd, const float* x, std::int64_t ldx,
+                             float* xt, std::int64_t Sp) {
+  for (std::int64_t t0 = 0; t0 < Sp; t0 += 8)
+    for (std::int64_t d0 = 0; d0 < hd; d0 += 8) {
+      __m256 v[8];
+      for (std::int64_t i = 0; i < 8; ++i)
+        v[i] = t0 + i < S ? _mm256_loadu_ps(x + (t0 + i) * ldx + d0) : _mm256_setzero_ps();
+      sgemm_avx2::transpose8(v);
+      for (std::int64_t j = 0; j < 8; ++j) _mm256_storeu_ps(xt + (d0 + j) * Sp + t0, v[j]);
+    }
+}
+
+/// Asks for `rows` rows of `width` floats (row stride ld) in L2: the next head's operands
+/// arrive while this head computes.
+inline void prefetch_rows(std::int64_t rows, std::int64_t width, const float* x, std::int64_t ld) {
+  for (std::int64_t r = 0; r < rows; ++r)
+    for (std::int64_t j = 0; j < width; j += 16)
+      _mm_prefetch(reinterpret_cast<const char*>(x + r * ld + j), _MM_HINT_T1);
+}
+
+/// Per-thread buffers of one head: a transposed operand [hd, Sp] and a score matrix [S, Sp].
+struct Scratch {
+  sgemm_avx2::PackBuffer transposed, scores, panel;
+};
+
+inline Scratch& scratch() {
+  thread_local Scratch buffers;
+  return buffers;
+}
+
+inline void forward(std::int64_t S, std::int64_t hd, std::int64_t dim, float scale,
+                    const float* q, float* P, float* ctx) {
+  const std::int64_t ld = 3 * dim, Sp = padded(S);
+  const float *k = q + dim, *v = q + 2 * dim;
+  Scratch& s = scratch();
+  float* kt = s.transposed.reserve(hd * Sp);
+  float* scores = s.scores.reserve(S * Sp);
+  float* panel = s.panel.reserve(small_gemm::panel_floats(std::max(S, hd)));
+  transpose_padded(S, hd, k, ld, kt, Sp);
+  small_gemm::gemm(S, Sp, hd, scale, q, ld, 1, kt, Sp, scores, Sp, panel);
+  for (std::int64_t i = 0; i < S; ++i) {
+    float* row = scores + i * Sp;
+    const float mx = lanes::row_max(S, row);
+    const __m256 inv = _mm256_set1_ps(1.0f / lanes::sum_exp(S, row, mx, row));
+    for (std::int64_t j = 0; j < S; j += 8) {
+      const __m256 p = _mm256_mul_ps(lanes::load(row + j, S - j, inv), inv);
+      lanes::store(row + j, S - j, p);
+      lanes::store(P + i * S + j, S - j, p);
+    }
+  }
+  small_gemm::gemm(S, hd, S, 1.0f, scores, Sp, 1, v, ld, ctx, dim, panel);
+}
+
+inline void backward(std::int64_t S, std::int64_t hd, std::int64_t dim, float scale,
+                     const float* q, const float* P, const float* dout, float* dq) {
+  const std::int64_t ld = 3 * dim, Sp = padded(S);
+  const float *k = q + dim, *v = q + 2 * dim;
+  float *dk = dq + dim, *dv = dq + 2 * dim;
+  Scratch& s = scratch();
+  float* vt = s.transposed.reserve(hd * Sp);
+  float* ds = s.scores.reserve(S * Sp);
+  float* panel = s.panel.reserve(small_gemm::panel_floats(std::max(S, hd)));
+  // o = P v:  dP = do · vᵀ,  dv = Pᵀ · do
+  transpose_padded(S, hd, v, ld, vt, Sp);
+  small_gemm::gemm(S, Sp, hd, 1.0f, dout, dim, 1, vt, Sp, ds, Sp, panel);
+  small_gemm::gemm(S, hd, S, 1.0f, P, 1, S, dout, dim, dv, ld, panel);
+  // dS = P ⊙ (dP − Σ_j P·dP), row by row
+  const __m256 zero = _mm256_setzero_ps();
+  for (std::int64_t i = 0; i < S; ++i) {
+    float* row = ds + i * Sp;
+    const float* prow = P + i * S;
+    const __m256 d = _mm256_set1_ps(lanes::dot(S, row, prow));
+    for (std::int64_t j = 0; j < S; j += 8)
+      lanes::store(row + j, S - j,
+                   _mm256_mul_ps(lanes::load(prow + j, S - j, zero),
+                                 _mm256_sub_ps(lanes::load(row + j, S - j, zero), d)));
+  }
+  // S = q kᵀ · scale:  dq = dS · k · scale,  dk = dSᵀ · q · scale
+  small_gemm::gemm(S, hd, S, scale, ds, Sp, 1, k, ld, dq, ld, panel);
+  small_gemm::gemm(S, hd, S, scale, ds, 1, Sp, q, ld, dk, ld, panel);
+}
+
+}  // namespace small_head
+#endif
 
 template <class T>
 void attention_forward(std::int64_t B, std::int64_t H, std::int64_t S, std::int64_t hd, T scale,
@@ -21,6 +127,20 @@ void attention_forward(std::int64_t B, std::int64_t H, std::int64_t S, std::int6
       const std::int64_t b = p / H, h = p % H;
       const T* q = qkv + b * S * ld + h * hd;
       T* P = probs + p * S * S;
+#ifdef MOCA_CPU_SGEMM_AVX2
+      if constexpr (std::is_same_v<T, float>) {
+        if (small_head::applies(S, hd)) {
+          if (p + 1 < p1) {
+            const std::int64_t nb = (p + 1) / H, nh = (p + 1) % H;
+            for (int part = 0; part < 3; ++part)
+              small_head::prefetch_rows(S, hd, qkv + nb * S * ld + part * dim + nh * hd, ld);
+            small_head::prefetch_rows(S, hd, ctx + nb * S * dim + nh * hd, dim);
+          }
+          small_head::forward(S, hd, dim, scale, q, P, ctx + b * S * dim + h * hd);
+          continue;
+        }
+      }
+#endif
       gemm(false, true, S, S, hd, scale, q, ld, q + dim, ld, T(0), P, S);
       softmax_rows(S, S, P, P);
       gemm(false, false, S, hd, S, T(1), P, S, q + 2 * dim, ld, T(0), ctx + b * S * dim + h * hd,
@@ -45,6 +165,23 @@ void attention_backward(std::int64_t B, std::int64_t H, std::int64_t S, std::int
       const T* P = probs + p * S * S;
       T* dP = dprobs + p * S * S;
       const T* dout = dctx + b * S * dim + h * hd;
+#ifdef MOCA_CPU_SGEMM_AVX2
+      if constexpr (std::is_same_v<T, float>) {
+        if (small_head::applies(S, hd)) {  // dprobs is not needed: dS stays in the scratch
+          if (p + 1 < p1) {
+            const std::int64_t nb = (p + 1) / H, nh = (p + 1) % H;
+            for (int part = 0; part < 3; ++part) {
+              small_head::prefetch_rows(S, hd, qkv + nb * S * ld + part * dim + nh * hd, ld);
+              small_head::prefetch_rows(S, hd, dqkv + nb * S * ld + part * dim + nh * hd, ld);
+            }
+            small_head::prefetch_rows(S, hd, dctx + nb * S * dim + nh * hd, dim);
+            small_head::prefetch_rows(S, S, probs + (p + 1) * S * S, S);
+          }
+          small_head::backward(S, hd, dim, scale, q, P, dout, dq);
+          continue;
+        }
+      }
+#endif
       // o = P v:  dP = do · vᵀ,  dv = Pᵀ · do
       gemm(false, true, S, S, hd, T(1), dout, dim, v, ld, T(0), dP, S);
       gemm(true, false, S, hd, S, T(1), P, S, dout, dim, T(0), dv, ld);

@@ -109,19 +109,42 @@ inline constexpr std::int64_t kPackSlack = 8;
 /// each k, the 6 values op(A)(i0+6p+r, k0+k) contiguously; rows past mc are zero.
 inline void pack_a(const float* A, std::int64_t lda, bool trans, std::int64_t i0,
                    std::int64_t mc, std::int64_t k0, std::int64_t kc, float* out) {
+  if (trans) {  // A is stored [K, M]: the 6 values of one k are contiguous
+    // Row by row of the stored A, so that each row's mc values are read once and in order
+    // (panel by panel, every k would be a new cache line, and a panel's lines would be evicted
+    // before the next panel reads them again). Each panel gets one 8-wide store per k whose 2
+    // extra lanes land in the panel's next k, stored afterwards; the last k stores 6 lanes (its
+    // spill would reach the next panel, already written), except in the last panel, whose
+    // spill goes to the slack.
+    const std::int64_t panels = (mc + kMR - 1) / kMR;
+    const __m256i six = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(kMR)),
+                                           _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256i ragged = _mm256_cmpgt_epi32(
+        _mm256_set1_epi32(static_cast<int>(mc - (panels - 1) * kMR)),
+        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    // Panels whose 8-wide load stays inside the block's mc values read without a mask.
+    const std::int64_t plain = mc >= 8 ? (mc - 8) / kMR + 1 : 0;
+    for (std::int64_t k = 0; k < kc; ++k) {
+      const float* src = A + (k0 + k) * lda + i0;
+      float* dst = out + k * kMR;
+      const bool last_k = k + 1 == kc;
+      for (std::int64_t p = 0; p < panels; ++p) {
+        const __m256i mask = p + 1 == panels ? ragged : six;
+        const __m256 v = p < plain ? _mm256_loadu_ps(src + p * kMR)
+                                   : _mm256_maskload_ps(src + p * kMR, mask);
+        float* d = dst + p * kMR * kc;
+        if (last_k && p + 1 < panels) {
+          _mm256_maskstore_ps(d, six, v);
+        } else {
+          _mm256_storeu_ps(d, v);
+        }
+      }
+    }
+    return;
+  }
   for (std::int64_t p = 0; p < mc; p += kMR) {
     const std::int64_t rows = std::min(kMR, mc - p);
     float* dst = out + p * kc;
-    if (trans) {  // A is stored [K, M]: the 6 values of one k are contiguous
-      // One masked 8-wide load (lanes past `rows` read nothing and are 0) and one 8-wide store
-      // per k; the store's 2 extra lanes are overwritten by the next k, as below.
-      const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(rows)),
-                                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-      const float* src = A + k0 * lda + i0 + p;
-      for (std::int64_t k = 0; k < kc; ++k, src += lda, dst += kMR)
-        _mm256_storeu_ps(dst, _mm256_maskload_ps(src, mask));
-      continue;
-    }
     // A is stored [M, K]: the 6 rows are read side by side, 8 values of k at a time, and
     // transposed in registers (two zero rows pad the 8×8 block). Each k's 8-wide store spills 2
     // values into the next k's slot, which the next store overwrites; the last spills into the
@@ -146,24 +169,29 @@ inline void pack_a(const float* A, std::int64_t lda, bool trans, std::int64_t i0
 /// for each k, the 16 values op(B)(k0+k, j0+16q+c) contiguously; columns past nc are zero.
 inline void pack_b(const float* B, std::int64_t ldb, bool trans, std::int64_t k0,
                    std::int64_t kc, std::int64_t j0, std::int64_t nc, float* out) {
+  if (!trans) {  // B is stored [K, N]: the 16 values of one k are contiguous
+    // Row by row of the stored B, each row's nc values read once and in order (as pack_a).
+    const std::int64_t full = nc / kNR, cols = nc - full * kNR;
+    for (std::int64_t k = 0; k < kc; ++k) {
+      const float* src = B + (k0 + k) * ldb + j0;
+      float* dst = out + k * kNR;
+      for (std::int64_t q = 0; q < full; ++q) {
+        _mm256_store_ps(dst + q * kNR * kc, _mm256_loadu_ps(src + q * kNR));
+        _mm256_store_ps(dst + q * kNR * kc + 8, _mm256_loadu_ps(src + q * kNR + 8));
+      }
+      if (cols > 0) {
+        float* d = dst + full * kNR * kc;
+        std::int64_t c = 0;
+        for (; c < cols; ++c) d[c] = src[full * kNR + c];
+        for (; c < kNR; ++c) d[c] = 0.0f;
+      }
+    }
+    return;
+  }
   for (std::int64_t q = 0; q < nc; q += kNR) {
     const std::int64_t cols = std::min(kNR, nc - q);
     float* dst = out + q * kc;
-    if (!trans) {  // B is stored [K, N]: the 16 values of one k are contiguous
-      const float* src = B + k0 * ldb + j0 + q;
-      if (cols == kNR) {
-        for (std::int64_t k = 0; k < kc; ++k, src += ldb, dst += kNR) {
-          _mm256_store_ps(dst, _mm256_loadu_ps(src));
-          _mm256_store_ps(dst + 8, _mm256_loadu_ps(src + 8));
-        }
-      } else {
-        for (std::int64_t k = 0; k < kc; ++k, src += ldb, dst += kNR) {
-          std::int64_t c = 0;
-          for (; c < cols; ++c) dst[c] = src[c];
-          for (; c < kNR; ++c) dst[c] = 0.0f;
-        }
-      }
-    } else {  // B is stored [N, K]: each column of op(B) is contiguous along k
+    {  // B is stored [N, K]: each column of op(B) is contiguous along k
       // Two groups of 8 columns, read 8 values of k at a time and transposed in registers.
       for (std::int64_t half = 0; half < 2; ++half) {
         const std::int64_t c0 = half * 8;
