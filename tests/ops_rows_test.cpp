@@ -213,6 +213,64 @@ TEST_CASE_TEMPLATE("layer_norm_backward: dx overwritten, dgamma and dbeta accumu
   }
 }
 
+TEST_CASE_TEMPLATE("add_layer_norm and layer_norm_backward_add are the residual add and the norm "
+                   "in one pass", T, float, double) {
+  // Forward: sum = x + a and y = LN(sum) must equal ops::add then ops::layer_norm, bit for bit
+  // (the same float operations), with sum aliasing a or x as a Block calls it. Backward:
+  // dx = residual + LNᵀ(dy) against layer_norm_backward + add, dx aliasing dy, and the
+  // parameter gradients accumulated as before.
+  std::uint64_t stream = 260;
+  for (const Shape& s : kShapes) {
+    const i64 M = s.leading(), N = s.last();
+    auto x = uniform<T>(s, stream++, -1, 3), a = uniform<T>(s, stream++, -2, 2);
+    auto gamma = uniform<T>({N}, stream++, 0.5, 1.5), beta = uniform<T>({N}, stream++);
+    const std::string what = label("add_layer_norm", s);
+    Tensor<T> sum_ref(s), y_ref(s), mean_ref({M}), rstd_ref({M});
+    ops::add(x, a, sum_ref);
+    ops::layer_norm(sum_ref, gamma, beta, kEps, y_ref, mean_ref, rstd_ref);
+    for (int alias = 0; alias < 3; ++alias) {  // sum separate, sum = a, sum = x
+      auto xa = x.clone(), aa = a.clone();
+      Tensor<T> own(s), y(s), mean({M}), rstd({M});
+      fill_nan<T>(own);
+      fill_nan<T>(y);
+      const TensorView<T> sum = alias == 0 ? TensorView<T>(own) : alias == 1 ? aa : xa;
+      ops::add_layer_norm(xa, aa, gamma, beta, kEps, sum, y, mean, rstd);
+      const std::string w = what + (alias == 0 ? "" : alias == 1 ? " sum=add" : " sum=x");
+      check_bitwise(w + " sum", sum, sum_ref);
+      check_bitwise(w + " y", y, y_ref);
+      check_bitwise(w + " mean", mean, mean_ref);
+      check_bitwise(w + " rstd", rstd, rstd_ref);
+    }
+
+    auto dy = uniform<T>(s, stream++), residual = uniform<T>(s, stream++);
+    auto dgamma0 = uniform<T>({N}, stream++), dbeta0 = uniform<T>({N}, stream++);
+    Tensor<T> dx_ref(s);
+    auto dgamma_ref = dgamma0.clone(), dbeta_ref = dbeta0.clone();
+    ops::layer_norm_backward(sum_ref, gamma, mean_ref, rstd_ref, dy, dx_ref, dgamma_ref, dbeta_ref);
+    ops::add(dx_ref, residual, dx_ref);
+    for (const bool dx_is_dy : {false, true}) {
+      auto dyc = dy.clone(), dgamma = dgamma0.clone(), dbeta = dbeta0.clone();
+      Tensor<T> own(s);
+      fill_nan<T>(own);
+      const TensorView<T> dx = dx_is_dy ? TensorView<T>(dyc) : TensorView<T>(own);
+      ops::layer_norm_backward_add(sum_ref, gamma, mean_ref, rstd_ref, dyc, residual, dx, dgamma,
+                                   dbeta);
+      const std::string w = label("layer_norm_backward_add", s) + (dx_is_dy ? " dx=dy" : "");
+      check_close(w + " dx", dx, to_vec<T>(dx_ref));
+      check_bitwise(w + " dgamma", dgamma, dgamma_ref);
+      check_bitwise(w + " dbeta", dbeta, dbeta_ref);
+    }
+  }
+  Tensor<float> m({3, 4}), m2({3, 4}), v({4}), r({3});
+  check_error_names("layer_norm_backward_add alias",
+                    [&] { ops::layer_norm_backward_add<float, Cpu>(m, v, r, r, m2, m, m, v, v); },
+                    {"layer_norm_backward_add", "alias residual"});
+  Tensor<float> wrong({3, 5});
+  check_error_names("add_layer_norm shapes",
+                    [&] { ops::add_layer_norm<float, Cpu>(m, wrong, v, v, kEps, m, m2, r, r); },
+                    {"add_layer_norm", "[3, 4]", "[3, 5]"});
+}
+
 TEST_CASE_TEMPLATE("l2_normalize and its backward, including rows clamped at eps", T, float,
                    double) {
   std::uint64_t stream = 300;
@@ -306,8 +364,8 @@ TEST_CASE("row op gradients pass gradcheck") {
 }
 
 TEST_CASE_TEMPLATE("layer_norm_backward does not depend on the thread count", T, float, double) {
-  // 513 · 257 elements: both the column-parallel parameter sums and the row-parallel dx run
-  // threaded.
+  // 513 · 257 elements: the row blocks (each with its own partial parameter sums, added in
+  // block order) and the final column-parallel sums both run threaded.
   const Shape s{513, 257};
   REQUIRE(s.numel() > cpu::kParallelGrain);
   auto x = uniform<T>(s, 500, -2, 3), dy = uniform<T>(s, 501), gamma = uniform<T>({257}, 502);

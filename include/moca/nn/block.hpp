@@ -47,8 +47,12 @@ class Block {
     n2_.resize(x.shape());
     norm1.forward(x, n1_);
     attn.forward(n1_, mid_);
-    ops::add(x, TensorView<T, D>(mid_), TensorView<T, D>(mid_));  // mid = x + attn
-    norm2.forward(mid_, n2_);
+    if constexpr (ResidualNorm<Norm, T, D>) {  // mid = x + attn and n2 = LN2(mid), one pass
+      norm2.forward_add(x, mid_, mid_, n2_);
+    } else {
+      ops::add(x, TensorView<T, D>(mid_), TensorView<T, D>(mid_));
+      norm2.forward(mid_, n2_);
+    }
     mlp.forward(n2_, out);
     ops::add(out, TensorView<T, D>(mid_), out);  // out = mid + mlp
   }
@@ -61,12 +65,20 @@ class Block {
     scratch_.resize(x.shape());
     // out = mid + mlp(LN2(mid)): dmid = dout + LN2ᵀ(MLPᵀ(dout))
     mlp.backward(n2_, dout, scratch_);
-    norm2.backward(mid_, scratch_, scratch_);
-    ops::add(dout, TensorView<T, D>(scratch_), TensorView<T, D>(dmid_));
+    if constexpr (ResidualNorm<Norm, T, D>) {
+      norm2.backward_add(mid_, scratch_, dout, dmid_);
+    } else {
+      norm2.backward(mid_, scratch_, scratch_);
+      ops::add(dout, TensorView<T, D>(scratch_), TensorView<T, D>(dmid_));
+    }
     // mid = x + attn(LN1(x)): dx = dmid + LN1ᵀ(Attnᵀ(dmid))
     attn.backward(n1_, dmid_, scratch_);
-    norm1.backward(x, scratch_, scratch_);
-    ops::add(TensorView<T, D>(dmid_), TensorView<T, D>(scratch_), dx);
+    if constexpr (ResidualNorm<Norm, T, D>) {
+      norm1.backward_add(x, scratch_, dmid_, dx);
+    } else {
+      norm1.backward(x, scratch_, scratch_);
+      ops::add(TensorView<T, D>(dmid_), TensorView<T, D>(scratch_), dx);
+    }
   }
 
  private:

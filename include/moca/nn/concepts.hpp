@@ -36,6 +36,16 @@ concept SequenceLayer = requires(L layer, const TensorView<T, D>& x) {
 template <class N, class T, class D>
 concept NormLayer = SequenceLayer<N, T, D> && std::constructible_from<N, std::int64_t, double>;
 
+/// A norm that can also take its residual step in the same pass (LayerNorm does):
+///   forward_add(x, add, sum, y): sum = x + add, y = norm(sum);
+///   backward_add(sum, dy, residual, dx): dx = residual + norm's input gradient of dy.
+/// A Block uses these when its Norm has them, and ops::add around forward/backward otherwise.
+template <class N, class T, class D>
+concept ResidualNorm = NormLayer<N, T, D> && requires(N n, const TensorView<T, D>& v) {
+  n.forward_add(v, v, v, v);
+  n.backward_add(v, v, v, v);
+};
+
 /// A token-mixing layer, constructed as Attention(dim, heads).
 template <class A, class T, class D>
 concept AttentionLayer =

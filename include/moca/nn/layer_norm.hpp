@@ -46,6 +46,25 @@ class LayerNorm {
     ops::layer_norm_backward(x, weight.value, mean_, rstd_, dy, dx, weight.grad, bias.grad);
   }
 
+  /// The pre-norm residual step: sum = x + add (may alias either), y = LayerNorm(sum).
+  void forward_add(const TensorView<T, D>& x, const TensorView<T, D>& add,
+                   const TensorView<T, D>& sum, const TensorView<T, D>& y) {
+    MOCA_PROFILE_SCOPE("layer_norm");
+    const std::int64_t rows = x.shape().leading();
+    mean_.resize({rows});
+    rstd_.resize({rows});
+    ops::add_layer_norm(x, add, weight.value, bias.value, eps_, sum, y, mean_, rstd_);
+  }
+
+  /// Its backward: dx = residual + the gradient through this norm of dy (x is the sum of the
+  /// last forward_add); dx may alias dy, not residual.
+  void backward_add(const TensorView<T, D>& x, const TensorView<T, D>& dy,
+                    const TensorView<T, D>& residual, const TensorView<T, D>& dx) {
+    MOCA_PROFILE_SCOPE("layer_norm");
+    ops::layer_norm_backward_add(x, weight.value, mean_, rstd_, dy, residual, dx, weight.grad,
+                                 bias.grad);
+  }
+
  private:
   std::int64_t dim_ = 0;
   double eps_ = 1e-6;

@@ -2,6 +2,7 @@
 #pragma once
 
 #include "moca/ops/common.hpp"
+#include "moca/ops/elementwise.hpp"
 
 namespace moca::ops {
 
@@ -47,6 +48,80 @@ void layer_norm_backward(const TensorView<T, D>& x, const TensorView<T, D>& gamm
                                   mean.data(), rstd.data(), dy.data(), dx.data(),
                                   dgamma.empty() ? nullptr : dgamma.data(),
                                   dbeta.empty() ? nullptr : dbeta.data());
+}
+
+namespace norm_impl {
+
+template <class T, class D>
+concept ResidualNormBackend = requires(std::int64_t n, double e, const T* c, T* p) {
+  Backend<D>::add_layer_norm_forward(n, n, c, c, c, c, e, p, p, p, p);
+  Backend<D>::layer_norm_backward_add(n, n, c, c, c, c, c, c, p, p, p);
+};
+
+}  // namespace norm_impl
+
+/// sum = x + add, y = layer_norm(sum): a residual stream and the LayerNorm that reads it, in one
+/// pass where the backend fuses them (the CPU), else as ops::add then ops::layer_norm. sum may
+/// alias x or add; y must not alias any of them.
+template <class T, class D>
+void add_layer_norm(const TensorView<T, D>& x, const TensorView<T, D>& add,
+                    const TensorView<T, D>& gamma, const TensorView<T, D>& beta, double eps,
+                    const TensorView<T, D>& sum, const TensorView<T, D>& y,
+                    const TensorView<T, D>& mean, const TensorView<T, D>& rstd) {
+  detail::check_same_shape("add_layer_norm", x, add);
+  detail::check_same_shape("add_layer_norm", x, sum);
+  if constexpr (norm_impl::ResidualNormBackend<T, D>) {
+    detail::check_same_shape("add_layer_norm", x, y);
+    const std::int64_t M = x.shape().leading(), N = x.shape().last();
+    MOCA_CHECK(gamma.empty() || gamma.numel() == N, "add_layer_norm: weight ", gamma.shape(),
+               " does not match the last dimension of ", x.shape());
+    MOCA_CHECK(beta.empty() || beta.numel() == N, "add_layer_norm: bias ", beta.shape(),
+               " does not match the last dimension of ", x.shape());
+    MOCA_CHECK(mean.numel() == M && rstd.numel() == M, "add_layer_norm: mean ", mean.shape(),
+               " and rstd ", rstd.shape(), " must hold one value per row of ", x.shape());
+    Backend<D>::add_layer_norm_forward(M, N, x.data(), add.data(),
+                                       gamma.empty() ? nullptr : gamma.data(),
+                                       beta.empty() ? nullptr : beta.data(), eps, sum.data(),
+                                       y.data(), mean.data(), rstd.data());
+  } else {
+    ops::add(x, add, sum);
+    layer_norm(sum, gamma, beta, eps, y, mean, rstd);
+  }
+}
+
+/// dx = residual + (the LayerNorm backward of dy): a residual branch's gradient joined to the
+/// gradient through its LayerNorm, in one pass where the backend fuses them. dx may alias dy but
+/// not residual; dgamma and dbeta accumulate as in layer_norm_backward.
+template <class T, class D>
+void layer_norm_backward_add(const TensorView<T, D>& x, const TensorView<T, D>& gamma,
+                             const TensorView<T, D>& mean, const TensorView<T, D>& rstd,
+                             const TensorView<T, D>& dy, const TensorView<T, D>& residual,
+                             const TensorView<T, D>& dx, const TensorView<T, D>& dgamma,
+                             const TensorView<T, D>& dbeta) {
+  detail::check_same_shape("layer_norm_backward_add", x, residual);
+  MOCA_CHECK(dx.data() != residual.data(),
+             "layer_norm_backward_add: dx must not alias residual (it may alias dy)");
+  if constexpr (norm_impl::ResidualNormBackend<T, D>) {
+    const std::int64_t M = x.shape().leading(), N = x.shape().last();
+    detail::check_same_shape("layer_norm_backward_add", x, dy);
+    detail::check_same_shape("layer_norm_backward_add", x, dx);
+    MOCA_CHECK(gamma.empty() || gamma.numel() == N, "layer_norm_backward_add: weight ",
+               gamma.shape(), " does not match ", x.shape());
+    MOCA_CHECK(dgamma.empty() || dgamma.numel() == N, "layer_norm_backward_add: weight grad ",
+               dgamma.shape(), " does not match ", x.shape());
+    MOCA_CHECK(dbeta.empty() || dbeta.numel() == N, "layer_norm_backward_add: bias grad ",
+               dbeta.shape(), " does not match ", x.shape());
+    MOCA_CHECK(mean.numel() == M && rstd.numel() == M, "layer_norm_backward_add: mean ",
+               mean.shape(), " and rstd ", rstd.shape(), " must hold one value per row of ",
+               x.shape());
+    Backend<D>::layer_norm_backward_add(M, N, x.data(), gamma.empty() ? nullptr : gamma.data(),
+                                        mean.data(), rstd.data(), dy.data(), residual.data(),
+                                        dx.data(), dgamma.empty() ? nullptr : dgamma.data(),
+                                        dbeta.empty() ? nullptr : dbeta.data());
+  } else {
+    layer_norm_backward(x, gamma, mean, rstd, dy, dx, dgamma, dbeta);
+    ops::add(dx, residual, dx);
+  }
 }
 
 /// y = x / max(||x||₂, eps) over the last dimension; saves norm (one ||x||₂ per row).

@@ -116,6 +116,20 @@ struct Backend<Cpu> {
                                   T* dbeta) {
     cpu::layer_norm_backward(M, N, x, gamma, mean, rstd, dy, dx, dgamma, dbeta);
   }
+  /// LayerNorm of x + add (written to sum) and its backward joined to a residual gradient: the
+  /// fused forms of ops::add_layer_norm and ops::layer_norm_backward_add.
+  template <class T>
+  static void add_layer_norm_forward(std::int64_t M, std::int64_t N, const T* x, const T* add,
+                                     const T* gamma, const T* beta, double eps, T* sum, T* y,
+                                     T* mean, T* rstd) {
+    cpu::layer_norm_forward(M, N, x, gamma, beta, eps, y, mean, rstd, add, sum);
+  }
+  template <class T>
+  static void layer_norm_backward_add(std::int64_t M, std::int64_t N, const T* x, const T* gamma,
+                                      const T* mean, const T* rstd, const T* dy,
+                                      const T* residual, T* dx, T* dgamma, T* dbeta) {
+    cpu::layer_norm_backward(M, N, x, gamma, mean, rstd, dy, dx, dgamma, dbeta, residual);
+  }
   template <class T>
   static void l2_normalize_rows_forward(std::int64_t M, std::int64_t N, const T* x, double eps,
                                         T* y, T* norm) {

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 #include "moca/backend/cpu/parallel.hpp"
 #include "moca/backend/cpu/simd_math.hpp"
@@ -223,9 +224,13 @@ void log_softmax_rows_backward(std::int64_t M, std::int64_t N, const T* y, const
 
 /// y = (x - mean) * rstd * gamma + beta per row; saves mean[M] and rstd[M] = 1/sqrt(var + eps)
 /// (biased variance, as torch.nn.LayerNorm). gamma/beta may be null (no affine transform).
+/// LayerNorm forward over the rows of x [M, N]. With `add` (and `sum`), the rows normalised are
+/// x + add, written to `sum` on the way (a residual stream and its pre-norm in one pass; `sum`
+/// may alias x or add).
 template <class T>
 void layer_norm_forward(std::int64_t M, std::int64_t N, const T* x, const T* gamma, const T* beta,
-                        double eps, T* y, T* mean, T* rstd) {
+                        double eps, T* y, T* mean, T* rstd, const T* add = nullptr,
+                        T* sum = nullptr) {
   parallel_for(M, 4 * M * N, [&](std::int64_t r0, std::int64_t r1) {
     for (std::int64_t r = r0; r < r1; ++r) {
       const T* xr = x + r * N;
@@ -233,7 +238,23 @@ void layer_norm_forward(std::int64_t M, std::int64_t N, const T* x, const T* gam
 #ifdef MOCA_CPU_SIMD_MATH
       if constexpr (std::is_same_v<T, float>) {
         const __m256 zero = _mm256_setzero_ps();
-        const float mu = lanes::sum(N, xr) / static_cast<float>(N);
+        float total;
+        if (add) {  // the row of x + add, stored to sum and read back from cache below
+          const float* ar = add + r * N;
+          float* sr = sum + r * N;
+          __m256 acc = zero;
+          for (std::int64_t j = 0; j < N; j += 8) {
+            const __m256 v = _mm256_add_ps(lanes::load(xr + j, N - j, zero),
+                                           lanes::load(ar + j, N - j, zero));
+            lanes::store(sr + j, N - j, v);
+            acc = _mm256_add_ps(acc, v);
+          }
+          total = simd::sum(acc);
+          xr = sr;
+        } else {
+          total = lanes::sum(N, xr);
+        }
+        const float mu = total / static_cast<float>(N);
         const __m256 m = _mm256_set1_ps(mu);
         __m256 acc = zero;
         for (std::int64_t j = 0; j < N; j += 8) {
@@ -255,6 +276,12 @@ void layer_norm_forward(std::int64_t M, std::int64_t N, const T* x, const T* gam
         continue;
       }
 #endif
+      if (add) {
+        const T* ar = add + r * N;
+        T* sr = sum + r * N;
+        for (std::int64_t j = 0; j < N; ++j) sr[j] = xr[j] + ar[j];
+        xr = sr;
+      }
       acc_t<T> s = 0;
       for (std::int64_t j = 0; j < N; ++j) s += xr[j];
       const acc_t<T> mu = s / static_cast<acc_t<T>>(N);
@@ -278,72 +305,104 @@ void layer_norm_forward(std::int64_t M, std::int64_t N, const T* x, const T* gam
   });
 }
 
-/// LayerNorm backward. dx is overwritten; dgamma and dbeta (either may be null) are accumulated
-/// (+=), as parameter gradients are. dx may alias dy.
+/// Rows per block of LayerNorm backward whose parameter-gradient partial sums are kept apart:
+/// the blocks are fixed by M alone, and their partials are added in block order, so dgamma and
+/// dbeta do not depend on the thread count.
+inline constexpr std::int64_t kNormGradRows = 64;
+
+/// LayerNorm backward. dx is overwritten, or with `residual` set to residual + the LayerNorm
+/// gradient (a residual branch's gradient joined in the same pass); dgamma and dbeta (either may
+/// be null) are accumulated (+=), as parameter gradients are. dx may alias dy or residual.
+///
+/// One pass over the rows: each row's two sums, then dx, while the row's dy·x̂ and dy are added
+/// to its block's partial parameter gradients.
 template <class T>
 void layer_norm_backward(std::int64_t M, std::int64_t N, const T* x, const T* gamma,
-                         const T* mean, const T* rstd, const T* dy, T* dx, T* dgamma, T* dbeta) {
-  // Parameter gradients first (dx may overwrite dy): column blocks in parallel, each thread
-  // walking all rows, so sums have a fixed order whatever the thread count.
-  if (dgamma || dbeta) {
-    parallel_for(N, 3 * M * N, [&](std::int64_t c0, std::int64_t c1) {
-      for (std::int64_t r = 0; r < M; ++r) {
+                         const T* mean, const T* rstd, const T* dy, T* dx, T* dgamma, T* dbeta,
+                         const T* residual = nullptr) {
+  const bool params = dgamma != nullptr || dbeta != nullptr;
+  const std::int64_t blocks = (M + kNormGradRows - 1) / kNormGradRows;
+  // [blocks][2][N]: Σ dy·x̂ and Σ dy of each block; the calling thread's, grown once.
+  thread_local std::vector<T> partials;
+  if (params && static_cast<std::int64_t>(partials.size()) < blocks * 2 * N)
+    partials.resize(static_cast<std::size_t>(blocks * 2 * N));
+  T* part = partials.data();
+  parallel_for(blocks, 8 * M * N, [&](std::int64_t b0, std::int64_t b1) {
+    for (std::int64_t blk = b0; blk < b1; ++blk) {
+      T* pg = params ? part + blk * 2 * N : nullptr;
+      T* pb = params ? pg + N : nullptr;
+      if (params)
+        for (std::int64_t j = 0; j < 2 * N; ++j) pg[j] = T(0);
+      const std::int64_t r_end = std::min(M, (blk + 1) * kNormGradRows);
+      for (std::int64_t r = blk * kNormGradRows; r < r_end; ++r) {
         const T *xr = x + r * N, *gr = dy + r * N;
+        const T* rr = residual ? residual + r * N : nullptr;
+        T* dr = dx + r * N;
         const T m = mean[r], is = rstd[r];
-        if (dgamma) {
-#pragma omp simd
-          for (std::int64_t j = c0; j < c1; ++j) dgamma[j] += gr[j] * ((xr[j] - m) * is);
-        }
-        if (dbeta) {
-#pragma omp simd
-          for (std::int64_t j = c0; j < c1; ++j) dbeta[j] += gr[j];
-        }
-      }
-    });
-  }
-  parallel_for(M, 6 * M * N, [&](std::int64_t r0, std::int64_t r1) {
-    for (std::int64_t r = r0; r < r1; ++r) {
-      const T *xr = x + r * N, *gr = dy + r * N;
-      T* dr = dx + r * N;
-      const T m = mean[r], is = rstd[r];
 #ifdef MOCA_CPU_SIMD_MATH
-      if constexpr (std::is_same_v<T, float>) {
-        const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
-        const __m256 vm = _mm256_set1_ps(m), vis = _mm256_set1_ps(is);
-        __m256 acc_g = zero, acc_gx = zero;
-        for (std::int64_t j = 0; j < N; j += 8) {
-          __m256 g = lanes::load(gr + j, N - j, zero);  // padding lanes: g = 0
-          if (gamma) g = _mm256_mul_ps(g, lanes::load(gamma + j, N - j, one));
-          const __m256 xhat = _mm256_mul_ps(_mm256_sub_ps(lanes::load(xr + j, N - j, vm), vm), vis);
-          acc_g = _mm256_add_ps(acc_g, g);
-          acc_gx = _mm256_fmadd_ps(g, xhat, acc_gx);
+        if constexpr (std::is_same_v<T, float>) {
+          const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
+          const __m256 vm = _mm256_set1_ps(m), vis = _mm256_set1_ps(is);
+          __m256 acc_g = zero, acc_gx = zero;
+          for (std::int64_t j = 0; j < N; j += 8) {
+            __m256 g = lanes::load(gr + j, N - j, zero);  // padding lanes: g = 0
+            if (gamma) g = _mm256_mul_ps(g, lanes::load(gamma + j, N - j, one));
+            const __m256 xhat =
+                _mm256_mul_ps(_mm256_sub_ps(lanes::load(xr + j, N - j, vm), vm), vis);
+            acc_g = _mm256_add_ps(acc_g, g);
+            acc_gx = _mm256_fmadd_ps(g, xhat, acc_gx);
+          }
+          const __m256 mg = _mm256_set1_ps(simd::sum(acc_g) / static_cast<float>(N));
+          const __m256 mgx = _mm256_set1_ps(simd::sum(acc_gx) / static_cast<float>(N));
+          for (std::int64_t j = 0; j < N; j += 8) {
+            const __m256 g0 = lanes::load(gr + j, N - j, zero);
+            const __m256 g = gamma ? _mm256_mul_ps(g0, lanes::load(gamma + j, N - j, one)) : g0;
+            const __m256 xhat =
+                _mm256_mul_ps(_mm256_sub_ps(lanes::load(xr + j, N - j, vm), vm), vis);
+            if (pg) {  // before dx is stored: dx may alias dy
+              lanes::store(pg + j, N - j, _mm256_fmadd_ps(g0, xhat, lanes::load(pg + j, N - j, zero)));
+              lanes::store(pb + j, N - j, _mm256_add_ps(g0, lanes::load(pb + j, N - j, zero)));
+            }
+            // dx = rstd · (g - mean(g) - xhat · mean(g · xhat)) (+ residual)
+            __m256 d = _mm256_mul_ps(vis, _mm256_fnmadd_ps(xhat, mgx, _mm256_sub_ps(g, mg)));
+            if (rr) d = _mm256_add_ps(d, lanes::load(rr + j, N - j, zero));
+            lanes::store(dr + j, N - j, d);
+          }
+          continue;
         }
-        const __m256 mg = _mm256_set1_ps(simd::sum(acc_g) / static_cast<float>(N));
-        const __m256 mgx = _mm256_set1_ps(simd::sum(acc_gx) / static_cast<float>(N));
-        for (std::int64_t j = 0; j < N; j += 8) {
-          __m256 g = lanes::load(gr + j, N - j, zero);
-          if (gamma) g = _mm256_mul_ps(g, lanes::load(gamma + j, N - j, one));
-          const __m256 xhat = _mm256_mul_ps(_mm256_sub_ps(lanes::load(xr + j, N - j, vm), vm), vis);
-          // dx = rstd · (g - mean(g) - xhat · mean(g · xhat))
-          lanes::store(dr + j, N - j,
-                       _mm256_mul_ps(vis, _mm256_fnmadd_ps(xhat, mgx, _mm256_sub_ps(g, mg))));
-        }
-        continue;
-      }
 #endif
-      acc_t<T> sum_g = 0, sum_gx = 0;  // sums of dxhat and dxhat * xhat
-      for (std::int64_t j = 0; j < N; ++j) {
-        const T g = gamma ? gr[j] * gamma[j] : gr[j];
-        sum_g += g;
-        sum_gx += g * (xr[j] - m) * is;
+        acc_t<T> sum_g = 0, sum_gx = 0;  // sums of dxhat and dxhat * xhat
+        for (std::int64_t j = 0; j < N; ++j) {
+          const T g = gamma ? gr[j] * gamma[j] : gr[j];
+          sum_g += g;
+          sum_gx += g * (xr[j] - m) * is;
+        }
+        const T mg = static_cast<T>(sum_g / static_cast<acc_t<T>>(N));
+        const T mgx = static_cast<T>(sum_gx / static_cast<acc_t<T>>(N));
+        for (std::int64_t j = 0; j < N; ++j) {
+          const T g0 = gr[j];
+          const T g = gamma ? g0 * gamma[j] : g0;
+          const T xhat = (xr[j] - m) * is;
+          if (pg) {
+            pg[j] += g0 * xhat;
+            pb[j] += g0;
+          }
+          const T d = is * (g - mg - xhat * mgx);
+          dr[j] = rr ? rr[j] + d : d;
+        }
       }
-      const T mg = static_cast<T>(sum_g / static_cast<acc_t<T>>(N));
-      const T mgx = static_cast<T>(sum_gx / static_cast<acc_t<T>>(N));
-      for (std::int64_t j = 0; j < N; ++j) {
-        const T g = gamma ? gr[j] * gamma[j] : gr[j];
-        const T xhat = (xr[j] - m) * is;
-        dr[j] = is * (g - mg - xhat * mgx);
-      }
+    }
+  });
+  if (!params) return;
+  // The blocks' partials, added in block order; columns in parallel.
+  parallel_for(N, 2 * blocks * N, [&](std::int64_t c0, std::int64_t c1) {
+    for (std::int64_t blk = 0; blk < blocks; ++blk) {
+      const T* pg = part + blk * 2 * N;
+      const T* pb = pg + N;
+      if (dgamma)
+        for (std::int64_t j = c0; j < c1; ++j) dgamma[j] += pg[j];
+      if (dbeta)
+        for (std::int64_t j = c0; j < c1; ++j) dbeta[j] += pb[j];
     }
   });
 }
