@@ -6,6 +6,51 @@
 
 namespace moca::ops {
 
+namespace norm_impl {
+
+/// The shape checks of a LayerNorm forward named `what`: y like x, gamma and beta empty or one
+/// value per column, mean and rstd one value per row.
+template <class T, class D>
+void check_forward(const char* what, const TensorView<T, D>& x, const TensorView<T, D>& gamma,
+                   const TensorView<T, D>& beta, const TensorView<T, D>& y,
+                   const TensorView<T, D>& mean, const TensorView<T, D>& rstd) {
+  const std::int64_t M = x.shape().leading(), N = x.shape().last();
+  detail::check_same_shape(what, x, y);
+  MOCA_CHECK(gamma.empty() || gamma.numel() == N, what, ": weight ", gamma.shape(),
+             " does not match the last dimension of ", x.shape());
+  MOCA_CHECK(beta.empty() || beta.numel() == N, what, ": bias ", beta.shape(),
+             " does not match the last dimension of ", x.shape());
+  MOCA_CHECK(mean.numel() == M && rstd.numel() == M, what, ": mean ", mean.shape(), " and rstd ",
+             rstd.shape(), " must hold one value per row of ", x.shape());
+}
+
+/// The shape checks of a LayerNorm backward named `what`.
+template <class T, class D>
+void check_backward(const char* what, const TensorView<T, D>& x, const TensorView<T, D>& gamma,
+                    const TensorView<T, D>& mean, const TensorView<T, D>& rstd,
+                    const TensorView<T, D>& dy, const TensorView<T, D>& dx,
+                    const TensorView<T, D>& dgamma, const TensorView<T, D>& dbeta) {
+  const std::int64_t M = x.shape().leading(), N = x.shape().last();
+  detail::check_same_shape(what, x, dy);
+  detail::check_same_shape(what, x, dx);
+  MOCA_CHECK(gamma.empty() || gamma.numel() == N, what, ": weight ", gamma.shape(),
+             " does not match ", x.shape());
+  MOCA_CHECK(dgamma.empty() || dgamma.numel() == N, what, ": weight grad ", dgamma.shape(),
+             " does not match ", x.shape());
+  MOCA_CHECK(dbeta.empty() || dbeta.numel() == N, what, ": bias grad ", dbeta.shape(),
+             " does not match ", x.shape());
+  MOCA_CHECK(mean.numel() == M && rstd.numel() == M, what, ": mean ", mean.shape(), " and rstd ",
+             rstd.shape(), " must hold one value per row of ", x.shape());
+}
+
+template <class T, class D>
+concept ResidualNormBackend = requires(std::int64_t n, double e, const T* c, T* p) {
+  Backend<D>::add_layer_norm_forward(n, n, c, c, c, c, e, p, p, p, p);
+  Backend<D>::layer_norm_backward_add(n, n, c, c, c, c, c, c, p, p, p);
+};
+
+}  // namespace norm_impl
+
 /// y = (x - mean) / sqrt(var + eps) · gamma + beta over the last dimension (biased variance).
 /// Saves mean and rstd (one value per row) for the backward pass. gamma and beta may be empty
 /// views (no affine transform).
@@ -13,14 +58,8 @@ template <class T, class D>
 void layer_norm(const TensorView<T, D>& x, const TensorView<T, D>& gamma,
                 const TensorView<T, D>& beta, double eps, const TensorView<T, D>& y,
                 const TensorView<T, D>& mean, const TensorView<T, D>& rstd) {
+  norm_impl::check_forward("layer_norm", x, gamma, beta, y, mean, rstd);
   const std::int64_t M = x.shape().leading(), N = x.shape().last();
-  detail::check_same_shape("layer_norm", x, y);
-  MOCA_CHECK(gamma.empty() || gamma.numel() == N, "layer_norm: weight ", gamma.shape(),
-             " does not match the last dimension of ", x.shape());
-  MOCA_CHECK(beta.empty() || beta.numel() == N, "layer_norm: bias ", beta.shape(),
-             " does not match the last dimension of ", x.shape());
-  MOCA_CHECK(mean.numel() == M && rstd.numel() == M, "layer_norm: mean ", mean.shape(),
-             " and rstd ", rstd.shape(), " must hold one value per row of ", x.shape());
   Backend<D>::layer_norm_forward(M, N, x.data(), gamma.empty() ? nullptr : gamma.data(),
                                  beta.empty() ? nullptr : beta.data(), eps, y.data(), mean.data(),
                                  rstd.data());
@@ -33,32 +72,13 @@ void layer_norm_backward(const TensorView<T, D>& x, const TensorView<T, D>& gamm
                          const TensorView<T, D>& mean, const TensorView<T, D>& rstd,
                          const TensorView<T, D>& dy, const TensorView<T, D>& dx,
                          const TensorView<T, D>& dgamma, const TensorView<T, D>& dbeta) {
+  norm_impl::check_backward("layer_norm_backward", x, gamma, mean, rstd, dy, dx, dgamma, dbeta);
   const std::int64_t M = x.shape().leading(), N = x.shape().last();
-  detail::check_same_shape("layer_norm_backward", x, dy);
-  detail::check_same_shape("layer_norm_backward", x, dx);
-  MOCA_CHECK(gamma.empty() || gamma.numel() == N, "layer_norm_backward: weight ", gamma.shape(),
-             " does not match ", x.shape());
-  MOCA_CHECK(dgamma.empty() || dgamma.numel() == N, "layer_norm_backward: weight grad ",
-             dgamma.shape(), " does not match ", x.shape());
-  MOCA_CHECK(dbeta.empty() || dbeta.numel() == N, "layer_norm_backward: bias grad ",
-             dbeta.shape(), " does not match ", x.shape());
-  MOCA_CHECK(mean.numel() == M && rstd.numel() == M, "layer_norm_backward: mean ", mean.shape(),
-             " and rstd ", rstd.shape(), " must hold one value per row of ", x.shape());
   Backend<D>::layer_norm_backward(M, N, x.data(), gamma.empty() ? nullptr : gamma.data(),
                                   mean.data(), rstd.data(), dy.data(), dx.data(),
                                   dgamma.empty() ? nullptr : dgamma.data(),
                                   dbeta.empty() ? nullptr : dbeta.data());
 }
-
-namespace norm_impl {
-
-template <class T, class D>
-concept ResidualNormBackend = requires(std::int64_t n, double e, const T* c, T* p) {
-  Backend<D>::add_layer_norm_forward(n, n, c, c, c, c, e, p, p, p, p);
-  Backend<D>::layer_norm_backward_add(n, n, c, c, c, c, c, c, p, p, p);
-};
-
-}  // namespace norm_impl
 
 /// sum = x + add, y = layer_norm(sum): a residual stream and the LayerNorm that reads it, in one
 /// pass where the backend fuses them (the CPU), else as ops::add then ops::layer_norm. sum may
@@ -71,14 +91,8 @@ void add_layer_norm(const TensorView<T, D>& x, const TensorView<T, D>& add,
   detail::check_same_shape("add_layer_norm", x, add);
   detail::check_same_shape("add_layer_norm", x, sum);
   if constexpr (norm_impl::ResidualNormBackend<T, D>) {
-    detail::check_same_shape("add_layer_norm", x, y);
+    norm_impl::check_forward("add_layer_norm", x, gamma, beta, y, mean, rstd);
     const std::int64_t M = x.shape().leading(), N = x.shape().last();
-    MOCA_CHECK(gamma.empty() || gamma.numel() == N, "add_layer_norm: weight ", gamma.shape(),
-               " does not match the last dimension of ", x.shape());
-    MOCA_CHECK(beta.empty() || beta.numel() == N, "add_layer_norm: bias ", beta.shape(),
-               " does not match the last dimension of ", x.shape());
-    MOCA_CHECK(mean.numel() == M && rstd.numel() == M, "add_layer_norm: mean ", mean.shape(),
-               " and rstd ", rstd.shape(), " must hold one value per row of ", x.shape());
     Backend<D>::add_layer_norm_forward(M, N, x.data(), add.data(),
                                        gamma.empty() ? nullptr : gamma.data(),
                                        beta.empty() ? nullptr : beta.data(), eps, sum.data(),
@@ -102,18 +116,9 @@ void layer_norm_backward_add(const TensorView<T, D>& x, const TensorView<T, D>& 
   MOCA_CHECK(dx.data() != residual.data(),
              "layer_norm_backward_add: dx must not alias residual (it may alias dy)");
   if constexpr (norm_impl::ResidualNormBackend<T, D>) {
+    norm_impl::check_backward("layer_norm_backward_add", x, gamma, mean, rstd, dy, dx, dgamma,
+                              dbeta);
     const std::int64_t M = x.shape().leading(), N = x.shape().last();
-    detail::check_same_shape("layer_norm_backward_add", x, dy);
-    detail::check_same_shape("layer_norm_backward_add", x, dx);
-    MOCA_CHECK(gamma.empty() || gamma.numel() == N, "layer_norm_backward_add: weight ",
-               gamma.shape(), " does not match ", x.shape());
-    MOCA_CHECK(dgamma.empty() || dgamma.numel() == N, "layer_norm_backward_add: weight grad ",
-               dgamma.shape(), " does not match ", x.shape());
-    MOCA_CHECK(dbeta.empty() || dbeta.numel() == N, "layer_norm_backward_add: bias grad ",
-               dbeta.shape(), " does not match ", x.shape());
-    MOCA_CHECK(mean.numel() == M && rstd.numel() == M, "layer_norm_backward_add: mean ",
-               mean.shape(), " and rstd ", rstd.shape(), " must hold one value per row of ",
-               x.shape());
     Backend<D>::layer_norm_backward_add(M, N, x.data(), gamma.empty() ? nullptr : gamma.data(),
                                         mean.data(), rstd.data(), dy.data(), residual.data(),
                                         dx.data(), dgamma.empty() ? nullptr : dgamma.data(),
