@@ -4,9 +4,10 @@
 // thread (cpu::gemm does not nest parallel regions).
 //
 // Float heads of up to kSmallHeadTokens tokens with hd a multiple of 8 (every preset) run the
-// unpacked products of small_gemm.hpp: K and V are transposed once per head into a buffer
-// padded to 8 tokens, the scores go to a padded buffer whose rows the softmax reads in place,
-// and no operand is packed. Other shapes and double run the packed cpu::gemm.
+// register-tiled products of small_gemm.hpp (A read in place, B copied per column block): K
+// and V are transposed once per head into a buffer padded to 8 tokens, and the scores go to a
+// padded buffer whose rows the softmax reads in place. Other shapes and double run the packed
+// cpu::gemm.
 #pragma once
 
 #include <algorithm>
@@ -53,7 +54,8 @@ inline void prefetch_rows(std::int64_t rows, std::int64_t width, const float* x,
       _mm_prefetch(reinterpret_cast<const char*>(x + r * ld + j), _MM_HINT_T1);
 }
 
-/// Per-thread buffers of one head: a transposed operand [hd, Sp] and a score matrix [S, Sp].
+/// Per-thread buffers of one head: a transposed operand [hd, Sp], a score matrix [S, Sp] and
+/// small_gemm's B panel.
 struct Scratch {
   sgemm_avx2::PackBuffer transposed, scores, panel;
 };
