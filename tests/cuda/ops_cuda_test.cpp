@@ -22,121 +22,13 @@
 #include <type_traits>
 #include <vector>
 
+#include "cuda_testing.hpp"
+
 using namespace moca;
 
 namespace {
 
-// Leaves the current test case, with a message saying why, where no device is available.
-#define SKIP_WITHOUT_CUDA_DEVICE()             \
-  do {                                         \
-    if (!cuda::available()) {                  \
-      MESSAGE("skipped: no CUDA device");      \
-      return;                                  \
-    }                                          \
-  } while (0)
-
-/// Allowed normalised error for results that sum `terms` values: the summation order differs
-/// between the backends, and the rounding error it makes grows like sqrt(terms).
-template <class T>
-double tolerance(std::int64_t terms = 1) {
-  const double base = std::is_same_v<T, float> ? 1e-6 : 1e-12;
-  return base * std::max(1.0, std::sqrt(static_cast<double>(terms) / 64.0));
-}
-
-/// ||a - b|| / ||a|| (||a - b|| when a is zero); NaN anywhere makes it NaN, which fails a check.
-template <class T>
-double relative_error(const TensorView<T>& a, const TensorView<T>& b) {
-  REQUIRE(a.numel() == b.numel());
-  double diff = 0.0, ref = 0.0;
-  for (std::int64_t i = 0; i < a.numel(); ++i) {
-    const double d = static_cast<double>(a.data()[i]) - static_cast<double>(b.data()[i]);
-    diff += d * d;
-    ref += static_cast<double>(a.data()[i]) * static_cast<double>(a.data()[i]);
-  }
-  return ref > 0.0 ? std::sqrt(diff / ref) : std::sqrt(diff);
-}
-
-std::uint64_t next_stream() {
-  static std::uint64_t stream = 0;
-  return ++stream;
-}
-
-template <class T>
-Tensor<T> random_tensor(Shape shape, double lo = -1.0, double hi = 1.0) {
-  Tensor<T> t(shape);
-  fill_uniform<T>(t, Philox(2024), next_stream(), lo, hi);
-  return t;
-}
-
-template <class T>
-Tensor<T> full(Shape shape, T value) {
-  Tensor<T> t(shape);
-  std::fill(t.begin(), t.end(), value);
-  return t;
-}
-
-template <class T>
-Tensor<T> nan_tensor(Shape shape) {
-  return full<T>(shape, std::numeric_limits<T>::quiet_NaN());
-}
-
-template <class T>
-Tensor<T, Cuda> to_device(const TensorView<T>& x) {
-  Tensor<T, Cuda> t(x.shape());
-  moca::copy(x, TensorView<T, Cuda>(t));
-  return t;
-}
-
-template <class T>
-Tensor<T> to_host(const TensorView<T, Cuda>& x) {
-  Tensor<T> t(x.shape());
-  moca::copy(x, TensorView<T>(t));
-  return t;
-}
-
-/// A device output with kGuard sentinel elements on each side, to catch out-of-bounds writes.
-template <class T>
-class Guarded {
- public:
-  static constexpr std::int64_t kGuard = 64;
-  static constexpr T kSentinel = T(-12345.5);
-
-  explicit Guarded(const TensorView<T>& init)
-      : shape_(init.shape()), storage_(Shape{init.numel() + 2 * kGuard}) {
-    Tensor<T> host(storage_.shape());
-    std::fill(host.begin(), host.end(), kSentinel);
-    std::copy(init.data(), init.data() + init.numel(), host.data() + kGuard);
-    moca::copy(TensorView<T>(host), TensorView<T, Cuda>(storage_));
-  }
-
-  /// The output itself, between the guards.
-  TensorView<T, Cuda> view() const { return TensorView<T, Cuda>(storage_.data() + kGuard, shape_); }
-  /// Its content, on the host.
-  Tensor<T> result() const { return to_host(view()); }
-
-  bool guards_intact() const {
-    const Tensor<T> all = to_host(TensorView<T, Cuda>(storage_));
-    const std::int64_t n = all.numel();
-    for (std::int64_t i = 0; i < kGuard; ++i)
-      if (all.data()[i] != kSentinel || all.data()[n - 1 - i] != kSentinel) return false;
-    return true;
-  }
-
- private:
-  Shape shape_;
-  Tensor<T, Cuda> storage_;
-};
-
-/// Checks a device result against the CPU one, and the guards around it.
-template <class T>
-void check_parity(const char* what, const TensorView<T>& expected, const Guarded<T>& actual,
-                  double tol) {
-  const Tensor<T> got = actual.result();
-  const double err = relative_error(expected, TensorView<T>(got));
-  INFO(what, ": relative error ", err, " (tolerance ", tol, ")");
-  CHECK(err <= tol);
-  CHECK(actual.guards_intact());
-}
+using namespace moca::testing;
 
 Trans trans(bool t) { return t ? Trans::T : Trans::N; }
 

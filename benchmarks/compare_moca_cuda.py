@@ -1,0 +1,201 @@
+#!/usr/bin/env python3
+"""One MOCA iteration on the GPU, this library vs PyTorch on the same card, as ratios.
+
+Usage: benchmarks/compare_moca_cuda.py [--bench build/benchmarks/moca_cuda_bench]
+           [--configs vit_b16_b64,vit_s16_b64] [--steps 10] [--warmup 3] [--json FILE]
+           [--device cuda|cpu]
+
+Our side is moca_cuda_bench (Moca<float, Cuda>) in fp32 and with TF32 tensor-core GEMMs. The
+PyTorch side is the project's PyTorch implementation of the same recipe
+(tests/python/reference_moca.py: teacher EMA, codebook targets and refresh, both masking rounds
+with the condenser decoder, L_IMG + L_LOC, backward, clipping, AdamW with the four groups) at the
+same preset and batch, in three modes: fp32, TF32 (allow_tf32) and AMP (autocast to bf16 around
+the forward passes, fp32 weights and optimiser), each with attention through
+F.scaled_dot_product_attention (PyTorch's fused kernels, as timm uses) unless --plain-attention.
+Every run warms up, then times `--steps` iterations between device synchronisations; model
+FLOPs per step are the ones our side counts for the same model, so both sides' MFU use the same
+numerator. `--device cpu` is a smoke test of the script itself (autocast on the CPU).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "python"))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import reference_moca as R  # noqa: E402
+import reference_vit as RV  # noqa: E402
+
+CONFIGS = {
+    "tiny_b128": dict(preset="tiny", batch=128,
+                      model=dict(img_size=32, patch=4, in_chans=1, dim=192, depth=6, heads=3,
+                                 dec_dim=128, dec_depth=2, dec_heads=4, early_layer=2,
+                                 num_words=1024, skip_offset=1, words_per_iter=32)),
+    "vit_s16_b64": dict(preset="vit-s16", batch=64,
+                        model=dict(img_size=224, patch=16, in_chans=3, dim=384, depth=12, heads=6,
+                                   dec_dim=512, dec_depth=2, dec_heads=16, early_layer=4,
+                                   num_words=4096, skip_offset=2, words_per_iter=32)),
+    "vit_b16_b64": dict(preset="vit-b16", batch=64,
+                        model=dict(img_size=224, patch=16, in_chans=3, dim=768, depth=12, heads=12,
+                                   dec_dim=512, dec_depth=2, dec_heads=16, early_layer=4,
+                                   num_words=4096, skip_offset=2, words_per_iter=32)),
+}
+
+
+def sdpa_forward(self, x):
+    """reference_vit.Attention.forward through PyTorch's fused attention (same maths)."""
+    B, N, C = x.shape
+    qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+    return self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+
+class TorchSide:
+    """The PyTorch MOCA iteration for one configuration and mode, on the default device."""
+
+    def __init__(self, cfg, mode, device):
+        mcfg, B = cfg["model"], cfg["batch"]
+        self.B, self.mode, self.device = B, mode, device
+        self.model = model = R.Moca(**mcfg)
+        model.init_weights()
+        self.opt = R.make_optimizer(model)
+        self.L, self.knew = model.L, mcfg["words_per_iter"]
+        self.inner = R.inner_patches(mcfg["img_size"] // mcfg["patch"], mcfg["skip_offset"])
+        shape = (B, mcfg["in_chans"], mcfg["img_size"], mcfg["img_size"])
+        self.x1, self.x2 = torch.rand(shape) * 2 - 1, torch.rand(shape) * 2 - 1
+
+    def autocast(self):
+        return torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.mode == "amp")
+
+    def step(self):
+        model, opt, B, L = self.model, self.opt, self.B, self.L
+        R.set_schedule(opt, 1e-4, 0.05)
+        model.update_teacher(0.994)
+        edict = model.bow._embedding.detach().clone()
+        with self.autocast():
+            rec = R.teacher_targets(model, self.x1, self.x2, edict)
+            upd = rec["teacher_out1"] if torch.rand(()) < 0.5 else rec["teacher_out2"]
+            model.bow.update(upd, torch.randperm(B)[:self.knew],
+                             torch.randint(len(self.inner), (self.knew,)))
+            Q, Y = torch.cat([rec["q1"], rec["q2"]]), torch.cat([rec["y2"], rec["y1"]])
+            s1 = torch.argsort(torch.rand(2 * B, L), dim=1)
+            s2 = R.complementary_second_round(s1, model.lk[0], model.ld[0], model.lk[1])
+            masks = [(s1, model.lk[0], model.ld[0]), (s2, model.lk[1], model.ld[1])]
+            opt.zero_grad(set_to_none=True)
+            out = R.student_losses(model, torch.cat([self.x1, self.x2]), masks, Q, Y, edict)
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_([p for _, p in model.trainable()], R.CLIP_MAX_NORM)
+        opt.step()
+        return out["loss"]
+
+    def sync(self):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+    def measure(self, warmup, steps):
+        for _ in range(warmup):
+            self.step()
+        self.sync()
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            loss = self.step()
+        self.sync()
+        dt = (time.perf_counter() - t0) / steps
+        peak = torch.cuda.max_memory_allocated() / 2**20 if self.device == "cuda" else 0.0
+        return dict(side="pytorch", precision=self.mode, ms_per_step=1e3 * dt,
+                    pairs_per_s=self.B / dt, peak_MiB=peak, loss=float(loss))
+
+
+def ours(bench, cfg, precision, steps, warmup):
+    cmd = [bench, "--preset", cfg["preset"], "--batch", str(cfg["batch"]), "--steps", str(steps),
+           "--warmup", str(warmup)] + (["--tf32"] if precision == "tf32" else [])
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {out.stderr.strip()}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bench", default="build/benchmarks/moca_cuda_bench")
+    ap.add_argument("--configs", default="vit_b16_b64,vit_s16_b64")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--json", default=None, help="also write every result here, one per line")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--plain-attention", action="store_true",
+                    help="PyTorch attention as explicit matmul + softmax instead of SDPA")
+    ap.add_argument("--skip-ours", action="store_true", help="time the PyTorch side only")
+    args = ap.parse_args()
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("compare_moca_cuda: PyTorch sees no CUDA device")
+    if args.device != "cpu":
+        torch.set_default_device(args.device)  # every tensor the reference creates lands there
+    if not hasattr(F, "scaled_dot_product_attention"):
+        args.plain_attention = True  # PyTorch before 2.0
+    if not args.plain_attention:
+        RV.Attention.forward = sdpa_forward
+    card = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    print(f"card: {card}; PyTorch {torch.__version__}; attention: "
+          f"{'explicit' if args.plain_attention else 'scaled_dot_product_attention'}", flush=True)
+
+    results = []
+    for name in args.configs.split(","):
+        cfg = CONFIGS[name]
+        rows, flops = [], None
+        if not args.skip_ours:
+            for precision in ("fp32", "tf32"):
+                try:
+                    r = ours(args.bench, cfg, precision, args.steps, args.warmup)
+                    flops = r["gflop_per_step"] * 1e9
+                    rows.append(r)
+                except Exception as e:  # noqa: BLE001 - report and go on with the other runs
+                    print(f"{name} moca {precision}: {e}", flush=True)
+        for mode in ("fp32", "tf32", "amp"):
+            torch.backends.cuda.matmul.allow_tf32 = mode == "tf32"
+            torch.backends.cudnn.allow_tf32 = mode == "tf32"
+            try:
+                torch.manual_seed(0)
+                r = TorchSide(cfg, mode, args.device).measure(args.warmup, args.steps)
+                if flops:
+                    r["tflops"] = flops / (r["ms_per_step"] * 1e-3) / 1e12
+                rows.append(r)
+            except Exception as e:  # noqa: BLE001
+                print(f"{name} pytorch {mode}: {type(e).__name__}: {e}", flush=True)
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+        print(f"\n{name} (batch {cfg['batch']} pairs"
+              + (f", {flops / 1e9:.0f} GFLOP per step" if flops else "") + ")")
+        print(f"  {'side':8} {'precision':9} {'ms/step':>9} {'pairs/s':>9} {'TFLOP/s':>8} "
+              f"{'peak MiB':>9}")
+        for r in rows:
+            peak = r.get("peak_MiB", r.get("peak_tensor_MiB", 0.0))
+            tfl = r.get("tflops", float("nan"))
+            print(f"  {r['side']:8} {r['precision']:9} {r['ms_per_step']:9.2f} "
+                  f"{r['pairs_per_s']:9.1f} {tfl:8.1f} {peak:9.0f}")
+        by = {(r["side"], r["precision"]): r for r in rows}
+        for a, b in (("fp32", "fp32"), ("tf32", "tf32"), ("tf32", "amp"), ("fp32", "amp")):
+            if ("moca", a) in by and ("pytorch", b) in by:
+                ratio = by[("moca", a)]["pairs_per_s"] / by[("pytorch", b)]["pairs_per_s"]
+                print(f"  ratio moca {a} / pytorch {b}: {ratio:.2f}")
+        for r in rows:
+            r["config"] = name
+            r["card"] = card
+        results += rows
+    if args.json:
+        with open(args.json, "w") as f:
+            for r in results:
+                f.write(json.dumps(r) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+// One full MOCA iteration on the GPU (Moca<float, Cuda>: the layer code of the CPU step on the
+// CUDA op set), with throughput, model FLOPs, their share of the card's peak, and peak device
+// memory. compare_moca_cuda.py runs it beside the same iteration in PyTorch and prints the ratio.
+//
+//   moca_cuda_bench [--preset tiny|vit-s16|vit-b16] [--batch B] [--steps N] [--warmup W]
+//                   [--tf32] [--peak-tflops P]
+//
+// Prints one JSON object. The masks and codebook refreshes are drawn before timing (a real run's
+// loader draws them on its own threads). Model FLOPs are what the step's matrix products and
+// attention report (2·M·N·K each), counted on one extra step; `mfu` divides their rate by
+// --peak-tflops, by default 989 TFLOP/s, the dense bf16 tensor-core peak of an H100/H200 SXM
+// (NVIDIA's datasheet), the yardstick the issue sets whatever precision the step runs in.
+#include <cuda_runtime_api.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <moca/core/profiler.hpp>
+#include <moca/cuda.hpp>
+#include <moca/models/moca/moca.hpp>
+#include <string>
+#include <vector>
+
+namespace {
+
+[[noreturn]] void usage(const std::string& problem) {
+  std::fprintf(stderr,
+               "usage: moca_cuda_bench [--preset tiny|vit-s16|vit-b16] [--batch B] [--steps N] "
+               "[--warmup W] [--tf32] [--peak-tflops P]\n%s\n",
+               problem.c_str());
+  std::exit(2);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  using namespace moca;
+  std::string preset = "vit-b16";
+  std::int64_t batch = 64, steps = 10, warmup = 3;
+  bool tf32 = false;
+  double peak_tflops = 989.0;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    const bool has_value = i + 1 < argc;
+    if (a == "--preset" && has_value) {
+      preset = argv[++i];
+    } else if (a == "--batch" && has_value) {
+      batch = std::atoll(argv[++i]);
+    } else if (a == "--steps" && has_value) {
+      steps = std::atoll(argv[++i]);
+    } else if (a == "--warmup" && has_value) {
+      warmup = std::atoll(argv[++i]);
+    } else if (a == "--peak-tflops" && has_value) {
+      peak_tflops = std::atof(argv[++i]);
+    } else if (a == "--tf32") {
+      tf32 = true;
+    } else {
+      usage("unknown or incomplete argument: " + a);
+    }
+  }
+  MocaConfig cfg;
+  if (preset == "tiny") {
+    cfg = MocaConfig::tiny();
+  } else if (preset == "vit-s16") {
+    cfg = MocaConfig::vit_s16();
+  } else if (preset == "vit-b16") {
+    cfg = MocaConfig::vit_b16();
+  } else {
+    usage("--preset must be tiny, vit-s16 or vit-b16, got " + preset);
+  }
+  if (batch < 2 || steps < 1 || warmup < 1 || peak_tflops <= 0) {
+    usage("--batch must be >= 2, --steps and --warmup >= 1, --peak-tflops > 0");
+  }
+  if (!cuda::available()) {
+    std::fprintf(stderr, "moca_cuda_bench: no CUDA device\n");
+    return 1;
+  }
+  cfg.words_per_iter = std::min<std::int64_t>(cfg.words_per_iter, batch);
+
+  try {
+    cuda::Context::get().set_tf32(tf32);
+    Moca<float, Cuda> model(cfg);
+    model.initialize(0);
+    const auto& v = cfg.encoder;
+    Tensor<float> h1({batch, v.in_chans, v.img_size, v.img_size}), h2(h1.shape());
+    fill_uniform(h1, Philox(1), 0, -1.0, 1.0);
+    fill_uniform(h2, Philox(1), 1, -1.0, 1.0);
+    Tensor<float, Cuda> x1(h1.shape()), x2(h2.shape());
+    copy(TensorView<float>(h1), TensorView<float, Cuda>(x1));
+    copy(TensorView<float>(h2), TensorView<float, Cuda>(x2));
+    MocaHyper hyper;
+    hyper.lr = 1e-4;
+
+    const std::int64_t total = warmup + 1 + steps;
+    std::vector<MocaPlan> plans;
+    for (std::int64_t s = 0; s < total; ++s)
+      plans.push_back(model.draw_plan(Philox(2), static_cast<std::uint64_t>(s), batch));
+
+    std::int64_t s = 0;
+    for (; s < warmup; ++s) model.train_step(x1, x2, plans[s], hyper);
+    // One step counted by the profiler: the model FLOPs (timing comes from the plain steps).
+    profiler::reset();
+    profiler::enable();
+    model.train_step(x1, x2, plans[s++], hyper);
+    profiler::enable(false);
+    double flops = 0;
+    for (const auto& e : profiler::report()) flops += e.flops;
+
+    const std::int64_t allocations = memory_stats<Cuda>().allocations;
+    cuda::synchronize();
+    const auto t0 = std::chrono::steady_clock::now();
+    double loss = 0;
+    for (std::int64_t i = 0; i < steps; ++i, ++s) loss = model.train_step(x1, x2, plans[s], hyper).loss;
+    cuda::synchronize();
+    const double seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const double per_step = seconds / static_cast<double>(steps);
+
+    std::size_t free_bytes = 0, total_bytes = 0;
+    MOCA_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
+    cudaDeviceProp prop{};
+    MOCA_CUDA_CHECK(cudaGetDeviceProperties(&prop, cuda::Context::get().device()));
+    const double mib = 1024.0 * 1024.0;
+    std::printf(
+        "{\"side\": \"moca\", \"device\": \"%s\", \"preset\": \"%s\", \"batch\": %lld, "
+        "\"precision\": \"%s\", \"steps\": %lld, \"ms_per_step\": %.3f, \"pairs_per_s\": %.2f, "
+        "\"images_per_s\": %.2f, \"gflop_per_step\": %.2f, \"tflops\": %.2f, \"mfu\": %.4f, "
+        "\"peak_tensor_MiB\": %.1f, \"device_used_MiB\": %.1f, \"step_allocations\": %lld, "
+        "\"loss\": %.6f}\n",
+        prop.name, preset.c_str(), static_cast<long long>(batch), tf32 ? "tf32" : "fp32",
+        static_cast<long long>(steps), 1e3 * per_step, static_cast<double>(batch) / per_step,
+        2.0 * static_cast<double>(batch) / per_step, flops / 1e9, flops / per_step / 1e12,
+        flops / per_step / (peak_tflops * 1e12),
+        static_cast<double>(memory_stats<Cuda>().peak_bytes) / mib,
+        static_cast<double>(total_bytes - free_bytes) / mib,
+        static_cast<long long>(memory_stats<Cuda>().allocations - allocations), loss);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "moca_cuda_bench: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}

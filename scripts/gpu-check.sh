@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in one bounded run (a few minutes on an H100/H200):
+#   1. the card, driver and toolkit;
+#   2. the CUDA tests: every op against the CPU (test_ops_cuda) and the whole MOCA step against
+#      the CPU step, the tiny preset learning on the device, no allocation per step (test_moca_cuda);
+#   3. the MOCA step benchmark beside PyTorch on the same card (benchmarks/compare_moca_cuda.py);
+#   4. compute-sanitizer memcheck over the op tests and the MOCA parity test.
+#
+#   scripts/gpu-check.sh [--build-dir DIR (default build-gpu)] [--out DIR (default gpu-check)]
+#                        [--configs vit_b16_b64,vit_s16_b64]
+#
+# Uses the programs already in the build folder when they are there (built on a CPU-only machine
+# with nvcc and copied over); otherwise configures and builds them for the card present
+# (compute capability from nvidia-smi: sm_90 on H100/H200), which needs the project's build
+# dependencies (scripts/install-deps.sh). Every stage has a time limit; the script goes on after
+# a failed stage, prints a summary, writes each stage's log to the output folder and exits
+# non-zero when any stage failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+build_dir=build-gpu
+out=gpu-check
+configs=vit_b16_b64,vit_s16_b64
+while [ $# -gt 0 ]; do
+  case $1 in
+    --build-dir) build_dir=$2; shift 2 ;;
+    --out) out=$2; shift 2 ;;
+    --configs) configs=$2; shift 2 ;;
+    *) echo "gpu-check: unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+mkdir -p "$out"
+export PATH="/usr/local/cuda/bin:$PATH"
+
+# The CUDA libraries the programs link (libcudart, libcublas), wherever this machine keeps them.
+for lib in libcublas.so.13 libcublas.so.12; do
+  dir=$(ldconfig -p 2>/dev/null | awk -v l="$lib" '$1 == l {print $NF; exit}')
+  [ -z "$dir" ] && dir=$(find /usr/local/cuda/ /usr/local/cuda*/ /opt -name "$lib" 2>/dev/null | head -1)
+  if [ -n "$dir" ]; then
+    export LD_LIBRARY_PATH="$(dirname "$dir")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    break
+  fi
+done
+
+summary=()
+failed=0
+t_start=$SECONDS
+# stage <name> <seconds> <command...>: runs one stage under a time limit, logged to $out/<name>.log.
+stage() {
+  local name=$1 limit=$2 t0=$SECONDS rc=0
+  shift 2
+  echo
+  echo "==== $name (limit ${limit}s)"
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$out/$name.log"
+  rc=${PIPESTATUS[0]}
+  local took=$((SECONDS - t0))
+  if [ "$rc" -eq 0 ]; then
+    summary+=("$(printf '  %-14s ok     %4ds' "$name" "$took")")
+  else
+    [ "$rc" -eq 124 ] && echo "$name: stopped at its ${limit}s limit"
+    summary+=("$(printf '  %-14s FAILED %4ds (exit %d)' "$name" "$took" "$rc")")
+    failed=1
+  fi
+}
+
+stage device 30 bash -c 'nvidia-smi; nvcc --version | tail -2; echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"'
+
+programs=("$build_dir/tests/test_ops_cuda" "$build_dir/tests/test_moca_cuda"
+          "$build_dir/benchmarks/moca_cuda_bench")
+missing=0
+for p in "${programs[@]}"; do [ -x "$p" ] || missing=1; done
+if [ $missing -eq 1 ]; then
+  cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d '. ')
+  stage build 900 bash -c "scripts/configure.sh '$build_dir' -DCMAKE_CUDA_ARCHITECTURES=${cap:-90} \
+    && cmake --build '$build_dir' -j \$(nproc) --target test_ops_cuda test_moca_cuda moca_cuda_bench"
+fi
+
+stage test-ops 90 "$build_dir/tests/test_ops_cuda"
+stage test-moca 120 "$build_dir/tests/test_moca_cuda"
+stage bench 150 python3 benchmarks/compare_moca_cuda.py --bench "$build_dir/benchmarks/moca_cuda_bench" \
+  --configs "$configs" --json "$out/bench.jsonl"
+# memcheck: out-of-bounds and misaligned accesses, and CUDA API errors, in every kernel the tests
+# launch (leak checking off: the context's scratch buffer and cuBLAS live until exit by design).
+stage memcheck-ops 90 compute-sanitizer --tool memcheck --error-exitcode 9 \
+  "$build_dir/tests/test_ops_cuda"
+stage memcheck-moca 60 compute-sanitizer --tool memcheck --error-exitcode 9 \
+  "$build_dir/tests/test_moca_cuda" --test-case="*three MOCA steps*"
+
+echo
+echo "==== summary (total $((SECONDS - t_start))s)"
+printf '%s\n' "${summary[@]}" | tee "$out/summary.txt"
+if [ $failed -eq 0 ]; then echo "==== all stages passed"; else echo "==== FAILED"; fi
+exit $failed

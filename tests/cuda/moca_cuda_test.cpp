@@ -1,0 +1,133 @@
+// The whole MOCA step on the CUDA backend: the same model code as on the CPU (Moca<T, Cuda>),
+// checked against the CPU step iteration by iteration (losses, gradients, weights, teacher and
+// codebook), a short run of the tiny preset that lowers the loss, and no device allocation once
+// the first step has sized every buffer.
+//
+// Without a device each test reports "skipped: no CUDA device" and passes.
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <moca/cuda.hpp>
+#include <moca/moca.hpp>
+#include <type_traits>
+#include <vector>
+
+#include "cuda_testing.hpp"
+
+using namespace moca;
+using namespace moca::testing;
+
+namespace {
+
+// The small model of the CPU step tests: every part of the step, at a size where a CPU step in
+// double takes milliseconds.
+MocaConfig small_config() {
+  MocaConfig c;
+  c.encoder.img_size = 8;
+  c.encoder.patch = 2;
+  c.encoder.in_chans = 1;
+  c.encoder.dim = 16;
+  c.encoder.depth = 3;
+  c.encoder.heads = 2;
+  c.decoder = {12, 1, 2, 4.0, 1e-6};
+  c.early_layer = 1;
+  c.num_words = 32;
+  c.skip_offset = 1;
+  c.words_per_iter = 4;
+  return c;
+}
+
+template <class T>
+Tensor<T> random_images(std::int64_t B, const VitConfig& v, std::uint64_t stream) {
+  Tensor<T> x({B, v.in_chans, v.img_size, v.img_size});
+  fill_uniform(x, Philox(9), stream, -1.0, 1.0);
+  return x;
+}
+
+double relative_diff(double a, double b) {
+  return std::abs(a - b) / std::max(std::abs(a), 1e-30);
+}
+
+}  // namespace
+
+TEST_CASE_TEMPLATE("cuda: three MOCA steps match the CPU steps", T, float, double) {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  const MocaConfig cfg = small_config();
+  const std::int64_t B = 4;
+  // Float: the two backends sum in different orders in every op of a ~40-op chain, then AdamW
+  // divides by sqrt(v); 1e-4 is about a hundred times float's rounding of one op. Double: the
+  // same chain at double's precision.
+  const double tol = std::is_same_v<T, float> ? 1e-4 : 1e-10;
+
+  Moca<T, Cpu> cpu(cfg);
+  Moca<T, Cuda> gpu(cfg);
+  cpu.initialize(1);
+  gpu.initialize(1);
+  // The initial values are drawn on the host: bit-identical on both devices.
+  CHECK(relative_error(cpu.params().values(), TensorView<T>(to_host(gpu.params().values()))) ==
+        0.0);
+  CHECK(relative_error(cpu.codebook().embedding.value, TensorView<T>(to_host(gpu.codebook().embedding.value))) ==
+        0.0);
+
+  const Tensor<T> x1 = random_images<T>(B, cfg.encoder, 1), x2 = random_images<T>(B, cfg.encoder, 2);
+  const Tensor<T, Cuda> g1 = to_device<T>(x1), g2 = to_device<T>(x2);
+  MocaHyper h;
+  h.lr = 1e-3;
+  for (std::uint64_t s = 0; s < 3; ++s) {
+    CAPTURE(s);
+    const MocaPlan plan = cpu.draw_plan(Philox(2), s, B);
+    const MocaStepResult a = cpu.train_step(x1, x2, plan, h);
+    const MocaStepResult b = gpu.train_step(g1, g2, plan, h);
+    INFO("loss cpu ", a.loss, " cuda ", b.loss, "; L_IMG ", a.l_img, " / ", b.l_img, "; L_LOC ",
+         a.l_loc, " / ", b.l_loc, "; grad norm ", a.grad_norm, " / ", b.grad_norm);
+    CHECK(relative_diff(a.loss, b.loss) <= tol);
+    CHECK(relative_diff(a.l_img, b.l_img) <= tol);
+    CHECK(relative_diff(a.l_loc, b.l_loc) <= tol);
+    CHECK(relative_diff(a.grad_norm, b.grad_norm) <= tol);
+    CHECK(relative_diff(a.dist_norm, b.dist_norm) <= tol);
+    const double grads =
+        relative_error(cpu.params().grads(), TensorView<T>(to_host(gpu.params().grads())));
+    const double values =
+        relative_error(cpu.params().values(), TensorView<T>(to_host(gpu.params().values())));
+    const double teacher = relative_error(cpu.teacher_params().values(),
+                                          TensorView<T>(to_host(gpu.teacher_params().values())));
+    const double words =
+        relative_error(cpu.codebook().embedding.value, TensorView<T>(to_host(gpu.codebook().embedding.value)));
+    INFO("relative errors: gradients ", grads, ", weights ", values, ", teacher ", teacher,
+         ", codebook ", words);
+    CHECK(grads <= tol);
+    CHECK(values <= tol);
+    CHECK(teacher <= tol);
+    CHECK(words <= tol);
+  }
+}
+
+TEST_CASE("cuda: the tiny preset learns on the device, and a step allocates nothing") {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  MocaConfig cfg = MocaConfig::tiny();
+  const std::int64_t B = 32;
+  cfg.words_per_iter = 32;
+  Moca<float, Cuda> moca(cfg);
+  moca.initialize(0);
+  const Tensor<float, Cuda> x1 = to_device<float>(random_images<float>(B, cfg.encoder, 11));
+  const Tensor<float, Cuda> x2 = to_device<float>(random_images<float>(B, cfg.encoder, 12));
+  MocaHyper h;
+  h.lr = 5e-4;
+  std::vector<double> losses;
+  long long allocations_after_first = 0;
+  for (std::uint64_t s = 0; s < 20; ++s) {
+    const MocaPlan plan = moca.draw_plan(Philox(0), s, B);
+    const MocaStepResult r = moca.train_step(x1, x2, plan, h);
+    REQUIRE(std::isfinite(r.loss));
+    losses.push_back(r.loss);
+    if (s == 0) allocations_after_first = memory_stats<Cuda>().allocations;
+  }
+  CHECK(memory_stats<Cuda>().allocations == allocations_after_first);
+  const std::size_t n = losses.size();
+  const double first = (losses[0] + losses[1] + losses[2]) / 3;
+  const double last = (losses[n - 3] + losses[n - 2] + losses[n - 1]) / 3;
+  CAPTURE(first);
+  CAPTURE(last);
+  CHECK(last < first);
+}
