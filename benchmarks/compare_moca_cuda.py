@@ -62,7 +62,8 @@ class TorchSide:
     def __init__(self, cfg, mode, device):
         mcfg, B = cfg["model"], cfg["batch"]
         self.B, self.mode, self.device = B, mode, device
-        self.model = model = R.Moca(**mcfg)
+        # The sin-cos tables come from NumPy (CPU) whatever the default device: move them too.
+        self.model = model = R.Moca(**mcfg).to(device)
         model.init_weights()
         self.opt = R.make_optimizer(model)
         self.L, self.knew = model.L, mcfg["words_per_iter"]

@@ -3,9 +3,11 @@
 // memory. compare_moca_cuda.py runs it beside the same iteration in PyTorch and prints the ratio.
 //
 //   moca_cuda_bench [--preset tiny|vit-s16|vit-b16] [--batch B] [--steps N] [--warmup W]
-//                   [--tf32] [--peak-tflops P]
+//                   [--tf32] [--peak-tflops P] [--profile]
 //
-// Prints one JSON object. The masks and codebook refreshes are drawn before timing (a real run's
+// Prints one JSON object; with --profile, first a table of where the step's device time goes
+// (the profiler's scopes, each waiting for the device at its start and end, over `--steps`
+// further steps). The masks and codebook refreshes are drawn before timing (a real run's
 // loader draws them on its own threads). Model FLOPs are what the step's matrix products and
 // attention report (2·M·N·K each), counted on one extra step; `mfu` divides their rate by
 // --peak-tflops, by default 989 TFLOP/s, the dense bf16 tensor-core peak of an H100/H200 SXM
@@ -26,7 +28,7 @@ namespace {
 [[noreturn]] void usage(const std::string& problem) {
   std::fprintf(stderr,
                "usage: moca_cuda_bench [--preset tiny|vit-s16|vit-b16] [--batch B] [--steps N] "
-               "[--warmup W] [--tf32] [--peak-tflops P]\n%s\n",
+               "[--warmup W] [--tf32] [--peak-tflops P] [--profile]\n%s\n",
                problem.c_str());
   std::exit(2);
 }
@@ -37,7 +39,7 @@ int main(int argc, char** argv) {
   using namespace moca;
   std::string preset = "vit-b16";
   std::int64_t batch = 64, steps = 10, warmup = 3;
-  bool tf32 = false;
+  bool tf32 = false, profile = false;
   double peak_tflops = 989.0;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -54,6 +56,8 @@ int main(int argc, char** argv) {
       peak_tflops = std::atof(argv[++i]);
     } else if (a == "--tf32") {
       tf32 = true;
+    } else if (a == "--profile") {
+      profile = true;
     } else {
       usage("unknown or incomplete argument: " + a);
     }
@@ -91,7 +95,7 @@ int main(int argc, char** argv) {
     MocaHyper hyper;
     hyper.lr = 1e-4;
 
-    const std::int64_t total = warmup + 1 + steps;
+    const std::int64_t total = warmup + 1 + steps * (profile ? 2 : 1);
     std::vector<MocaPlan> plans;
     for (std::int64_t s = 0; s < total; ++s)
       plans.push_back(model.draw_plan(Philox(2), static_cast<std::uint64_t>(s), batch));
@@ -115,6 +119,27 @@ int main(int argc, char** argv) {
     const double seconds =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     const double per_step = seconds / static_cast<double>(steps);
+
+    if (profile) {
+      profiler::reset();
+      profiler::set_synchronizer(&cuda::synchronize);
+      profiler::enable();
+      const auto p0 = std::chrono::steady_clock::now();
+      for (std::int64_t i = 0; i < steps; ++i, ++s) model.train_step(x1, x2, plans[s], hyper);
+      profiler::enable(false);
+      const double all = std::chrono::duration<double>(std::chrono::steady_clock::now() - p0).count();
+      std::printf("%-18s %10s %7s %12s %10s\n", "scope", "ms/step", "share", "calls/step",
+                  "TFLOP/s");
+      for (const auto& e : profiler::report()) {
+        std::printf("%-18s %10.2f %6.1f%% %12.1f", e.name,
+                    1e3 * e.seconds / static_cast<double>(steps), 100.0 * e.seconds / all,
+                    static_cast<double>(e.calls) / static_cast<double>(steps));
+        if (e.flops > 0) std::printf(" %10.1f", e.flops / e.seconds / 1e12);
+        std::printf("\n");
+      }
+      std::printf("profiled step: %.2f ms (synchronised scopes)\n",
+                  1e3 * all / static_cast<double>(steps));
+    }
 
     std::size_t free_bytes = 0, total_bytes = 0;
     MOCA_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));

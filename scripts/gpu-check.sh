@@ -3,7 +3,8 @@
 #   1. the card, driver and toolkit;
 #   2. the CUDA tests: every op against the CPU (test_ops_cuda) and the whole MOCA step against
 #      the CPU step, the tiny preset learning on the device, no allocation per step (test_moca_cuda);
-#   3. the MOCA step benchmark beside PyTorch on the same card (benchmarks/compare_moca_cuda.py);
+#   3. the MOCA step benchmark beside PyTorch on the same card (benchmarks/compare_moca_cuda.py),
+#      and where the ViT-B/16 step's time goes (moca_cuda_bench --profile);
 #   4. compute-sanitizer memcheck over the op tests and the MOCA parity test.
 #
 #   scripts/gpu-check.sh [--build-dir DIR (default build-gpu)] [--out DIR (default gpu-check)]
@@ -79,6 +80,9 @@ stage test-ops 90 "$build_dir/tests/test_ops_cuda"
 stage test-moca 120 "$build_dir/tests/test_moca_cuda"
 stage bench 150 python3 benchmarks/compare_moca_cuda.py --bench "$build_dir/benchmarks/moca_cuda_bench" \
   --configs "$configs" --json "$out/bench.jsonl"
+# Where the ViT-B/16 step's device time goes (TF32), scope by scope.
+stage profile 90 "$build_dir/benchmarks/moca_cuda_bench" --preset vit-b16 --batch 64 --steps 3 \
+  --tf32 --profile
 # memcheck: out-of-bounds and misaligned accesses, and CUDA API errors, in every kernel the tests
 # launch (leak checking off: the context's scratch buffer and cuBLAS live until exit by design).
 stage memcheck-ops 90 compute-sanitizer --tool memcheck --error-exitcode 9 \
@@ -88,6 +92,6 @@ stage memcheck-moca 60 compute-sanitizer --tool memcheck --error-exitcode 9 \
 
 echo
 echo "==== summary (total $((SECONDS - t_start))s)"
-printf '%s\n' "${summary[@]}" | tee "$out/summary.txt"
+printf '%s\n' "${summary[@]}"
 if [ $failed -eq 0 ]; then echo "==== all stages passed"; else echo "==== FAILED"; fi
 exit $failed

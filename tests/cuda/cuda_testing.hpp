@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <string>
 #include <moca/core/random.hpp>
 #include <moca/cuda.hpp>
 #include <moca/moca.hpp>
@@ -32,9 +33,11 @@ double tolerance(std::int64_t terms = 1) {
   return base * std::max(1.0, std::sqrt(static_cast<double>(terms) / 64.0));
 }
 
-/// ||a - b|| / ||a|| (||a - b|| when a is zero); NaN anywhere makes it NaN, which fails a check.
+/// ||a - b|| / max(||a||, scale) (||a - b|| when both are zero); NaN anywhere makes it NaN, which
+/// fails a check. `scale` is for results that cancel: the size of the terms a result is the
+/// difference of, which is what its rounding error is proportional to.
 template <class T>
-double relative_error(const TensorView<T>& a, const TensorView<T>& b) {
+double relative_error(const TensorView<T>& a, const TensorView<T>& b, double scale = 0.0) {
   REQUIRE(a.numel() == b.numel());
   double diff = 0.0, ref = 0.0;
   for (std::int64_t i = 0; i < a.numel(); ++i) {
@@ -42,7 +45,17 @@ double relative_error(const TensorView<T>& a, const TensorView<T>& b) {
     diff += d * d;
     ref += static_cast<double>(a.data()[i]) * static_cast<double>(a.data()[i]);
   }
-  return ref > 0.0 ? std::sqrt(diff / ref) : std::sqrt(diff);
+  ref = std::max(std::sqrt(ref), scale);
+  return ref > 0.0 ? std::sqrt(diff) / ref : std::sqrt(diff);
+}
+
+/// ||x||.
+template <class T>
+double norm_of(const TensorView<T>& x) {
+  double s = 0.0;
+  for (std::int64_t i = 0; i < x.numel(); ++i)
+    s += static_cast<double>(x.data()[i]) * static_cast<double>(x.data()[i]);
+  return std::sqrt(s);
 }
 
 inline std::uint64_t next_stream() {
@@ -116,12 +129,13 @@ class Guarded {
   Tensor<T, Cuda> storage_;
 };
 
-/// Checks a device result against the CPU one, and the guards around it.
+/// Checks a device result against the CPU one, and the guards around it; `scale` as in
+/// relative_error.
 template <class T>
-void check_parity(const char* what, const TensorView<T>& expected, const Guarded<T>& actual,
-                  double tol) {
+void check_parity(const std::string& what, const TensorView<T>& expected,
+                  const Guarded<T>& actual, double tol, double scale = 0.0) {
   const Tensor<T> got = actual.result();
-  const double err = relative_error(expected, TensorView<T>(got));
+  const double err = relative_error(expected, TensorView<T>(got), scale);
   INFO(what, ": relative error ", err, " (tolerance ", tol, ")");
   CHECK(err <= tol);
   CHECK(actual.guards_intact());

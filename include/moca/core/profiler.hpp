@@ -13,6 +13,9 @@
 // Layers mark themselves with MOCA_PROFILE_SCOPE("name"). Off, a scope costs one thread-local
 // load and a branch; on, two clock reads and no allocation. The timers measure the calling
 // thread's wall time, which on the CPU backend includes the OpenMP work the scope waits for.
+// A device that queues work asynchronously (CUDA) registers a synchronizer: while the profiler
+// is on, every scope waits for the device at its start and end, so each scope is charged the
+// device time of the work it queued (and the step runs slower, without overlap).
 #pragma once
 
 #include <algorithm>
@@ -45,6 +48,7 @@ struct Frame {
 
 struct State {
   bool enabled = false;
+  void (*synchronize)() = nullptr;
   int entries_used = 0;
   int depth = 0;
   std::array<Entry, kMaxEntries> entries{};
@@ -74,6 +78,9 @@ inline int entry_of(State& s, const char* name) {
 /// Turns the timers of this thread on or off.
 inline void enable(bool on = true) { detail::state().enabled = on; }
 inline bool enabled() { return detail::state().enabled; }
+
+/// Waits for the device at every scope boundary while the profiler is on (nullptr: never).
+inline void set_synchronizer(void (*synchronize)()) { detail::state().synchronize = synchronize; }
 
 /// Forgets what was measured on this thread (scopes still open keep timing).
 inline void reset() {
@@ -110,6 +117,7 @@ class Scope {
     detail::State& s = detail::state();
     if (!s.enabled || s.depth == detail::kMaxDepth) return;
     active_ = true;
+    if (s.synchronize) s.synchronize();
     s.stack[s.depth++] = {detail::entry_of(s, name), detail::Clock::now(), 0.0};
   }
   Scope(const Scope&) = delete;
@@ -117,6 +125,7 @@ class Scope {
   ~Scope() {
     if (!active_) return;
     detail::State& s = detail::state();
+    if (s.synchronize) s.synchronize();
     const detail::Frame f = s.stack[--s.depth];
     const double elapsed =
         std::chrono::duration<double>(detail::Clock::now() - f.start).count();

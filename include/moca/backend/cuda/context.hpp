@@ -89,6 +89,22 @@ class Context {
   /// Blocks until all work queued on stream() has finished; throws if any of it failed.
   void synchronize() const { MOCA_CUDA_CHECK(cudaStreamSynchronize(stream())); }
 
+  /// A device buffer of at least `bytes` that kernels queued on stream() use to hand partial
+  /// results to the next kernel (the column reductions). Stream order keeps successive users
+  /// apart, so it needs no lock and no synchronisation, as long as every op is queued from one
+  /// host thread. It only grows (cudaFree waits for the device first); the first training step
+  /// sizes it.
+  void* workspace(std::size_t bytes) {
+    if (bytes > workspace_bytes_) {
+      if (workspace_ != nullptr) MOCA_CUDA_CHECK(cudaFree(workspace_));
+      workspace_ = nullptr;
+      workspace_bytes_ = 0;
+      MOCA_CUDA_CHECK(cudaMalloc(&workspace_, bytes));
+      workspace_bytes_ = bytes;
+    }
+    return workspace_;
+  }
+
   /// The lock a user of scratch() holds until the stream has finished with the buffer.
   std::mutex& scratch_mutex() noexcept { return scratch_mutex_; }
 
@@ -127,6 +143,8 @@ class Context {
   void* scratch_ = nullptr;
   std::size_t scratch_bytes_ = 0;
   bool tf32_ = false;
+  void* workspace_ = nullptr;
+  std::size_t workspace_bytes_ = 0;
 };
 
 /// Shorthands for Context::get().stream() and Context::get().synchronize().

@@ -273,12 +273,11 @@ class Moca {
     bows_.resize({2 * B, K});
     const TensorView<T, D> Q = codes_, Y = bows_;
     const bool keep_view1 = refresh != nullptr && refresh->view == 0;
+    // Sized whichever view the refresh draws, so that no later step allocates it.
+    if (refresh != nullptr) chosen_.resize({B, S, C});
     encoder_teacher.forward(x1);
     cb.assign(encoder_teacher.output(), Q.rows(0, B), Y.rows(B, 2 * B));
-    if (keep_view1) {
-      chosen_.resize({B, S, C});
-      copy(encoder_teacher.output(), TensorView<T, D>(chosen_));
-    }
+    if (keep_view1) copy(encoder_teacher.output(), TensorView<T, D>(chosen_));
     encoder_teacher.forward(x2);
     cb.assign(encoder_teacher.output(), Q.rows(B, 2 * B), Y.rows(0, B));
     if (refresh != nullptr)

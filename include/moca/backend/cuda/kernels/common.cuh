@@ -151,4 +151,76 @@ __device__ T column_reduce(T v, T (*part)[kColumns + 1]) {
   return total;
 }
 
+// ---- column reductions over many rows ----
+//
+// A block of kColumns × kColumnRows threads that walks all M rows of its 32 columns leaves most
+// of the GPU idle when the matrix is tall and narrow (the parameter gradients of a LayerNorm or a
+// bias: 25,000 rows of 768 columns make 24 blocks). Instead the rows are cut into chunks of
+// kChunkRows (at most kMaxChunks chunks): one kernel sums each (chunk, column) into a workspace,
+// a second adds the chunks in order and applies the epilogue. The chunking depends on M only, so
+// results do not change from run to run.
+
+inline constexpr std::int64_t kChunkRows = 128;
+inline constexpr std::int64_t kMaxChunks = 256;
+
+inline std::int64_t column_chunks(std::int64_t M) {
+  const std::int64_t c = (M + kChunkRows - 1) / kChunkRows;
+  return c < 1 ? 1 : (c > kMaxChunks ? kMaxChunks : c);
+}
+
+// partial[(c · P + p) · N + j] = Σ over rows r of chunk c of load(r, j)[p].
+template <int P, class A, class Load>
+__global__ void column_partials_kernel(std::int64_t M, std::int64_t N, std::int64_t chunk_rows,
+                                       Load load, A* partial) {
+  __shared__ A part[kColumnRows][kColumns + 1];
+  const std::int64_t j = static_cast<std::int64_t>(blockIdx.x) * kColumns + threadIdx.x;
+  const std::int64_t c = blockIdx.y;
+  const std::int64_t r0 = c * chunk_rows;
+  const std::int64_t r1 = r0 + chunk_rows < M ? r0 + chunk_rows : M;
+  A acc[P];
+  for (int p = 0; p < P; ++p) acc[p] = A(0);
+  if (j < N)
+    for (std::int64_t r = r0 + threadIdx.y; r < r1; r += kColumnRows) load(r, j, acc);
+  for (int p = 0; p < P; ++p) {
+    const A total = column_reduce(acc[p], part);
+    if (threadIdx.y == 0 && j < N) partial[(c * P + p) * N + j] = total;
+  }
+}
+
+// finish(j, totals) with totals[p] = Σ_c partial[(c · P + p) · N + j], chunks in order.
+template <int P, class A, class Finish>
+__global__ void column_finish_kernel(std::int64_t N, std::int64_t chunks, const A* partial,
+                                     Finish finish) {
+  const std::int64_t j = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j >= N) return;
+  A totals[P];
+  for (int p = 0; p < P; ++p) {
+    A t = 0;
+    for (std::int64_t c = 0; c < chunks; ++c) t += partial[(c * P + p) * N + j];
+    totals[p] = t;
+  }
+  finish(j, totals);
+}
+
+/// For every column j < N of an M-row matrix: totals[p] = Σ_r load(r, j)[p] (load adds its P
+/// terms into acc), then finish(j, totals). Queued on stream(); uses Context::workspace().
+template <int P, class A, class Load, class Finish>
+void reduce_columns(std::int64_t M, std::int64_t N, const Load& load, const Finish& finish,
+                    const char* kernel) {
+  if (N <= 0) return;
+  const std::int64_t chunks = column_chunks(M);
+  const std::int64_t chunk_rows = (M + chunks - 1) / chunks;
+  Context& ctx = Context::get();
+  A* partial = static_cast<A*>(ctx.workspace(sizeof(A) * static_cast<std::size_t>(chunks * P * N)));
+  const cudaStream_t s = ctx.stream();
+  const dim3 block(kColumns, kColumnRows);
+  const dim3 grid(static_cast<unsigned>((N + kColumns - 1) / kColumns),
+                  static_cast<unsigned>(chunks));
+  column_partials_kernel<P, A><<<grid, block, 0, s>>>(M, N, chunk_rows, load, partial);
+  check_launch(kernel);
+  column_finish_kernel<P, A><<<static_cast<unsigned>((N + kThreads - 1) / kThreads), kThreads, 0,
+                               s>>>(N, chunks, partial, finish);
+  check_launch(kernel);
+}
+
 }  // namespace moca::cuda::kernels

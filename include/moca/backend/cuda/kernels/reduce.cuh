@@ -47,6 +47,26 @@ __global__ void sum_columns_kernel(std::int64_t outer, std::int64_t n, std::int6
   }
 }
 
+// outer == 1: y[c] = alpha · Σ_j x[j, c] + beta · y[c] as a column reduction (the bias
+// gradients: many rows, few columns).
+template <class T>
+struct SumColumnLoad {
+  const T* x;
+  std::int64_t inner;
+  __device__ void operator()(std::int64_t j, std::int64_t c, acc_t<T>* acc) const {
+    acc[0] += x[j * inner + c];
+  }
+};
+
+template <class T>
+struct SumColumnFinish {
+  T alpha, beta;
+  T* y;
+  __device__ void operator()(std::int64_t c, const acc_t<T>* total) const {
+    y[c] = alpha * static_cast<T>(total[0]) + (beta == T(0) ? T(0) : beta * y[c]);
+  }
+};
+
 /// Blocks of a sum returned to the host (at most), so their partial sums fit a small host array.
 inline constexpr std::int64_t kHostSumBlocks = 1024;
 
@@ -109,6 +129,12 @@ void sum_middle(std::int64_t outer, std::int64_t n, std::int64_t inner, T alpha,
     kernels::sum_rows_kernel<<<kernels::row_blocks(outer), kernels::row_threads(n), 0, s>>>(
         outer, n, alpha, x, beta, y);
     kernels::check_launch("sum_rows_kernel");
+    return;
+  }
+  if (outer == 1) {
+    kernels::reduce_columns<1, kernels::acc_t<T>>(n, inner, kernels::SumColumnLoad<T>{x, inner},
+                                                   kernels::SumColumnFinish<T>{alpha, beta, y},
+                                                   "sum over rows");
     return;
   }
   const dim3 block(kernels::kColumns, kernels::kColumnRows);

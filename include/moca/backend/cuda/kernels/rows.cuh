@@ -141,31 +141,27 @@ __global__ void layer_norm_backward_kernel(std::int64_t M, std::int64_t N, const
   }
 }
 
-// dgamma[j] += Σ_r dy[r, j] · xhat[r, j],  dbeta[j] += Σ_r dy[r, j]. A block owns 32 columns;
-// its 8 thread rows walk the matrix rows r ≡ threadIdx.y (mod 8), then combine in a fixed order.
-// One writer per column, so accumulating into dgamma/dbeta needs no atomics.
+// dgamma[j] += Σ_r dy[r, j] · xhat[r, j],  dbeta[j] += Σ_r dy[r, j]: a column reduction
+// (reduce_columns in common.cuh), one writer per column, so accumulating needs no atomics.
 template <class T>
-__global__ void layer_norm_param_grad_kernel(std::int64_t M, std::int64_t N, const T* x,
-                                             const T* mean, const T* rstd, const T* dy,
-                                             T* dgamma, T* dbeta) {
-  using A = acc_t<T>;
-  __shared__ A part[kColumnRows][kColumns + 1];
-  const std::int64_t j = static_cast<std::int64_t>(blockIdx.x) * kColumns + threadIdx.x;
-  A acc_g = 0, acc_b = 0;
-  if (j < N) {
-    for (std::int64_t r = threadIdx.y; r < M; r += kColumnRows) {
-      const T g = dy[r * N + j];
-      acc_g += g * (x[r * N + j] - mean[r]) * rstd[r];
-      acc_b += g;
-    }
+struct LayerNormParamLoad {
+  const T *x, *mean, *rstd, *dy;
+  std::int64_t N;
+  __device__ void operator()(std::int64_t r, std::int64_t j, acc_t<T>* acc) const {
+    const T g = dy[r * N + j];
+    acc[0] += g * (x[r * N + j] - mean[r]) * rstd[r];
+    acc[1] += g;
   }
-  const A total_g = column_reduce(acc_g, part);
-  const A total_b = column_reduce(acc_b, part);
-  if (threadIdx.y == 0 && j < N) {
-    if (dgamma) dgamma[j] += static_cast<T>(total_g);
-    if (dbeta) dbeta[j] += static_cast<T>(total_b);
+};
+
+template <class T>
+struct LayerNormParamFinish {
+  T *dgamma, *dbeta;
+  __device__ void operator()(std::int64_t j, const acc_t<T>* total) const {
+    if (dgamma) dgamma[j] += static_cast<T>(total[0]);
+    if (dbeta) dbeta[j] += static_cast<T>(total[1]);
   }
-}
+};
 
 // y = x / max(||x||, eps); norm = ||x|| before the clamp.
 template <class T>
@@ -258,11 +254,9 @@ void layer_norm_backward(std::int64_t M, std::int64_t N, const T* x, const T* ga
   const cudaStream_t s = stream();
   // Parameter gradients first: dx may overwrite dy, and the stream runs the kernels in order.
   if (dgamma || dbeta) {
-    const dim3 block(kernels::kColumns, kernels::kColumnRows);
-    const unsigned blocks = static_cast<unsigned>((N + kernels::kColumns - 1) / kernels::kColumns);
-    kernels::layer_norm_param_grad_kernel<<<blocks, block, 0, s>>>(M, N, x, mean, rstd, dy,
-                                                                   dgamma, dbeta);
-    kernels::check_launch("layer_norm_param_grad_kernel");
+    kernels::reduce_columns<2, kernels::acc_t<T>>(
+        M, N, kernels::LayerNormParamLoad<T>{x, mean, rstd, dy, N},
+        kernels::LayerNormParamFinish<T>{dgamma, dbeta}, "layer_norm parameter gradients");
   }
   kernels::layer_norm_backward_kernel<<<kernels::row_blocks(M), kernels::row_threads(N), 0, s>>>(
       M, N, x, gamma, mean, rstd, dy, dx);
