@@ -465,8 +465,9 @@ TEST_CASE_TEMPLATE("cuda parity: l2_normalize forward and backward, clamped rows
 
 TEST_CASE_TEMPLATE("cuda parity: sum and mean over every axis", T, float, double) {
   SKIP_WITHOUT_CUDA_DEVICE();
-  const Shape shapes[] = {{1, 1, 1}, {2, 7, 33}, {3, 257, 1}, {5, 33, 257}, {1, 1000, 7},
-                          {70000, 2, 1}};
+  // {70000, 2, 1} and {2, 70000, 1} over their long axis take the chunked column and row paths.
+  const Shape shapes[] = {{1, 1, 1},    {2, 7, 33},    {3, 257, 1},    {5, 33, 257},
+                          {1, 1000, 7}, {70000, 2, 1}, {2, 70000, 1}, {3, 1, 70001}};
   for (const Shape& s : shapes) {
     const Tensor<T> x = random_tensor<T>(s);
     const Tensor<T, Cuda> gx = to_device<T>(x);
@@ -499,6 +500,91 @@ TEST_CASE_TEMPLATE("cuda parity: sum and mean over every axis", T, float, double
       ops::mean(gx, axis, gm.view());
       check_parity<T>("mean", m, gm, tol);
     }
+  }
+}
+
+TEST_CASE_TEMPLATE("cuda parity: soft_target_loss, gathered or not, KL or cross-entropy", T,
+                   float, double) {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  // K = 4096 (MOCA's codebook), ragged K, a single row, rows longer than a block.
+  for (auto [M, K] : {std::pair<std::int64_t, std::int64_t>{37, 4096}, {5, 13}, {1, 8}, {300, 129},
+                      {3, 1000}}) {
+    for (bool gathered : {false, true}) {
+      for (bool entropy : {false, true}) {
+        CAPTURE(M);
+        CAPTURE(K);
+        CAPTURE(gathered);
+        CAPTURE(entropy);
+        const std::int64_t R = gathered ? 2 * M + 3 : M;
+        const Tensor<T> z = random_tensor<T>({M, K}, -6.0, 6.0);
+        // Targets: non-negative rows that sum to 1, with exact zeros (0 · log 0 = 0).
+        Tensor<T> table = random_tensor<T>({R, K}, -0.5, 1.0);
+        for (std::int64_t r = 0; r < R; ++r) {
+          T* row = table.data() + r * K;
+          T total = 0;
+          for (std::int64_t k = 0; k < K; ++k) total += (row[k] = std::max(row[k], T(0)));
+          for (std::int64_t k = 0; k < K; ++k) row[k] = total > 0 ? row[k] / total : T(1) / K;
+        }
+        Tensor<Index> rows({M});
+        for (std::int64_t r = 0; r < M; ++r) rows.data()[r] = static_cast<Index>((7 * r + 2) % R);
+        Tensor<Index, Cuda> g_rows({M});
+        copy(TensorView<Index>(rows), TensorView<Index, Cuda>(g_rows));
+        const TensorView<Index> rows_view = rows;
+        const TensorView<Index, Cuda> g_rows_view = g_rows;
+        const Tensor<T, Cuda> gz = to_device<T>(z), g_table = to_device<T>(table);
+
+        ops::SoftTargetWorkspace<T, Cpu> ws;
+        ops::SoftTargetWorkspace<T, Cuda> g_ws;
+        Tensor<T> dz = nan_tensor<T>({M, K});
+        Guarded<T> gdz(dz);
+        const double expected = ops::soft_target_loss(z, table, gathered ? &rows_view : nullptr,
+                                                      entropy, 0.37, dz, ws);
+        const double got = ops::soft_target_loss(gz, g_table, gathered ? &g_rows_view : nullptr,
+                                                 entropy, 0.37, gdz.view(), g_ws);
+        INFO("loss cpu ", expected, " cuda ", got);
+        CHECK(std::abs(got - expected) <= tolerance<T>(M * K) * std::abs(expected));
+        check_parity<T>("soft_target_loss dz", dz, gdz, tolerance<T>(K));
+        // The fused kernel leaves the composed form's buffers alone.
+        CHECK(g_ws.work.numel() == 0);
+        CHECK(g_ws.gathered.numel() == 0);
+
+        // Loss only, and the gradient written over the logits (dz aliases z).
+        const double loss_only = ops::soft_target_loss(
+            gz, g_table, gathered ? &g_rows_view : nullptr, entropy, 0.37,
+            TensorView<T, Cuda>(), g_ws);
+        CHECK(loss_only == got);
+        Guarded<T> inplace(z);
+        const double again = ops::soft_target_loss(inplace.view(), g_table,
+                                                   gathered ? &g_rows_view : nullptr, entropy,
+                                                   0.37, inplace.view(), g_ws);
+        CHECK(again == got);
+        check_parity<T>("soft_target_loss dz over z", dz, inplace, tolerance<T>(K));
+      }
+    }
+  }
+}
+
+TEST_CASE("cuda: a target row index out of range makes the loss NaN, never a read") {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  const std::int64_t M = 4, K = 16, R = 3;
+  const Tensor<float, Cuda> z = to_device<float>(random_tensor<float>({M, K}));
+  const Tensor<float, Cuda> table = to_device<float>(full<float>({R, K}, 1.0f / K));
+  Tensor<Index> rows({M});
+  const Index bad[] = {0, 2, 3, -1};  // rows 2 and 3 point outside the 3 target rows
+  std::copy(bad, bad + M, rows.data());
+  Tensor<Index, Cuda> g_rows({M});
+  copy(TensorView<Index>(rows), TensorView<Index, Cuda>(g_rows));
+  const TensorView<Index, Cuda> rows_view = g_rows;
+  Tensor<float, Cuda> dz({M, K});
+  ops::SoftTargetWorkspace<float, Cuda> ws;
+  const double loss = ops::soft_target_loss(TensorView<float, Cuda>(z), TensorView<float, Cuda>(table),
+                                            &rows_view, true, 1.0, TensorView<float, Cuda>(dz), ws);
+  CHECK(std::isnan(loss));
+  const Tensor<float> host = to_host(TensorView<float, Cuda>(dz));
+  for (std::int64_t k = 0; k < K; ++k) {
+    CHECK(std::isfinite(host.data()[k]));           // row 0: a valid target
+    CHECK(std::isnan(host.data()[2 * K + k]));      // row 2: index 3
+    CHECK(std::isnan(host.data()[3 * K + k]));      // row 3: index -1
   }
 }
 

@@ -6,8 +6,8 @@
 //     dz_r = s·(softmax(z_r) − t_r)                       (dz may alias z; empty dz: no gradient)
 //
 // Without `entropy` the sum is the cross-entropy; the gradient is the same (targets sum to 1).
-// A backend that provides soft_target_rows does it in one pass per row (the CPU backend); any
-// other backend runs the composed form below, whose buffers live in `workspace`.
+// A backend that provides soft_target_rows does it in one pass per row (the CPU and CUDA
+// backends); any other backend runs the composed form below, whose buffers live in `workspace`.
 #pragma once
 
 #include <concepts>
@@ -35,7 +35,7 @@ namespace soft_target_impl {
 
 template <class T, class D>
 concept FusedBackend = requires(std::int64_t n, const T* c, const std::int32_t* i, T s, T* p) {
-  { Backend<D>::soft_target_rows(n, n, c, c, i, true, s, p) } -> std::convertible_to<double>;
+  { Backend<D>::soft_target_rows(n, n, c, c, n, i, true, s, p) } -> std::convertible_to<double>;
 };
 
 template <class T, class D>
@@ -92,6 +92,7 @@ double soft_target_loss(const TensorView<T, D>& z, const TensorView<T, D>& targe
       }
     }
     return Backend<D>::soft_target_rows(M, K, z.data(), targets.data(),
+                                        targets.shape().leading(),
                                         rows ? rows->data() : nullptr, entropy, T(grad_scale),
                                         dz.data());
   } else {

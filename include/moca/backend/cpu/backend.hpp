@@ -193,9 +193,11 @@ struct Backend<Cpu> {
   static double xlogy_sum(std::int64_t n, const T* x, const T* y) {
     return cpu::xlogy_sum(n, x, y);
   }
+  /// `R`, the rows of t, is for backends that check device indices; ops checks host ones.
   template <class T>
   static double soft_target_rows(std::int64_t M, std::int64_t K, const T* z, const T* t,
-                                 const std::int32_t* idx, bool entropy, T s, T* dz) {
+                                 std::int64_t /*R*/, const std::int32_t* idx, bool entropy, T s,
+                                 T* dz) {
     return cpu::soft_target_rows(M, K, z, t, idx, entropy, s, dz);
   }
   template <class T>

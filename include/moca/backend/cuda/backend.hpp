@@ -7,7 +7,7 @@
 // needs no nvcc: ordinary C++ files include it (through <moca/cuda.hpp>) and link moca::cuda.
 //
 // All work is queued on Context::get().stream() and runs asynchronously, except sum_squares,
-// which returns its value to the host and so waits for it.
+// xlogy_sum and soft_target_rows, which return a value to the host and so wait for it.
 #pragma once
 
 #include <cublas_v2.h>
@@ -110,6 +110,9 @@ void batch_norm_backward(std::int64_t M, std::int64_t N, const T* x, const T* ga
                          T* dbeta);
 template <class T>
 double xlogy_sum(std::int64_t n, const T* x, const T* y);
+template <class T>
+double soft_target_rows(std::int64_t M, std::int64_t K, const T* z, const T* t, std::int64_t R,
+                        const std::int32_t* idx, bool entropy, T s, T* dz);
 
 template <class T>
 void adamw(std::int64_t n, T* p, const T* g, T* m, T* v, double lr, double beta1, double beta2,
@@ -331,6 +334,14 @@ struct Backend<Cuda> {
   template <class T>
   static double xlogy_sum(std::int64_t n, const T* x, const T* y) {
     return cuda::xlogy_sum(n, x, y);
+  }
+  /// Waits for the stream: the loss is returned to the host. A target row index outside
+  /// [0, R) makes that row's loss and gradient NaN (kernels/losses.cuh).
+  template <class T>
+  static double soft_target_rows(std::int64_t M, std::int64_t K, const T* z, const T* t,
+                                 std::int64_t R, const std::int32_t* idx, bool entropy, T s,
+                                 T* dz) {
+    return cuda::soft_target_rows(M, K, z, t, R, idx, entropy, s, dz);
   }
   template <class T>
   static void adamw(std::int64_t n, T* p, const T* g, T* m, T* v, double lr, double beta1,

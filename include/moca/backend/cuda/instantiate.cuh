@@ -9,6 +9,7 @@
 #include "moca/backend/cuda/kernels/elementwise.cuh"
 #include "moca/backend/cuda/kernels/index.cuh"
 #include "moca/backend/cuda/kernels/layout.cuh"
+#include "moca/backend/cuda/kernels/losses.cuh"
 #include "moca/backend/cuda/kernels/optim.cuh"
 #include "moca/backend/cuda/kernels/reduce.cuh"
 #include "moca/backend/cuda/kernels/rows.cuh"
@@ -59,6 +60,8 @@
   template void batch_norm_backward<T>(std::int64_t, std::int64_t, const T*, const T*,        \
                                        const T*, const T*, double, const T*, T*, T*, T*);     \
   template double xlogy_sum<T>(std::int64_t, const T*, const T*);                             \
+  template double soft_target_rows<T>(std::int64_t, std::int64_t, const T*, const T*,          \
+                                      std::int64_t, const std::int32_t*, bool, T, T*);         \
   template void adamw<T>(std::int64_t, T*, const T*, T*, T*, double, double, double, double,  \
                          double, std::int64_t);
 

@@ -25,6 +25,37 @@ __global__ void sum_rows_kernel(std::int64_t outer, std::int64_t n, T alpha, con
   }
 }
 
+// inner == 1 with few, long rows (a whole tensor's sum): block (c, o) sums chunk c of row o into
+// partial[o · chunks + c]; sum_row_chunks_finish adds a row's chunks in order.
+template <class T>
+__global__ void sum_row_chunks_kernel(std::int64_t n, std::int64_t chunk, std::int64_t chunks,
+                                      const T* x, acc_t<T>* partial) {
+  using A = acc_t<T>;
+  __shared__ A shared[32];
+  const std::int64_t o = blockIdx.y, c = blockIdx.x;
+  const std::int64_t j0 = c * chunk, j1 = j0 + chunk < n ? j0 + chunk : n;
+  const T* xo = x + o * n;
+  A s = 0;
+  for (std::int64_t j = j0 + threadIdx.x; j < j1; j += blockDim.x) s += xo[j];
+  s = block_reduce(s, SumOp{}, shared);
+  if (threadIdx.x == 0) partial[o * chunks + c] = s;
+}
+
+template <class T>
+__global__ void sum_row_chunks_finish(std::int64_t outer, std::int64_t chunks,
+                                      const acc_t<T>* partial, T alpha, T beta, T* y) {
+  const std::int64_t o = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (o >= outer) return;
+  acc_t<T> s = 0;
+  for (std::int64_t c = 0; c < chunks; ++c) s += partial[o * chunks + c];
+  y[o] = alpha * static_cast<T>(s) + (beta == T(0) ? T(0) : beta * y[o]);
+}
+
+/// Rows at least this long, when there are fewer than kManyRows of them, are summed in chunks.
+inline constexpr std::int64_t kLongRow = 1 << 16;
+inline constexpr std::int64_t kManyRows = 1024;
+inline constexpr std::int64_t kRowChunk = 1 << 13;
+
 // inner > 1: y[o, c] = alpha · Σ_j x[o, j, c] + beta · y[o, c]. A block owns kColumns adjacent
 // columns c of one o; its kColumnRows thread rows sum j ≡ threadIdx.y and combine in order.
 template <class T>
@@ -125,6 +156,23 @@ void sum_middle(std::int64_t outer, std::int64_t n, std::int64_t inner, T alpha,
                 T beta, T* y) {
   if (outer <= 0 || inner <= 0) return;
   const cudaStream_t s = stream();
+  if (inner == 1 && n >= kernels::kLongRow && outer < kernels::kManyRows) {
+    using A = kernels::acc_t<T>;
+    const std::int64_t chunks = (n + kernels::kRowChunk - 1) / kernels::kRowChunk;
+    auto* partial = static_cast<A*>(
+        Context::get().workspace(sizeof(A) * static_cast<std::size_t>(outer * chunks)));
+    kernels::sum_row_chunks_kernel<<<dim3(static_cast<unsigned>(chunks),
+                                          static_cast<unsigned>(outer)),
+                                     kernels::kThreads, 0, s>>>(n, kernels::kRowChunk, chunks, x,
+                                                                partial);
+    kernels::check_launch("sum_row_chunks_kernel");
+    kernels::sum_row_chunks_finish<<<static_cast<unsigned>((outer + kernels::kThreads - 1) /
+                                                           kernels::kThreads),
+                                     kernels::kThreads, 0, s>>>(outer, chunks, partial, alpha,
+                                                                beta, y);
+    kernels::check_launch("sum_row_chunks_finish");
+    return;
+  }
   if (inner == 1) {
     kernels::sum_rows_kernel<<<kernels::row_blocks(outer), kernels::row_threads(n), 0, s>>>(
         outer, n, alpha, x, beta, y);

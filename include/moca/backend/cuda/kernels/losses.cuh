@@ -1,0 +1,88 @@
+// Soft-target cross-entropy (or KL divergence) of logit rows, fused with its gradient: one block
+// per row reads the logits and the (gathered) target row, with the same maths as the CPU kernel
+// (backend/cpu/losses.hpp) instead of the composed form's whole-tensor passes. Per-row losses go
+// to the context's workspace and are added on the host in block order (sum_terms_to_host), so the
+// total does not change from run to run.
+#pragma once
+
+
+#include "moca/backend/cuda/kernels/common.cuh"
+#include "moca/backend/cuda/kernels/reduce.cuh"
+
+namespace moca::cuda {
+namespace kernels {
+
+// Row r: loss[r] = Σ_k t_k·(lse − z_k) [+ Σ_k t_k log t_k], t = targets[idx ? idx[r] : r];
+// dz_r = s·(softmax(z_r) − t) when dz is not null (dz may alias z: each thread reads z[k] before
+// it writes dz[k], and the same thread rescales dz[k] later). A target row index outside
+// [0, R) makes the row's loss and gradient NaN, so the error surfaces instead of a wrong value.
+template <class T>
+__global__ void soft_target_rows_kernel(std::int64_t M, std::int64_t K, const T* z, const T* t,
+                                        std::int64_t R, const std::int32_t* idx, bool entropy,
+                                        T s, T* dz, double* loss) {
+  using A = acc_t<T>;
+  __shared__ A shared[32];
+  for (std::int64_t r = blockIdx.x; r < M; r += gridDim.x) {
+    const T* zr = z + r * K;
+    T* dr = dz ? dz + r * K : nullptr;
+    const std::int64_t tr = idx ? static_cast<std::int64_t>(idx[r]) : r;
+    if (tr < 0 || tr >= R) {  // the same for the whole block
+      if (dr)
+        for (std::int64_t k = threadIdx.x; k < K; k += blockDim.x)
+          dr[k] = static_cast<T>(NAN);
+      if (threadIdx.x == 0) loss[r] = static_cast<double>(NAN);
+      continue;
+    }
+    const T* trow = t + tr * K;
+    A mx = neg_infinity<A>();
+    for (std::int64_t k = threadIdx.x; k < K; k += blockDim.x) mx = MaxOp{}(mx, A(zr[k]));
+    const T m = static_cast<T>(block_reduce(mx, MaxOp{}, shared));
+    A sum_e = 0, sum_tz = 0, sum_t = 0, sum_tlogt = 0;
+    for (std::int64_t k = threadIdx.x; k < K; k += blockDim.x) {
+      const T zk = zr[k], tk = trow[k];
+      const T e = dexp(zk - m);
+      sum_e += e;
+      if (tk != T(0)) {
+        sum_tz += tk * (zk - m);
+        if (entropy) sum_tlogt += tk * dlog(tk);
+      }
+      sum_t += tk;
+      if (dr) dr[k] = e;
+    }
+    const A total_e = block_reduce(sum_e, SumOp{}, shared);
+    const A total_tz = block_reduce(sum_tz, SumOp{}, shared);
+    const A total_t = block_reduce(sum_t, SumOp{}, shared);
+    const A total_tlogt = entropy ? block_reduce(sum_tlogt, SumOp{}, shared) : A(0);
+    if (dr) {
+      const T a = s / static_cast<T>(total_e);
+      for (std::int64_t k = threadIdx.x; k < K; k += blockDim.x) dr[k] = dr[k] * a - s * trow[k];
+    }
+    if (threadIdx.x == 0) {
+      double l = static_cast<double>(total_t) * ::log(static_cast<double>(total_e)) -
+                 static_cast<double>(total_tz);
+      if (entropy) l += static_cast<double>(total_tlogt);
+      loss[r] = l;
+    }
+  }
+}
+
+struct RowLossTerm {
+  const double* loss;
+  __device__ double operator()(std::int64_t i) const { return loss[i]; }
+};
+
+}  // namespace kernels
+
+template <class T>
+double soft_target_rows(std::int64_t M, std::int64_t K, const T* z, const T* t, std::int64_t R,
+                        const std::int32_t* idx, bool entropy, T s, T* dz) {
+  if (M <= 0) return 0.0;
+  auto* loss = static_cast<double*>(Context::get().workspace(sizeof(double) * M));
+  kernels::soft_target_rows_kernel<<<kernels::row_blocks(M), kernels::row_threads(K), 0,
+                                     stream()>>>(M, K, z, t, R, idx, entropy, s, dz, loss);
+  kernels::check_launch("soft_target_rows_kernel");
+  return kernels::sum_terms_to_host(M, kernels::RowLossTerm{loss},
+                                    "sum_terms_kernel (soft_target_rows)");
+}
+
+}  // namespace moca::cuda
