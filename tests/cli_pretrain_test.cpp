@@ -280,6 +280,33 @@ TEST_CASE("moca pretrain: a run, a stopped and resumed run, then knn and extract
   CHECK(run_cli("knn --pixels --checkpoint " + a.string(), fx.dir).status != 0);  // both
 }
 
+TEST_CASE("moca pretrain: --device chooses the CPU or the GPU, with clear errors") {
+  Fixture fx;
+  Run r = run_cli(fx.base(fx.dir / "gpu") + " --epochs 1 --device gpu", fx.dir);
+  CHECK(r.status != 0);
+  CHECK(r.err.find("--device must be cpu or cuda, got 'gpu'") != std::string::npos);
+  r = run_cli(fx.base(fx.dir / "tf32") + " --epochs 1 --tf32", fx.dir);
+  CHECK(r.status != 0);
+  CHECK(r.err.find("--tf32 applies to --device cuda only") != std::string::npos);
+  CHECK(!fs::exists(fx.dir / "gpu" / "log.jsonl"));
+
+  // With a GPU (and a build with the CUDA backend) the run trains there; anywhere else it stops
+  // before any work, saying which of the two is missing.
+  const fs::path cuda = fx.dir / "cuda";
+  r = run_cli(fx.base(cuda) + " --epochs 1 --device cuda --no-final-knn --knn-every 0", fx.dir);
+  if (r.status == 0) {
+    MESSAGE("trained on the GPU");
+    CHECK(step_records(cuda).size() >= 2);
+    CHECK(fs::exists(cuda / "checkpoints"));
+  } else {
+    CAPTURE(r.err);
+    CHECK((r.err.find("--device cuda: no CUDA device is available") != std::string::npos ||
+           r.err.find("--device cuda: this moca was built without the CUDA backend") !=
+               std::string::npos));
+    CHECK(!fs::exists(cuda / "log.jsonl"));
+  }
+}
+
 TEST_CASE("moca pretrain: Ctrl-C saves a checkpoint; SIGKILL never leaves a broken one") {
   Fixture fx;
   const fs::path out = fx.dir / "run";

@@ -60,11 +60,13 @@ LoadReport load_vit_weights(ParameterStore<float>& store, const SafetensorsFile&
   return report;
 }
 
-eval::Features encode_dataset(VisionTransformer<float>& vit, const data::Dataset& ds,
-                              const data::AugmentConfig& augment, eval::Pooling pooling,
-                              std::int64_t batch, std::int64_t limit, int workers,
-                              const std::string& progress_label,
-                              const std::function<void()>& poll) {
+namespace {
+
+template <class D>
+eval::Features encode_on(VisionTransformer<float, D>& vit, const data::Dataset& ds,
+                         const data::AugmentConfig& augment, eval::Pooling pooling,
+                         std::int64_t batch, std::int64_t limit, int workers,
+                         const std::string& progress_label, const std::function<void()>& poll) {
   MOCA_CHECK(limit >= 0, "a limit of ", limit, " images");
   const std::int64_t n = limit == 0 ? ds.size() : std::min(limit, ds.size());
   MOCA_CHECK(n > 0, "the data set holds no images");
@@ -83,6 +85,25 @@ eval::Features encode_dataset(VisionTransformer<float>& vit, const data::Dataset
   });
   if (bar) bar->finish();
   return f;
+}
+
+template <class D>
+KnnResult knn_protocol_on(VisionTransformer<float, D>& vit, const RunData& data,
+                          const data::AugmentConfig& augment, const KnnProtocol& p) {
+  return run_knn_protocol(
+      data, p, [&](const data::Dataset& ds, std::int64_t limit, const std::string& label) {
+        return encode_on(vit, ds, augment, p.pooling, p.batch, limit, p.workers, label, p.poll);
+      });
+}
+
+}  // namespace
+
+eval::Features encode_dataset(VisionTransformer<float>& vit, const data::Dataset& ds,
+                              const data::AugmentConfig& augment, eval::Pooling pooling,
+                              std::int64_t batch, std::int64_t limit, int workers,
+                              const std::string& progress_label,
+                              const std::function<void()>& poll) {
+  return encode_on(vit, ds, augment, pooling, batch, limit, workers, progress_label, poll);
 }
 
 eval::Features pixel_features(const data::Dataset& ds, const data::AugmentConfig& augment,
@@ -115,12 +136,15 @@ eval::Features pixel_features(const data::Dataset& ds, const data::AugmentConfig
 
 KnnResult run_knn_protocol(VisionTransformer<float>& vit, const RunData& data,
                            const data::AugmentConfig& augment, const KnnProtocol& p) {
-  return run_knn_protocol(
-      data, p, [&](const data::Dataset& ds, std::int64_t limit, const std::string& label) {
-        return encode_dataset(vit, ds, augment, p.pooling, p.batch, limit, p.workers, label,
-                              p.poll);
-      });
+  return knn_protocol_on(vit, data, augment, p);
 }
+
+#if MOCA_WITH_CUDA
+KnnResult run_knn_protocol(VisionTransformer<float, Cuda>& vit, const RunData& data,
+                           const data::AugmentConfig& augment, const KnnProtocol& p) {
+  return knn_protocol_on(vit, data, augment, p);
+}
+#endif
 
 KnnResult run_knn_protocol(
     const RunData& data, const KnnProtocol& p,

@@ -27,6 +27,9 @@
 #include <moca/io/state_dict.hpp>
 #include <moca/models/vit.hpp>
 #include <moca/nn/parameter.hpp>
+#if MOCA_WITH_CUDA
+#include <moca/cuda.hpp>
+#endif
 
 #include "data_source.hpp"
 
@@ -85,6 +88,11 @@ eval::Features encode_dataset(VisionTransformer<float>& vit, const data::Dataset
 /// `vit` may be a model in training: only its forward buffers are overwritten.
 KnnResult run_knn_protocol(VisionTransformer<float>& vit, const RunData& data,
                            const data::AugmentConfig& augment, const KnnProtocol& protocol);
+#if MOCA_WITH_CUDA
+/// The same with an encoder on the GPU (features come back to the host for the vote).
+KnnResult run_knn_protocol(VisionTransformer<float, Cuda>& vit, const RunData& data,
+                           const data::AugmentConfig& augment, const KnnProtocol& protocol);
+#endif
 
 /// The same protocol with features from `features(split, limit, progress_label)`.
 KnnResult run_knn_protocol(

@@ -1,4 +1,5 @@
-// `moca pretrain`: the training loop around Moca<float>::train_step.
+// `moca pretrain`: the training loop around Moca<float, D>::train_step, on the CPU or (--device
+// cuda) the GPU; the loader, logs, checkpoints and the k-NN vote stay on the host.
 //
 // A run lives in its output folder (run_files.hpp): the resolved configuration, a JSONL log, an
 // SVG of the curves and numbered checkpoints. Everything random in a step is a pure function of
@@ -34,6 +35,9 @@
 #include <moca/train/jsonl_log.hpp>
 #include <moca/train/progress.hpp>
 #include <moca/train/svg_plot.hpp>
+#if MOCA_WITH_CUDA
+#include <moca/cuda.hpp>
+#endif
 
 #include "data_source.hpp"
 #include "knn.hpp"
@@ -193,9 +197,11 @@ void write_text_atomic(const fs::path& p, const std::string& text) {
   out.commit();
 }
 
-// Two views of one step, copied out of the loader when a step spans several micro-batches.
+// Two views of one step, copied out of the loader when a step spans several micro-batches or
+// trains on another device than the CPU.
+template <class D>
 struct StepBatches {
-  std::vector<Tensor<float>> x1, x2;
+  std::vector<Tensor<float, D>> x1, x2;
   std::vector<MocaPlan> plans;
 };
 
@@ -274,6 +280,10 @@ CLI::App* add_pretrain_command(CLI::App& app, PretrainOptions& o) {
   cmd->add_flag("--strict", o.strict, "an unreadable image is an error instead of a skip")->group(g);
   cmd->add_option("--out", o.out, "output folder")->capture_default_str()->group(g);
   cmd->add_flag("--resume", o.resume, "continue the run in --out from its latest checkpoint")
+      ->group(g);
+  cmd->add_option("--device", o.device, "where the model trains: cpu or cuda (the first GPU)")
+      ->capture_default_str()->group(g);
+  cmd->add_flag("--tf32", o.tf32, "cuda: float matrix products in TF32 on the tensor cores")
       ->group(g);
   cmd->add_option("--threads", o.threads, "compute threads (0: all cores)")
       ->capture_default_str()->group(g);
@@ -356,7 +366,10 @@ CLI::App* add_pretrain_command(CLI::App& app, PretrainOptions& o) {
   return cmd;
 }
 
-int run_pretrain(const PretrainOptions& given, const CLI::App& cmd) {
+namespace {
+
+template <class D>
+int pretrain_on(const PretrainOptions& given, const CLI::App& cmd) {
   PretrainOptions o = given;  // a resumed run restores its evaluation settings
   using Clock = std::chrono::steady_clock;
   const auto seconds_since = [](Clock::time_point t) {
@@ -432,7 +445,8 @@ int run_pretrain(const PretrainOptions& given, const CLI::App& cmd) {
   const std::int64_t steps_per_epoch = std::max<std::int64_t>(1, loader.batches_per_epoch() / accum);
   const bool can_knn = data.test != nullptr && data.train->num_classes() > 0;
 
-  std::fprintf(stderr, "moca pretrain\n  data      %s\n", data.description.c_str());
+  std::fprintf(stderr, "moca pretrain\n  device    %s%s\n  data      %s\n", o.device.c_str(),
+               o.tf32 ? " (TF32 matrix products)" : "", data.description.c_str());
   std::fprintf(stderr,
                "  encoder   %lldx%lld patch %lld, %lld channels, width %lld, depth %lld, %lld heads\n"
                "  decoder   width %lld, depth %lld, %lld heads; early_layer %lld\n"
@@ -452,29 +466,34 @@ int run_pretrain(const PretrainOptions& given, const CLI::App& cmd) {
                static_cast<long long>(steps_per_epoch), static_cast<unsigned long long>(seed));
 
   const Philox rng(seed);
-  StepBatches sb;
+  using Model = Moca<float, D>;
+  // The loader's batch is used in place when one micro-batch makes the step on the CPU.
+  const bool copy_views = accum > 1 || !std::is_same_v<D, Cpu>;
+  StepBatches<D> sb;
   sb.plans.resize(static_cast<std::size_t>(accum));
-  if (accum > 1) {
+  if (copy_views) {
     sb.x1.resize(static_cast<std::size_t>(accum));
     sb.x2.resize(static_cast<std::size_t>(accum));
   }
   // Fetches the micro-batches of step s (the loader must stand at item s · accum) and draws
   // their plans. Returns the views of micro-batch i through x1/x2.
-  std::vector<Moca<float>::MicroBatch> micro_batches(static_cast<std::size_t>(accum));
-  auto load_step = [&](std::int64_t s, Moca<float>& m) {
+  std::vector<typename Model::MicroBatch> micro_batches(static_cast<std::size_t>(accum));
+  auto load_step = [&](std::int64_t s, Model& m) {
     for (std::int64_t i = 0; i < accum; ++i) {
       const data::TwoViewBatch& b = loader.next();
       const auto ii = static_cast<std::size_t>(i);
       sb.plans[ii] = m.draw_plan(rng, static_cast<std::uint64_t>(s * accum + i), micro);
-      if (accum == 1) {
-        micro_batches[ii] = {b.view1, b.view2, &sb.plans[ii].masks};
-      } else {
-        sb.x1[ii].resize(b.view1.shape());
-        sb.x2[ii].resize(b.view2.shape());
-        copy(TensorView<float>(b.view1), TensorView<float>(sb.x1[ii]));
-        copy(TensorView<float>(b.view2), TensorView<float>(sb.x2[ii]));
-        micro_batches[ii] = {sb.x1[ii], sb.x2[ii], &sb.plans[ii].masks};
+      if constexpr (std::is_same_v<D, Cpu>) {
+        if (!copy_views) {
+          micro_batches[ii] = {b.view1, b.view2, &sb.plans[ii].masks};
+          continue;
+        }
       }
+      sb.x1[ii].resize(b.view1.shape());
+      sb.x2[ii].resize(b.view2.shape());
+      copy(TensorView<float>(b.view1), TensorView<float, D>(sb.x1[ii]));
+      copy(TensorView<float>(b.view2), TensorView<float, D>(sb.x2[ii]));
+      micro_batches[ii] = {sb.x1[ii], sb.x2[ii], &sb.plans[ii].masks};
     }
   };
   auto hyper = [](const MocaSchedule& sc, std::int64_t s) {
@@ -498,7 +517,7 @@ int run_pretrain(const PretrainOptions& given, const CLI::App& cmd) {
       const auto t0 = Clock::now();
       double per_step = 0;
       {
-        Moca<float> probe(cfg);
+        Model probe(cfg);
         probe.initialize(seed);
         run["steps"] = 1000;
         const MocaSchedule sc = make_schedule(run);
@@ -507,7 +526,7 @@ int run_pretrain(const PretrainOptions& given, const CLI::App& cmd) {
         for (int s = 0; s < kWarmup + kTimed; ++s) {
           const auto ts = Clock::now();
           load_step(s, probe);
-          probe.train_step(std::span<const Moca<float>::MicroBatch>(micro_batches),
+          probe.train_step(std::span<const typename Model::MicroBatch>(micro_batches),
                            sb.plans.back().refresh, hyper(sc, s));
           if (s >= kWarmup) per_step += seconds_since(ts) / kTimed;
         }
@@ -536,7 +555,7 @@ int run_pretrain(const PretrainOptions& given, const CLI::App& cmd) {
                out.string().c_str());
 
   // The model, fresh or from the checkpoint.
-  Moca<float> moca(cfg);
+  Model moca(cfg);
   moca.initialize(seed);
   std::int64_t step = 0;
   double elapsed_before = 0;  // wall seconds of earlier parts of the run
@@ -588,7 +607,7 @@ int run_pretrain(const PretrainOptions& given, const CLI::App& cmd) {
 
   auto evaluate = [&](std::int64_t s, const char* when) {
     if (!can_knn) return;
-    VisionTransformer<float>& enc = o.knn_student ? moca.encoder : moca.encoder_teacher;
+    VisionTransformer<float, D>& enc = o.knn_student ? moca.encoder : moca.encoder_teacher;
     const auto t0 = Clock::now();
     KnnProtocol protocol;
     protocol.pooling = knn_pool;
@@ -651,7 +670,7 @@ int run_pretrain(const PretrainOptions& given, const CLI::App& cmd) {
   double window_data_s = 0;  // time the window's steps waited for their batches
   std::string details;
   enum class Stop { Done, Interrupted, UntilStep, TimeLimit } stop = Stop::Done;
-  reset_peak_memory<Cpu>();
+  reset_peak_memory<D>();
   while (step < total) {
     if (g_interrupts.load() > 0) {
       stop = Stop::Interrupted;
@@ -665,7 +684,7 @@ int run_pretrain(const PretrainOptions& given, const CLI::App& cmd) {
     load_step(step, moca);
     window_data_s += seconds_since(load_start);
     const MocaStepResult res = moca.train_step(
-        std::span<const Moca<float>::MicroBatch>(micro_batches), sb.plans.back().refresh,
+        std::span<const typename Model::MicroBatch>(micro_batches), sb.plans.back().refresh,
         hyper(schedule, step));
     ++step;
     ++window_steps;
@@ -689,7 +708,7 @@ int run_pretrain(const PretrainOptions& given, const CLI::App& cmd) {
                         {"pairs_per_s", pairs_per_s},
                         // Share of the time the loader made the step wait (0: it kept ahead).
                         {"data_wait_share", std::min(1.0, window_data_s / window_s)},
-                        {"peak_mib", static_cast<double>(memory_stats<Cpu>().peak_bytes) /
+                        {"peak_mib", static_cast<double>(memory_stats<D>().peak_bytes) /
                                          (1024.0 * 1024.0)}};
       log.write(rec);
       curves.add(rec);
@@ -725,7 +744,7 @@ int run_pretrain(const PretrainOptions& given, const CLI::App& cmd) {
   save(step);
   curves.write(out / "curves.svg");
   const double peak_mib =
-      static_cast<double>(memory_stats<Cpu>().peak_bytes) / (1024.0 * 1024.0);
+      static_cast<double>(memory_stats<D>().peak_bytes) / (1024.0 * 1024.0);
 
   switch (stop) {
     case Stop::Interrupted:
@@ -748,6 +767,25 @@ int run_pretrain(const PretrainOptions& given, const CLI::App& cmd) {
                ckpt_root.string().c_str());
   if (o.final_knn && !try_evaluate(step, "final")) return 130;
   return 0;
+}
+
+}  // namespace
+
+int run_pretrain(const PretrainOptions& o, const CLI::App& cmd) {
+  MOCA_CHECK(o.device == "cpu" || o.device == "cuda", "--device must be cpu or cuda, got '",
+             o.device, "'");
+  MOCA_CHECK(!o.tf32 || o.device == "cuda", "--tf32 applies to --device cuda only");
+  if (o.device == "cpu") return pretrain_on<Cpu>(o, cmd);
+#if MOCA_WITH_CUDA
+  MOCA_CHECK(cuda::available(), "--device cuda: no CUDA device is available (no GPU, or no "
+             "usable driver)");
+  cuda::Context::get().set_tf32(o.tf32);
+  return pretrain_on<Cuda>(o, cmd);
+#else
+  MOCA_CHECK(false, "--device cuda: this moca was built without the CUDA backend (configure "
+             "with nvcc on the PATH, or -DMOCA_WITH_CUDA=ON)");
+  return 1;
+#endif
 }
 
 }  // namespace moca::cli

@@ -36,6 +36,8 @@ struct PretrainOptions {
   double wgen_lr = 1e-4, wgen_wd = 0.05;
 
   // Running the job (these may change when a run is resumed).
+  std::string device = "cpu";  ///< cpu or cuda
+  bool tf32 = false;           ///< cuda: float GEMMs on the tensor cores in TF32
   std::string out = "runs/moca";
   bool resume = false;
   int threads = 0;  ///< 0: all cores

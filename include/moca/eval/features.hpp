@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "moca/core/check.hpp"
@@ -65,24 +66,35 @@ void pool_tokens(const TensorView<T, D>& tokens, Pooling pooling, const TensorVi
 }
 
 /// Runs `vit` over every batch of `loader` (from its first batch) and pools the final-norm
-/// tokens. `progress(done, total)` is called after each batch when given.
-template <class B>
-Features encode(VisionTransformer<float, Cpu, B>& vit, data::EvalLoader& loader, Pooling pooling,
+/// tokens. `progress(done, total)` is called after each batch when given. On a device other than
+/// the CPU each batch is copied there and its pooled features back.
+template <class D, class B>
+Features encode(VisionTransformer<float, D, B>& vit, data::EvalLoader& loader, Pooling pooling,
                 std::int64_t total_images,
                 const std::function<void(std::int64_t, std::int64_t)>& progress = {}) {
   const std::int64_t C = vit.config().dim;
   Features f;
   f.features.resize({total_images, C});
   f.labels.assign(static_cast<std::size_t>(total_images), -1);
-  Tensor<float> scratch;
+  Tensor<float, D> scratch, images, pooled;
   loader.reset();
   std::int64_t done = 0;
   while (const data::EvalBatch* b = loader.next()) {
     const std::int64_t n = b->size();
     MOCA_CHECK(done + n <= total_images, "encode: the loader holds more than ", total_images,
                " images");
-    vit.forward(b->images);
-    pool_tokens(vit.output(), pooling, TensorView<float>(f.features).rows(done, done + n), scratch);
+    const TensorView<float> rows = TensorView<float>(f.features).rows(done, done + n);
+    if constexpr (std::is_same_v<D, Cpu>) {
+      vit.forward(b->images);
+      pool_tokens(vit.output(), pooling, rows, scratch);
+    } else {
+      images.resize(b->images.shape());
+      pooled.resize({n, C});
+      copy(TensorView<float>(b->images), TensorView<float, D>(images));
+      vit.forward(images);
+      pool_tokens(vit.output(), pooling, TensorView<float, D>(pooled), scratch);
+      copy(TensorView<float, D>(pooled), rows);
+    }
     for (std::int64_t k = 0; k < n; ++k)
       f.labels[static_cast<std::size_t>(done + k)] = b->labels[static_cast<std::size_t>(k)];
     done += n;
