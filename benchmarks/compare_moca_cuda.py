@@ -5,7 +5,8 @@ Usage: benchmarks/compare_moca_cuda.py [--bench build/benchmarks/moca_cuda_bench
            [--configs vit_b16_b64,vit_s16_b64] [--steps 10] [--warmup 3] [--json FILE]
            [--device cuda|cpu]
 
-Our side is moca_cuda_bench (Moca<float, Cuda>) in fp32 and with TF32 tensor-core GEMMs. The
+Our side is moca_cuda_bench (Moca<float, Cuda>) in fp32, with TF32 tensor-core GEMMs, and with
+bf16 Linear GEMMs (fp32 accumulation; attention's batched GEMMs in TF32). The
 PyTorch side is the project's PyTorch implementation of the same recipe
 (tests/python/reference_moca.py: teacher EMA, codebook targets and refresh, both masking rounds
 with the condenser decoder, L_IMG + L_LOC, backward, clipping, AdamW with the four groups) at the
@@ -117,7 +118,7 @@ class TorchSide:
 
 def ours(bench, cfg, precision, steps, warmup):
     cmd = [bench, "--preset", cfg["preset"], "--batch", str(cfg["batch"]), "--steps", str(steps),
-           "--warmup", str(warmup)] + (["--tf32"] if precision == "tf32" else [])
+           "--warmup", str(warmup), "--matmul", precision]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed: {out.stderr.strip()}")
@@ -154,7 +155,7 @@ def main():
         cfg = CONFIGS[name]
         rows, flops = [], None
         if not args.skip_ours:
-            for precision in ("fp32", "tf32"):
+            for precision in ("fp32", "tf32", "bf16"):
                 try:
                     r = ours(args.bench, cfg, precision, args.steps, args.warmup)
                     flops = r["gflop_per_step"] * 1e9
@@ -184,7 +185,7 @@ def main():
             print(f"  {r['side']:8} {r['precision']:9} {r['ms_per_step']:9.2f} "
                   f"{r['pairs_per_s']:9.1f} {tfl:8.1f} {peak:9.0f}")
         by = {(r["side"], r["precision"]): r for r in rows}
-        for a, b in (("fp32", "fp32"), ("tf32", "tf32"), ("tf32", "amp"), ("fp32", "amp")):
+        for a, b in (("fp32", "fp32"), ("tf32", "tf32"), ("tf32", "amp"), ("bf16", "amp")):
             if ("moca", a) in by and ("pytorch", b) in by:
                 ratio = by[("moca", a)]["pairs_per_s"] / by[("pytorch", b)]["pairs_per_s"]
                 print(f"  ratio moca {a} / pytorch {b}: {ratio:.2f}")

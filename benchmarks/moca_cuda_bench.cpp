@@ -3,7 +3,7 @@
 // memory. compare_moca_cuda.py runs it beside the same iteration in PyTorch and prints the ratio.
 //
 //   moca_cuda_bench [--preset tiny|vit-s16|vit-b16] [--batch B] [--steps N] [--warmup W]
-//                   [--tf32] [--peak-tflops P] [--profile]
+//                   [--matmul fp32|tf32|bf16] [--peak-tflops P] [--profile]
 //
 // Prints one JSON object; with --profile, first a table of where the step's device time goes
 // (the profiler's scopes, each waiting for the device at its start and end, over `--steps`
@@ -28,7 +28,7 @@ namespace {
 [[noreturn]] void usage(const std::string& problem) {
   std::fprintf(stderr,
                "usage: moca_cuda_bench [--preset tiny|vit-s16|vit-b16] [--batch B] [--steps N] "
-               "[--warmup W] [--tf32] [--peak-tflops P] [--profile]\n%s\n",
+               "[--warmup W] [--matmul fp32|tf32|bf16] [--peak-tflops P] [--profile]\n%s\n",
                problem.c_str());
   std::exit(2);
 }
@@ -39,7 +39,8 @@ int main(int argc, char** argv) {
   using namespace moca;
   std::string preset = "vit-b16";
   std::int64_t batch = 64, steps = 10, warmup = 3;
-  bool tf32 = false, profile = false;
+  std::string matmul = "fp32";
+  bool profile = false;
   double peak_tflops = 989.0;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -54,8 +55,8 @@ int main(int argc, char** argv) {
       warmup = std::atoll(argv[++i]);
     } else if (a == "--peak-tflops" && has_value) {
       peak_tflops = std::atof(argv[++i]);
-    } else if (a == "--tf32") {
-      tf32 = true;
+    } else if (a == "--matmul" && has_value) {
+      matmul = argv[++i];
     } else if (a == "--profile") {
       profile = true;
     } else {
@@ -82,7 +83,7 @@ int main(int argc, char** argv) {
   cfg.words_per_iter = std::min<std::int64_t>(cfg.words_per_iter, batch);
 
   try {
-    cuda::Context::get().set_tf32(tf32);
+    cuda::Context::get().set_float_matmul(cuda::parse_float_matmul(matmul, "--matmul"));
     Moca<float, Cuda> model(cfg);
     model.initialize(0);
     const auto& v = cfg.encoder;
@@ -152,7 +153,7 @@ int main(int argc, char** argv) {
         "\"images_per_s\": %.2f, \"gflop_per_step\": %.2f, \"tflops\": %.2f, \"mfu\": %.4f, "
         "\"peak_tensor_MiB\": %.1f, \"device_used_MiB\": %.1f, \"step_allocations\": %lld, "
         "\"loss\": %.6f}\n",
-        prop.name, preset.c_str(), static_cast<long long>(batch), tf32 ? "tf32" : "fp32",
+        prop.name, preset.c_str(), static_cast<long long>(batch), matmul.c_str(),
         static_cast<long long>(steps), 1e3 * per_step, static_cast<double>(batch) / per_step,
         2.0 * static_cast<double>(batch) / per_step, flops / 1e9, flops / per_step / 1e12,
         flops / per_step / (peak_tflops * 1e12),

@@ -285,9 +285,12 @@ TEST_CASE("moca pretrain: --device chooses the CPU or the GPU, with clear errors
   Run r = run_cli(fx.base(fx.dir / "gpu") + " --epochs 1 --device gpu", fx.dir);
   CHECK(r.status != 0);
   CHECK(r.err.find("--device must be cpu or cuda, got 'gpu'") != std::string::npos);
-  r = run_cli(fx.base(fx.dir / "tf32") + " --epochs 1 --tf32", fx.dir);
+  r = run_cli(fx.base(fx.dir / "tf32") + " --epochs 1 --matmul tf32", fx.dir);
   CHECK(r.status != 0);
-  CHECK(r.err.find("--tf32 applies to --device cuda only") != std::string::npos);
+  CHECK(r.err.find("--matmul tf32 applies to --device cuda only") != std::string::npos);
+  r = run_cli(fx.base(fx.dir / "fp16") + " --epochs 1 --device cuda --matmul fp16", fx.dir);
+  CHECK(r.status != 0);
+  CHECK(r.err.find("--matmul must be fp32, tf32 or bf16, got 'fp16'") != std::string::npos);
   CHECK(!fs::exists(fx.dir / "gpu" / "log.jsonl"));
 
   // With a GPU (and a build with the CUDA backend) the run trains there; anywhere else it stops

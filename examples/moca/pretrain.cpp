@@ -283,8 +283,10 @@ CLI::App* add_pretrain_command(CLI::App& app, PretrainOptions& o) {
       ->group(g);
   cmd->add_option("--device", o.device, "where the model trains: cpu or cuda (the first GPU)")
       ->capture_default_str()->group(g);
-  cmd->add_flag("--tf32", o.tf32, "cuda: float matrix products in TF32 on the tensor cores")
-      ->group(g);
+  cmd->add_option("--matmul", o.matmul,
+                  "cuda: matrix products in fp32, tf32 (tensor cores) or bf16 (Linears with bf16 "
+                  "inputs, fp32 accumulation)")
+      ->capture_default_str()->group(g);
   cmd->add_option("--threads", o.threads, "compute threads (0: all cores)")
       ->capture_default_str()->group(g);
   cmd->add_option("--workers", o.workers, "data loading threads")->capture_default_str()->group(g);
@@ -445,8 +447,9 @@ int pretrain_on(const PretrainOptions& given, const CLI::App& cmd) {
   const std::int64_t steps_per_epoch = std::max<std::int64_t>(1, loader.batches_per_epoch() / accum);
   const bool can_knn = data.test != nullptr && data.train->num_classes() > 0;
 
-  std::fprintf(stderr, "moca pretrain\n  device    %s%s\n  data      %s\n", o.device.c_str(),
-               o.tf32 ? " (TF32 matrix products)" : "", data.description.c_str());
+  std::fprintf(stderr, "moca pretrain\n  device    %s%s%s\n  data      %s\n", o.device.c_str(),
+               o.device == "cuda" ? ", matrix products in " : "",
+               o.device == "cuda" ? o.matmul.c_str() : "", data.description.c_str());
   std::fprintf(stderr,
                "  encoder   %lldx%lld patch %lld, %lld channels, width %lld, depth %lld, %lld heads\n"
                "  decoder   width %lld, depth %lld, %lld heads; early_layer %lld\n"
@@ -774,12 +777,15 @@ int pretrain_on(const PretrainOptions& given, const CLI::App& cmd) {
 int run_pretrain(const PretrainOptions& o, const CLI::App& cmd) {
   MOCA_CHECK(o.device == "cpu" || o.device == "cuda", "--device must be cpu or cuda, got '",
              o.device, "'");
-  MOCA_CHECK(!o.tf32 || o.device == "cuda", "--tf32 applies to --device cuda only");
+  MOCA_CHECK(o.matmul == "fp32" || o.matmul == "tf32" || o.matmul == "bf16",
+             "--matmul must be fp32, tf32 or bf16, got '", o.matmul, "'");
+  MOCA_CHECK(o.matmul == "fp32" || o.device == "cuda", "--matmul ", o.matmul,
+             " applies to --device cuda only (the CPU computes in fp32)");
   if (o.device == "cpu") return pretrain_on<Cpu>(o, cmd);
 #if MOCA_WITH_CUDA
   MOCA_CHECK(cuda::available(), "--device cuda: no CUDA device is available (no GPU, or no "
              "usable driver)");
-  cuda::Context::get().set_tf32(o.tf32);
+  cuda::Context::get().set_float_matmul(cuda::parse_float_matmul(o.matmul, "--matmul"));
   return pretrain_on<Cuda>(o, cmd);
 #else
   MOCA_CHECK(false, "--device cuda: this moca was built without the CUDA backend (configure "

@@ -37,7 +37,7 @@ struct PretrainOptions {
 
   // Running the job (these may change when a run is resumed).
   std::string device = "cpu";  ///< cpu or cuda
-  bool tf32 = false;           ///< cuda: float GEMMs on the tensor cores in TF32
+  std::string matmul = "fp32";  ///< cuda: float GEMMs in fp32, tf32 or bf16 (cuda::FloatMatmul)
   std::string out = "runs/moca";
   bool resume = false;
   int threads = 0;  ///< 0: all cores

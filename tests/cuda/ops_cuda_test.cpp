@@ -163,6 +163,74 @@ TEST_CASE_TEMPLATE("cuda parity: gemm, all transposes, alpha and beta", T, float
   }
 }
 
+namespace {
+
+// Sets how float GEMMs compute for the lifetime of the object, then restores fp32.
+struct FloatMatmulScope {
+  explicit FloatMatmulScope(cuda::FloatMatmul mode) {
+    cuda::Context::get().set_float_matmul(mode);
+  }
+  ~FloatMatmulScope() { cuda::Context::get().set_float_matmul(cuda::FloatMatmul::Fp32); }
+  FloatMatmulScope(const FloatMatmulScope&) = delete;
+  FloatMatmulScope& operator=(const FloatMatmulScope&) = delete;
+};
+
+}  // namespace
+
+TEST_CASE("cuda: TF32 and bf16 matrix products agree with fp32 to their precision") {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  // Inputs rounded to a 10-bit (TF32) or 8-bit (bf16) mantissa: the normalised error of a product
+  // of random matrices is a fraction of 2^-11 or 2^-9, below the bounds here. bf16 rounds the
+  // inputs itself, so its lower bound proves the mode took effect; TF32 only allows cuBLAS the
+  // tensor cores, and it may still pick an exact kernel for a shape.
+  struct Mode {
+    cuda::FloatMatmul mode;
+    double low, high;
+  };
+  const Mode modes[] = {{cuda::FloatMatmul::Tf32, 0.0, 2e-3}, {cuda::FloatMatmul::Bf16, 2e-4, 1e-2}};
+  struct Case {
+    std::int64_t M, N, K;
+  };
+  const Case cases[] = {{64, 257, 33}, {130, 70, 300}, {1, 96, 768}};
+  for (const Mode& m : modes) {
+    for (const Case& c : cases) {
+      for (int t = 0; t < 4; ++t) {
+        const bool ta = (t & 1) != 0, tb = (t & 2) != 0;
+        CAPTURE(cuda::to_string(m.mode));
+        CAPTURE(c.M);
+        CAPTURE(c.N);
+        CAPTURE(c.K);
+        CAPTURE(ta);
+        CAPTURE(tb);
+        const Tensor<float> A = random_tensor<float>(ta ? Shape{c.K, c.M} : Shape{c.M, c.K});
+        const Tensor<float> B = random_tensor<float>(tb ? Shape{c.N, c.K} : Shape{c.K, c.N});
+        const Tensor<float> C0 = random_tensor<float>({c.M, c.N});
+        const Tensor<float, Cuda> gA = to_device<float>(A), gB = to_device<float>(B);
+        Tensor<float> C = C0.clone();
+        Guarded<float> gC(C0);
+        ops::gemm(A, trans(ta), B, trans(tb), C, 0.5f, 0.25f);
+        {
+          const FloatMatmulScope scope(m.mode);
+          ops::gemm(gA, trans(ta), gB, trans(tb), gC.view(), 0.5f, 0.25f);
+        }
+        const Tensor<float> got = gC.result();
+        const double err = relative_error(TensorView<float>(C), TensorView<float>(got));
+        INFO("relative error ", err);
+        CHECK(err >= m.low);
+        CHECK(err < m.high);
+        CHECK(gC.guards_intact());
+      }
+    }
+  }
+  // Back in fp32, products match the CPU to fp32 rounding again.
+  const Tensor<float> A = random_tensor<float>({33, 65}), B = random_tensor<float>({65, 17});
+  Tensor<float> C({33, 17});
+  Guarded<float> gC(C);
+  ops::gemm(A, Trans::N, B, Trans::N, C);
+  ops::gemm(to_device<float>(A), Trans::N, to_device<float>(B), Trans::N, gC.view());
+  check_parity<float>("gemm back in fp32", C, gC, tolerance<float>(65));
+}
+
 TEST_CASE_TEMPLATE("cuda parity: gemm with leading dimensions wider than the matrices", T, float,
                    double) {
   SKIP_WITHOUT_CUDA_DEVICE();

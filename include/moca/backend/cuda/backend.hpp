@@ -118,6 +118,9 @@ template <class T>
 void adamw(std::int64_t n, T* p, const T* g, T* m, T* v, double lr, double beta1, double beta2,
            double eps, double weight_decay, std::int64_t step);
 
+/// y = x rounded to bf16 (to nearest, ties to even), as raw 16-bit patterns.
+void float_to_bf16(std::int64_t n, const float* x, std::uint16_t* y);
+
 namespace detail {
 
 /// cuBLAS takes 32-bit sizes; larger ones are refused rather than truncated.
@@ -138,6 +141,11 @@ inline int blas_ld(std::int64_t rows, std::int64_t cols, std::int64_t ld, const 
   MOCA_CHECK(ld >= need, "gemm on CUDA: ", what, " = ", ld, " is below the row length ", cols,
              " (a broadcast row); cuBLAS cannot read that layout");
   return blas_int(ld, what);
+}
+
+/// Elements a cuBLAS operand spans: `rows` stored rows of `cols`, `ld` apart.
+inline std::int64_t blas_extent(std::int64_t rows, std::int64_t cols, std::int64_t ld) {
+  return rows <= 0 || cols <= 0 ? 0 : (rows - 1) * ld + cols;
 }
 
 /// Row-major, batched C = alpha · op(A) · op(B) + beta · C on cuBLAS (column-major).
@@ -165,9 +173,27 @@ void gemm(bool trans_a, bool trans_b, std::int64_t M, std::int64_t N, std::int64
   const int lb = blas_ld(trans_b ? N : K, trans_b ? K : N, ldb, "ldb");
   const int lc = blas_ld(M, N, ldc, "ldc");
   const cublasOperation_t op_a = blas_op(trans_a), op_b = blas_op(trans_b);
-  cublasHandle_t handle = Context::get().cublas();
+  Context& ctx = Context::get();
+  cublasHandle_t handle = ctx.cublas();
   if (batch == 1) {
     if constexpr (std::is_same_v<T, float>) {
+      if (ctx.float_matmul() == FloatMatmul::Bf16) {
+        // Both operands rounded to bf16 in the workspace (same layout), then a bf16 × bf16
+        // product accumulated and written in fp32. Stream order keeps the workspace's users
+        // apart; B starts 16-byte aligned.
+        const std::int64_t na = blas_extent(trans_a ? K : M, trans_a ? M : K, la);
+        const std::int64_t nb = blas_extent(trans_b ? N : K, trans_b ? K : N, lb);
+        const std::int64_t offset_b = (na + 7) / 8 * 8;
+        auto* a16 = static_cast<std::uint16_t*>(
+            ctx.workspace(sizeof(std::uint16_t) * static_cast<std::size_t>(offset_b + nb)));
+        std::uint16_t* b16 = a16 + offset_b;
+        float_to_bf16(na, A, a16);
+        float_to_bf16(nb, B, b16);
+        MOCA_CUBLAS_CHECK(cublasGemmEx(handle, op_b, op_a, m, n, k, &alpha, b16, CUDA_R_16BF, lb,
+                                       a16, CUDA_R_16BF, la, &beta, C, CUDA_R_32F, lc,
+                                       CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+        return;
+      }
       MOCA_CUBLAS_CHECK(
           cublasSgemm(handle, op_b, op_a, m, n, k, &alpha, B, lb, A, la, &beta, C, lc));
     } else {

@@ -22,6 +22,7 @@
 #include <atomic>
 #include <cstddef>
 #include <mutex>
+#include <string>
 
 #include "moca/backend/cuda/check.hpp"
 #include "moca/core/check.hpp"
@@ -41,6 +42,32 @@ inline int device_count() noexcept {
 
 /// True when at least one CUDA device can be used. Never throws.
 inline bool available() noexcept { return device_count() > 0; }
+
+/// How float GEMMs compute. Double GEMMs always compute in fp64.
+enum class FloatMatmul {
+  Fp32,  ///< full fp32: results match the CPU backend
+  Tf32,  ///< tensor cores, inputs rounded to TF32 (10-bit mantissa), fp32 accumulation
+  /// Single GEMMs (the Linears) with inputs rounded to bf16 (8-bit mantissa) and fp32
+  /// accumulation and output, as autocast does; batched GEMMs (attention) in TF32.
+  Bf16,
+};
+
+/// "fp32", "tf32" or "bf16".
+inline const char* to_string(FloatMatmul mode) noexcept {
+  switch (mode) {
+    case FloatMatmul::Tf32: return "tf32";
+    case FloatMatmul::Bf16: return "bf16";
+    default: return "fp32";
+  }
+}
+
+/// The mode named `name` ("fp32", "tf32", "bf16"); throws moca::Error naming `what` otherwise.
+inline FloatMatmul parse_float_matmul(const std::string& name, const char* what) {
+  for (FloatMatmul m : {FloatMatmul::Fp32, FloatMatmul::Tf32, FloatMatmul::Bf16})
+    if (name == to_string(m)) return m;
+  MOCA_CHECK(false, what, " must be fp32, tf32 or bf16, got '", name, "'");
+  return FloatMatmul::Fp32;
+}
 
 /// The backend's stream, cuBLAS handle and scratch memory (one per process).
 class Context {
@@ -75,16 +102,15 @@ class Context {
   /// (no TF32), so results match the CPU backend.
   cublasHandle_t cublas() const noexcept { return cublas_; }
 
-  /// Lets float GEMMs run on the tensor cores in TF32 (inputs rounded to a 10-bit mantissa,
-  /// fp32 accumulation), about 8x the fp32 rate on Hopper; off by default, like PyTorch's
-  /// torch.backends.cuda.matmul.allow_tf32. Not meant to be called while ops are running.
-  void set_tf32(bool on) {
+  /// How float matrix products compute (see FloatMatmul); fp32 by default, as PyTorch's
+  /// matmuls are. Not meant to be called while ops are running.
+  void set_float_matmul(FloatMatmul mode) {
     std::lock_guard<std::mutex> lock(mutex_);
-    MOCA_CUBLAS_CHECK(
-        cublasSetMathMode(cublas_, on ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
-    tf32_ = on;
+    MOCA_CUBLAS_CHECK(cublasSetMathMode(
+        cublas_, mode == FloatMatmul::Fp32 ? CUBLAS_DEFAULT_MATH : CUBLAS_TF32_TENSOR_OP_MATH));
+    float_matmul_ = mode;
   }
-  bool tf32() const noexcept { return tf32_; }
+  FloatMatmul float_matmul() const noexcept { return float_matmul_; }
 
   /// Blocks until all work queued on stream() has finished; throws if any of it failed.
   void synchronize() const { MOCA_CUDA_CHECK(cudaStreamSynchronize(stream())); }
@@ -142,7 +168,7 @@ class Context {
   std::mutex scratch_mutex_;
   void* scratch_ = nullptr;
   std::size_t scratch_bytes_ = 0;
-  bool tf32_ = false;
+  FloatMatmul float_matmul_ = FloatMatmul::Fp32;
   void* workspace_ = nullptr;
   std::size_t workspace_bytes_ = 0;
 };

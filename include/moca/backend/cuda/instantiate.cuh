@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "moca/backend/cuda/backend.hpp"
+#include "moca/backend/cuda/kernels/convert.cuh"
 #include "moca/backend/cuda/kernels/elementwise.cuh"
 #include "moca/backend/cuda/kernels/index.cuh"
 #include "moca/backend/cuda/kernels/layout.cuh"
