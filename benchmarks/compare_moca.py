@@ -16,6 +16,7 @@ Needs Python with torch (Debian: /usr/bin/python3 with python3-torch) on an opti
 and the ratio means nothing). PyTorch uses threads = cores.
 """
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -43,40 +44,50 @@ CONFIGS = {
 
 
 class TorchSide:
-    """The PyTorch MOCA iteration for one configuration, built once and timed turn by turn."""
+    """The PyTorch MOCA iteration for one configuration, built once and timed turn by turn.
 
-    def __init__(self, cfg):
+    Tensors are created on PyTorch's default device; the model is moved to `device` (its sin-cos
+    tables come from NumPy, on the CPU). `autocast()` wraps the forward passes (no-op here;
+    compare_moca_cuda.py's AMP mode overrides it)."""
+
+    def __init__(self, cfg, device="cpu", warmup=2):
         mcfg, B = cfg["model"], cfg["batch"]
         self.B = B
-        self.model = model = R.Moca(**mcfg)
+        self.model = model = R.Moca(**mcfg).to(device)
         model.init_weights()
         self.opt = R.make_optimizer(model)
         self.L, self.knew = model.L, mcfg["words_per_iter"]
         self.inner = R.inner_patches(mcfg["img_size"] // mcfg["patch"], mcfg["skip_offset"])
         shape = (B, mcfg["in_chans"], mcfg["img_size"], mcfg["img_size"])
         self.x1, self.x2 = torch.rand(shape) * 2 - 1, torch.rand(shape) * 2 - 1
-        for _ in range(2):
+        for _ in range(warmup):
             self.step()
 
+    def autocast(self):
+        return contextlib.nullcontext()
+
     def step(self):
-        # train_iteration without recording the gradients (the fixture generator needs them).
+        """train_iteration without recording the gradients (the fixture generator needs them);
+        returns the loss."""
         model, opt, B, L = self.model, self.opt, self.B, self.L
         R.set_schedule(opt, 1e-4, 0.05)
         model.update_teacher(0.994)
         edict = model.bow._embedding.detach().clone()
-        rec = R.teacher_targets(model, self.x1, self.x2, edict)
-        upd = rec["teacher_out1"] if torch.rand(()) < 0.5 else rec["teacher_out2"]
-        model.bow.update(upd, torch.randperm(B)[:self.knew],
-                         torch.randint(len(self.inner), (self.knew,)))
-        Q, Y = torch.cat([rec["q1"], rec["q2"]]), torch.cat([rec["y2"], rec["y1"]])
-        s1 = torch.argsort(torch.rand(2 * B, L), dim=1)
-        s2 = R.complementary_second_round(s1, model.lk[0], model.ld[0], model.lk[1])
-        masks = [(s1, model.lk[0], model.ld[0]), (s2, model.lk[1], model.ld[1])]
-        opt.zero_grad(set_to_none=True)
-        out = R.student_losses(model, torch.cat([self.x1, self.x2]), masks, Q, Y, edict)
+        with self.autocast():
+            rec = R.teacher_targets(model, self.x1, self.x2, edict)
+            upd = rec["teacher_out1"] if torch.rand(()) < 0.5 else rec["teacher_out2"]
+            model.bow.update(upd, torch.randperm(B)[:self.knew],
+                             torch.randint(len(self.inner), (self.knew,)))
+            Q, Y = torch.cat([rec["q1"], rec["q2"]]), torch.cat([rec["y2"], rec["y1"]])
+            s1 = torch.argsort(torch.rand(2 * B, L), dim=1)
+            s2 = R.complementary_second_round(s1, model.lk[0], model.ld[0], model.lk[1])
+            masks = [(s1, model.lk[0], model.ld[0]), (s2, model.lk[1], model.ld[1])]
+            opt.zero_grad(set_to_none=True)
+            out = R.student_losses(model, torch.cat([self.x1, self.x2]), masks, Q, Y, edict)
         out["loss"].backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in model.trainable()], R.CLIP_MAX_NORM)
         opt.step()
+        return out["loss"]
 
     def pairs_per_s(self, min_time=10.0):
         n, t0 = 0, time.perf_counter()

@@ -3,7 +3,7 @@
 
 Usage: benchmarks/compare_moca_cuda.py [--bench build/benchmarks/moca_cuda_bench]
            [--configs vit_b16_b64,vit_s16_b64] [--steps 10] [--warmup 3] [--json FILE]
-           [--device cuda|cpu]
+           [--device cuda|cpu] [--modes fp32,tf32,amp] [--skip-ours]
 
 Our side is moca_cuda_bench (Moca<float, Cuda>) in fp32, with TF32 tensor-core GEMMs, and with
 bf16 Linear GEMMs (fp32 accumulation; attention's batched GEMMs in TF32). The
@@ -24,12 +24,13 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "python"))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import reference_moca as R  # noqa: E402
+import compare_moca  # noqa: E402
 import reference_vit as RV  # noqa: E402
 
 CONFIGS = {
@@ -57,44 +58,15 @@ def sdpa_forward(self, x):
     return self.proj(out.transpose(1, 2).reshape(B, N, C))
 
 
-class TorchSide:
-    """The PyTorch MOCA iteration for one configuration and mode, on the default device."""
+class TorchSide(compare_moca.TorchSide):
+    """The PyTorch MOCA iteration for one configuration and mode (fp32, tf32, amp)."""
 
     def __init__(self, cfg, mode, device):
-        mcfg, B = cfg["model"], cfg["batch"]
-        self.B, self.mode, self.device = B, mode, device
-        # The sin-cos tables come from NumPy (CPU) whatever the default device: move them too.
-        self.model = model = R.Moca(**mcfg).to(device)
-        model.init_weights()
-        self.opt = R.make_optimizer(model)
-        self.L, self.knew = model.L, mcfg["words_per_iter"]
-        self.inner = R.inner_patches(mcfg["img_size"] // mcfg["patch"], mcfg["skip_offset"])
-        shape = (B, mcfg["in_chans"], mcfg["img_size"], mcfg["img_size"])
-        self.x1, self.x2 = torch.rand(shape) * 2 - 1, torch.rand(shape) * 2 - 1
+        self.mode, self.device = mode, device
+        super().__init__(cfg, device=device, warmup=0)
 
     def autocast(self):
         return torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.mode == "amp")
-
-    def step(self):
-        model, opt, B, L = self.model, self.opt, self.B, self.L
-        R.set_schedule(opt, 1e-4, 0.05)
-        model.update_teacher(0.994)
-        edict = model.bow._embedding.detach().clone()
-        with self.autocast():
-            rec = R.teacher_targets(model, self.x1, self.x2, edict)
-            upd = rec["teacher_out1"] if torch.rand(()) < 0.5 else rec["teacher_out2"]
-            model.bow.update(upd, torch.randperm(B)[:self.knew],
-                             torch.randint(len(self.inner), (self.knew,)))
-            Q, Y = torch.cat([rec["q1"], rec["q2"]]), torch.cat([rec["y2"], rec["y1"]])
-            s1 = torch.argsort(torch.rand(2 * B, L), dim=1)
-            s2 = R.complementary_second_round(s1, model.lk[0], model.ld[0], model.lk[1])
-            masks = [(s1, model.lk[0], model.ld[0]), (s2, model.lk[1], model.ld[1])]
-            opt.zero_grad(set_to_none=True)
-            out = R.student_losses(model, torch.cat([self.x1, self.x2]), masks, Q, Y, edict)
-        out["loss"].backward()
-        torch.nn.utils.clip_grad_norm_([p for _, p in model.trainable()], R.CLIP_MAX_NORM)
-        opt.step()
-        return out["loss"]
 
     def sync(self):
         if self.device == "cuda":
@@ -136,6 +108,7 @@ def main():
     ap.add_argument("--plain-attention", action="store_true",
                     help="PyTorch attention as explicit matmul + softmax instead of SDPA")
     ap.add_argument("--skip-ours", action="store_true", help="time the PyTorch side only")
+    ap.add_argument("--modes", default="fp32,tf32,amp", help="PyTorch modes to time")
     args = ap.parse_args()
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -162,7 +135,7 @@ def main():
                     rows.append(r)
                 except Exception as e:  # noqa: BLE001 - report and go on with the other runs
                     print(f"{name} moca {precision}: {e}", flush=True)
-        for mode in ("fp32", "tf32", "amp"):
+        for mode in args.modes.split(","):
             torch.backends.cuda.matmul.allow_tf32 = mode == "tf32"
             torch.backends.cudnn.allow_tf32 = mode == "tf32"
             try:

@@ -11,27 +11,16 @@
 #include <moca/models/moca/checkpoint.hpp>
 #include <string>
 
+#include "moca_small.hpp"
+
 using namespace moca;
 
 namespace {
 
 const char* kFixture = MOCA_TEST_DATA_DIR "/moca_reference.safetensors";
 
-MocaConfig fixture_config() {
-  MocaConfig c;
-  c.encoder.img_size = 8;
-  c.encoder.patch = 2;
-  c.encoder.in_chans = 1;
-  c.encoder.dim = 16;
-  c.encoder.depth = 3;
-  c.encoder.heads = 2;
-  c.decoder = {12, 1, 2, 4.0, 1e-6};
-  c.early_layer = 1;
-  c.num_words = 32;
-  c.skip_offset = 1;
-  c.words_per_iter = 4;
-  return c;
-}
+// The configuration the PyTorch fixture was generated with.
+MocaConfig fixture_config() { return testing::small_moca_config(); }
 
 double scalar(const SafetensorsFile& f, const std::string& name) {
   return f.read<double>(name).data()[0];

@@ -12,26 +12,16 @@
 #include <string>
 #include <vector>
 
+#include "moca_small.hpp"
+
 using namespace moca;
 namespace fs = std::filesystem;
 
 namespace {
 
-MocaConfig small_config() {
-  MocaConfig c;
-  c.encoder.img_size = 8;
-  c.encoder.patch = 2;
-  c.encoder.in_chans = 1;
-  c.encoder.dim = 16;
-  c.encoder.depth = 3;
-  c.encoder.heads = 2;
-  c.decoder = {12, 1, 2, 4.0, 1e-6};
-  c.early_layer = 1;
-  c.num_words = 32;
-  c.skip_offset = 1;
-  c.words_per_iter = 4;
-  return c;
-}
+using testing::random_images;
+
+MocaConfig small_config() { return testing::small_moca_config(); }
 
 // The message of the moca::Error that reading `j` throws (empty if it does not throw).
 std::string read_error(const nlohmann::json& j) {
@@ -45,13 +35,6 @@ std::string read_error(const nlohmann::json& j) {
 
 bool contains(const std::string& s, const std::string& what) {
   return s.find(what) != std::string::npos;
-}
-
-template <class T>
-Tensor<T> random_images(std::int64_t B, const VitConfig& v, std::uint64_t stream) {
-  Tensor<T> x({B, v.in_chans, v.img_size, v.img_size});
-  fill_uniform(x, Philox(9), stream, -1.0, 1.0);
-  return x;
 }
 
 template <class T>

@@ -11,11 +11,15 @@
 #include <new>
 #include <vector>
 
+#include "moca_small.hpp"
+
 using namespace moca;
 
 // Every heap allocation of this test program is counted, so "allocates nothing" covers
 // std::vector and friends, not only tensors.
 namespace {
+
+using testing::random_images;
 std::atomic<long long> g_heap_allocations{0};
 }
 // These replacements allocate with malloc, so free matches; GCC cannot see that.
@@ -33,21 +37,7 @@ void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
 
 namespace {
 
-MocaConfig small_config() {
-  MocaConfig c;
-  c.encoder.img_size = 8;
-  c.encoder.patch = 2;
-  c.encoder.in_chans = 1;
-  c.encoder.dim = 16;
-  c.encoder.depth = 3;
-  c.encoder.heads = 2;
-  c.decoder = {12, 1, 2, 4.0, 1e-6};
-  c.early_layer = 1;
-  c.num_words = 32;
-  c.skip_offset = 1;
-  c.words_per_iter = 4;
-  return c;
-}
+MocaConfig small_config() { return testing::small_moca_config(); }
 
 template <class T>
 void perturb(Moca<T>& moca) {
@@ -55,13 +45,6 @@ void perturb(Moca<T>& moca) {
     if (e.trainable && (e.name.find("norm") != std::string::npos ||
                         e.name.find("bn") != std::string::npos || e.name.ends_with(".bias")))
       fill_uniform(moca.params().view(e), Philox(21), name_stream(e.name), 0.5, 1.5);
-}
-
-template <class T>
-Tensor<T> random_images(std::int64_t B, const VitConfig& v, std::uint64_t stream) {
-  Tensor<T> x({B, v.in_chans, v.img_size, v.img_size});
-  fill_uniform(x, Philox(9), stream, -1.0, 1.0);
-  return x;
 }
 
 }  // namespace

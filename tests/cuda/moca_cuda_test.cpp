@@ -14,36 +14,14 @@
 #include <vector>
 
 #include "cuda_testing.hpp"
+#include "../moca_small.hpp"
 
 using namespace moca;
 using namespace moca::testing;
 
 namespace {
 
-// The small model of the CPU step tests: every part of the step, at a size where a CPU step in
-// double takes milliseconds.
-MocaConfig small_config() {
-  MocaConfig c;
-  c.encoder.img_size = 8;
-  c.encoder.patch = 2;
-  c.encoder.in_chans = 1;
-  c.encoder.dim = 16;
-  c.encoder.depth = 3;
-  c.encoder.heads = 2;
-  c.decoder = {12, 1, 2, 4.0, 1e-6};
-  c.early_layer = 1;
-  c.num_words = 32;
-  c.skip_offset = 1;
-  c.words_per_iter = 4;
-  return c;
-}
-
-template <class T>
-Tensor<T> random_images(std::int64_t B, const VitConfig& v, std::uint64_t stream) {
-  Tensor<T> x({B, v.in_chans, v.img_size, v.img_size});
-  fill_uniform(x, Philox(9), stream, -1.0, 1.0);
-  return x;
-}
+MocaConfig small_config() { return testing::small_moca_config(); }
 
 double relative_diff(double a, double b) {
   return std::abs(a - b) / std::max(std::abs(a), 1e-30);
