@@ -120,34 +120,28 @@ class Context {
   /// apart, so it needs no lock and no synchronisation, as long as every op is queued from one
   /// host thread. It only grows (cudaFree waits for the device first); the first training step
   /// sizes it.
-  void* workspace(std::size_t bytes) {
-    if (bytes > workspace_bytes_) {
-      if (workspace_ != nullptr) MOCA_CUDA_CHECK(cudaFree(workspace_));
-      workspace_ = nullptr;
-      workspace_bytes_ = 0;
-      MOCA_CUDA_CHECK(cudaMalloc(&workspace_, bytes));
-      workspace_bytes_ = bytes;
-    }
-    return workspace_;
-  }
+  void* workspace(std::size_t bytes) { return grow(workspace_, workspace_bytes_, bytes); }
 
   /// The lock a user of scratch() holds until the stream has finished with the buffer.
   std::mutex& scratch_mutex() noexcept { return scratch_mutex_; }
 
   /// A device buffer of at least `bytes`, reused across calls (it only grows). The caller must
   /// hold scratch_mutex() and must synchronise the stream before releasing it.
-  void* scratch(std::size_t bytes) {
-    if (bytes > scratch_bytes_) {
-      if (scratch_ != nullptr) MOCA_CUDA_CHECK(cudaFree(scratch_));
-      scratch_ = nullptr;
-      scratch_bytes_ = 0;
-      MOCA_CUDA_CHECK(cudaMalloc(&scratch_, bytes));
-      scratch_bytes_ = bytes;
-    }
-    return scratch_;
-  }
+  void* scratch(std::size_t bytes) { return grow(scratch_, scratch_bytes_, bytes); }
 
  private:
+  // Replaces `buffer` (`size` bytes) by one of `bytes` when it is smaller; never shrinks.
+  static void* grow(void*& buffer, std::size_t& size, std::size_t bytes) {
+    if (bytes > size) {
+      if (buffer != nullptr) MOCA_CUDA_CHECK(cudaFree(buffer));
+      buffer = nullptr;
+      size = 0;
+      MOCA_CUDA_CHECK(cudaMalloc(&buffer, bytes));
+      size = bytes;
+    }
+    return buffer;
+  }
+
   Context() {
     MOCA_CHECK(device_count() > 0,
                "CUDA backend: no CUDA device is available (no GPU, or no usable driver); check "
