@@ -107,6 +107,25 @@ TEST_CASE("moca knn reports the accuracies of the in-process protocol") {
     CHECK(j["results"][0]["top5"] == 1.0);
   }
 
+  SUBCASE("--device cuda: the encoder on the GPU, or a clear error without one") {
+    const CliRun r = run_cli("knn --device cuda --checkpoint " + (dir / "run").string() + data +
+                                 " --json " + (dir / "knn_cuda.json").string(),
+                             dir);
+    if (r.status == 0) {
+      MESSAGE("encoded on the GPU");
+      const nlohmann::json j = nlohmann::json::parse(read_file_text(dir / "knn_cuda.json"));
+      CHECK(j["device"] == "cuda");
+      CHECK(j["bank"] == 40);
+      CHECK(j["queries"] == 20);
+      CHECK(j["results"].size() == 2);
+    } else {
+      CAPTURE(r.err);
+      CHECK((has(r.err, "--device cuda: no CUDA device is available") ||
+             has(r.err, "--device cuda: this moca was built without the CUDA backend")));
+      CHECK(!fs::exists(dir / "knn_cuda.json"));
+    }
+  }
+
   SUBCASE("student, a checkpoint folder, limits, cls pooling and other k") {
     CliRun r = run_cli("knn --checkpoint " + ckpt.string() + data +
                            " --student --bank-limit 24 --query-limit 8 -k 3,5 --temperature 0.1 "
@@ -162,6 +181,15 @@ TEST_CASE("moca knn: bad checkpoints, flags and data sets") {
   const fs::path good = write_checkpoint(m, dir / "run", cfg) / "weights.safetensors";
   const std::string data = " --data " + (dir / "idx").string();
   auto knn = [&](const std::string& args) { return run_cli("knn " + args, dir); };
+
+  SUBCASE("an unknown device, and a device for the raw-pixel baseline") {
+    CliRun r = knn("--checkpoint " + good.string() + data + " --device gpu");
+    CHECK(r.status != 0);
+    CHECK(has(r.err, "--device must be cpu or cuda, got 'gpu'"));
+    r = knn("--pixels" + data + " --device cuda");
+    CHECK(r.status != 0);
+    CHECK(has(r.err, "--pixels reads no encoder"));
+  }
 
   SUBCASE("a checkpoint path that does not exist") {
     const CliRun r = knn("--checkpoint " + (dir / "nope").string() + data);

@@ -277,6 +277,8 @@ CLI::App* add_knn_command(CLI::App& app, KnnOptions& opt) {
   cmd->add_option("--batch", opt.batch, "images per forward pass")
       ->capture_default_str()
       ->check(positive_value());
+  cmd->add_option("--device", opt.device, "where the encoder runs: cpu or cuda (the first GPU)")
+      ->capture_default_str();
   cmd->add_option("--threads", opt.threads, "CPU threads (0: all)")
       ->capture_default_str()
       ->check(non_negative_value());
@@ -299,6 +301,17 @@ void run_knn(const KnnOptions& opt) {
   set_cpu_threads(opt.threads);
   MOCA_CHECK(opt.pixels || !opt.checkpoint.empty(),
              "moca knn: give --checkpoint (a run, checkpoint or weights file) or --pixels");
+  MOCA_CHECK(opt.device == "cpu" || opt.device == "cuda", "--device must be cpu or cuda, got '",
+             opt.device, "'");
+  MOCA_CHECK(!opt.pixels || opt.device == "cpu", "--pixels reads no encoder: --device cuda does "
+             "not apply");
+#if MOCA_WITH_CUDA
+  MOCA_CHECK(opt.device == "cpu" || cuda::available(), "--device cuda: no CUDA device is "
+             "available (no GPU, or no usable driver)");
+#else
+  MOCA_CHECK(opt.device == "cpu", "--device cuda: this moca was built without the CUDA backend "
+             "(configure with nvcc on the PATH, or -DMOCA_WITH_CUDA=ON)");
+#endif
   KnnProtocol p;
   p.pooling = eval::parse_pooling(opt.pool);
   p.ks = opt.ks;
@@ -352,13 +365,26 @@ void run_knn(const KnnOptions& opt) {
   std::fprintf(stderr, "weights: %s (%s encoder)\ndata: %s\n", weights_path.string().c_str(),
                teacher ? "teacher" : "student", data.description.c_str());
 
-  const KnnResult r =
-      run_knn_protocol(vit, data, augment_for(cfg.encoder, data.fashion_mnist_like), p);
+  const data::AugmentConfig aug = augment_for(cfg.encoder, data.fashion_mnist_like);
+  KnnResult r;
+  if (opt.device == "cpu") {
+    r = run_knn_protocol(vit, data, aug, p);
+  } else {
+#if MOCA_WITH_CUDA
+    // The same encoder on the GPU: its parameter arenas have the host store's layout.
+    VisionTransformer<float, Cuda> gpu_vit(cfg.encoder);
+    ParameterStore<float, Cuda> gpu_params(gpu_vit, /*with_grads=*/false);
+    copy(params.values(), gpu_params.values());
+    copy(params.frozen(), gpu_params.frozen());
+    r = run_knn_protocol(gpu_vit, data, aug, p);
+#endif
+  }
   print_knn_table(r, stdout);
 
   nlohmann::json j = r.to_json();
   j["weights"] = weights_path.string();
   j["encoder"] = teacher ? "teacher" : "student";
+  j["device"] = opt.device;
   j["data"] = data.description;
   write_json(j);
 }

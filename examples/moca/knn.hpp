@@ -111,6 +111,7 @@ void print_knn_table(const KnnResult& result, std::FILE* out);
 /// The command line of `moca knn`.
 struct KnnOptions {
   std::string checkpoint, data = "fashion-mnist", pool = "avg", json;
+  std::string device = "cpu";  ///< where the encoder runs: cpu or cuda (the vote stays on the host)
   bool student = false, teacher = false, strict = false;
   bool pixels = false;          ///< raw-pixel baseline instead of a checkpoint
   std::string preset = "tiny";  ///< image geometry of the raw-pixel baseline
