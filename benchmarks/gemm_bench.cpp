@@ -118,7 +118,7 @@ void BM_attention_core(benchmark::State& state) {
   const float scale = 1.0f / std::sqrt(float(hd));
   for (auto _ : state) {
     moca::ops::attention_forward(qkv, H, scale, probs, ctx);
-    moca::ops::attention_backward(qkv, probs, dctx, H, scale, dprobs, dqkv);
+    moca::ops::attention_backward(qkv, probs, ctx, dctx, H, scale, dprobs, dqkv);
     benchmark::ClobberMemory();
   }
   // Six products of 2·S·S·hd FLOP per (image, head): two forward, four backward.

@@ -338,7 +338,7 @@ TEST_CASE_TEMPLATE("attention: the fused op matches the composed batched form", 
     Tensor<T> dprobs({B, H, S, S}), dqkv({B, S, 3 * dim}), dprobs_ref({B, H, S, S}),
         dqkv_ref({B, S, 3 * dim});
     fill_nan<T>(dqkv);  // every element must be written
-    ops::attention_backward(qkv, probs, dctx, H, scale, dprobs, dqkv);
+    ops::attention_backward(qkv, probs, ctx, dctx, H, scale, dprobs, dqkv);
     ops::attention_impl::attention_backward_composed<T, Cpu>(qkv, probs_ref, dctx, H, scale, dprobs_ref,
                                                      dqkv_ref);
     check_close(what + " dqkv", dqkv, to_vec<T>(dqkv_ref));
@@ -403,7 +403,7 @@ TEST_CASE("attention: float results are identical for every thread count") {
     omp_set_num_threads(threads);
     Tensor<float> probs({B, H, S, S}), ctx({B, S, dim}), dprobs({B, H, S, S}), dqkv({B, S, 3 * dim});
     ops::attention_forward(qkv, H, 0.125f, probs, ctx);
-    ops::attention_backward(qkv, probs, dctx, H, 0.125f, dprobs, dqkv);
+    ops::attention_backward(qkv, probs, ctx, dctx, H, 0.125f, dprobs, dqkv);
     std::vector<float> all(ctx.data(), ctx.data() + ctx.numel());
     all.insert(all.end(), dqkv.data(), dqkv.data() + dqkv.numel());
     results.push_back(std::move(all));

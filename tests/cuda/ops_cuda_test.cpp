@@ -19,9 +19,11 @@
 #include <moca/cuda.hpp>
 #include <moca/moca.hpp>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
+#include "../attention_reference.hpp"
 #include "cuda_testing.hpp"
 
 using namespace moca;
@@ -970,4 +972,83 @@ TEST_CASE_TEMPLATE("cuda parity: a block written once against ops/ runs on both 
   const double err = relative_error(TensorView<T>(y), TensorView<T>(got));
   INFO("relative error ", err);
   CHECK(err <= 5 * tolerance<T>(hidden));
+}
+
+// ---- fused attention -------------------------------------------------------------------------
+
+TEST_CASE_TEMPLATE("cuda parity: fused attention forward and backward against the CPU", T, float,
+                   double) {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  // The CUDA forward keeps the rows' log-sum-exp [B, H, S] and the backward recomputes the
+  // probabilities; ctx and dqkv must match the CPU's (which keeps the probabilities), lse the
+  // double reference. Shapes: ragged ends of every tile (16, 32, 64), one token, head widths
+  // that are not multiples of 16, 128-wide heads, ViT-B's 12 heads at 197 tokens.
+  const std::int64_t shapes[][4] = {{2, 17, 3, 8},  {1, 65, 2, 16}, {2, 30, 3, 64},
+                                    {3, 197, 12, 64}, {1, 5, 1, 4}, {2, 1, 2, 24},
+                                    {1, 33, 1, 80}, {1, 48, 1, 128}, {2, 257, 2, 64}};
+  for (const auto& shape : shapes) {
+    const std::int64_t B = shape[0], S = shape[1], H = shape[2], hd = shape[3], dim = H * hd;
+    CAPTURE(B);
+    CAPTURE(S);
+    CAPTURE(H);
+    CAPTURE(hd);
+    const T scale = T(1) / std::sqrt(T(hd));
+    const Tensor<T> qkv = random_tensor<T>({B, S, 3 * dim}, -2.0, 2.0);
+    const Tensor<T> dctx = random_tensor<T>({B, S, dim});
+    Tensor<T> probs({B, H, S, S}), ctx({B, S, dim}), dprobs({B, H, S, S}), dqkv({B, S, 3 * dim});
+    ops::attention_forward(qkv, H, scale, probs, ctx);
+    ops::attention_backward(qkv, probs, ctx, dctx, H, scale, dprobs, dqkv);
+    const std::vector<double> lse_ref =
+        attention_reference::log_sum_exp_rows(qkv.data(), B, H, S, hd, double(scale));
+    Tensor<T> lse_expected({B, H, S});
+    std::transform(lse_ref.begin(), lse_ref.end(), lse_expected.data(),
+                   [](double v) { return static_cast<T>(v); });
+
+    REQUIRE(ops::attention_saved_shape<T, Cuda>(B, H, S) == Shape({B, H, S}));
+    const Tensor<T, Cuda> gqkv = to_device<T>(qkv), gdctx = to_device<T>(dctx);
+    Guarded<T> glse(nan_tensor<T>({B, H, S})), gctx(nan_tensor<T>({B, S, dim}));
+    ops::attention_forward(gqkv, H, scale, glse.view(), gctx.view());
+    check_parity<T>("attention ctx", ctx, gctx, tolerance<T>(S * hd));
+    check_parity<T>("attention lse", lse_expected, glse, tolerance<T>(S * hd));
+
+    Guarded<T> gwork(nan_tensor<T>({B, H, S})), gdqkv(nan_tensor<T>({B, S, 3 * dim}));
+    ops::attention_backward(gqkv, glse.view(), gctx.view(), gdctx, H, scale, gwork.view(),
+                            gdqkv.view());
+    check_parity<T>("attention dqkv", dqkv, gdqkv, tolerance<T>(4 * S * hd));
+    CHECK(gwork.guards_intact());
+
+    if constexpr (std::is_same_v<T, float>) {
+      // Tensor cores (TF32 operands) in the tf32 and bf16 modes: within the budget the host run
+      // of the same programs holds them to (tests/flash_attention_test.cpp), and not exact.
+      const FloatMatmulScope scope(cuda::FloatMatmul::Bf16);
+      Guarded<T> tctx(nan_tensor<T>({B, S, dim})), tdqkv(nan_tensor<T>({B, S, 3 * dim}));
+      ops::attention_forward(gqkv, H, scale, glse.view(), tctx.view());
+      ops::attention_backward(gqkv, glse.view(), tctx.view(), gdctx, H, scale, gwork.view(),
+                              tdqkv.view());
+      for (const auto& [what, expected, got] :
+           {std::tuple<const char*, const Tensor<T>*, const Guarded<T>*>{"tf32 ctx", &ctx, &tctx},
+            {"tf32 dqkv", &dqkv, &tdqkv}}) {
+        const Tensor<T> result = got->result();
+        const double err = relative_error(TensorView<T>(*expected), TensorView<T>(result));
+        INFO(what, ": relative error ", err);
+        CHECK(err < 3e-3);
+        CHECK(err > 1e-6);
+        CHECK(got->guards_intact());
+      }
+    }
+  }
+}
+
+TEST_CASE("cuda: fused attention names a buffer of the wrong shape") {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  Tensor<float, Cuda> qkv({2, 5, 12}), probs({2, 3, 5, 5}), lse({2, 3, 5}), ctx({2, 5, 4});
+  try {
+    ops::attention_forward(qkv, 3, 0.5f, probs, ctx);  // the CPU's [B, H, S, S] buffer
+    FAIL("no error for a probabilities-shaped buffer");
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    CHECK(msg.find("attention") != std::string::npos);
+    CHECK(msg.find("[2, 3, 5]") != std::string::npos);
+  }
+  CHECK_NOTHROW(ops::attention_forward(qkv, 3, 0.5f, lse, ctx));
 }

@@ -3,7 +3,8 @@
 // qkv = x · Wqkvᵀ + b has features [q | k | v], each `dim` wide and head-major inside (head h
 // uses features h·hd … h·hd + hd − 1). Per head: P = softmax(q kᵀ · hd^-½), o = P v; heads are
 // concatenated head-major and projected by `proj`. No masking, no dropout. The core (scores,
-// softmax, products) is ops::attention_forward/backward, which reads the heads in place.
+// softmax, products) is ops::attention_forward/backward, which reads the heads in place and keeps
+// what its backend needs (the probabilities, or on CUDA only the rows' log-sum-exp).
 #pragma once
 
 #include <cmath>
@@ -42,11 +43,11 @@ class MultiHeadAttention {
                "], got ", x.shape());
     const std::int64_t B = x.size(0), S = x.size(1), H = heads_, hd = head_dim();
     qkv_.resize({B, S, 3 * dim_});
-    probs_.resize({B, H, S, S});
+    saved_.resize(ops::attention_saved_shape<T, D>(B, H, S));
     ctx_.resize({B, S, dim_});
     qkv.forward(x, qkv_);
     const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(hd)));
-    ops::attention_forward(TensorView<T, D>(qkv_), H, scale, TensorView<T, D>(probs_),
+    ops::attention_forward(TensorView<T, D>(qkv_), H, scale, TensorView<T, D>(saved_),
                            TensorView<T, D>(ctx_));
     proj.forward(ctx_, y);
   }
@@ -56,23 +57,20 @@ class MultiHeadAttention {
     MOCA_PROFILE_SCOPE("attention");
     const std::int64_t H = heads_, hd = head_dim();
     dctx_.resize(ctx_.shape());
-    dprobs_.resize(probs_.shape());
+    work_.resize(saved_.shape());
     dqkv_.resize(qkv_.shape());
     proj.backward(ctx_, dy, dctx_);
     const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(hd)));
-    ops::attention_backward(TensorView<T, D>(qkv_), TensorView<T, D>(probs_),
-                            TensorView<T, D>(dctx_), H, scale, TensorView<T, D>(dprobs_),
-                            TensorView<T, D>(dqkv_));
+    ops::attention_backward(TensorView<T, D>(qkv_), TensorView<T, D>(saved_),
+                            TensorView<T, D>(ctx_), TensorView<T, D>(dctx_), H, scale,
+                            TensorView<T, D>(work_), TensorView<T, D>(dqkv_));
     qkv.backward(x, dqkv_, dx);
   }
 
-  /// Attention probabilities of the last forward, [B, heads, T, T].
-  TensorView<T, D> attention_probs() const { return probs_; }
-
  private:
   std::int64_t dim_ = 0, heads_ = 1;
-  Tensor<T, D> qkv_, probs_, ctx_;      // saved by forward
-  Tensor<T, D> dctx_, dprobs_, dqkv_;   // backward scratch
+  Tensor<T, D> qkv_, saved_, ctx_;  // kept by forward (saved_: see ops::attention_saved_shape)
+  Tensor<T, D> dctx_, work_, dqkv_;  // backward scratch
 };
 
 }  // namespace moca

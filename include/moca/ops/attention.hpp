@@ -1,15 +1,20 @@
 // The attention core of a multi-head layer, on a fused [B, S, 3·dim] qkv buffer (q | k | v,
 // heads side by side inside each part, head h at features h·hd … h·hd + hd − 1):
 //
-//   ops::attention_forward(qkv, heads, scale, probs, ctx);
-//     P[b,h] = softmax(scale · Q_bh · K_bhᵀ)   -> probs [B, H, S, S] (kept for backward)
-//     ctx[b, :, h·hd …] = P[b,h] · V_bh         -> ctx [B, S, dim]
-//   ops::attention_backward(qkv, probs, dctx, heads, scale, dprobs, dqkv);
-//     dqkv [B, S, 3·dim] (overwritten); dprobs [B, H, S, S] is scratch
+//   ops::attention_forward(qkv, heads, scale, saved, ctx);
+//     P[b,h] = softmax(scale · Q_bh · K_bhᵀ),  ctx[b, :, h·hd …] = P[b,h] · V_bh  -> ctx [B, S, dim]
+//   ops::attention_backward(qkv, saved, ctx, dctx, heads, scale, work, dqkv);
+//     dqkv [B, S, 3·dim] (overwritten); work is scratch of saved's shape
 //
-// A backend that provides attention_forward/attention_backward runs each (image, head) pair as
-// one task with its S×S block in cache (the CPU backend); any other backend runs the composed
-// form below: strided batched GEMMs over the batch, one call per head, and whole-tensor softmax.
+// `saved` is what the forward keeps for the backward, of shape attention_saved_shape<T, D>:
+// the probabilities [B, H, S, S] on backends that keep them (the CPU, and the composed form), or
+// the log-sum-exp of each score row [B, H, S] on backends whose fused kernels recompute the
+// probabilities in the backward (Backend<D>::attention_saves_lse: CUDA's flash kernels).
+//
+// A backend that provides attention_forward/attention_backward runs them fused: the CPU runs each
+// (image, head) pair as one task with its S×S block in cache, CUDA runs tiles of queries and keys
+// through shared memory. Any other backend runs the composed form below: strided batched GEMMs
+// over the batch, one call per head, and whole-tensor softmax.
 #pragma once
 
 #include <cstdint>
@@ -23,18 +28,42 @@ namespace moca::ops {
 
 namespace attention_impl {
 
+template <class D>
+concept SavesLogSumExp = requires {
+  requires Backend<D>::attention_saves_lse;
+};
+
 template <class T, class D>
-void check_attention(const TensorView<T, D>& qkv, std::int64_t heads, const TensorView<T, D>& probs,
+concept FusedAttentionBackend = requires(std::int64_t n, T s, const T* c, T* p) {
+  Backend<D>::attention_forward(n, n, n, n, s, c, p, p);
+  Backend<D>::attention_backward(n, n, n, n, s, c, c, c, c, p, p);
+};
+
+}  // namespace attention_impl
+
+/// Shape of what attention_forward keeps for attention_backward on device D (see the top).
+template <class T, class D>
+Shape attention_saved_shape(std::int64_t B, std::int64_t heads, std::int64_t S) {
+  if constexpr (attention_impl::FusedAttentionBackend<T, D> && attention_impl::SavesLogSumExp<D>)
+    return Shape({B, heads, S});
+  else
+    return Shape({B, heads, S, S});
+}
+
+namespace attention_impl {
+
+template <class T, class D>
+void check_attention(const TensorView<T, D>& qkv, std::int64_t heads, const TensorView<T, D>& saved,
                      const TensorView<T, D>& ctx) {
   MOCA_CHECK(qkv.rank() == 3 && qkv.size(2) % 3 == 0 && heads > 0 &&
                  (qkv.size(2) / 3) % heads == 0,
              "attention: expected qkv [B, S, 3·dim] with dim divisible by ", heads,
              " heads, got ", qkv.shape());
   const std::int64_t B = qkv.size(0), S = qkv.size(1), dim = qkv.size(2) / 3;
-  MOCA_CHECK(probs.shape() == Shape({B, heads, S, S}) && ctx.shape() == Shape({B, S, dim}),
-             "attention: for qkv ", qkv.shape(), " and ", heads, " heads expected probs [", B,
-             ", ", heads, ", ", S, ", ", S, "] and [", B, ", ", S, ", ", dim, "], got ",
-             probs.shape(), " and ", ctx.shape());
+  const Shape want = attention_saved_shape<T, D>(B, heads, S);
+  MOCA_CHECK(saved.shape() == want && ctx.shape() == Shape({B, S, dim}), "attention: for qkv ",
+             qkv.shape(), " and ", heads, " heads expected saved ", want, " and ctx [", B, ", ",
+             S, ", ", dim, "], got ", saved.shape(), " and ", ctx.shape());
 }
 
 // Head h of part (0 = q, 1 = k, 2 = v) of qkv: B matrices [S, hd].
@@ -90,42 +119,40 @@ void attention_backward_composed(const TensorView<T, D>& qkv, const TensorView<T
   }
 }
 
-template <class T, class D>
-concept FusedAttentionBackend = requires(std::int64_t n, T s, const T* c, T* p) {
-  Backend<D>::attention_forward(n, n, n, n, s, c, p, p);
-  Backend<D>::attention_backward(n, n, n, n, s, c, c, c, p, p);
-};
-
 }  // namespace attention_impl
 
 template <class T, class D>
 void attention_forward(const TensorView<T, D>& qkv, std::int64_t heads, Scalar<T> scale,
-                       const TensorView<T, D>& probs, const TensorView<T, D>& ctx) {
-  attention_impl::check_attention(qkv, heads, probs, ctx);
+                       const TensorView<T, D>& saved, const TensorView<T, D>& ctx) {
+  attention_impl::check_attention(qkv, heads, saved, ctx);
   const std::int64_t B = qkv.size(0), S = qkv.size(1), hd = qkv.size(2) / 3 / heads;
   if constexpr (attention_impl::FusedAttentionBackend<T, D>) {
     profiler::count_flops(4.0 * double(B * heads) * double(S) * double(S) * double(hd));
-    Backend<D>::attention_forward(B, heads, S, hd, T(scale), qkv.data(), probs.data(),
+    Backend<D>::attention_forward(B, heads, S, hd, T(scale), qkv.data(), saved.data(),
                                   ctx.data());
   } else {
-    attention_impl::attention_forward_composed(qkv, heads, T(scale), probs, ctx);
+    attention_impl::attention_forward_composed(qkv, heads, T(scale), saved, ctx);
   }
 }
 
+/// ctx is the forward's output (the CPU does not read it; the flash backward does).
 template <class T, class D>
-void attention_backward(const TensorView<T, D>& qkv, const TensorView<T, D>& probs,
-                        const TensorView<T, D>& dctx, std::int64_t heads, Scalar<T> scale,
-                        const TensorView<T, D>& dprobs, const TensorView<T, D>& dqkv) {
-  attention_impl::check_attention(qkv, heads, probs, dctx);
-  moca::detail::check_same_shape("attention_backward", probs, dprobs);
+void attention_backward(const TensorView<T, D>& qkv, const TensorView<T, D>& saved,
+                        const TensorView<T, D>& ctx, const TensorView<T, D>& dctx,
+                        std::int64_t heads, Scalar<T> scale, const TensorView<T, D>& work,
+                        const TensorView<T, D>& dqkv) {
+  attention_impl::check_attention(qkv, heads, saved, dctx);
+  moca::detail::check_same_shape("attention_backward", dctx, ctx);
+  moca::detail::check_same_shape("attention_backward", saved, work);
   moca::detail::check_same_shape("attention_backward", qkv, dqkv);
   const std::int64_t B = qkv.size(0), S = qkv.size(1), hd = qkv.size(2) / 3 / heads;
   if constexpr (attention_impl::FusedAttentionBackend<T, D>) {
+    // The model's FLOPs (as if P were kept): a recomputing backend does more, not counted.
     profiler::count_flops(8.0 * double(B * heads) * double(S) * double(S) * double(hd));
-    Backend<D>::attention_backward(B, heads, S, hd, T(scale), qkv.data(), probs.data(),
-                                   dctx.data(), dprobs.data(), dqkv.data());
+    Backend<D>::attention_backward(B, heads, S, hd, T(scale), qkv.data(), saved.data(),
+                                   ctx.data(), dctx.data(), work.data(), dqkv.data());
   } else {
-    attention_impl::attention_backward_composed(qkv, probs, dctx, heads, T(scale), dprobs, dqkv);
+    attention_impl::attention_backward_composed(qkv, saved, dctx, heads, T(scale), work, dqkv);
   }
 }
 

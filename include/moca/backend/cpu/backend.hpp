@@ -51,8 +51,8 @@ struct Backend<Cpu> {
   }
   template <class T>
   static void attention_backward(std::int64_t B, std::int64_t H, std::int64_t S, std::int64_t hd,
-                                 T scale, const T* qkv, const T* probs, const T* dctx, T* dprobs,
-                                 T* dqkv) {
+                                 T scale, const T* qkv, const T* probs, const T* /*ctx*/,
+                                 const T* dctx, T* dprobs, T* dqkv) {
     cpu::attention_backward(B, H, S, hd, scale, qkv, probs, dctx, dprobs, dqkv);
   }
   template <class T>

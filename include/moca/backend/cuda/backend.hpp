@@ -118,6 +118,17 @@ template <class T>
 void adamw(std::int64_t n, T* p, const T* g, T* m, T* v, double lr, double beta1, double beta2,
            double eps, double weight_decay, std::int64_t step);
 
+/// Fused attention (kernels/attention.cuh): ctx and the log-sum-exp of each score row, lse
+/// [B, H, S]; the probabilities are recomputed by the backward, which needs ctx and writes the
+/// row terms δ = rowsum(dctx ∘ ctx) [B, H, S] on the way.
+template <class T>
+void attention_forward(std::int64_t B, std::int64_t H, std::int64_t S, std::int64_t hd, T scale,
+                       const T* qkv, T* lse, T* ctx);
+template <class T>
+void attention_backward(std::int64_t B, std::int64_t H, std::int64_t S, std::int64_t hd, T scale,
+                        const T* qkv, const T* lse, const T* ctx, const T* dctx, T* delta,
+                        T* dqkv);
+
 /// y = x rounded to bf16 (to nearest, ties to even), as raw 16-bit patterns.
 void float_to_bf16(std::int64_t n, const float* x, std::uint16_t* y);
 
@@ -373,6 +384,20 @@ struct Backend<Cuda> {
   static void adamw(std::int64_t n, T* p, const T* g, T* m, T* v, double lr, double beta1,
                     double beta2, double eps, double weight_decay, std::int64_t step) {
     cuda::adamw(n, p, g, m, v, lr, beta1, beta2, eps, weight_decay, step);
+  }
+
+  // Fused attention: the forward keeps the rows' log-sum-exp [B, H, S], not the probabilities.
+  static constexpr bool attention_saves_lse = true;
+  template <class T>
+  static void attention_forward(std::int64_t B, std::int64_t H, std::int64_t S, std::int64_t hd,
+                                T scale, const T* qkv, T* lse, T* ctx) {
+    cuda::attention_forward(B, H, S, hd, scale, qkv, lse, ctx);
+  }
+  template <class T>
+  static void attention_backward(std::int64_t B, std::int64_t H, std::int64_t S, std::int64_t hd,
+                                 T scale, const T* qkv, const T* lse, const T* ctx,
+                                 const T* dctx, T* delta, T* dqkv) {
+    cuda::attention_backward(B, H, S, hd, scale, qkv, lse, ctx, dctx, delta, dqkv);
   }
 };
 

@@ -112,6 +112,9 @@ class Context {
   }
   FloatMatmul float_matmul() const noexcept { return float_matmul_; }
 
+  /// Shared memory one block may use with the kernel's opt-in (cudaFuncSetAttribute), in bytes.
+  std::size_t max_shared_per_block() const noexcept { return max_shared_per_block_; }
+
   /// Blocks until all work queued on stream() has finished; throws if any of it failed.
   void synchronize() const { MOCA_CUDA_CHECK(cudaStreamSynchronize(stream())); }
 
@@ -147,6 +150,9 @@ class Context {
                "CUDA backend: no CUDA device is available (no GPU, or no usable driver); check "
                "moca::cuda::available() before using Cuda tensors");
     MOCA_CUDA_CHECK(cudaGetDevice(&device_));
+    int shared = 0;
+    MOCA_CUDA_CHECK(cudaDeviceGetAttribute(&shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, device_));
+    max_shared_per_block_ = static_cast<std::size_t>(shared);
     MOCA_CUBLAS_CHECK(cublasCreate(&cublas_));
     const cublasStatus_t status = cublasSetStream(cublas_, stream_.load());
     if (status != CUBLAS_STATUS_SUCCESS) {
@@ -156,6 +162,7 @@ class Context {
   }
 
   int device_ = 0;
+  std::size_t max_shared_per_block_ = 0;
   std::atomic<cudaStream_t> stream_{nullptr};  // nullptr: the legacy default stream
   cublasHandle_t cublas_ = nullptr;
   std::mutex mutex_;

@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "moca/backend/cuda/backend.hpp"
+#include "moca/backend/cuda/kernels/attention.cuh"
 #include "moca/backend/cuda/kernels/convert.cuh"
 #include "moca/backend/cuda/kernels/elementwise.cuh"
 #include "moca/backend/cuda/kernels/index.cuh"
@@ -64,7 +65,11 @@
   template double soft_target_rows<T>(std::int64_t, std::int64_t, const T*, const T*,          \
                                       std::int64_t, const std::int32_t*, bool, T, T*);         \
   template void adamw<T>(std::int64_t, T*, const T*, T*, T*, double, double, double, double,  \
-                         double, std::int64_t);
+                         double, std::int64_t);                                               \
+  template void attention_forward<T>(std::int64_t, std::int64_t, std::int64_t, std::int64_t, T, \
+                                     const T*, T*, T*);                                       \
+  template void attention_backward<T>(std::int64_t, std::int64_t, std::int64_t, std::int64_t,   \
+                                      T, const T*, const T*, const T*, const T*, T*, T*);
 
 namespace moca::cuda {
 MOCA_CUDA_INSTANTIATE(float)

@@ -1,0 +1,198 @@
+// The fused attention on the GPU: the block programs of flash_attention.hpp as three kernels
+// (forward; backward dq pass, which also writes δ; backward dk/dv pass), one block of
+// kFlashThreads threads per (tile, head, image).
+//
+// Tile products run on plain FMAs (SimtMma) for double and for float in fp32 mode, so results
+// match the CPU to float rounding; in tf32 and bf16 modes float products run on the tensor cores
+// with TF32 operands (Tf32Mma below). TF32 rather than bf16 for the bf16 mode: the operands are
+// fp32 tiles already in shared memory (no conversion pass), and attention is a small share of the
+// step's FLOPs.
+#pragma once
+
+#include <mma.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <type_traits>
+
+#include "moca/backend/cuda/kernels/common.cuh"
+#include "moca/backend/cuda/kernels/flash_attention.hpp"
+
+namespace moca::cuda {
+namespace kernels {
+
+/// The flash programs' execution context on a CUDA block.
+struct BlockExec {
+  __device__ int tid() const { return static_cast<int>(threadIdx.x); }
+  __device__ int threads() const { return static_cast<int>(blockDim.x); }
+  __device__ void sync() const { __syncthreads(); }
+};
+
+/// Tile products on tensor cores (wmma m16n16k8, TF32 operands, fp32 accumulation), one 16×16
+/// output tile per warp at a time. The contract of flash::SimtMma::product, with M, N and K
+/// multiples of 16 and every pointer and leading dimension as flash::Geometry lays them out
+/// (32-byte aligned rows, strides a multiple of 4). Before sm_80 (no TF32), plain FMAs.
+struct Tf32Mma {
+  template <bool AT, bool BT, class Exec>
+  static __device__ void product(const Exec& ex, int M, int N, int K, float alpha, const float* A,
+                                 int lda, const float* B, int ldb, float* C, int ldc,
+                                 bool accumulate) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    namespace wmma = nvcuda::wmma;
+    using ALayout = std::conditional_t<AT, wmma::col_major, wmma::row_major>;
+    using BLayout = std::conditional_t<BT, wmma::col_major, wmma::row_major>;
+    const int warp = ex.tid() / 32, warps = ex.threads() / 32, nt = N / 16;
+    for (int t = warp; t < (M / 16) * nt; t += warps) {
+      const int i0 = t / nt * 16, j0 = t % nt * 16;
+      wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc;
+      wmma::fill_fragment(acc, 0.0f);
+      for (int k = 0; k < K; k += 8) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, ALayout> a;
+        wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, BLayout> b;
+        // Element (i, k) of op(A): A[i·lda + k], or A[k·lda + i] when A is stored transposed
+        // (col_major with the same stride); likewise (k, j) of op(B).
+        wmma::load_matrix_sync(a, AT ? A + k * lda + i0 : A + i0 * lda + k, lda);
+        wmma::load_matrix_sync(b, BT ? B + j0 * ldb + k : B + k * ldb + j0, ldb);
+        for (int e = 0; e < a.num_elements; ++e) a.x[e] = wmma::__float_to_tf32(a.x[e]);
+        for (int e = 0; e < b.num_elements; ++e) b.x[e] = wmma::__float_to_tf32(b.x[e]);
+        wmma::mma_sync(acc, a, b, acc);
+      }
+      float* c = C + i0 * ldc + j0;
+      if (accumulate) {
+        // Both fragments have the same (unspecified) element mapping, so element-wise is safe.
+        wmma::fragment<wmma::accumulator, 16, 16, 8, float> old;
+        wmma::load_matrix_sync(old, c, ldc, wmma::mem_row_major);
+        for (int e = 0; e < acc.num_elements; ++e) acc.x[e] = old.x[e] + alpha * acc.x[e];
+      } else {
+        for (int e = 0; e < acc.num_elements; ++e) acc.x[e] *= alpha;
+      }
+      wmma::store_matrix_sync(c, acc, ldc, wmma::mem_row_major);
+    }
+#else
+    flash::SimtMma::product<AT, BT>(ex, M, N, K, alpha, A, lda, B, ldb, C, ldc, accumulate);
+#endif
+  }
+};
+
+/// Threads per block of the flash kernels: four warps.
+inline constexpr int kFlashThreads = 128;
+/// Shared memory a flash block aims to stay under, so that two blocks fit one SM of an
+/// H100/H200 (228 KB): the largest tile within it is chosen.
+inline constexpr std::size_t kFlashSharedTarget = 100 * 1024;
+
+template <class Mma, class T>
+__global__ void __launch_bounds__(kFlashThreads)
+    flash_forward_kernel(flash::Geometry g, std::int64_t H, std::int64_t S, T scale, const T* qkv,
+                         T* lse, T* ctx) {
+  extern __shared__ __align__(128) unsigned char flash_smem[];
+  flash::forward_block<Mma>(BlockExec{}, g, flash_smem, H, S, scale, qkv, lse, ctx, blockIdx.z,
+                            blockIdx.y, blockIdx.x);
+}
+
+template <class Mma, class T>
+__global__ void __launch_bounds__(kFlashThreads)
+    flash_dq_kernel(flash::Geometry g, std::int64_t H, std::int64_t S, T scale, const T* qkv,
+                    const T* lse, const T* ctx, const T* dctx, T* delta, T* dqkv) {
+  extern __shared__ __align__(128) unsigned char flash_smem[];
+  flash::dq_block<Mma>(BlockExec{}, g, flash_smem, H, S, scale, qkv, lse, ctx, dctx, delta, dqkv,
+                       blockIdx.z, blockIdx.y, blockIdx.x);
+}
+
+template <class Mma, class T>
+__global__ void __launch_bounds__(kFlashThreads)
+    flash_dkdv_kernel(flash::Geometry g, std::int64_t H, std::int64_t S, T scale, const T* qkv,
+                      const T* lse, const T* dctx, const T* delta, T* dqkv) {
+  extern __shared__ __align__(128) unsigned char flash_smem[];
+  flash::dkdv_block<Mma>(BlockExec{}, g, flash_smem, H, S, scale, qkv, lse, dctx, delta, dqkv,
+                         blockIdx.z, blockIdx.y, blockIdx.x);
+}
+
+/// The largest tile whose shared memory stays within kFlashSharedTarget (and the device's limit);
+/// the smallest tile if none does but it fits the device.
+inline flash::Geometry flash_geometry(flash::Program p, std::int64_t hd, std::size_t element) {
+  MOCA_CHECK(hd >= 1 && hd <= flash::kMaxHeadDim, "attention (CUDA): head width ", hd,
+             " is outside the fused kernels' range 1 … ", flash::kMaxHeadDim);
+  const std::size_t device_limit = Context::get().max_shared_per_block();
+  const std::size_t limit = device_limit < kFlashSharedTarget ? device_limit : kFlashSharedTarget;
+  for (const int tile : flash::kTiles) {
+    const flash::Geometry g = flash::make_geometry(tile, static_cast<int>(hd));
+    if (flash::shared_bytes(p, g, element) <= limit) return g;
+  }
+  const flash::Geometry g = flash::make_geometry(16, static_cast<int>(hd));
+  MOCA_CHECK(flash::shared_bytes(p, g, element) <= device_limit, "attention (CUDA): head width ",
+             hd, " needs ", flash::shared_bytes(p, g, element),
+             " bytes of shared memory per block; this device allows ", device_limit);
+  return g;
+}
+
+/// Launches kernel over (tiles, H, B) blocks with the shared memory of program p.
+template <class Kernel, class... Args>
+void launch_flash(Kernel kernel, const char* name, flash::Program p, const flash::Geometry& g,
+                  std::size_t element, std::int64_t B, std::int64_t H, std::int64_t S,
+                  Args... args) {
+  MOCA_CHECK(H <= 65535 && B <= 65535, "attention (CUDA): ", B, " images × ", H,
+             " heads exceed the grid's 65535 per dimension");
+  const std::size_t bytes = flash::shared_bytes(p, g, element);
+  // Above 48 KB a kernel must opt in; the attribute is per kernel, so set it before each launch
+  // (a host-side call).
+  MOCA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       static_cast<int>(bytes)));
+  const dim3 grid(static_cast<unsigned>((S + g.tile - 1) / g.tile), static_cast<unsigned>(H),
+                  static_cast<unsigned>(B));
+  kernel<<<grid, kFlashThreads, bytes, stream()>>>(g, H, S, args...);
+  check_launch(name);
+}
+
+/// Float products on the tensor cores in the tf32 and bf16 modes; exact otherwise.
+template <class T>
+bool flash_on_tensor_cores() {
+  return std::is_same_v<T, float> && Context::get().float_matmul() != FloatMatmul::Fp32;
+}
+
+template <class Mma, class T>
+void flash_forward(std::int64_t B, std::int64_t H, std::int64_t S, std::int64_t hd, T scale,
+                   const T* qkv, T* lse, T* ctx) {
+  const flash::Geometry g = flash_geometry(flash::Program::Forward, hd, sizeof(T));
+  launch_flash(flash_forward_kernel<Mma, T>, "flash_forward_kernel", flash::Program::Forward, g,
+               sizeof(T), B, H, S, scale, qkv, lse, ctx);
+}
+
+template <class Mma, class T>
+void flash_backward(std::int64_t B, std::int64_t H, std::int64_t S, std::int64_t hd, T scale,
+                    const T* qkv, const T* lse, const T* ctx, const T* dctx, T* delta, T* dqkv) {
+  // Stream order puts the dq pass (which writes δ) before the dk/dv pass (which reads it).
+  const flash::Geometry gq = flash_geometry(flash::Program::Dq, hd, sizeof(T));
+  launch_flash(flash_dq_kernel<Mma, T>, "flash_dq_kernel", flash::Program::Dq, gq, sizeof(T), B,
+               H, S, scale, qkv, lse, ctx, dctx, delta, dqkv);
+  const flash::Geometry gk = flash_geometry(flash::Program::Dkdv, hd, sizeof(T));
+  launch_flash(flash_dkdv_kernel<Mma, T>, "flash_dkdv_kernel", flash::Program::Dkdv, gk,
+               sizeof(T), B, H, S, scale, qkv, lse, dctx, delta, dqkv);
+}
+
+}  // namespace kernels
+
+template <class T>
+void attention_forward(std::int64_t B, std::int64_t H, std::int64_t S, std::int64_t hd, T scale,
+                       const T* qkv, T* lse, T* ctx) {
+  if (B <= 0 || S <= 0) return;
+  if constexpr (std::is_same_v<T, float>) {
+    if (kernels::flash_on_tensor_cores<T>())
+      return kernels::flash_forward<kernels::Tf32Mma>(B, H, S, hd, scale, qkv, lse, ctx);
+  }
+  kernels::flash_forward<flash::SimtMma>(B, H, S, hd, scale, qkv, lse, ctx);
+}
+
+template <class T>
+void attention_backward(std::int64_t B, std::int64_t H, std::int64_t S, std::int64_t hd, T scale,
+                        const T* qkv, const T* lse, const T* ctx, const T* dctx, T* delta,
+                        T* dqkv) {
+  if (B <= 0 || S <= 0) return;
+  if constexpr (std::is_same_v<T, float>) {
+    if (kernels::flash_on_tensor_cores<T>())
+      return kernels::flash_backward<kernels::Tf32Mma>(B, H, S, hd, scale, qkv, lse, ctx, dctx,
+                                                       delta, dqkv);
+  }
+  kernels::flash_backward<flash::SimtMma>(B, H, S, hd, scale, qkv, lse, ctx, dctx, delta, dqkv);
+}
+
+}  // namespace moca::cuda

@@ -1,0 +1,398 @@
+// The block programs of the fused ("flash") attention: what one thread block of the CUDA kernels
+// in attention.cuh does, written once for the device and for a serial host run of the same code
+// (tests/flash_attention_test.cpp checks every index and mask of it on a machine without a GPU).
+//
+// Layout as ops/attention.hpp: qkv [B, S, 3·dim] (q | k | v, head h at features h·hd …),
+// ctx [B, S, dim]. Per (image, head), with tiles of `tile` query rows and `tile` key rows:
+//
+//   forward_block  (one query tile): the scores of the tile against every key tile, an online
+//                  softmax (running row max m and sum l, earlier output rescaled by e^(m_old −
+//                  m_new)), o = Σ p·v; writes ctx and lse = m + log l [B, H, S]. The [S, S]
+//                  probabilities never leave shared memory.
+//   dq_block       (one query tile): δ = rowsum(do ∘ o) (written to global for dkdv_block), then
+//                  for every key tile p = e^(s − lse), dS = p ∘ (do·vᵀ − δ), dq += scale · dS·k.
+//   dkdv_block     (one key tile): for every query tile the same p and dS, dv += pᵀ·do,
+//                  dk += scale · dSᵀ·q.
+//
+// The backward is split in two passes so that each output row is written by one block and every
+// sum runs in a fixed order: results do not change from run to run (no atomics). It recomputes the
+// scores in both passes, 7 tile products instead of the 4 a kept [S, S] matrix needs; attention
+// is a small share of a ViT's FLOPs, the [B, H, S, S] buffers were most of its memory.
+//
+// Every program runs on `Exec` (tid(), threads(), sync(): a CUDA block, or one serial "thread")
+// and multiplies shared-memory tiles through `Mma::product` (SimtMma below: plain FMAs, exact
+// fp32/fp64; the tensor-core policy lives in attention.cuh). Loops over tile elements are
+// `for (i = tid; i < n; i += threads)`, so the serial run covers every element a block does.
+// Padding rows and columns (past S, past hd) are zero in shared memory and masked out of the
+// softmax; nothing past S or hd is written.
+#pragma once
+
+#include <math.h>
+
+#include <cstddef>
+#include <cstdint>
+
+// Programs run on the device (MOCA_FLASH_FN); geometry is also computed by the host launcher
+// (MOCA_FLASH_HD). Without nvcc both are plain inline functions.
+#if defined(__CUDACC__)
+#define MOCA_FLASH_FN __device__ inline
+#define MOCA_FLASH_HD __host__ __device__ inline
+#else
+#define MOCA_FLASH_FN inline
+#define MOCA_FLASH_HD inline
+#endif
+
+namespace moca::cuda::flash {
+
+/// Tile sizes the programs support (multiples of 16, the tensor-core fragment height).
+inline constexpr int kTiles[] = {64, 32, 16};
+/// Widest head the programs support.
+inline constexpr int kMaxHeadDim = 256;
+
+/// Shared-memory geometry of one block: [tile, hdp] buffers with row stride ldh and
+/// [tile, tile] buffers with row stride ldt. The strides are 4 elements past the width so that
+/// consecutive rows start in different banks, and stay multiples of 4 (tensor-core loads).
+struct Geometry {
+  int tile = 0;  // query rows of a query tile = key rows of a key tile
+  int hd = 0;    // head width
+  int hdp = 0;   // head width rounded up to a multiple of 16 (zero columns past hd)
+  int ldh = 0;
+  int ldt = 0;
+};
+
+MOCA_FLASH_HD Geometry make_geometry(int tile, int hd) {
+  Geometry g;
+  g.tile = tile;
+  g.hd = hd;
+  g.hdp = (hd + 15) / 16 * 16;
+  g.ldh = g.hdp + 4;
+  g.ldt = tile + 4;
+  return g;
+}
+
+/// Which program a block runs.
+enum class Program { Forward, Dq, Dkdv };
+
+/// Buffers of each program: [tile, hdp] ones, [tile, tile] ones, and per-row vectors.
+struct Buffers {
+  int h, t, v;
+};
+MOCA_FLASH_HD Buffers buffers_of(Program p) {
+  switch (p) {
+    case Program::Forward: return {4, 1, 3};  // q k v o · s · m l rescale
+    case Program::Dq: return {5, 2, 2};       // q do dq k v · s dp · lse δ
+    default: return {6, 2, 2};                // k v dk dv q do · s dp · lse δ
+  }
+}
+
+/// Each buffer starts on a 128-byte boundary (tensor-core loads need 32).
+inline constexpr std::size_t kAlign = 128;
+MOCA_FLASH_HD std::size_t aligned(std::size_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
+
+/// Shared memory one block of program p needs, in bytes.
+MOCA_FLASH_HD std::size_t shared_bytes(Program p, const Geometry& g, std::size_t element) {
+  const Buffers b = buffers_of(p);
+  return b.h * aligned(element * g.tile * g.ldh) + b.t * aligned(element * g.tile * g.ldt) +
+         b.v * aligned(element * g.tile);
+}
+
+/// Hands out consecutive aligned buffers of a block's shared memory.
+template <class T>
+struct Carver {
+  unsigned char* base;
+  std::size_t offset = 0;
+  MOCA_FLASH_FN T* take(std::size_t elements) {
+    T* p = reinterpret_cast<T*>(base + offset);
+    offset += aligned(sizeof(T) * elements);
+    return p;
+  }
+};
+
+/// One serial thread: runs a block's program on the host (tests).
+struct SerialExec {
+  MOCA_FLASH_FN int tid() const { return 0; }
+  MOCA_FLASH_FN int threads() const { return 1; }
+  MOCA_FLASH_FN void sync() const {}
+};
+
+MOCA_FLASH_FN float flash_exp(float x) { return expf(x); }
+MOCA_FLASH_FN double flash_exp(double x) { return exp(x); }
+MOCA_FLASH_FN float flash_log(float x) { return logf(x); }
+MOCA_FLASH_FN double flash_log(double x) { return log(x); }
+
+/// Tile products with plain FMAs in T: each thread computes 4×4 blocks of C.
+struct SimtMma {
+  /// C[M×N] = alpha · op(A)·op(B) (+ C when accumulate); op(A) is [M×K] (A stored [K×M] when
+  /// AT), op(B) is [K×N] (B stored [N×K] when BT). M and N are multiples of 4; C does not alias
+  /// A or B.
+  template <bool AT, bool BT, class Exec, class T>
+  static MOCA_FLASH_FN void product(const Exec& ex, int M, int N, int K, T alpha, const T* A,
+                                    int lda, const T* B, int ldb, T* C, int ldc,
+                                    bool accumulate) {
+    const int nt = N / 4;
+    for (int t = ex.tid(); t < (M / 4) * nt; t += ex.threads()) {
+      const int i0 = t / nt * 4, j0 = t % nt * 4;
+      T acc[4][4] = {};
+      for (int k = 0; k < K; ++k) {
+        T a[4], b[4];
+        for (int u = 0; u < 4; ++u) a[u] = AT ? A[k * lda + i0 + u] : A[(i0 + u) * lda + k];
+        for (int u = 0; u < 4; ++u) b[u] = BT ? B[(j0 + u) * ldb + k] : B[k * ldb + j0 + u];
+        for (int u = 0; u < 4; ++u)
+          for (int w = 0; w < 4; ++w) acc[u][w] += a[u] * b[w];
+      }
+      for (int u = 0; u < 4; ++u)
+        for (int w = 0; w < 4; ++w) {
+          T& c = C[(i0 + u) * ldc + j0 + w];
+          c = accumulate ? c + alpha * acc[u][w] : alpha * acc[u][w];
+        }
+    }
+  }
+};
+
+/// Where a block's head lives in global memory.
+template <class T>
+struct Head {
+  const T* q;     // rows of q (k at + dim, v at + 2·dim), row stride ld
+  std::int64_t ld;
+  std::int64_t dim;
+  std::int64_t S;
+  std::int64_t row;  // (b·H + h)·S: this head's offset in [B, H, S] vectors
+  std::int64_t ctx;  // b·S·dim + h·hd: its offset in [B, S, dim] buffers
+  std::int64_t qkv;  // b·S·ld + h·hd: its offset in [B, S, 3·dim] buffers
+};
+
+template <class T>
+MOCA_FLASH_FN Head<T> head_of(const T* qkv, std::int64_t H, std::int64_t S, std::int64_t hd,
+                              std::int64_t b, std::int64_t h) {
+  Head<T> x;
+  x.dim = H * hd;
+  x.ld = 3 * x.dim;
+  x.S = S;
+  x.row = (b * H + h) * S;
+  x.ctx = b * S * x.dim + h * hd;
+  x.qkv = b * S * x.ld + h * hd;
+  x.q = qkv + x.qkv;
+  return x;
+}
+
+/// dst[tile, hdp] = rows [0, rows) × columns [0, hd) of src (row stride ld), zeros elsewhere.
+template <class Exec, class T>
+MOCA_FLASH_FN void load_tile(const Exec& ex, const Geometry& g, const T* src, std::int64_t ld,
+                             int rows, T* dst) {
+  for (int i = ex.tid(); i < g.tile * g.hdp; i += ex.threads()) {
+    const int r = i / g.hdp, c = i % g.hdp;
+    dst[r * g.ldh + c] = (r < rows && c < g.hd) ? src[r * ld + c] : T(0);
+  }
+}
+
+template <class Exec, class T>
+MOCA_FLASH_FN void zero_tile(const Exec& ex, const Geometry& g, T* dst) {
+  for (int i = ex.tid(); i < g.tile * g.hdp; i += ex.threads())
+    dst[i / g.hdp * g.ldh + i % g.hdp] = T(0);
+}
+
+/// Rows [0, rows) × columns [0, hd) of src, times scale[r] (or 1), to dst (row stride ld).
+template <class Exec, class T>
+MOCA_FLASH_FN void store_tile(const Exec& ex, const Geometry& g, const T* src, int rows, T* dst,
+                              std::int64_t ld, const T* row_scale = nullptr) {
+  for (int i = ex.tid(); i < rows * g.hd; i += ex.threads()) {
+    const int r = i / g.hd, c = i % g.hd;
+    const T v = src[r * g.ldh + c];
+    dst[r * ld + c] = row_scale ? v * row_scale[r] : v;
+  }
+}
+
+MOCA_FLASH_FN int rows_from(std::int64_t S, std::int64_t first, int tile) {
+  const std::int64_t left = S - first;
+  return left < tile ? static_cast<int>(left) : tile;
+}
+
+/// The forward of query tile qt of head (b, h): ctx rows and their lse.
+template <class Mma, class Exec, class T>
+MOCA_FLASH_FN void forward_block(const Exec& ex, const Geometry& g, unsigned char* smem,
+                                 std::int64_t H, std::int64_t S, T scale, const T* qkv, T* lse,
+                                 T* ctx, std::int64_t b, std::int64_t h, std::int64_t qt) {
+  const Head<T> x = head_of(qkv, H, S, static_cast<std::int64_t>(g.hd), b, h);
+  const int tile = g.tile;
+  Carver<T> carve{smem};
+  T* sq = carve.take(tile * g.ldh);
+  T* sk = carve.take(tile * g.ldh);
+  T* sv = carve.take(tile * g.ldh);
+  T* so = carve.take(tile * g.ldh);
+  T* ss = carve.take(tile * g.ldt);
+  T* sm = carve.take(tile);
+  T* sl = carve.take(tile);
+  T* sr = carve.take(tile);
+
+  const std::int64_t r0 = qt * tile;
+  const int rows = rows_from(S, r0, tile);
+  load_tile(ex, g, x.q + r0 * x.ld, x.ld, rows, sq);
+  zero_tile(ex, g, so);
+  for (int r = ex.tid(); r < tile; r += ex.threads()) {
+    sm[r] = T(-INFINITY);
+    sl[r] = T(0);
+  }
+  for (std::int64_t c0 = 0; c0 < S; c0 += tile) {
+    const int cols = rows_from(S, c0, tile);
+    ex.sync();  // the previous key tile is no longer read
+    load_tile(ex, g, x.q + x.dim + c0 * x.ld, x.ld, cols, sk);
+    load_tile(ex, g, x.q + 2 * x.dim + c0 * x.ld, x.ld, cols, sv);
+    ex.sync();
+    Mma::template product<false, true>(ex, tile, tile, g.hdp, scale, sq, g.ldh, sk, g.ldh, ss,
+                                       g.ldt, false);
+    ex.sync();
+    // Online softmax, one thread per row: p = e^(s − m_new) in place, rescale factor of the
+    // output so far e^(m_old − m_new) (0 on the first tile, where m_old = −∞).
+    for (int r = ex.tid(); r < tile; r += ex.threads()) {
+      T* row = ss + r * g.ldt;
+      T m = sm[r];
+      for (int c = 0; c < cols; ++c) m = row[c] > m ? row[c] : m;
+      T sum = T(0);
+      for (int c = 0; c < cols; ++c) {
+        const T p = flash_exp(row[c] - m);
+        row[c] = p;
+        sum += p;
+      }
+      for (int c = cols; c < tile; ++c) row[c] = T(0);
+      const T rescale = flash_exp(sm[r] - m);
+      sl[r] = sl[r] * rescale + sum;
+      sm[r] = m;
+      sr[r] = rescale;
+    }
+    ex.sync();
+    for (int i = ex.tid(); i < tile * g.hdp; i += ex.threads())
+      so[i / g.hdp * g.ldh + i % g.hdp] *= sr[i / g.hdp];
+    ex.sync();
+    Mma::template product<false, false>(ex, tile, g.hdp, tile, T(1), ss, g.ldt, sv, g.ldh, so,
+                                        g.ldh, true);
+  }
+  ex.sync();
+  for (int r = ex.tid(); r < rows; r += ex.threads()) {
+    lse[x.row + r0 + r] = sm[r] + flash_log(sl[r]);
+    sr[r] = T(1) / sl[r];
+  }
+  ex.sync();
+  store_tile(ex, g, so, rows, ctx + x.ctx + r0 * x.dim, x.dim, sr);
+}
+
+/// p = e^(s − lse) on valid (row, column) pairs, 0 elsewhere; dS = p ∘ (dp − δ) into dp.
+/// Keeps p in s when keep_p.
+template <class Exec, class T>
+MOCA_FLASH_FN void probs_and_dscores(const Exec& ex, const Geometry& g, int rows, int cols,
+                                     const T* lse, const T* delta, T* s, T* dp, bool keep_p) {
+  for (int i = ex.tid(); i < g.tile * g.tile; i += ex.threads()) {
+    const int r = i / g.tile, c = i % g.tile;
+    const T p = (r < rows && c < cols) ? flash_exp(s[r * g.ldt + c] - lse[r]) : T(0);
+    if (keep_p) s[r * g.ldt + c] = p;
+    dp[r * g.ldt + c] = p * (dp[r * g.ldt + c] - delta[r]);
+  }
+}
+
+/// The dq pass for query tile qt of head (b, h); also writes δ [B, H, S] for dkdv_block.
+template <class Mma, class Exec, class T>
+MOCA_FLASH_FN void dq_block(const Exec& ex, const Geometry& g, unsigned char* smem,
+                            std::int64_t H, std::int64_t S, T scale, const T* qkv, const T* lse,
+                            const T* ctx, const T* dctx, T* delta, T* dqkv, std::int64_t b,
+                            std::int64_t h, std::int64_t qt) {
+  const Head<T> x = head_of(qkv, H, S, static_cast<std::int64_t>(g.hd), b, h);
+  const int tile = g.tile;
+  Carver<T> carve{smem};
+  T* sq = carve.take(tile * g.ldh);
+  T* sdo = carve.take(tile * g.ldh);
+  T* sdq = carve.take(tile * g.ldh);
+  T* sk = carve.take(tile * g.ldh);
+  T* sv = carve.take(tile * g.ldh);
+  T* ss = carve.take(tile * g.ldt);
+  T* sdp = carve.take(tile * g.ldt);
+  T* slse = carve.take(tile);
+  T* sdelta = carve.take(tile);
+
+  const std::int64_t r0 = qt * tile;
+  const int rows = rows_from(S, r0, tile);
+  load_tile(ex, g, x.q + r0 * x.ld, x.ld, rows, sq);
+  load_tile(ex, g, dctx + x.ctx + r0 * x.dim, x.dim, rows, sdo);
+  load_tile(ex, g, ctx + x.ctx + r0 * x.dim, x.dim, rows, sdq);  // o, for δ
+  for (int r = ex.tid(); r < tile; r += ex.threads()) slse[r] = r < rows ? lse[x.row + r0 + r] : T(0);
+  ex.sync();
+  for (int r = ex.tid(); r < tile; r += ex.threads()) {
+    T d = T(0);
+    for (int c = 0; c < g.hd; ++c) d += sdo[r * g.ldh + c] * sdq[r * g.ldh + c];
+    sdelta[r] = d;
+    if (r < rows) delta[x.row + r0 + r] = d;
+  }
+  ex.sync();
+  zero_tile(ex, g, sdq);
+  for (std::int64_t c0 = 0; c0 < S; c0 += tile) {
+    const int cols = rows_from(S, c0, tile);
+    ex.sync();
+    load_tile(ex, g, x.q + x.dim + c0 * x.ld, x.ld, cols, sk);
+    load_tile(ex, g, x.q + 2 * x.dim + c0 * x.ld, x.ld, cols, sv);
+    ex.sync();
+    Mma::template product<false, true>(ex, tile, tile, g.hdp, scale, sq, g.ldh, sk, g.ldh, ss,
+                                       g.ldt, false);
+    Mma::template product<false, true>(ex, tile, tile, g.hdp, T(1), sdo, g.ldh, sv, g.ldh, sdp,
+                                       g.ldt, false);
+    ex.sync();
+    probs_and_dscores(ex, g, rows, cols, slse, sdelta, ss, sdp, false);
+    ex.sync();
+    Mma::template product<false, false>(ex, tile, g.hdp, tile, scale, sdp, g.ldt, sk, g.ldh, sdq,
+                                        g.ldh, true);
+  }
+  ex.sync();
+  store_tile(ex, g, sdq, rows, dqkv + x.qkv + r0 * x.ld, x.ld);
+}
+
+/// The dk, dv pass for key tile kt of head (b, h); reads δ from dq_block.
+template <class Mma, class Exec, class T>
+MOCA_FLASH_FN void dkdv_block(const Exec& ex, const Geometry& g, unsigned char* smem,
+                              std::int64_t H, std::int64_t S, T scale, const T* qkv, const T* lse,
+                              const T* dctx, const T* delta, T* dqkv, std::int64_t b,
+                              std::int64_t h, std::int64_t kt) {
+  const Head<T> x = head_of(qkv, H, S, static_cast<std::int64_t>(g.hd), b, h);
+  const int tile = g.tile;
+  Carver<T> carve{smem};
+  T* sk = carve.take(tile * g.ldh);
+  T* sv = carve.take(tile * g.ldh);
+  T* sdk = carve.take(tile * g.ldh);
+  T* sdv = carve.take(tile * g.ldh);
+  T* sq = carve.take(tile * g.ldh);
+  T* sdo = carve.take(tile * g.ldh);
+  T* ss = carve.take(tile * g.ldt);
+  T* sdp = carve.take(tile * g.ldt);
+  T* slse = carve.take(tile);
+  T* sdelta = carve.take(tile);
+
+  const std::int64_t c0 = kt * tile;
+  const int cols = rows_from(S, c0, tile);
+  load_tile(ex, g, x.q + x.dim + c0 * x.ld, x.ld, cols, sk);
+  load_tile(ex, g, x.q + 2 * x.dim + c0 * x.ld, x.ld, cols, sv);
+  zero_tile(ex, g, sdk);
+  zero_tile(ex, g, sdv);
+  for (std::int64_t r0 = 0; r0 < S; r0 += tile) {
+    const int rows = rows_from(S, r0, tile);
+    ex.sync();
+    load_tile(ex, g, x.q + r0 * x.ld, x.ld, rows, sq);
+    load_tile(ex, g, dctx + x.ctx + r0 * x.dim, x.dim, rows, sdo);
+    for (int r = ex.tid(); r < tile; r += ex.threads()) {
+      slse[r] = r < rows ? lse[x.row + r0 + r] : T(0);
+      sdelta[r] = r < rows ? delta[x.row + r0 + r] : T(0);
+    }
+    ex.sync();
+    Mma::template product<false, true>(ex, tile, tile, g.hdp, scale, sq, g.ldh, sk, g.ldh, ss,
+                                       g.ldt, false);
+    Mma::template product<false, true>(ex, tile, tile, g.hdp, T(1), sdo, g.ldh, sv, g.ldh, sdp,
+                                       g.ldt, false);
+    ex.sync();
+    probs_and_dscores(ex, g, rows, cols, slse, sdelta, ss, sdp, true);
+    ex.sync();
+    Mma::template product<true, false>(ex, tile, g.hdp, tile, T(1), ss, g.ldt, sdo, g.ldh, sdv,
+                                       g.ldh, true);
+    Mma::template product<true, false>(ex, tile, g.hdp, tile, scale, sdp, g.ldt, sq, g.ldh, sdk,
+                                       g.ldh, true);
+  }
+  ex.sync();
+  store_tile(ex, g, sdk, cols, dqkv + x.qkv + x.dim + c0 * x.ld, x.ld);
+  store_tile(ex, g, sdv, cols, dqkv + x.qkv + 2 * x.dim + c0 * x.ld, x.ld);
+}
+
+}  // namespace moca::cuda::flash
