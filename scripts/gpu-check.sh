@@ -5,7 +5,10 @@
 #      the CPU step, the tiny preset learning on the device, no allocation per step (test_moca_cuda);
 #   3. the MOCA step benchmark beside PyTorch on the same card (benchmarks/compare_moca_cuda.py),
 #      and where the ViT-B/16 step's time goes (moca_cuda_bench --profile);
-#   4. compute-sanitizer memcheck over the op tests and the MOCA parity test.
+#   4. compute-sanitizer: memcheck over the op tests and the MOCA parity test, racecheck over the
+#      fused attention's shared memory;
+#   5. where the build has them, the command-line tests' GPU cases (`moca pretrain --device cuda`,
+#      `moca knn --device cuda`).
 #
 #   scripts/gpu-check.sh [--build-dir DIR (default build-gpu)] [--out DIR (default gpu-check)]
 #                        [--configs vit_b16_b64,vit_s16_b64]
@@ -89,6 +92,16 @@ stage memcheck-ops 90 compute-sanitizer --tool memcheck --error-exitcode 9 \
   "$build_dir/tests/test_ops_cuda"
 stage memcheck-moca 60 compute-sanitizer --tool memcheck --error-exitcode 9 \
   "$build_dir/tests/test_moca_cuda" --test-case="*three MOCA steps*"
+# Shared-memory hazards (a missing __syncthreads) in the fused attention's tile programs.
+stage racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 9 \
+  "$build_dir/tests/test_ops_cuda" --test-case="*fused attention forward and backward*"
+# The program on the GPU, driven as a user would (only where the build made the CLI and its tests).
+if [ -x "$build_dir/examples/moca" ] && [ -x "$build_dir/tests/test_cli_pretrain" ] &&
+   [ -x "$build_dir/tests/test_cli_knn" ]; then
+  export MOCA_CLI_PROGRAM="$(cd "$build_dir" && pwd)/examples/moca"
+  stage test-cli 180 bash -c "'$build_dir/tests/test_cli_pretrain' --test-case='*--device*' &&
+    '$build_dir/tests/test_cli_knn' --test-case='moca knn reports*' --subcase='--device cuda*'"
+fi
 
 echo
 echo "==== summary (total $((SECONDS - t_start))s)"

@@ -12,6 +12,8 @@
 #include <sstream>
 #include <string>
 
+#include "cli_program.hpp"
+
 using namespace moca;
 namespace fs = std::filesystem;
 
@@ -24,7 +26,7 @@ struct Run {
 
 Run run_cli(const std::string& args, const fs::path& dir) {
   const fs::path err = dir / "stderr.txt";
-  const std::string cmd = std::string(MOCA_CLI) + " " + args + " > " + (dir / "stdout.txt").string() +
+  const std::string cmd = moca::testing::cli_program() + " " + args + " > " + (dir / "stdout.txt").string() +
                           " 2> " + err.string();
   const int rc = std::system(cmd.c_str());
   std::ifstream in(err);

@@ -19,6 +19,8 @@
 #include <string>
 #include <vector>
 
+#include "cli_program.hpp"
+
 namespace moca::testing {
 
 namespace fs = std::filesystem;
@@ -52,7 +54,7 @@ struct CliRun {
 inline CliRun run_cli(const std::string& args, const fs::path& dir) {
   const fs::path out = dir / "stdout.txt", err = dir / "stderr.txt";
   const std::string cmd =
-      std::string(MOCA_CLI) + " " + args + " > " + out.string() + " 2> " + err.string();
+      moca::testing::cli_program() + " " + args + " > " + out.string() + " 2> " + err.string();
   const int rc = std::system(cmd.c_str());
   return {rc, read_file_text(out), read_file_text(err)};
 }

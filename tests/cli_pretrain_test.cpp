@@ -23,6 +23,8 @@
 #include <thread>
 #include <vector>
 
+#include "cli_program.hpp"
+
 using namespace moca;
 namespace fs = std::filesystem;
 using nlohmann::json;
@@ -45,7 +47,7 @@ std::string slurp(const fs::path& p) {
 
 Run run_cli(const std::string& args, const fs::path& dir) {
   const fs::path err = dir / "stderr.txt";
-  const std::string cmd = std::string(MOCA_CLI) + " " + args + " > " +
+  const std::string cmd = moca::testing::cli_program() + " " + args + " > " +
                           (dir / "stdout.txt").string() + " 2> " + err.string();
   const int rc = std::system(cmd.c_str());
   return {WIFEXITED(rc) ? WEXITSTATUS(rc) : -1, slurp(err)};
@@ -53,7 +55,7 @@ Run run_cli(const std::string& args, const fs::path& dir) {
 
 // Starts the program in the background; returns its pid.
 pid_t spawn_cli(const std::vector<std::string>& args, const fs::path& log) {
-  std::vector<std::string> all = {MOCA_CLI};
+  std::vector<std::string> all = {moca::testing::cli_program()};
   all.insert(all.end(), args.begin(), args.end());
   std::vector<char*> argv;
   for (auto& a : all) argv.push_back(a.data());
@@ -63,7 +65,7 @@ pid_t spawn_cli(const std::vector<std::string>& args, const fs::path& log) {
   posix_spawn_file_actions_addopen(&fa, 2, log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
   posix_spawn_file_actions_addopen(&fa, 1, "/dev/null", O_WRONLY, 0);
   pid_t pid = 0;
-  REQUIRE(posix_spawn(&pid, MOCA_CLI, &fa, nullptr, argv.data(), environ) == 0);
+  REQUIRE(posix_spawn(&pid, all[0].c_str(), &fa, nullptr, argv.data(), environ) == 0);
   posix_spawn_file_actions_destroy(&fa);
   return pid;
 }

@@ -3,6 +3,7 @@
 #include <doctest/doctest.h>
 
 #include <cmath>
+#include <cstring>
 #include <moca/models/vit.hpp>
 #include <vector>
 
@@ -245,4 +246,59 @@ TEST_CASE("A repeated forward/backward of the same sizes allocates nothing") {
   step();
   step();
   CHECK(memory_stats<Cpu>().allocations == before);
+}
+
+TEST_CASE("forward_inference: forward's output bit for bit, a fraction of the memory, then training as before") {
+  // The MOCA teacher and feature extraction run forward_inference: the blocks borrow block 0's
+  // activation buffers in turn and the stream alternates between two buffers. Its output must
+  // be forward's exactly (masked or not); it must hold far less memory at depth 6; and a
+  // training forward/backward after it must give the same gradients as one without it.
+  const VitConfig c = VitConfig::tiny();
+  Tensor<float> img({4, 1, 32, 32}), g({4, 65, 192});
+  fill_uniform(img, Philox(7), 0, -1, 1);
+  fill_uniform(g, Philox(7), 1, -1, 1);
+  auto keep = random_keep(4, 64, 20, 9);
+  TensorView<Index> kv = keep;
+
+  VisionTransformer<float> a(c), b(c);
+  ParameterStore<float> pa(a), pb(b);
+  pa.initialize(3);
+  pb.initialize(3);
+  for (const TensorView<Index, Cpu>* k : {static_cast<const TensorView<Index, Cpu>*>(nullptr),
+                                          static_cast<const TensorView<Index, Cpu>*>(&kv)}) {
+    a.forward(img, k);
+    b.forward_inference(img, k);
+    REQUIRE(a.output().shape() == b.output().shape());
+    CHECK(std::memcmp(a.output().data(), b.output().data(), a.output().bytes()) == 0);
+  }
+  // Intermediate outputs and backward are not available after it, with errors that say so.
+  CHECK_THROWS_WITH_AS(b.output(1), doctest::Contains("forward_inference"), Error);
+  CHECK_THROWS_WITH_AS(b.backward({{0, g}}), doctest::Contains("forward_inference"), Error);
+
+  // Memory: a fresh model's buffers after one forward_inference against after one forward.
+  auto held_after = [&](bool inference) {
+    VisionTransformer<float> vit(c);
+    ParameterStore<float> ps(vit);
+    ps.initialize(3);
+    const std::int64_t before = memory_stats<Cpu>().bytes_in_use;
+    if (inference) vit.forward_inference(img);
+    else vit.forward(img);
+    return memory_stats<Cpu>().bytes_in_use - before;
+  };
+  const std::int64_t full = held_after(false), shared = held_after(true);
+  MESSAGE("activation memory at depth 6: forward ", full, " bytes, forward_inference ", shared);
+  CHECK(shared * 3 < full);
+
+  // Training after an inference pass: the same gradients as a model that never ran one.
+  b.forward(img);
+  b.backward({{0, g}});
+  a.forward(img);
+  a.backward({{0, g}});
+  CHECK(std::memcmp(pa.grads().data(), pb.grads().data(), pa.grads().bytes()) == 0);
+  // And the inference pass allocates nothing once its buffers exist.
+  b.forward_inference(img);
+  const auto allocations = memory_stats<Cpu>().allocations;
+  b.forward_inference(img);
+  b.forward_inference(img, &kv);
+  CHECK(memory_stats<Cpu>().allocations == allocations);
 }

@@ -178,7 +178,7 @@ void run_extract(const ExtractOptions& opt) {
     train::ProgressBar bar("extract", N);
     for (std::int64_t b = 0; b < N; b += opt.batch) {
       const std::int64_t e = std::min(N, b + opt.batch);
-      vit.forward(images.rows(b, e));
+      vit.forward_inference(images.rows(b, e));
       pool_both(vit, b, cls, avg, scratch);
       bar.update(e);
     }
@@ -201,7 +201,7 @@ void run_extract(const ExtractOptions& opt) {
     train::ProgressBar bar("extract", N);
     std::int64_t done = 0;
     while (const data::EvalBatch* batch = loader.next()) {
-      vit.forward(batch->images);
+      vit.forward_inference(batch->images);
       pool_both(vit, done, cls, avg, scratch);
       std::copy(batch->labels.begin(), batch->labels.end(),
                 labels.begin() + static_cast<std::ptrdiff_t>(done));

@@ -514,6 +514,56 @@ TEST_CASE_TEMPLATE("cuda parity: layer_norm forward and backward", T, float, dou
   }
 }
 
+TEST_CASE_TEMPLATE("cuda parity: residual + layer_norm fused, forward and backward, in place", T,
+                   float, double) {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  // The fused kernels against the CPU's fused ops: sum = x + add written over x (the residual
+  // stream updated in place), y = layer_norm(sum); dx = residual + the LayerNorm backward of dy,
+  // written over dy, with the parameter gradients accumulated.
+  const double eps = 1e-6;
+  for (std::int64_t M : {1, 7, 130}) {
+    for (std::int64_t N : {7, 257, 768}) {
+      CAPTURE(M);
+      CAPTURE(N);
+      const Tensor<T> x = random_tensor<T>({M, N}, -3.0, 5.0), add = random_tensor<T>({M, N});
+      const Tensor<T> gamma = random_tensor<T>({N}, 0.5, 1.5), beta = random_tensor<T>({N});
+      const Tensor<T, Cuda> g_add = to_device<T>(add), g_gamma = to_device<T>(gamma),
+                            g_beta = to_device<T>(beta);
+      Tensor<T> sum = x.clone(), y = nan_tensor<T>({M, N}), mean = nan_tensor<T>({M}),
+                rstd = nan_tensor<T>({M});
+      Guarded<T> gsum(x), gy(y), gmean(mean), grstd(rstd);
+      ops::add_layer_norm(TensorView<T>(sum), TensorView<T>(add), TensorView<T>(gamma),
+                          TensorView<T>(beta), eps, TensorView<T>(sum), TensorView<T>(y),
+                          TensorView<T>(mean), TensorView<T>(rstd));
+      ops::add_layer_norm(gsum.view(), TensorView<T, Cuda>(g_add), TensorView<T, Cuda>(g_gamma),
+                          TensorView<T, Cuda>(g_beta), eps, gsum.view(), gy.view(), gmean.view(),
+                          grstd.view());
+      check_parity<T>("add_layer_norm sum (over x)", sum, gsum, tolerance<T>(1));
+      check_parity<T>("add_layer_norm y", y, gy, tolerance<T>(N));
+      check_parity<T>("add_layer_norm mean", mean, gmean, tolerance<T>(N));
+      check_parity<T>("add_layer_norm rstd", rstd, grstd, tolerance<T>(N));
+
+      const Tensor<T> dy = random_tensor<T>({M, N}), residual = random_tensor<T>({M, N});
+      Tensor<T> dgamma = random_tensor<T>({N}), dbeta = random_tensor<T>({N});
+      Guarded<T> g_dgamma(dgamma), g_dbeta(dbeta), gdx(dy);
+      const Tensor<T, Cuda> g_sum = to_device<T>(sum), g_mean = to_device<T>(mean),
+                            g_rstd = to_device<T>(rstd), g_res = to_device<T>(residual);
+      Tensor<T> dx = dy.clone();
+      ops::layer_norm_backward_add(TensorView<T>(sum), TensorView<T>(gamma), TensorView<T>(mean),
+                                   TensorView<T>(rstd), TensorView<T>(dx),
+                                   TensorView<T>(residual), TensorView<T>(dx),
+                                   TensorView<T>(dgamma), TensorView<T>(dbeta));
+      ops::layer_norm_backward_add(TensorView<T, Cuda>(g_sum), TensorView<T, Cuda>(g_gamma),
+                                   TensorView<T, Cuda>(g_mean), TensorView<T, Cuda>(g_rstd),
+                                   gdx.view(), TensorView<T, Cuda>(g_res), gdx.view(),
+                                   g_dgamma.view(), g_dbeta.view());
+      check_parity<T>("layer_norm_backward_add dx (over dy)", dx, gdx, tolerance<T>(N));
+      check_parity<T>("layer_norm_backward_add dgamma", dgamma, g_dgamma, tolerance<T>(M));
+      check_parity<T>("layer_norm_backward_add dbeta", dbeta, g_dbeta, tolerance<T>(M));
+    }
+  }
+}
+
 TEST_CASE_TEMPLATE("cuda parity: l2_normalize forward and backward, clamped rows included", T,
                    float, double) {
   SKIP_WITHOUT_CUDA_DEVICE();

@@ -85,13 +85,13 @@ Features encode(VisionTransformer<float, D, B>& vit, data::EvalLoader& loader, P
                " images");
     const TensorView<float> rows = TensorView<float>(f.features).rows(done, done + n);
     if constexpr (std::is_same_v<D, Cpu>) {
-      vit.forward(b->images);
+      vit.forward_inference(b->images);
       pool_tokens(vit.output(), pooling, rows, scratch);
     } else {
       images.resize(b->images.shape());
       pooled.resize({n, C});
       copy(TensorView<float>(b->images), TensorView<float, D>(images));
-      vit.forward(images);
+      vit.forward_inference(images);
       pool_tokens(vit.output(), pooling, TensorView<float, D>(pooled), scratch);
       copy(TensorView<float, D>(pooled), rows);
     }

@@ -10,6 +10,7 @@
 //   vit.forward(images);                 // or vit.forward(images, &keep) with keep [N, K]
 //   auto out = vit.output();             // [N, 1 + K, dim], after the final norm
 //   vit.backward({{0, d_out}});          // gradients into params.grads()
+//   vit.forward_inference(images);       // output(0) only, no backward: memory flat in depth
 //
 // Outputs are addressed by an offset counted from the end (spec §1.5): offset 0 is the last block
 // after the final norm; offset k > 0 is the raw residual stream after block depth − 1 − k.
@@ -115,39 +116,34 @@ class VisionTransformer {
   /// Runs the encoder on images [N, C, H, W]. With `keep` [N, K] (patch indices on the host),
   /// only those patches enter, in the given order, after their positions were added.
   void forward(const TensorView<T, D>& images, const TensorView<Index, Cpu>* keep = nullptr) {
-    MOCA_PROFILE_SCOPE("vit tokens");
-    const std::int64_t N = images.size(0), L = cfg_.num_patches(), dim = cfg_.dim;
-    MOCA_CHECK(images.rank() == 4 && images.size(1) == cfg_.in_chans &&
-                   images.size(2) == cfg_.img_size && images.size(3) == cfg_.img_size,
-               "ViT: expected images [N, ", cfg_.in_chans, ", ", cfg_.img_size, ", ",
-               cfg_.img_size, "], got ", images.shape());
-    masked_ = keep != nullptr;
-    const std::int64_t K = masked_ ? keep->size(1) : L;
-    if (masked_) set_keep_indices(*keep, N, L);
-    tokens_.resize({N, L, dim});
-    patch_embed.forward(images, tokens_);
-    // Positions are added before masking, so kept tokens carry their original positions.
-    ops::add_bias(TensorView<T, D>(tokens_).reshape({N, L * dim}),
-                  pos_embed.value.flat().rows(dim, (1 + L) * dim));
-    TensorView<T, D> kept = tokens_;
-    if (masked_) {
-      kept_.resize({N, K, dim});
-      ops::gather_rows(TensorView<T, D>(tokens_).reshape({N * L, dim}),
-                       TensorView<Index, D>(index_), TensorView<T, D>(kept_).reshape({N * K, dim}));
-      kept = kept_;
-    }
-    // Sequence [N, 1 + K, dim]: class token (+ the zero position row 0), then the tokens.
-    const std::int64_t S = 1 + K;
+    const std::int64_t S = embed(images, keep);
+    const std::int64_t N = images.size(0);
     stream_.resize(static_cast<std::size_t>(cfg_.depth) + 1);
-    for (auto& x : stream_) x.resize({N, S, dim});
-    TensorView<T, D> x0 = stream_[0];
-    ops::copy_strided(ops::strided_batch(cls_token.value, 0, 1, dim, 0, 0, N),
-                      ops::strided_batch(x0, 0, 1, dim, dim, S * dim, N));
-    ops::copy_strided(ops::strided_batch(kept, 0, K, dim, dim, K * dim, N),
-                      ops::strided_batch(x0, dim, K, dim, dim, S * dim, N));
+    for (auto& x : stream_) x.resize({N, S, cfg_.dim});
+    write_sequence(stream_[0]);
     for (std::size_t i = 0; i < blocks.size(); ++i) blocks[i].forward(stream_[i], stream_[i + 1]);
-    out_.resize({N, S, dim});
-    norm.forward(stream_.back(), out_);
+    finish(stream_.back());
+    inference_ = false;
+  }
+
+  /// The same output(0) as forward, for a pass that no backward follows (the MOCA teacher,
+  /// feature extraction), in memory that does not grow with depth: every block borrows block 0's
+  /// activation buffers in turn (blocks that can trade them, SwapsBuffers) and the residual
+  /// stream alternates between two buffers. Afterwards only output(0) is valid, and block 0's
+  /// buffers hold the last block's activations: backward needs a forward first.
+  void forward_inference(const TensorView<T, D>& images,
+                         const TensorView<Index, Cpu>* keep = nullptr) {
+    const std::int64_t S = embed(images, keep);
+    const std::int64_t N = images.size(0);
+    for (auto& x : pass_) x.resize({N, S, cfg_.dim});
+    write_sequence(pass_[0]);
+    for (std::size_t i = 0; i < blocks.size(); ++i) {
+      if (i > 0) swap_buffers_if_possible(blocks[0], blocks[i]);
+      blocks[i].forward(pass_[i % 2], pass_[(i + 1) % 2]);
+      if (i > 0) swap_buffers_if_possible(blocks[0], blocks[i]);
+    }
+    finish(pass_[blocks.size() % 2]);
+    inference_ = true;
   }
 
   /// The output at `offset` from the end: 0 = last block after the final norm, k = raw output of
@@ -156,6 +152,8 @@ class VisionTransformer {
     MOCA_CHECK(offset >= 0 && offset < cfg_.depth, "ViT: output offset ", offset,
                " out of range for depth ", cfg_.depth);
     if (offset == 0) return out_;
+    MOCA_CHECK(!inference_, "ViT: output offset ", offset,
+               " is not kept by forward_inference (only offset 0 is)");
     return stream_[static_cast<std::size_t>(cfg_.depth - offset)];
   }
 
@@ -163,6 +161,8 @@ class VisionTransformer {
   /// Accumulates into the parameter gradients; writes d_images unless it is an empty view.
   void backward(std::span<const OutputGrad> grads, const TensorView<T, D>& d_images = {}) {
     MOCA_PROFILE_SCOPE("vit tokens");
+    MOCA_CHECK(!inference_, "ViT backward: the last forward was forward_inference, which keeps "
+               "nothing for backward");
     const Shape shape = out_.shape();
     const std::int64_t N = shape[0], S = shape[1], dim = cfg_.dim, K = S - 1;
     for (const OutputGrad& g : grads)
@@ -215,6 +215,48 @@ class VisionTransformer {
   }
 
  private:
+  // Patch embedding, positions and masking into kept_ (or tokens_); returns the sequence length
+  // 1 + K.
+  std::int64_t embed(const TensorView<T, D>& images, const TensorView<Index, Cpu>* keep) {
+    MOCA_PROFILE_SCOPE("vit tokens");
+    const std::int64_t N = images.size(0), L = cfg_.num_patches(), dim = cfg_.dim;
+    MOCA_CHECK(images.rank() == 4 && images.size(1) == cfg_.in_chans &&
+                   images.size(2) == cfg_.img_size && images.size(3) == cfg_.img_size,
+               "ViT: expected images [N, ", cfg_.in_chans, ", ", cfg_.img_size, ", ",
+               cfg_.img_size, "], got ", images.shape());
+    masked_ = keep != nullptr;
+    const std::int64_t K = masked_ ? keep->size(1) : L;
+    if (masked_) set_keep_indices(*keep, N, L);
+    tokens_.resize({N, L, dim});
+    patch_embed.forward(images, tokens_);
+    // Positions are added before masking, so kept tokens carry their original positions.
+    ops::add_bias(TensorView<T, D>(tokens_).reshape({N, L * dim}),
+                  pos_embed.value.flat().rows(dim, (1 + L) * dim));
+    if (masked_) {
+      kept_.resize({N, K, dim});
+      ops::gather_rows(TensorView<T, D>(tokens_).reshape({N * L, dim}),
+                       TensorView<Index, D>(index_), TensorView<T, D>(kept_).reshape({N * K, dim}));
+    }
+    return 1 + K;
+  }
+
+  // The block input x0 [N, 1 + K, dim]: class token (+ the zero position row 0), then the tokens.
+  void write_sequence(const TensorView<T, D>& x0) {
+    MOCA_PROFILE_SCOPE("vit tokens");
+    const std::int64_t N = x0.size(0), S = x0.size(1), K = S - 1, dim = cfg_.dim;
+    const TensorView<T, D> kept = masked_ ? TensorView<T, D>(kept_) : TensorView<T, D>(tokens_);
+    ops::copy_strided(ops::strided_batch(cls_token.value, 0, 1, dim, 0, 0, N),
+                      ops::strided_batch(x0, 0, 1, dim, dim, S * dim, N));
+    ops::copy_strided(ops::strided_batch(kept, 0, K, dim, dim, K * dim, N),
+                      ops::strided_batch(x0, dim, K, dim, dim, S * dim, N));
+  }
+
+  // The final norm of the last block's output into out_.
+  void finish(const TensorView<T, D>& last) {
+    out_.resize(last.shape());
+    norm.forward(last, out_);
+  }
+
   // Row indices into the [N·L, dim] token matrix for keep [N, K]: n·L + keep[n, k].
   void set_keep_indices(const TensorView<Index, Cpu>& keep, std::int64_t N, std::int64_t L) {
     MOCA_CHECK(keep.rank() == 2 && keep.size(0) == N && keep.size(1) >= 1 && keep.size(1) <= L,
@@ -238,6 +280,8 @@ class VisionTransformer {
   Tensor<Index, D> index_;
   Tensor<T, D> tokens_, kept_, out_;
   std::vector<Tensor<T, D>> stream_;  // residual stream: input of block 0, output of every block
+  Tensor<T, D> pass_[2];              // forward_inference's residual stream, alternating
+  bool inference_ = false;            // the last forward was forward_inference
   Tensor<T, D> dstream_, dscratch_, dcls_, dkept_, dtokens_;
 };
 

@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <utility>
 
 #include "moca/core/profiler.hpp"
 #include "moca/nn/linear.hpp"
@@ -65,6 +66,16 @@ class MultiHeadAttention {
                             TensorView<T, D>(ctx_), TensorView<T, D>(dctx_), H, scale,
                             TensorView<T, D>(work_), TensorView<T, D>(dqkv_));
     qkv.backward(x, dqkv_, dx);
+  }
+
+  /// Trades activation buffers with another attention layer (see SwapsBuffers).
+  void swap_buffers(MultiHeadAttention& other) noexcept {
+    std::swap(qkv_, other.qkv_);
+    std::swap(saved_, other.saved_);
+    std::swap(ctx_, other.ctx_);
+    std::swap(dctx_, other.dctx_);
+    std::swap(work_, other.work_);
+    std::swap(dqkv_, other.dqkv_);
   }
 
  private:

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <utility>
 
 #include "moca/core/profiler.hpp"
 #include "moca/nn/attention.hpp"
@@ -79,6 +80,20 @@ class Block {
       norm1.backward(x, scratch_, scratch_);
       ops::add(TensorView<T, D>(dmid_), TensorView<T, D>(scratch_), dx);
     }
+  }
+
+  /// Trades activation buffers with another block, its layers' included where they can (see
+  /// SwapsBuffers).
+  void swap_buffers(Block& other) noexcept {
+    std::swap(n1_, other.n1_);
+    std::swap(mid_, other.mid_);
+    std::swap(n2_, other.n2_);
+    std::swap(dmid_, other.dmid_);
+    std::swap(scratch_, other.scratch_);
+    swap_buffers_if_possible(norm1, other.norm1);
+    swap_buffers_if_possible(attn, other.attn);
+    swap_buffers_if_possible(norm2, other.norm2);
+    swap_buffers_if_possible(mlp, other.mlp);
   }
 
  private:

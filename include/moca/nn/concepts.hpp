@@ -32,6 +32,19 @@ concept SequenceLayer = requires(L layer, const TensorView<T, D>& x) {
   layer.visit(detail::AnyVisitor{});
 };
 
+/// A layer whose activation buffers (what forward keeps, backward's scratch) can be traded with
+/// another layer of its type, a.swap_buffers(b). A ViT's inference forward lends one block's
+/// buffers to every block in turn (VisionTransformer::forward_inference); a layer without it
+/// keeps its own, which is correct, only larger.
+template <class L>
+concept SwapsBuffers = requires(L& a, L& b) { a.swap_buffers(b); };
+
+/// a.swap_buffers(b) where the layer has it; nothing otherwise.
+template <class L>
+void swap_buffers_if_possible(L& a, L& b) {
+  if constexpr (SwapsBuffers<L>) a.swap_buffers(b);
+}
+
 /// A normalisation layer, constructed as Norm(dim, eps).
 template <class N, class T, class D>
 concept NormLayer = SequenceLayer<N, T, D> && std::constructible_from<N, std::int64_t, double>;

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <utility>
 
 #include "moca/core/profiler.hpp"
 #include "moca/nn/parameter.hpp"
@@ -63,6 +64,12 @@ class LayerNorm {
     MOCA_PROFILE_SCOPE("layer_norm");
     ops::layer_norm_backward_add(x, weight.value, mean_, rstd_, dy, residual, dx, weight.grad,
                                  bias.grad);
+  }
+
+  /// Trades mean and rstd with another LayerNorm (see SwapsBuffers).
+  void swap_buffers(LayerNorm& other) noexcept {
+    std::swap(mean_, other.mean_);
+    std::swap(rstd_, other.rstd_);
   }
 
  private:

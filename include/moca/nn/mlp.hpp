@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <utility>
 
 #include "moca/nn/activation.hpp"
 #include "moca/nn/linear.hpp"
@@ -38,6 +39,13 @@ class Mlp {
     fc2.backward(act_, dy, grad_);
     Activation::backward(TensorView<T, D>(pre_), TensorView<T, D>(grad_), TensorView<T, D>(grad_));
     fc1.backward(x, grad_, dx);
+  }
+
+  /// Trades activation buffers with another Mlp (see SwapsBuffers).
+  void swap_buffers(Mlp& other) noexcept {
+    std::swap(pre_, other.pre_);
+    std::swap(act_, other.act_);
+    std::swap(grad_, other.grad_);
   }
 
  private:

@@ -69,6 +69,14 @@ template <class T>
 void layer_norm_backward(std::int64_t M, std::int64_t N, const T* x, const T* gamma,
                          const T* mean, const T* rstd, const T* dy, T* dx, T* dgamma, T* dbeta);
 template <class T>
+void add_layer_norm_forward(std::int64_t M, std::int64_t N, const T* x, const T* add,
+                            const T* gamma, const T* beta, double eps, T* sum, T* y, T* mean,
+                            T* rstd);
+template <class T>
+void layer_norm_backward_add(std::int64_t M, std::int64_t N, const T* x, const T* gamma,
+                             const T* mean, const T* rstd, const T* dy, const T* residual, T* dx,
+                             T* dgamma, T* dbeta);
+template <class T>
 void l2_normalize_rows_forward(std::int64_t M, std::int64_t N, const T* x, double eps, T* y,
                                T* norm);
 template <class T>
@@ -302,6 +310,19 @@ struct Backend<Cuda> {
                                   const T* mean, const T* rstd, const T* dy, T* dx, T* dgamma,
                                   T* dbeta) {
     cuda::layer_norm_backward(M, N, x, gamma, mean, rstd, dy, dx, dgamma, dbeta);
+  }
+  /// Fused forms of ops::add_layer_norm and ops::layer_norm_backward_add.
+  template <class T>
+  static void add_layer_norm_forward(std::int64_t M, std::int64_t N, const T* x, const T* add,
+                                     const T* gamma, const T* beta, double eps, T* sum, T* y,
+                                     T* mean, T* rstd) {
+    cuda::add_layer_norm_forward(M, N, x, add, gamma, beta, eps, sum, y, mean, rstd);
+  }
+  template <class T>
+  static void layer_norm_backward_add(std::int64_t M, std::int64_t N, const T* x, const T* gamma,
+                                      const T* mean, const T* rstd, const T* dy,
+                                      const T* residual, T* dx, T* dgamma, T* dbeta) {
+    cuda::layer_norm_backward_add(M, N, x, gamma, mean, rstd, dy, residual, dx, dgamma, dbeta);
   }
   template <class T>
   static void l2_normalize_rows_forward(std::int64_t M, std::int64_t N, const T* x, double eps,

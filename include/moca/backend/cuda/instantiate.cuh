@@ -39,6 +39,11 @@
                                       const T*, double, T*, T*, T*);                          \
   template void layer_norm_backward<T>(std::int64_t, std::int64_t, const T*, const T*,        \
                                        const T*, const T*, const T*, T*, T*, T*);             \
+  template void add_layer_norm_forward<T>(std::int64_t, std::int64_t, const T*, const T*,     \
+                                          const T*, const T*, double, T*, T*, T*, T*);        \
+  template void layer_norm_backward_add<T>(std::int64_t, std::int64_t, const T*, const T*,    \
+                                           const T*, const T*, const T*, const T*, T*, T*,    \
+                                           T*);                                               \
   template void l2_normalize_rows_forward<T>(std::int64_t, std::int64_t, const T*, double,    \
                                              T*, T*);                                         \
   template void l2_normalize_rows_backward<T>(std::int64_t, std::int64_t, const T*, const T*, \

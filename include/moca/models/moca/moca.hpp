@@ -275,10 +275,10 @@ class Moca {
     const bool keep_view1 = refresh != nullptr && refresh->view == 0;
     // Sized whichever view the refresh draws, so that no later step allocates it.
     if (refresh != nullptr) chosen_.resize({B, S, C});
-    encoder_teacher.forward(x1);
+    encoder_teacher.forward_inference(x1);
     cb.assign(encoder_teacher.output(), Q.rows(0, B), Y.rows(B, 2 * B));
     if (keep_view1) copy(encoder_teacher.output(), TensorView<T, D>(chosen_));
-    encoder_teacher.forward(x2);
+    encoder_teacher.forward_inference(x2);
     cb.assign(encoder_teacher.output(), Q.rows(B, 2 * B), Y.rows(0, B));
     if (refresh != nullptr)
       cb.update(keep_view1 ? TensorView<T, D>(chosen_) : encoder_teacher.output(), *refresh);

@@ -80,8 +80,8 @@ struct Buffers {
 MOCA_FLASH_HD Buffers buffers_of(Program p) {
   switch (p) {
     case Program::Forward: return {4, 1, 3};  // q k v o · s · m l rescale
-    case Program::Dq: return {5, 2, 2};       // q do dq k v · s dp · lse δ
-    default: return {6, 2, 2};                // k v dk dv q do · s dp · lse δ
+    case Program::Dq: return {5, 2, 2};       // q do k v dq · s dp · lse δ
+    default: return {6, 2, 2};                // q do k v dk dv · s dp · lse δ
   }
 }
 
@@ -241,25 +241,30 @@ MOCA_FLASH_FN void forward_block(const Exec& ex, const Geometry& g, unsigned cha
     Mma::template product<false, true>(ex, tile, tile, g.hdp, scale, sq, g.ldh, sk, g.ldh, ss,
                                        g.ldt, false);
     ex.sync();
-    // Online softmax, one thread per row: p = e^(s − m_new) in place, rescale factor of the
-    // output so far e^(m_old − m_new) (0 on the first tile, where m_old = −∞).
+    // Online softmax in three steps: the new row maxima and the factor e^(m_old − m_new) that
+    // rescales the output so far (0 on the first tile, where m_old = −∞), one thread per row;
+    // p = e^(s − m_new) over the whole tile, every thread (the exponentials are most of the
+    // work); the row sums, one thread per row again.
     for (int r = ex.tid(); r < tile; r += ex.threads()) {
-      T* row = ss + r * g.ldt;
+      const T* row = ss + r * g.ldt;
       T m = sm[r];
       for (int c = 0; c < cols; ++c) m = row[c] > m ? row[c] : m;
-      T sum = T(0);
-      for (int c = 0; c < cols; ++c) {
-        const T p = flash_exp(row[c] - m);
-        row[c] = p;
-        sum += p;
-      }
-      for (int c = cols; c < tile; ++c) row[c] = T(0);
-      const T rescale = flash_exp(sm[r] - m);
-      sl[r] = sl[r] * rescale + sum;
+      sr[r] = flash_exp(sm[r] - m);
       sm[r] = m;
-      sr[r] = rescale;
     }
     ex.sync();
+    for (int i = ex.tid(); i < tile * tile; i += ex.threads()) {
+      const int r = i / tile, c = i % tile;
+      T& s_rc = ss[r * g.ldt + c];
+      s_rc = c < cols ? flash_exp(s_rc - sm[r]) : T(0);
+    }
+    ex.sync();
+    for (int r = ex.tid(); r < tile; r += ex.threads()) {
+      const T* row = ss + r * g.ldt;
+      T sum = T(0);
+      for (int c = 0; c < cols; ++c) sum += row[c];
+      sl[r] = sl[r] * sr[r] + sum;
+    }
     for (int i = ex.tid(); i < tile * g.hdp; i += ex.threads())
       so[i / g.hdp * g.ldh + i % g.hdp] *= sr[i / g.hdp];
     ex.sync();
@@ -288,6 +293,49 @@ MOCA_FLASH_FN void probs_and_dscores(const Exec& ex, const Geometry& g, int rows
   }
 }
 
+/// The shared memory of the backward passes: q, do, k, v and one (dq) or two (dk, dv)
+/// accumulator tiles [tile, hdp]; s and dp [tile, tile]; lse and δ of the query rows.
+template <class T>
+struct BackwardTiles {
+  T *q, *dout, *k, *v, *acc[2], *s, *dp, *lse, *delta;
+};
+
+template <class T>
+MOCA_FLASH_FN BackwardTiles<T> carve_backward(unsigned char* smem, const Geometry& g,
+                                              int accumulators) {
+  Carver<T> carve{smem};
+  BackwardTiles<T> t;
+  const std::size_t h = static_cast<std::size_t>(g.tile) * g.ldh;
+  t.q = carve.take(h);
+  t.dout = carve.take(h);
+  t.k = carve.take(h);
+  t.v = carve.take(h);
+  t.acc[0] = carve.take(h);
+  t.acc[1] = accumulators > 1 ? carve.take(h) : nullptr;
+  t.s = carve.take(static_cast<std::size_t>(g.tile) * g.ldt);
+  t.dp = carve.take(static_cast<std::size_t>(g.tile) * g.ldt);
+  t.lse = carve.take(g.tile);
+  t.delta = carve.take(g.tile);
+  return t;
+}
+
+/// For one (query tile, key tile) pair: s = scale · q·kᵀ and dp = do·vᵀ, then p and dS as
+/// probs_and_dscores writes them. Starts once q, k, do, v, lse and δ are in place (after a sync);
+/// ends after a sync.
+template <class Mma, class Exec, class T>
+MOCA_FLASH_FN void recompute_dscores(const Exec& ex, const Geometry& g, T scale, int rows,
+                                     int cols, const T* sq, const T* sk, const T* sdo,
+                                     const T* sv, const T* slse, const T* sdelta, T* ss, T* sdp,
+                                     bool keep_p) {
+  Mma::template product<false, true>(ex, g.tile, g.tile, g.hdp, scale, sq, g.ldh, sk, g.ldh, ss,
+                                     g.ldt, false);
+  Mma::template product<false, true>(ex, g.tile, g.tile, g.hdp, T(1), sdo, g.ldh, sv, g.ldh, sdp,
+                                     g.ldt, false);
+  ex.sync();
+  probs_and_dscores(ex, g, rows, cols, slse, sdelta, ss, sdp, keep_p);
+  ex.sync();
+}
+
 /// The dq pass for query tile qt of head (b, h); also writes δ [B, H, S] for dkdv_block.
 template <class Mma, class Exec, class T>
 MOCA_FLASH_FN void dq_block(const Exec& ex, const Geometry& g, unsigned char* smem,
@@ -296,16 +344,9 @@ MOCA_FLASH_FN void dq_block(const Exec& ex, const Geometry& g, unsigned char* sm
                             std::int64_t h, std::int64_t qt) {
   const Head<T> x = head_of(qkv, H, S, static_cast<std::int64_t>(g.hd), b, h);
   const int tile = g.tile;
-  Carver<T> carve{smem};
-  T* sq = carve.take(tile * g.ldh);
-  T* sdo = carve.take(tile * g.ldh);
-  T* sdq = carve.take(tile * g.ldh);
-  T* sk = carve.take(tile * g.ldh);
-  T* sv = carve.take(tile * g.ldh);
-  T* ss = carve.take(tile * g.ldt);
-  T* sdp = carve.take(tile * g.ldt);
-  T* slse = carve.take(tile);
-  T* sdelta = carve.take(tile);
+  const BackwardTiles<T> t = carve_backward<T>(smem, g, 1);
+  T *sq = t.q, *sdo = t.dout, *sk = t.k, *sv = t.v, *sdq = t.acc[0];
+  T *ss = t.s, *sdp = t.dp, *slse = t.lse, *sdelta = t.delta;
 
   const std::int64_t r0 = qt * tile;
   const int rows = rows_from(S, r0, tile);
@@ -328,13 +369,8 @@ MOCA_FLASH_FN void dq_block(const Exec& ex, const Geometry& g, unsigned char* sm
     load_tile(ex, g, x.q + x.dim + c0 * x.ld, x.ld, cols, sk);
     load_tile(ex, g, x.q + 2 * x.dim + c0 * x.ld, x.ld, cols, sv);
     ex.sync();
-    Mma::template product<false, true>(ex, tile, tile, g.hdp, scale, sq, g.ldh, sk, g.ldh, ss,
-                                       g.ldt, false);
-    Mma::template product<false, true>(ex, tile, tile, g.hdp, T(1), sdo, g.ldh, sv, g.ldh, sdp,
-                                       g.ldt, false);
-    ex.sync();
-    probs_and_dscores(ex, g, rows, cols, slse, sdelta, ss, sdp, false);
-    ex.sync();
+    recompute_dscores<Mma>(ex, g, scale, rows, cols, sq, sk, sdo, sv, slse, sdelta, ss, sdp,
+                           false);
     Mma::template product<false, false>(ex, tile, g.hdp, tile, scale, sdp, g.ldt, sk, g.ldh, sdq,
                                         g.ldh, true);
   }
@@ -350,17 +386,9 @@ MOCA_FLASH_FN void dkdv_block(const Exec& ex, const Geometry& g, unsigned char* 
                               std::int64_t h, std::int64_t kt) {
   const Head<T> x = head_of(qkv, H, S, static_cast<std::int64_t>(g.hd), b, h);
   const int tile = g.tile;
-  Carver<T> carve{smem};
-  T* sk = carve.take(tile * g.ldh);
-  T* sv = carve.take(tile * g.ldh);
-  T* sdk = carve.take(tile * g.ldh);
-  T* sdv = carve.take(tile * g.ldh);
-  T* sq = carve.take(tile * g.ldh);
-  T* sdo = carve.take(tile * g.ldh);
-  T* ss = carve.take(tile * g.ldt);
-  T* sdp = carve.take(tile * g.ldt);
-  T* slse = carve.take(tile);
-  T* sdelta = carve.take(tile);
+  const BackwardTiles<T> t = carve_backward<T>(smem, g, 2);
+  T *sq = t.q, *sdo = t.dout, *sk = t.k, *sv = t.v, *sdk = t.acc[0], *sdv = t.acc[1];
+  T *ss = t.s, *sdp = t.dp, *slse = t.lse, *sdelta = t.delta;
 
   const std::int64_t c0 = kt * tile;
   const int cols = rows_from(S, c0, tile);
@@ -378,13 +406,7 @@ MOCA_FLASH_FN void dkdv_block(const Exec& ex, const Geometry& g, unsigned char* 
       sdelta[r] = r < rows ? delta[x.row + r0 + r] : T(0);
     }
     ex.sync();
-    Mma::template product<false, true>(ex, tile, tile, g.hdp, scale, sq, g.ldh, sk, g.ldh, ss,
-                                       g.ldt, false);
-    Mma::template product<false, true>(ex, tile, tile, g.hdp, T(1), sdo, g.ldh, sv, g.ldh, sdp,
-                                       g.ldt, false);
-    ex.sync();
-    probs_and_dscores(ex, g, rows, cols, slse, sdelta, ss, sdp, true);
-    ex.sync();
+    recompute_dscores<Mma>(ex, g, scale, rows, cols, sq, sk, sdo, sv, slse, sdelta, ss, sdp, true);
     Mma::template product<true, false>(ex, tile, g.hdp, tile, T(1), ss, g.ldt, sdo, g.ldh, sdv,
                                        g.ldh, true);
     Mma::template product<true, false>(ex, tile, g.hdp, tile, scale, sdp, g.ldt, sq, g.ldh, sdk,

@@ -82,17 +82,30 @@ __global__ void log_softmax_rows_backward_kernel(std::int64_t M, std::int64_t N,
 }
 
 // Two passes for the statistics (the mean, then the squared deviations from it), as on the CPU.
+// With `add`: the row is x + add, also written to `sum` (which may alias x or add: every pass
+// has each thread read and write only its own elements).
 template <class T>
 __global__ void layer_norm_forward_kernel(std::int64_t M, std::int64_t N, const T* x,
                                           const T* gamma, const T* beta, acc_t<T> eps, T* y,
-                                          T* mean, T* rstd) {
+                                          T* mean, T* rstd, const T* add, T* sum) {
   using A = acc_t<T>;
   __shared__ A shared[32];
   for (std::int64_t r = blockIdx.x; r < M; r += gridDim.x) {
     const T* xr = x + r * N;
     T* yr = y + r * N;
     A s = 0;
-    for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x) s += xr[j];
+    if (add) {
+      const T* ar = add + r * N;
+      T* sr = sum + r * N;
+      for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x) {
+        const T v = xr[j] + ar[j];
+        sr[j] = v;
+        s += v;
+      }
+      xr = sr;
+    } else {
+      for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x) s += xr[j];
+    }
     const A mu = block_reduce(s, SumOp{}, shared) / static_cast<A>(N);
     A ss = 0;
     for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x) {
@@ -114,11 +127,12 @@ __global__ void layer_norm_forward_kernel(std::int64_t M, std::int64_t N, const 
   }
 }
 
-// dx = rstd · (g − mean(g) − xhat · mean(g · xhat)), g = dy · gamma (or dy without gamma).
+// dx = rstd · (g − mean(g) − xhat · mean(g · xhat)) (+ residual), g = dy · gamma (or dy
+// without gamma).
 template <class T>
 __global__ void layer_norm_backward_kernel(std::int64_t M, std::int64_t N, const T* x,
                                            const T* gamma, const T* mean, const T* rstd,
-                                           const T* dy, T* dx) {
+                                           const T* dy, T* dx, const T* residual) {
   using A = acc_t<T>;
   __shared__ A shared[32];
   for (std::int64_t r = blockIdx.x; r < M; r += gridDim.x) {
@@ -136,7 +150,8 @@ __global__ void layer_norm_backward_kernel(std::int64_t M, std::int64_t N, const
     for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x) {
       const T g = gamma ? gr[j] * gamma[j] : gr[j];
       const T xhat = (xr[j] - m) * is;
-      dr[j] = is * (g - mg - xhat * mgx);
+      const T v = is * (g - mg - xhat * mgx);
+      dr[j] = residual ? v + residual[r * N + j] : v;
     }
   }
 }
@@ -237,30 +252,59 @@ void log_softmax_rows_backward(std::int64_t M, std::int64_t N, const T* y, const
   kernels::check_launch("log_softmax_rows_backward_kernel");
 }
 
+namespace kernels {
+
+template <class T>
+void layer_norm_forward(std::int64_t M, std::int64_t N, const T* x, const T* gamma, const T* beta,
+                        double eps, T* y, T* mean, T* rstd, const T* add, T* sum) {
+  if (M <= 0) return;  // N == 0 still writes mean and rstd (NaN), as on the CPU
+  layer_norm_forward_kernel<<<row_blocks(M), row_threads(N), 0, stream()>>>(
+      M, N, x, gamma, beta, static_cast<acc_t<T>>(eps), y, mean, rstd, add, sum);
+  check_launch("layer_norm_forward_kernel");
+}
+
+template <class T>
+void layer_norm_backward(std::int64_t M, std::int64_t N, const T* x, const T* gamma,
+                         const T* mean, const T* rstd, const T* dy, T* dx, T* dgamma, T* dbeta,
+                         const T* residual) {
+  if (M <= 0 || N <= 0) return;
+  // Parameter gradients first: dx may overwrite dy, and the stream runs the kernels in order.
+  if (dgamma || dbeta) {
+    reduce_columns<2, acc_t<T>>(M, N, LayerNormParamLoad<T>{x, mean, rstd, dy, N},
+                                LayerNormParamFinish<T>{dgamma, dbeta},
+                                "layer_norm parameter gradients");
+  }
+  layer_norm_backward_kernel<<<row_blocks(M), row_threads(N), 0, stream()>>>(
+      M, N, x, gamma, mean, rstd, dy, dx, residual);
+  check_launch("layer_norm_backward_kernel");
+}
+
+}  // namespace kernels
+
 template <class T>
 void layer_norm_forward(std::int64_t M, std::int64_t N, const T* x, const T* gamma, const T* beta,
                         double eps, T* y, T* mean, T* rstd) {
-  if (M <= 0) return;  // N == 0 still writes mean and rstd (NaN), as on the CPU
-  kernels::layer_norm_forward_kernel<<<kernels::row_blocks(M), kernels::row_threads(N), 0,
-                                       stream()>>>(
-      M, N, x, gamma, beta, static_cast<kernels::acc_t<T>>(eps), y, mean, rstd);
-  kernels::check_launch("layer_norm_forward_kernel");
+  kernels::layer_norm_forward<T>(M, N, x, gamma, beta, eps, y, mean, rstd, nullptr, nullptr);
+}
+
+template <class T>
+void add_layer_norm_forward(std::int64_t M, std::int64_t N, const T* x, const T* add,
+                            const T* gamma, const T* beta, double eps, T* sum, T* y, T* mean,
+                            T* rstd) {
+  kernels::layer_norm_forward<T>(M, N, x, gamma, beta, eps, y, mean, rstd, add, sum);
 }
 
 template <class T>
 void layer_norm_backward(std::int64_t M, std::int64_t N, const T* x, const T* gamma,
                          const T* mean, const T* rstd, const T* dy, T* dx, T* dgamma, T* dbeta) {
-  if (M <= 0 || N <= 0) return;
-  const cudaStream_t s = stream();
-  // Parameter gradients first: dx may overwrite dy, and the stream runs the kernels in order.
-  if (dgamma || dbeta) {
-    kernels::reduce_columns<2, kernels::acc_t<T>>(
-        M, N, kernels::LayerNormParamLoad<T>{x, mean, rstd, dy, N},
-        kernels::LayerNormParamFinish<T>{dgamma, dbeta}, "layer_norm parameter gradients");
-  }
-  kernels::layer_norm_backward_kernel<<<kernels::row_blocks(M), kernels::row_threads(N), 0, s>>>(
-      M, N, x, gamma, mean, rstd, dy, dx);
-  kernels::check_launch("layer_norm_backward_kernel");
+  kernels::layer_norm_backward<T>(M, N, x, gamma, mean, rstd, dy, dx, dgamma, dbeta, nullptr);
+}
+
+template <class T>
+void layer_norm_backward_add(std::int64_t M, std::int64_t N, const T* x, const T* gamma,
+                             const T* mean, const T* rstd, const T* dy, const T* residual, T* dx,
+                             T* dgamma, T* dbeta) {
+  kernels::layer_norm_backward<T>(M, N, x, gamma, mean, rstd, dy, dx, dgamma, dbeta, residual);
 }
 
 template <class T>
