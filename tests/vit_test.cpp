@@ -302,3 +302,26 @@ TEST_CASE("forward_inference: forward's output bit for bit, a fraction of the me
   b.forward_inference(img, &kv);
   CHECK(memory_stats<Cpu>().allocations == allocations);
 }
+
+TEST_CASE("backward: the blocks share one set of scratch, so its memory does not grow with depth") {
+  // What a backward adds to the memory a forward left: the ViT's own gradient buffers and one
+  // block's scratch, whatever the depth (gradients themselves are checked by the tests above).
+  auto backward_growth = [](std::int64_t depth) {
+    VitConfig c = VitConfig::tiny();
+    c.depth = depth;
+    VisionTransformer<float> vit(c);
+    ParameterStore<float> ps(vit);
+    ps.initialize(5);
+    Tensor<float> img({4, 1, 32, 32}), g({4, 65, 192});
+    fill_uniform(img, Philox(8), 0, -1, 1);
+    fill_uniform(g, Philox(8), 1, -1, 1);
+    vit.forward(img);
+    const std::int64_t before = memory_stats<Cpu>().bytes_in_use;
+    vit.backward({{0, g}});
+    return memory_stats<Cpu>().bytes_in_use - before;
+  };
+  const std::int64_t one = backward_growth(1), six = backward_growth(6);
+  MESSAGE("memory a backward adds: depth 1 ", one, " bytes, depth 6 ", six);
+  CHECK(one > 0);
+  CHECK(six == one);
+}

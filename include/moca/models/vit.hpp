@@ -183,7 +183,11 @@ class VisionTransformer {
         if (g.offset > 0 && cfg_.depth - g.offset == i + 1) {
           ops::add(dx, g.grad, dx);
         }
-      blocks[static_cast<std::size_t>(i)].backward(stream_[static_cast<std::size_t>(i)], dx, dx);
+      // Every block runs its backward on block 0's scratch (SwapsScratch), lent and returned.
+      const auto b = static_cast<std::size_t>(i);
+      if (b > 0) swap_scratch_if_possible(blocks[0], blocks[b]);
+      blocks[b].backward(stream_[b], dx, dx);
+      if (b > 0) swap_scratch_if_possible(blocks[0], blocks[b]);
     }
     // Class token: Σ over the batch of row 0.
     if (!cls_token.grad.empty()) {

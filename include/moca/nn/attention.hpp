@@ -68,11 +68,13 @@ class MultiHeadAttention {
     qkv.backward(x, dqkv_, dx);
   }
 
-  /// Trades activation buffers with another attention layer (see SwapsBuffers).
+  /// Trade buffers with another attention layer (see SwapsBuffers, SwapsScratch).
   void swap_buffers(MultiHeadAttention& other) noexcept {
     std::swap(qkv_, other.qkv_);
     std::swap(saved_, other.saved_);
     std::swap(ctx_, other.ctx_);
+  }
+  void swap_scratch(MultiHeadAttention& other) noexcept {
     std::swap(dctx_, other.dctx_);
     std::swap(work_, other.work_);
     std::swap(dqkv_, other.dqkv_);

@@ -82,18 +82,24 @@ class Block {
     }
   }
 
-  /// Trades activation buffers with another block, its layers' included where they can (see
-  /// SwapsBuffers).
+  /// Trade buffers with another block, its layers' included where they can (see SwapsBuffers,
+  /// SwapsScratch).
   void swap_buffers(Block& other) noexcept {
     std::swap(n1_, other.n1_);
     std::swap(mid_, other.mid_);
     std::swap(n2_, other.n2_);
-    std::swap(dmid_, other.dmid_);
-    std::swap(scratch_, other.scratch_);
     swap_buffers_if_possible(norm1, other.norm1);
     swap_buffers_if_possible(attn, other.attn);
     swap_buffers_if_possible(norm2, other.norm2);
     swap_buffers_if_possible(mlp, other.mlp);
+  }
+  void swap_scratch(Block& other) noexcept {
+    std::swap(dmid_, other.dmid_);
+    std::swap(scratch_, other.scratch_);
+    swap_scratch_if_possible(norm1, other.norm1);
+    swap_scratch_if_possible(attn, other.attn);
+    swap_scratch_if_possible(norm2, other.norm2);
+    swap_scratch_if_possible(mlp, other.mlp);
   }
 
  private:

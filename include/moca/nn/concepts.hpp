@@ -32,17 +32,25 @@ concept SequenceLayer = requires(L layer, const TensorView<T, D>& x) {
   layer.visit(detail::AnyVisitor{});
 };
 
-/// A layer whose activation buffers (what forward keeps, backward's scratch) can be traded with
-/// another layer of its type, a.swap_buffers(b). A ViT's inference forward lends one block's
-/// buffers to every block in turn (VisionTransformer::forward_inference); a layer without it
+/// A layer whose buffers can be traded with another layer of its type: a.swap_buffers(b) trades
+/// what forward keeps for backward, a.swap_scratch(b) what backward only uses while it runs. A
+/// ViT lends block 0's to every block in turn: its kept buffers in an inference forward
+/// (VisionTransformer::forward_inference), its scratch in every backward. A layer without them
 /// keeps its own, which is correct, only larger.
 template <class L>
 concept SwapsBuffers = requires(L& a, L& b) { a.swap_buffers(b); };
+template <class L>
+concept SwapsScratch = requires(L& a, L& b) { a.swap_scratch(b); };
 
 /// a.swap_buffers(b) where the layer has it; nothing otherwise.
 template <class L>
 void swap_buffers_if_possible(L& a, L& b) {
   if constexpr (SwapsBuffers<L>) a.swap_buffers(b);
+}
+/// a.swap_scratch(b) where the layer has it; nothing otherwise.
+template <class L>
+void swap_scratch_if_possible(L& a, L& b) {
+  if constexpr (SwapsScratch<L>) a.swap_scratch(b);
 }
 
 /// A normalisation layer, constructed as Norm(dim, eps).

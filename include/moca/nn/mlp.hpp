@@ -41,12 +41,12 @@ class Mlp {
     fc1.backward(x, grad_, dx);
   }
 
-  /// Trades activation buffers with another Mlp (see SwapsBuffers).
+  /// Trade buffers with another Mlp (see SwapsBuffers, SwapsScratch).
   void swap_buffers(Mlp& other) noexcept {
     std::swap(pre_, other.pre_);
     std::swap(act_, other.act_);
-    std::swap(grad_, other.grad_);
   }
+  void swap_scratch(Mlp& other) noexcept { std::swap(grad_, other.grad_); }
 
  private:
   Tensor<T, D> pre_, act_, grad_;  // fc1 output, activation output, gradient scratch
