@@ -151,13 +151,15 @@ int main(int argc, char** argv) {
         "{\"side\": \"moca\", \"device\": \"%s\", \"preset\": \"%s\", \"batch\": %lld, "
         "\"precision\": \"%s\", \"steps\": %lld, \"ms_per_step\": %.3f, \"pairs_per_s\": %.2f, "
         "\"images_per_s\": %.2f, \"gflop_per_step\": %.2f, \"tflops\": %.2f, \"mfu\": %.4f, "
-        "\"peak_tensor_MiB\": %.1f, \"device_used_MiB\": %.1f, \"step_allocations\": %lld, "
+        "\"peak_tensor_MiB\": %.1f, \"pool_reserved_peak_MiB\": %.1f, \"device_used_MiB\": %.1f, "
+        "\"step_allocations\": %lld, "
         "\"loss\": %.6f}\n",
         prop.name, preset.c_str(), static_cast<long long>(batch), matmul.c_str(),
         static_cast<long long>(steps), 1e3 * per_step, static_cast<double>(batch) / per_step,
         2.0 * static_cast<double>(batch) / per_step, flops / 1e9, flops / per_step / 1e12,
         flops / per_step / (peak_tflops * 1e12),
         static_cast<double>(memory_stats<Cuda>().peak_bytes) / mib,
+        static_cast<double>(cuda::pool_stats().reserved_peak) / mib,
         static_cast<double>(total_bytes - free_bytes) / mib,
         static_cast<long long>(memory_stats<Cuda>().allocations - allocations), loss);
   } catch (const std::exception& e) {

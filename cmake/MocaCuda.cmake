@@ -1,7 +1,7 @@
 # The CUDA backend (MOCA_WITH_CUDA=ON):
 #   moca_cuda_kernels  the kernels of include/moca/backend/cuda/kernels, compiled once by nvcc
 #                      for float and double (src/cuda/kernels.cu);
-#   moca::cuda         what a program links: moca::moca, the kernels, cudart and cuBLAS, and
+#   moca::cuda         what a program links: moca::moca, the kernels, cudart, cuBLAS and cuBLASLt, and
 #                      MOCA_WITH_CUDA=1. Its own sources stay ordinary C++.
 
 # Compile for the card at hand by default: sm_90 is the H100 and H200. Another card needs
@@ -19,7 +19,7 @@ set(CMAKE_CUDA_RUNTIME_LIBRARY Shared)
 
 add_library(moca_cuda_kernels STATIC ${PROJECT_SOURCE_DIR}/src/cuda/kernels.cu)
 target_include_directories(moca_cuda_kernels PRIVATE ${PROJECT_SOURCE_DIR}/include)
-target_link_libraries(moca_cuda_kernels PUBLIC CUDA::cudart CUDA::cublas)
+target_link_libraries(moca_cuda_kernels PUBLIC CUDA::cudart CUDA::cublas CUDA::cublasLt)
 set_target_properties(moca_cuda_kernels PROPERTIES
   POSITION_INDEPENDENT_CODE ON  # the library may end up inside a shared object
   EXPORT_NAME cuda_kernels)
@@ -37,7 +37,7 @@ target_compile_options(moca_cuda_kernels PRIVATE
 
 add_library(moca_cuda INTERFACE)
 add_library(moca::cuda ALIAS moca_cuda)
-target_link_libraries(moca_cuda INTERFACE moca::moca moca_cuda_kernels CUDA::cudart CUDA::cublas)
+target_link_libraries(moca_cuda INTERFACE moca::moca moca_cuda_kernels CUDA::cudart CUDA::cublas CUDA::cublasLt)
 target_compile_definitions(moca_cuda INTERFACE MOCA_WITH_CUDA=1)
 set_target_properties(moca_cuda PROPERTIES EXPORT_NAME cuda)
 

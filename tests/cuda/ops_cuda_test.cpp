@@ -130,6 +130,68 @@ TEST_CASE("cuda: tensors round-trip between host and device, zero-filled and cou
   cuda::synchronize();
 }
 
+TEST_CASE("cuda: the memory pool reuses freed blocks, frees after pending work, and trims") {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  if (cuda::Context::get().memory_pool() == nullptr) {
+    MESSAGE("skipped: the device has no memory pools (tensors use cudaMalloc)");
+    return;
+  }
+  constexpr std::int64_t n = std::int64_t{1} << 22;  // 16 MiB of floats
+  constexpr std::uint64_t bytes = 4 * static_cast<std::uint64_t>(n);
+  cuda::release_cached_memory();
+  const cuda::PoolStats start = cuda::pool_stats();
+  { Tensor<float, Cuda> first({n}); }
+  const cuda::PoolStats cached = cuda::pool_stats();
+  CHECK(cached.reserved >= start.reserved + bytes);  // freed, but kept by the pool
+  CHECK(cached.used == start.used);
+
+  // Allocating and freeing again reuses the cached block: the pool does not grow.
+  const auto before = memory_stats<Cuda>();
+  for (int i = 0; i < 20; ++i) {
+    Tensor<float, Cuda> t({n});
+    CHECK(memory_stats<Cuda>().bytes_in_use == before.bytes_in_use + static_cast<std::int64_t>(bytes));
+  }
+  CHECK(cuda::pool_stats().reserved == cached.reserved);
+  CHECK(memory_stats<Cuda>().allocations == before.allocations + 20);
+  CHECK(memory_stats<Cuda>().bytes_in_use == before.bytes_in_use);
+
+  // Addresses are 256-byte aligned whatever the size.
+  for (std::int64_t size : {1, 3, 63, 1001, 65537}) {
+    Tensor<float, Cuda> t({size});
+    CHECK(reinterpret_cast<std::uintptr_t>(t.data()) % Memory<Cuda>::kAlignment == 0);
+  }
+
+  // A tensor destroyed while a kernel that reads it is still queued: the free waits for the
+  // kernel, and a new tensor that may take the block does not disturb the result.
+  Tensor<float, Cuda> src({n}), dst({n});
+  ops::fill(TensorView<float, Cuda>(src), 3.0f);
+  {
+    Tensor<float, Cuda> tmp({n});
+    ops::fill(TensorView<float, Cuda>(tmp), 2.0f);
+    ops::add(TensorView<float, Cuda>(tmp), TensorView<float, Cuda>(src), TensorView<float, Cuda>(dst));
+  }
+  {
+    Tensor<float, Cuda> next({n});
+    ops::fill(TensorView<float, Cuda>(next), -1.0f);
+    const Tensor<float> sum = dst.to<Cpu>();
+    CHECK(std::all_of(sum.begin(), sum.end(), [](float v) { return v == 5.0f; }));
+  }
+
+  // Trimming hands the cached memory (at least next's 16 MiB) back; live tensors keep theirs.
+  const cuda::PoolStats held = cuda::pool_stats();
+  CHECK(held.used >= start.used + 2 * bytes);
+  CHECK(held.reserved >= held.used + bytes);
+  cuda::release_cached_memory();
+  const cuda::PoolStats trimmed = cuda::pool_stats();
+  CHECK(trimmed.used == held.used);
+  CHECK(trimmed.reserved >= trimmed.used);
+  CHECK(trimmed.reserved + bytes <= held.reserved);
+  const Tensor<float> still = src.to<Cpu>();
+  CHECK(std::all_of(still.begin(), still.end(), [](float v) { return v == 3.0f; }));
+  cuda::reset_pool_peaks();
+  CHECK(cuda::pool_stats().reserved_peak == cuda::pool_stats().reserved);
+}
+
 // ---- gemm --------------------------------------------------------------------------------------
 
 TEST_CASE_TEMPLATE("cuda parity: gemm, all transposes, alpha and beta", T, float, double) {
@@ -367,6 +429,94 @@ TEST_CASE_TEMPLATE("cuda parity: add_bias", T, float, double) {
   }
 }
 
+TEST_CASE_TEMPLATE("cuda parity: gemm_bias, all transposes, aligned and misaligned bias", T, float,
+                   double) {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  struct Case {
+    std::int64_t M, N, K;
+  };
+  const Case cases[] = {{1, 1, 1}, {7, 33, 5}, {64, 257, 33}, {197, 768, 192}, {5, 3, 0}};
+  for (const Case& c : cases) {
+    for (int t = 0; t < 4; ++t) {
+      const bool ta = (t & 1) != 0, tb = (t & 2) != 0;
+      CAPTURE(c.M);
+      CAPTURE(c.N);
+      CAPTURE(c.K);
+      CAPTURE(ta);
+      CAPTURE(tb);
+      const Tensor<T> A = random_tensor<T>(ta ? Shape{c.K, c.M} : Shape{c.M, c.K});
+      const Tensor<T> B = random_tensor<T>(tb ? Shape{c.N, c.K} : Shape{c.K, c.N});
+      const Tensor<T> bias = random_tensor<T>({c.N});
+      const Tensor<T, Cuda> gA = to_device<T>(A), gB = to_device<T>(B);
+      // The bias at the start of an allocation (cuBLASLt's epilogue) and one element in (too
+      // little alignment for it: the product, then add_bias).
+      Tensor<T, Cuda> gbias_storage({c.N + 1});
+      const TensorView<T, Cuda> aligned(gbias_storage.data(), Shape{c.N});
+      const TensorView<T, Cuda> shifted(gbias_storage.data() + 1, Shape{c.N});
+      Tensor<T> C = nan_tensor<T>({c.M, c.N});
+      ops::gemm_bias(A, trans(ta), B, trans(tb), bias, C);
+      for (const TensorView<T, Cuda>& gbias : {aligned, shifted}) {
+        moca::copy(TensorView<T>(bias), gbias);
+        Guarded<T> gC(nan_tensor<T>({c.M, c.N}));  // overwritten without being read
+        ops::gemm_bias(gA, trans(ta), gB, trans(tb), gbias, gC.view());
+        check_parity<T>(gbias.data() == aligned.data() ? "gemm_bias" : "gemm_bias, shifted bias",
+                        C, gC, tolerance<T>(c.K + 1));
+      }
+    }
+  }
+  // A leading dimension wider than the row, through the backend call itself.
+  const std::int64_t M = 9, N = 20, K = 33, pad = 5;
+  const Tensor<T> A = random_tensor<T>({M, K + pad}), B = random_tensor<T>({N, K + pad});
+  const Tensor<T> bias = random_tensor<T>({N});
+  Tensor<T> C = nan_tensor<T>({M, N + pad});
+  Backend<Cpu>::gemm_bias<T>(false, true, M, N, K, A.data(), K + pad, B.data(), K + pad,
+                             bias.data(), C.data(), N + pad);
+  Guarded<T> gC(nan_tensor<T>({M, N + pad}));
+  const Tensor<T, Cuda> gA = to_device<T>(A), gB = to_device<T>(B), gbias = to_device<T>(bias);
+  Backend<Cuda>::gemm_bias<T>(false, true, M, N, K, gA.data(), K + pad, gB.data(), K + pad,
+                              gbias.data(), gC.view().data(), N + pad);
+  const Tensor<T> got = gC.result();
+  for (std::int64_t i = 0; i < M; ++i) {
+    const TensorView<T> want(C.data() + i * (N + pad), Shape{N});
+    const TensorView<T> have(got.data() + i * (N + pad), Shape{N});
+    CHECK(relative_error(want, have) <= tolerance<T>(K + 1));
+    for (std::int64_t j = N; j < N + pad; ++j) CHECK(std::isnan(got.data()[i * (N + pad) + j]));
+  }
+  CHECK(gC.guards_intact());
+}
+
+TEST_CASE("cuda: gemm_bias in TF32 and bf16 agrees with fp32 to their precision, planned once") {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  // The budgets of the plain products (see the TF32/bf16 gemm test); the bias is exact in fp32.
+  struct Mode {
+    cuda::FloatMatmul mode;
+    double low, high;
+  };
+  const Mode modes[] = {{cuda::FloatMatmul::Tf32, 0.0, 2e-3}, {cuda::FloatMatmul::Bf16, 2e-4, 1e-2}};
+  const std::int64_t M = 130, N = 96, K = 300;
+  const Tensor<float> A = random_tensor<float>({M, K}), W = random_tensor<float>({N, K});
+  const Tensor<float> bias = random_tensor<float>({N});
+  const Tensor<float, Cuda> gA = to_device<float>(A), gW = to_device<float>(W),
+                            gbias = to_device<float>(bias);
+  Tensor<float> C({M, N});
+  ops::gemm_bias(A, Trans::N, W, Trans::T, bias, C);
+  for (const Mode& m : modes) {
+    CAPTURE(cuda::to_string(m.mode));
+    const FloatMatmulScope scope(m.mode);
+    Guarded<float> gC(nan_tensor<float>({M, N}));
+    ops::gemm_bias(gA, Trans::N, gW, Trans::T, gbias, gC.view());
+    const std::size_t plans = cuda::LtMatmul::get().plans();
+    ops::gemm_bias(gA, Trans::N, gW, Trans::T, gbias, gC.view());  // the same problem again
+    CHECK(cuda::LtMatmul::get().plans() == plans);
+    const Tensor<float> got = gC.result();
+    const double err = relative_error(TensorView<float>(C), TensorView<float>(got));
+    INFO("relative error ", err);
+    CHECK(err >= m.low);
+    CHECK(err < m.high);
+    CHECK(gC.guards_intact());
+  }
+}
+
 TEST_CASE_TEMPLATE("cuda parity: gelu and relu, forward and backward", T, float, double) {
   SKIP_WITHOUT_CUDA_DEVICE();
   for (std::int64_t n : {1, 7, 33, 257, 100003}) {
@@ -444,6 +594,32 @@ TEST_CASE_TEMPLATE("cuda parity: softmax and log_softmax, forward and backward",
       ops::log_softmax_backward(ly, dy, ldx);
       ops::log_softmax_backward(g_ly, gdy, gldx.view());
       check_parity<T>("log_softmax_backward", ldx, gldx, tolerance<T>(N));
+    }
+  }
+}
+
+TEST_CASE_TEMPLATE("cuda parity: softmax_with_spread, one kernel, no workspace", T, float, double) {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  // Cosine-like rows and MOCA's temperature range (scale = inv_delta / dist_norm ≈ 20…100); the
+  // 4096-wide rows are the default codebook's.
+  for (std::int64_t M : {1, 5, 64}) {
+    for (std::int64_t N : {1, 7, 257, 4096}) {
+      for (double scale : {1.0, 20.0, 100.0}) {
+        CAPTURE(M);
+        CAPTURE(N);
+        CAPTURE(scale);
+        const Tensor<T> x = random_tensor<T>({M, N});
+        Tensor<T> codes = x.clone(), spread = nan_tensor<T>({M}), workspace;
+        ops::softmax_with_spread(TensorView<T>(codes), scale, TensorView<T>(spread), workspace);
+        Guarded<T> gcodes(x), gspread(nan_tensor<T>({M}));
+        Tensor<T, Cuda> gworkspace;
+        ops::softmax_with_spread(gcodes.view(), scale, gspread.view(), gworkspace);
+        CHECK(gworkspace.numel() == 0);  // fused: the composed form would size it
+        check_parity<T>("softmax_with_spread codes", codes, gcodes, tolerance<T>(N));
+        // spread = max − mean: its rounding error scales with the row's values, not the result.
+        check_parity<T>("softmax_with_spread spread", spread, gspread, tolerance<T>(N),
+                        std::sqrt(static_cast<double>(M)));
+      }
     }
   }
 }

@@ -20,6 +20,7 @@
 
 #include "moca/backend/cuda/check.hpp"
 #include "moca/backend/cuda/context.hpp"
+#include "moca/backend/cuda/lt_matmul.hpp"
 #include "moca/core/check.hpp"
 #include "moca/core/device.hpp"
 
@@ -56,6 +57,8 @@ void scale_matrices(std::int64_t batch, std::int64_t M, std::int64_t N, T beta, 
 
 template <class T>
 void softmax_rows(std::int64_t M, std::int64_t N, const T* x, T* y);
+template <class T>
+void softmax_spread_rows(std::int64_t M, std::int64_t N, T scale, T* x, T* spread);
 template <class T>
 void log_softmax_rows(std::int64_t M, std::int64_t N, const T* x, T* y);
 template <class T>
@@ -167,12 +170,50 @@ inline std::int64_t blas_extent(std::int64_t rows, std::int64_t cols, std::int64
   return rows <= 0 || cols <= 0 ? 0 : (rows - 1) * ld + cols;
 }
 
-/// Row-major, batched C = alpha · op(A) · op(B) + beta · C on cuBLAS (column-major).
+/// A row-major product as cuBLAS sees it (column-major).
 ///
 /// A row-major matrix X [r, c] with leading dimension ld is, read column-major, Xᵀ [c, r] with
 /// the same ld. So the row-major product C = op(A) · op(B) is computed as the column-major
 /// Cᵀ = op(B)ᵀ · op(A)ᵀ: B comes first, A second, each with its own transpose flag, and the
 /// column-major sizes are (m, n, k) = (N, M, K). Leading dimensions pass through unchanged.
+struct ColumnMajorProduct {
+  int m, n, k, lda, ldb, ldc;  // lda is B's, ldb is A's: cuBLAS's first and second operands
+  cublasOperation_t op_a, op_b;
+  std::int64_t extent_a, extent_b;  // elements the two operands span
+
+  ColumnMajorProduct(bool trans_a, bool trans_b, std::int64_t M, std::int64_t N, std::int64_t K,
+                     std::int64_t lda_rm, std::int64_t ldb_rm, std::int64_t ldc_rm)
+      : m(blas_int(N, "N")), n(blas_int(M, "M")), k(blas_int(K, "K")) {
+    // Stored (row-major) shapes: A is [M, K] or [K, M], B is [K, N] or [N, K], C is [M, N].
+    ldb = blas_ld(trans_a ? K : M, trans_a ? M : K, lda_rm, "lda");
+    lda = blas_ld(trans_b ? N : K, trans_b ? K : N, ldb_rm, "ldb");
+    ldc = blas_ld(M, N, ldc_rm, "ldc");
+    op_a = blas_op(trans_b);
+    op_b = blas_op(trans_a);
+    extent_a = blas_extent(trans_b ? N : K, trans_b ? K : N, lda);
+    extent_b = blas_extent(trans_a ? K : M, trans_a ? M : K, ldb);
+  }
+};
+
+/// cuBLAS's two operands rounded to bf16 in the context's workspace (same layouts): the bf16
+/// mode's inputs. Stream order keeps the workspace's users apart; the second starts 16-byte
+/// aligned.
+struct Bf16Operands {
+  const std::uint16_t* first;
+  const std::uint16_t* second;
+};
+inline Bf16Operands round_operands_to_bf16(const ColumnMajorProduct& p, const float* first,
+                                           const float* second) {
+  const std::int64_t offset = (p.extent_a + 7) / 8 * 8;
+  auto* a16 = static_cast<std::uint16_t*>(Context::get().workspace(
+      sizeof(std::uint16_t) * static_cast<std::size_t>(offset + p.extent_b)));
+  std::uint16_t* b16 = a16 + offset;
+  float_to_bf16(p.extent_a, first, a16);
+  float_to_bf16(p.extent_b, second, b16);
+  return {a16, b16};
+}
+
+/// Row-major, batched C = alpha · op(A) · op(B) + beta · C on cuBLAS (see ColumnMajorProduct).
 template <class T>
 void gemm(bool trans_a, bool trans_b, std::int64_t M, std::int64_t N, std::int64_t K, T alpha,
           const T* A, std::int64_t lda, std::int64_t stride_a, const T* B, std::int64_t ldb,
@@ -186,51 +227,84 @@ void gemm(bool trans_a, bool trans_b, std::int64_t M, std::int64_t N, std::int64
     scale_matrices(batch, M, N, beta, C, ldc, stride_c);
     return;
   }
-  const int m = blas_int(N, "N"), n = blas_int(M, "M"), k = blas_int(K, "K");
-  // Stored (row-major) shapes: A is [M, K] or [K, M], B is [K, N] or [N, K], C is [M, N].
-  const int la = blas_ld(trans_a ? K : M, trans_a ? M : K, lda, "lda");
-  const int lb = blas_ld(trans_b ? N : K, trans_b ? K : N, ldb, "ldb");
-  const int lc = blas_ld(M, N, ldc, "ldc");
-  const cublasOperation_t op_a = blas_op(trans_a), op_b = blas_op(trans_b);
+  const ColumnMajorProduct p(trans_a, trans_b, M, N, K, lda, ldb, ldc);
   Context& ctx = Context::get();
   cublasHandle_t handle = ctx.cublas();
   if (batch == 1) {
     if constexpr (std::is_same_v<T, float>) {
       if (ctx.float_matmul() == FloatMatmul::Bf16) {
-        // Both operands rounded to bf16 in the workspace (same layout), then a bf16 × bf16
-        // product accumulated and written in fp32. Stream order keeps the workspace's users
-        // apart; B starts 16-byte aligned.
-        const std::int64_t na = blas_extent(trans_a ? K : M, trans_a ? M : K, la);
-        const std::int64_t nb = blas_extent(trans_b ? N : K, trans_b ? K : N, lb);
-        const std::int64_t offset_b = (na + 7) / 8 * 8;
-        auto* a16 = static_cast<std::uint16_t*>(
-            ctx.workspace(sizeof(std::uint16_t) * static_cast<std::size_t>(offset_b + nb)));
-        std::uint16_t* b16 = a16 + offset_b;
-        float_to_bf16(na, A, a16);
-        float_to_bf16(nb, B, b16);
-        MOCA_CUBLAS_CHECK(cublasGemmEx(handle, op_b, op_a, m, n, k, &alpha, b16, CUDA_R_16BF, lb,
-                                       a16, CUDA_R_16BF, la, &beta, C, CUDA_R_32F, lc,
-                                       CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+        // A bf16 × bf16 product accumulated and written in fp32.
+        const Bf16Operands in = round_operands_to_bf16(p, B, A);
+        MOCA_CUBLAS_CHECK(cublasGemmEx(handle, p.op_a, p.op_b, p.m, p.n, p.k, &alpha, in.first,
+                                       CUDA_R_16BF, p.lda, in.second, CUDA_R_16BF, p.ldb, &beta,
+                                       C, CUDA_R_32F, p.ldc, CUBLAS_COMPUTE_32F,
+                                       CUBLAS_GEMM_DEFAULT));
         return;
       }
-      MOCA_CUBLAS_CHECK(
-          cublasSgemm(handle, op_b, op_a, m, n, k, &alpha, B, lb, A, la, &beta, C, lc));
+      MOCA_CUBLAS_CHECK(cublasSgemm(handle, p.op_a, p.op_b, p.m, p.n, p.k, &alpha, B, p.lda, A,
+                                    p.ldb, &beta, C, p.ldc));
     } else {
-      MOCA_CUBLAS_CHECK(
-          cublasDgemm(handle, op_b, op_a, m, n, k, &alpha, B, lb, A, la, &beta, C, lc));
+      MOCA_CUBLAS_CHECK(cublasDgemm(handle, p.op_a, p.op_b, p.m, p.n, p.k, &alpha, B, p.lda, A,
+                                    p.ldb, &beta, C, p.ldc));
     }
     return;
   }
   const int count = blas_int(batch, "batch");
   if constexpr (std::is_same_v<T, float>) {
-    MOCA_CUBLAS_CHECK(cublasSgemmStridedBatched(handle, op_b, op_a, m, n, k, &alpha, B, lb,
-                                                stride_b, A, la, stride_a, &beta, C, lc,
-                                                stride_c, count));
+    MOCA_CUBLAS_CHECK(cublasSgemmStridedBatched(handle, p.op_a, p.op_b, p.m, p.n, p.k, &alpha, B,
+                                                p.lda, stride_b, A, p.ldb, stride_a, &beta, C,
+                                                p.ldc, stride_c, count));
   } else {
-    MOCA_CUBLAS_CHECK(cublasDgemmStridedBatched(handle, op_b, op_a, m, n, k, &alpha, B, lb,
-                                                stride_b, A, la, stride_a, &beta, C, lc,
-                                                stride_c, count));
+    MOCA_CUBLAS_CHECK(cublasDgemmStridedBatched(handle, p.op_a, p.op_b, p.m, p.n, p.k, &alpha, B,
+                                                p.lda, stride_b, A, p.ldb, stride_a, &beta, C,
+                                                p.ldc, stride_c, count));
   }
+}
+
+/// Row-major C = op(A) · op(B) + bias (bias [N] added to every row). For float, one cuBLASLt
+/// product whose epilogue adds the bias as C is stored, computing as the float matmul mode says;
+/// for double, or where cuBLASLt offers no algorithm (or the bias is not 16-byte aligned, which
+/// its epilogue needs), a product and then add_bias.
+template <class T>
+void gemm_bias(bool trans_a, bool trans_b, std::int64_t M, std::int64_t N, std::int64_t K,
+               const T* A, std::int64_t lda, const T* B, std::int64_t ldb, const T* bias, T* C,
+               std::int64_t ldc) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (M > 0 && N > 0 && K > 0 && pointer_alignment(bias) >= 16) {
+      const ColumnMajorProduct p(trans_a, trans_b, M, N, K, lda, ldb, ldc);
+      const FloatMatmul mode = Context::get().float_matmul();
+      LtProblem problem{CUDA_R_32F,
+                        CUDA_R_32F,
+                        mode == FloatMatmul::Tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F,
+                        CUDA_R_32F,
+                        p.op_a,
+                        p.op_b,
+                        p.m,
+                        p.n,
+                        p.k,
+                        p.lda,
+                        p.ldb,
+                        p.ldc,
+                        pointer_alignment(B),
+                        pointer_alignment(A),
+                        pointer_alignment(C),
+                        CUBLASLT_EPILOGUE_BIAS};
+      const void* first = B;
+      const void* second = A;
+      if (mode == FloatMatmul::Bf16) {
+        const Bf16Operands in = round_operands_to_bf16(p, B, A);
+        problem.in_type = CUDA_R_16BF;
+        problem.align_a = pointer_alignment(in.first);
+        problem.align_b = pointer_alignment(in.second);
+        first = in.first;
+        second = in.second;
+      }
+      const float one = 1.0f, zero = 0.0f;
+      if (LtMatmul::get().run(problem, &one, first, second, &zero, C, bias)) return;
+    }
+  }
+  gemm(trans_a, trans_b, M, N, K, T(1), A, lda, 0, B, ldb, 0, T(0), C, ldc, 0, 1);
+  add_bias(M, N, bias, C);
 }
 
 }  // namespace detail
@@ -245,6 +319,14 @@ struct Backend<Cuda> {
                    const T* A, std::int64_t lda, const T* B, std::int64_t ldb, T beta, T* C,
                    std::int64_t ldc) {
     cuda::detail::gemm(ta, tb, M, N, K, alpha, A, lda, 0, B, ldb, 0, beta, C, ldc, 0, 1);
+  }
+  /// C = op(A) · op(B) + bias in one cuBLASLt call (bias epilogue) where it can; see
+  /// cuda::detail::gemm_bias.
+  template <class T>
+  static void gemm_bias(bool ta, bool tb, std::int64_t M, std::int64_t N, std::int64_t K,
+                        const T* A, std::int64_t lda, const T* B, std::int64_t ldb, const T* bias,
+                        T* C, std::int64_t ldc) {
+    cuda::detail::gemm_bias(ta, tb, M, N, K, A, lda, B, ldb, bias, C, ldc);
   }
   template <class T>
   static void gemm_strided_batched(bool ta, bool tb, std::int64_t M, std::int64_t N,
@@ -285,6 +367,11 @@ struct Backend<Cuda> {
   template <class T>
   static void softmax_rows(std::int64_t M, std::int64_t N, const T* x, T* y) {
     cuda::softmax_rows(M, N, x, y);
+  }
+  /// ops::softmax_with_spread in one kernel (two reads and two writes of each row).
+  template <class T>
+  static void softmax_spread_rows(std::int64_t M, std::int64_t N, T scale, T* x, T* spread) {
+    cuda::softmax_spread_rows(M, N, scale, x, spread);
   }
   template <class T>
   static void log_softmax_rows(std::int64_t M, std::int64_t N, const T* x, T* y) {

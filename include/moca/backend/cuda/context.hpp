@@ -21,6 +21,8 @@
 
 #include <atomic>
 #include <cstddef>
+#include <cstdint>
+#include <limits>
 #include <mutex>
 #include <string>
 
@@ -112,6 +114,10 @@ class Context {
   }
   FloatMatmul float_matmul() const noexcept { return float_matmul_; }
 
+  /// The stream-ordered pool that device tensors come from (see memory.hpp), or nullptr on a
+  /// device or platform without memory pools, where tensors use plain cudaMalloc.
+  cudaMemPool_t memory_pool() const noexcept { return pool_; }
+
   /// Shared memory one block may use with the kernel's opt-in (cudaFuncSetAttribute), in bytes.
   std::size_t max_shared_per_block() const noexcept { return max_shared_per_block_; }
 
@@ -159,10 +165,39 @@ class Context {
       (void)cublasDestroy(cublas_);
       MOCA_CUBLAS_CHECK(status);
     }
+    try {
+      pool_ = create_memory_pool(device_);
+    } catch (...) {
+      (void)cublasDestroy(cublas_);
+      throw;
+    }
+  }
+
+  // A pool of this device's memory that keeps what is freed (release threshold: unlimited), so
+  // freeing and allocating again costs no call into the driver's page mapping and no device-wide
+  // synchronisation, unlike cudaFree. nullptr where memory pools are not supported.
+  static cudaMemPool_t create_memory_pool(int device) {
+    int supported = 0;
+    if (cudaDeviceGetAttribute(&supported, cudaDevAttrMemoryPoolsSupported, device) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return nullptr;
+    }
+    if (supported == 0) return nullptr;
+    cudaMemPoolProps props{};
+    props.allocType = cudaMemAllocationTypePinned;
+    props.handleTypes = cudaMemHandleTypeNone;
+    props.location.type = cudaMemLocationTypeDevice;
+    props.location.id = device;
+    cudaMemPool_t pool = nullptr;
+    MOCA_CUDA_CHECK(cudaMemPoolCreate(&pool, &props));
+    std::uint64_t keep = std::numeric_limits<std::uint64_t>::max();
+    MOCA_CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep));
+    return pool;
   }
 
   int device_ = 0;
   std::size_t max_shared_per_block_ = 0;
+  cudaMemPool_t pool_ = nullptr;
   std::atomic<cudaStream_t> stream_{nullptr};  // nullptr: the legacy default stream
   cublasHandle_t cublas_ = nullptr;
   std::mutex mutex_;

@@ -31,6 +31,7 @@
   template void scale_matrices<T>(std::int64_t, std::int64_t, std::int64_t, T, T*,            \
                                   std::int64_t, std::int64_t);                                \
   template void softmax_rows<T>(std::int64_t, std::int64_t, const T*, T*);                    \
+  template void softmax_spread_rows<T>(std::int64_t, std::int64_t, T, T*, T*);                \
   template void log_softmax_rows<T>(std::int64_t, std::int64_t, const T*, T*);                \
   template void softmax_rows_backward<T>(std::int64_t, std::int64_t, const T*, const T*, T*); \
   template void log_softmax_rows_backward<T>(std::int64_t, std::int64_t, const T*, const T*,  \

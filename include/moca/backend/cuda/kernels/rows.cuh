@@ -1,4 +1,4 @@
-// Row kernels: softmax, log-softmax, LayerNorm, L2 normalisation over the rows of [M, N].
+// Row kernels: softmax (with the codebook's spread), log-softmax, LayerNorm, L2 normalisation over the rows of [M, N].
 // Contracts as in backend/cpu/rows.hpp.
 //
 // One block per row. Every pass over a row has thread t touch elements t, t + blockDim.x, ...,
@@ -46,6 +46,35 @@ __global__ void log_softmax_rows_kernel(std::int64_t M, std::int64_t N, const T*
     for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x) sum += dexp(xr[j] - m);
     const T lse = m + static_cast<T>(dlog(block_reduce(sum, SumOp{}, shared)));
     for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x) yr[j] = xr[j] - lse;
+  }
+}
+
+// spread = max − mean of the row, then the row ← softmax(scale · row), in place: MOCA's codebook
+// codes and their temperature statistic in two reads and two writes of the row.
+template <class T>
+__global__ void softmax_spread_rows_kernel(std::int64_t M, std::int64_t N, T scale, T* x,
+                                           T* spread) {
+  using A = acc_t<T>;
+  __shared__ A shared[32];
+  for (std::int64_t r = blockIdx.x; r < M; r += gridDim.x) {
+    T* xr = x + r * N;
+    A mx = neg_infinity<A>(), total = 0;
+    for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x) {
+      const A v = xr[j];
+      mx = MaxOp{}(mx, v);
+      total += v;
+    }
+    const T m = static_cast<T>(block_reduce(mx, MaxOp{}, shared));
+    const A t = block_reduce(total, SumOp{}, shared);
+    if (threadIdx.x == 0) spread[r] = m - static_cast<T>(t) / static_cast<T>(N);
+    A sum = 0;
+    for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x) {
+      const T e = dexp(scale * (xr[j] - m));
+      xr[j] = e;
+      sum += e;
+    }
+    const T inv = T(1) / static_cast<T>(block_reduce(sum, SumOp{}, shared));
+    for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x) xr[j] *= inv;
   }
 }
 
@@ -226,6 +255,14 @@ void softmax_rows(std::int64_t M, std::int64_t N, const T* x, T* y) {
   kernels::softmax_rows_kernel<<<kernels::row_blocks(M), kernels::row_threads(N), 0, stream()>>>(
       M, N, x, y);
   kernels::check_launch("softmax_rows_kernel");
+}
+
+template <class T>
+void softmax_spread_rows(std::int64_t M, std::int64_t N, T scale, T* x, T* spread) {
+  if (M <= 0 || N <= 0) return;
+  kernels::softmax_spread_rows_kernel<<<kernels::row_blocks(M), kernels::row_threads(N), 0,
+                                        stream()>>>(M, N, scale, x, spread);
+  kernels::check_launch("softmax_spread_rows_kernel");
 }
 
 template <class T>

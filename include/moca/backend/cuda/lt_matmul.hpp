@@ -1,0 +1,186 @@
+// Matrix products with a fused epilogue, on cuBLASLt: a Linear's bias is added as the product is
+// stored, instead of in a second pass over the output.
+//
+//   LtMatmul::get().run(problem, alpha, A, B, beta, C, bias)   // false: no algorithm, compose
+//
+// cuBLASLt separates the description of a product (a descriptor, one layout per operand, and an
+// algorithm chosen by its heuristic) from its execution. Choosing costs far more than running, so
+// the plan of each problem seen (types, transposes, sizes, leading dimensions, alignments,
+// epilogue) is kept and later calls with the same problem only run it. A training step repeats
+// a few dozen problems, so the plans are built during the first step.
+//
+// Operands are column-major here, as cuBLASLt sees them; backend.hpp maps row-major products
+// onto them exactly as for cuBLAS.
+#pragma once
+
+#include <cublasLt.h>
+#include <cuda_runtime_api.h>
+
+#include <compare>
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <mutex>
+
+#include "moca/backend/cuda/check.hpp"
+#include "moca/backend/cuda/context.hpp"
+
+namespace moca::cuda {
+
+/// One column-major product D[m, n] = alpha · op_a(A) · op_b(B) + beta · C (C = D), with an
+/// optional epilogue.
+struct LtProblem {
+  cudaDataType_t in_type;      ///< of A and B
+  cudaDataType_t out_type;     ///< of C, D and the bias
+  cublasComputeType_t compute;
+  cudaDataType_t scale_type;   ///< of alpha and beta
+  cublasOperation_t op_a, op_b;
+  std::int64_t m, n, k, lda, ldb, ldc;
+  std::uint32_t align_a, align_b, align_c;  ///< of the pointers, in bytes (a power of two ≤ 256)
+  cublasLtEpilogue_t epilogue;              ///< CUBLASLT_EPILOGUE_DEFAULT or _BIAS
+
+  auto operator<=>(const LtProblem&) const = default;
+};
+
+/// The largest power of two ≤ 256 that divides the address (256 for nullptr).
+inline std::uint32_t pointer_alignment(const void* p) {
+  const auto a = reinterpret_cast<std::uintptr_t>(p);
+  std::uint32_t align = 256;
+  while (align > 1 && a % align != 0) align /= 2;
+  return align;
+}
+
+/// The cuBLASLt handle, its workspace and the plans; one per process, created on first use and
+/// never destroyed (like Context: the runtime may be gone before static destructors run).
+class LtMatmul {
+ public:
+  static LtMatmul& get() {
+    static LtMatmul* const instance = new LtMatmul();
+    return *instance;
+  }
+
+  LtMatmul(const LtMatmul&) = delete;
+  LtMatmul& operator=(const LtMatmul&) = delete;
+
+  /// Queues the product on the backend's stream. `bias` ([m], out_type) is read with the BIAS
+  /// epilogue. Returns false, having queued nothing, when cuBLASLt offers no algorithm for the
+  /// problem (the caller then composes the product from other calls).
+  bool run(const LtProblem& p, const void* alpha, const void* A, const void* B, const void* beta,
+           void* C, const void* bias = nullptr) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    Plan& plan = plan_for(p);
+    if (!plan.found) return false;
+    if (p.epilogue == CUBLASLT_EPILOGUE_BIAS) {
+      MOCA_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                                                       &bias, sizeof(bias)));
+    }
+    MOCA_CUBLAS_CHECK(cublasLtMatmul(handle_, plan.desc, alpha, A, plan.a, B, plan.b, beta, C,
+                                     plan.c, C, plan.c, &plan.algo, workspace_, kWorkspaceBytes,
+                                     Context::get().stream()));
+    return true;
+  }
+
+  /// Number of problems planned so far (for tests: a repeated problem adds none).
+  std::size_t plans() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return plans_.size();
+  }
+
+ private:
+  // cuBLAS's recommendation for Hopper; kernels that need more are not offered.
+  static constexpr std::size_t kWorkspaceBytes = std::size_t{32} << 20;
+
+  struct Plan {
+    cublasLtMatmulDesc_t desc = nullptr;
+    cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
+    cublasLtMatmulAlgo_t algo{};
+    bool found = false;
+
+    Plan() = default;
+    Plan(const Plan&) = delete;
+    Plan& operator=(const Plan&) = delete;
+    ~Plan() {
+      if (c != nullptr) (void)cublasLtMatrixLayoutDestroy(c);
+      if (b != nullptr) (void)cublasLtMatrixLayoutDestroy(b);
+      if (a != nullptr) (void)cublasLtMatrixLayoutDestroy(a);
+      if (desc != nullptr) (void)cublasLtMatmulDescDestroy(desc);
+    }
+  };
+
+  // Owns a preference descriptor for the length of one heuristic query.
+  struct Preference {
+    cublasLtMatmulPreference_t pref = nullptr;
+    Preference() { MOCA_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref)); }
+    ~Preference() { (void)cublasLtMatmulPreferenceDestroy(pref); }
+    Preference(const Preference&) = delete;
+    Preference& operator=(const Preference&) = delete;
+    template <class V>
+    void set(cublasLtMatmulPreferenceAttributes_t attr, V value) {
+      MOCA_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, attr, &value, sizeof(value)));
+    }
+  };
+
+  LtMatmul() {
+    Context::get();  // a clear error when there is no device
+    MOCA_CUBLAS_CHECK(cublasLtCreate(&handle_));
+    const cudaError_t err = cudaMalloc(&workspace_, kWorkspaceBytes);
+    if (err != cudaSuccess) {
+      (void)cublasLtDestroy(handle_);
+      MOCA_CUDA_CHECK(err);
+    }
+  }
+
+  // Column-major layout of a stored operand: op == N stores [rows, cols], op == T [cols, rows].
+  static cublasLtMatrixLayout_t layout(cudaDataType_t type, cublasOperation_t op,
+                                       std::int64_t rows, std::int64_t cols, std::int64_t ld) {
+    cublasLtMatrixLayout_t l = nullptr;
+    const bool t = op != CUBLAS_OP_N;
+    MOCA_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&l, type, static_cast<std::uint64_t>(t ? cols : rows),
+                                                 static_cast<std::uint64_t>(t ? rows : cols), ld));
+    return l;
+  }
+
+  Plan& plan_for(const LtProblem& p) {
+    if (auto it = plans_.find(p); it != plans_.end()) return it->second;
+    Plan& plan = plans_.try_emplace(p).first->second;
+    MOCA_CUBLAS_CHECK(cublasLtMatmulDescCreate(&plan.desc, p.compute, p.scale_type));
+    MOCA_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSA,
+                                                     &p.op_a, sizeof(p.op_a)));
+    MOCA_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSB,
+                                                     &p.op_b, sizeof(p.op_b)));
+    MOCA_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_EPILOGUE,
+                                                     &p.epilogue, sizeof(p.epilogue)));
+    if (p.epilogue == CUBLASLT_EPILOGUE_BIAS) {
+      MOCA_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(
+          plan.desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &p.out_type, sizeof(p.out_type)));
+    }
+    plan.a = layout(p.in_type, p.op_a, p.m, p.k, p.lda);
+    plan.b = layout(p.in_type, p.op_b, p.k, p.n, p.ldb);
+    plan.c = layout(p.out_type, CUBLAS_OP_N, p.m, p.n, p.ldc);
+
+    Preference pref;
+    pref.set(CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, static_cast<std::uint64_t>(kWorkspaceBytes));
+    pref.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, p.align_a);
+    pref.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, p.align_b);
+    pref.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, p.align_c);
+    pref.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, p.align_c);
+    cublasLtMatmulHeuristicResult_t result{};
+    int count = 0;
+    const cublasStatus_t status =
+        cublasLtMatmulAlgoGetHeuristic(handle_, plan.desc, plan.a, plan.b, plan.c, plan.c,
+                                       pref.pref, 1, &result, &count);
+    // NOT_SUPPORTED: no algorithm for this problem, which the caller handles; anything else is
+    // an error.
+    if (status != CUBLAS_STATUS_NOT_SUPPORTED) MOCA_CUBLAS_CHECK(status);
+    plan.found = status == CUBLAS_STATUS_SUCCESS && count > 0 && result.state == CUBLAS_STATUS_SUCCESS;
+    if (plan.found) plan.algo = result.algo;
+    return plan;
+  }
+
+  cublasLtHandle_t handle_ = nullptr;
+  void* workspace_ = nullptr;
+  mutable std::mutex mutex_;
+  std::map<LtProblem, Plan> plans_;
+};
+
+}  // namespace moca::cuda
