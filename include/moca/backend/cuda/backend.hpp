@@ -368,7 +368,7 @@ struct Backend<Cuda> {
   static void softmax_rows(std::int64_t M, std::int64_t N, const T* x, T* y) {
     cuda::softmax_rows(M, N, x, y);
   }
-  /// ops::softmax_with_spread in one kernel (two reads and two writes of each row).
+  /// ops::softmax_with_spread in one kernel (three reads and two writes of each row).
   template <class T>
   static void softmax_spread_rows(std::int64_t M, std::int64_t N, T scale, T* x, T* spread) {
     cuda::softmax_spread_rows(M, N, scale, x, spread);

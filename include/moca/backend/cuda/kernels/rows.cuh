@@ -50,7 +50,7 @@ __global__ void log_softmax_rows_kernel(std::int64_t M, std::int64_t N, const T*
 }
 
 // spread = max − mean of the row, then the row ← softmax(scale · row), in place: MOCA's codebook
-// codes and their temperature statistic in two reads and two writes of the row.
+// codes and their temperature statistic in three reads and two writes of the row.
 template <class T>
 __global__ void softmax_spread_rows_kernel(std::int64_t M, std::int64_t N, T scale, T* x,
                                            T* spread) {
