@@ -11,10 +11,11 @@
 // product, and assigning the result to a bf16 rounds it. So an expression written for a generic T
 // computes in float and rounds only where it stores a T, which is what a kernel over bf16
 // storage should do. Conversion from double goes through float, as PyTorch's does; NaN becomes
-// the canonical quiet NaN 0x7FC0, as in PyTorch.
+// the canonical quiet NaN 0x7FC0, as in PyTorch. Every member is usable in CUDA device code
+// (bit casts use __builtin_bit_cast, which std::bit_cast is built on but nvcc accepts in device
+// functions).
 #pragma once
 
-#include <bit>
 #include <concepts>
 #include <cstdint>
 #include <limits>
@@ -39,7 +40,7 @@ class bf16 {
 
   /// The exact value.
   MOCA_BF16_HD constexpr operator float() const noexcept {
-    return std::bit_cast<float>(static_cast<std::uint32_t>(bits_) << 16);
+    return __builtin_bit_cast(float, static_cast<std::uint32_t>(bits_) << 16);
   }
 
   /// The bf16 with these bits.
@@ -52,7 +53,7 @@ class bf16 {
 
   /// The bits of the bf16 nearest to f: ties to even, NaN to the canonical quiet NaN.
   MOCA_BF16_HD static constexpr std::uint16_t round_bits(float f) noexcept {
-    const std::uint32_t u = std::bit_cast<std::uint32_t>(f);
+    const std::uint32_t u = __builtin_bit_cast(std::uint32_t, f);
     if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0u;
     // Adding 0x7fff rounds the dropped half down below the halfway point and up above it; the
     // kept half's lowest bit breaks the tie towards even. A carry into the exponent is the

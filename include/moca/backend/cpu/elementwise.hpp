@@ -8,6 +8,7 @@
 
 #include "moca/backend/cpu/parallel.hpp"
 #include "moca/backend/cpu/simd_math.hpp"
+#include "moca/core/bf16.hpp"
 
 namespace moca::cpu {
 
@@ -119,7 +120,7 @@ void gelu_forward(std::int64_t n, const T* x, T* y) {
       return;
     }
 #endif
-    for (std::int64_t i = b; i < e; ++i) y[i] = gelu_value(x[i]);
+    for (std::int64_t i = b; i < e; ++i) y[i] = gelu_value<compute_t<T>>(x[i]);
   });
 }
 
@@ -133,7 +134,7 @@ void gelu_backward(std::int64_t n, const T* x, const T* dy, T* dx) {
       return;
     }
 #endif
-    for (std::int64_t i = b; i < e; ++i) dx[i] = dy[i] * gelu_derivative(x[i]);
+    for (std::int64_t i = b; i < e; ++i) dx[i] = dy[i] * gelu_derivative<compute_t<T>>(x[i]);
   });
 }
 

@@ -1,14 +1,17 @@
 // GEMM on the host: float runs the packed AVX2/FMA kernel of sgemm_avx2.hpp where the compiler
 // targets it; double (the gradient checks) and other targets run Eigen, with row-major maps over
-// the caller's buffers (no copies, no transposes).
+// the caller's buffers (no copies, no transposes). bf16 widens its operands to float, runs the
+// float product and rounds the result once, as tensor cores do: a reference, not a fast path.
 #pragma once
 
 #include <Eigen/Core>
 #include <cstdint>
 #include <type_traits>
+#include <vector>
 
 #include "moca/backend/cpu/parallel.hpp"
 #include "moca/backend/cpu/sgemm_avx2.hpp"
+#include "moca/core/bf16.hpp"
 
 namespace moca::cpu {
 
@@ -29,8 +32,55 @@ using ConstRowMajorMap =
 template <class T>
 void gemm(bool trans_a, bool trans_b, std::int64_t M, std::int64_t N, std::int64_t K, T alpha,
           const T* A, std::int64_t lda, const T* B, std::int64_t ldb, T beta, T* C,
-          std::int64_t ldc, const T* bias = nullptr) {
+          std::int64_t ldc, const T* bias = nullptr);
+
+namespace widened {
+
+/// The calling thread's float buffer number `slot`, at least `n` long (grown, never shrunk, so a
+/// repeated product allocates nothing).
+inline float* buffer(int slot, std::int64_t n) {
+  thread_local std::vector<float> buffers[4];
+  std::vector<float>& b = buffers[slot];
+  if (static_cast<std::int64_t>(b.size()) < n) b.resize(static_cast<std::size_t>(n));
+  return b.data();
+}
+
+/// x [rows, cols] (leading dimension ld) as dense floats [rows, cols] in buffer `slot`.
+template <class T>
+float* widen(int slot, std::int64_t rows, std::int64_t cols, const T* x, std::int64_t ld) {
+  float* out = buffer(slot, rows * cols);
+  for (std::int64_t r = 0; r < rows; ++r)
+    for (std::int64_t c = 0; c < cols; ++c) out[r * cols + c] = x[r * ld + c];
+  return out;
+}
+
+/// A bf16 product as the tensor cores compute it: the operands' exact values, products summed in
+/// float, the result (with beta · C and the bias) rounded once to bf16.
+template <class T>
+void gemm(bool trans_a, bool trans_b, std::int64_t M, std::int64_t N, std::int64_t K, T alpha,
+          const T* A, std::int64_t lda, const T* B, std::int64_t ldb, T beta, T* C,
+          std::int64_t ldc, const T* bias) {
+  const float* a = widen(0, trans_a ? K : M, trans_a ? M : K, A, lda);
+  const float* b = widen(1, trans_b ? N : K, trans_b ? K : N, B, ldb);
+  float* c = beta == T(0) ? buffer(2, M * N) : widen(2, M, N, C, ldc);
+  const float* f_bias = bias ? widen(3, 1, N, bias, N) : nullptr;
+  cpu::gemm<float>(trans_a, trans_b, M, N, K, alpha, a, trans_a ? M : K, b, trans_b ? K : N,
+                   beta, c, N, f_bias);
+  for (std::int64_t r = 0; r < M; ++r)
+    for (std::int64_t j = 0; j < N; ++j) C[r * ldc + j] = c[r * N + j];
+}
+
+}  // namespace widened
+
+template <class T>
+void gemm(bool trans_a, bool trans_b, std::int64_t M, std::int64_t N, std::int64_t K, T alpha,
+          const T* A, std::int64_t lda, const T* B, std::int64_t ldb, T beta, T* C,
+          std::int64_t ldc, const T* bias) {
   if (M == 0 || N == 0) return;
+  if constexpr (std::is_same_v<T, bf16>) {
+    widened::gemm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, bias);
+    return;
+  } else {
   RowMajorMap<T> c(C, M, N, Eigen::OuterStride<>(ldc));
   auto add_bias_rows = [&] {
     if (bias) c.rowwise() += Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>>(bias, N);
@@ -67,6 +117,7 @@ void gemm(bool trans_a, bool trans_b, std::int64_t M, std::int64_t N, std::int64
     c.noalias() += alpha * a.transpose() * b.transpose();
   }
   add_bias_rows();
+  }
 }
 
 /// `batch` independent GEMMs; matrix i of A starts at A + i * stride_a (likewise B, C).

@@ -68,12 +68,12 @@ double soft_target_row(std::int64_t K, const T* z, const T* t, bool entropy, T s
     return loss;
   }
 #endif
-  T mx = -std::numeric_limits<T>::infinity();
-  for (std::int64_t j = 0; j < K; ++j) mx = std::max(mx, z[j]);
+  acc_t<T> mx = -std::numeric_limits<acc_t<T>>::infinity();
+  for (std::int64_t j = 0; j < K; ++j) mx = std::max(mx, static_cast<acc_t<T>>(z[j]));
   acc_t<T> sum_e = 0, sum_tz = 0, sum_t = 0;
   double sum_tlogt = 0;
   for (std::int64_t j = 0; j < K; ++j) {
-    const T e = std::exp(z[j] - mx);
+    const acc_t<T> e = std::exp(z[j] - mx);
     sum_e += e;
     if (t[j] != T(0)) sum_tz += t[j] * (z[j] - mx);
     sum_t += t[j];
@@ -85,7 +85,7 @@ double soft_target_row(std::int64_t K, const T* z, const T* t, bool entropy, T s
   double loss = static_cast<double>(sum_t) * lse_shifted - static_cast<double>(sum_tz);
   if (entropy) loss += sum_tlogt;
   if (dz) {
-    const T a = s / static_cast<T>(sum_e);
+    const acc_t<T> a = s / sum_e;
     for (std::int64_t j = 0; j < K; ++j) dz[j] = dz[j] * a - s * t[j];
   }
   return loss;

@@ -23,7 +23,8 @@ void sum_middle(std::int64_t outer, std::int64_t n, std::int64_t inner, T alpha,
         double s = 0;
         const T* xo = x + o * n;
         for (std::int64_t j = 0; j < n; ++j) s += static_cast<double>(xo[j]);
-        y[o] = alpha * static_cast<T>(s) + (beta == T(0) ? T(0) : beta * y[o]);
+        const acc_t<T> prev = beta == T(0) ? acc_t<T>(0) : beta * y[o];
+        y[o] = alpha * static_cast<acc_t<T>>(s) + prev;
       }
     });
     return;
@@ -45,8 +46,10 @@ void sum_middle(std::int64_t outer, std::int64_t n, std::int64_t inner, T alpha,
         for (std::int64_t c = c0; c < c1; ++c) acc[c - c0] += xr[c];
       }
       T* yo = y + o * inner;
-      for (std::int64_t c = c0; c < c1; ++c)
-        yo[c] = alpha * static_cast<T>(acc[c - c0]) + (beta == T(0) ? T(0) : beta * yo[c]);
+      for (std::int64_t c = c0; c < c1; ++c) {
+        const acc_t<T> prev = beta == T(0) ? acc_t<T>(0) : beta * yo[c];
+        yo[c] = alpha * acc[c - c0] + prev;
+      }
     }
   });
 }

@@ -11,12 +11,14 @@
 
 #include "moca/backend/cpu/parallel.hpp"
 #include "moca/backend/cpu/simd_math.hpp"
+#include "moca/core/bf16.hpp"
 
 namespace moca::cpu {
 
-/// Accumulator type: float rows accumulate in float (as PyTorch does), double in double.
+/// Accumulator type: float and bf16 rows accumulate in float (as PyTorch does), double in
+/// double; bf16 rows also compute every intermediate in float and round only what they store.
 template <class T>
-using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+using acc_t = compute_t<T>;
 
 #ifdef MOCA_CPU_SIMD_MATH
 // Float rows on AVX2: 8 lanes at a time, the ragged end through masked loads. Sums run in 8
@@ -90,14 +92,14 @@ void softmax_rows(std::int64_t M, std::int64_t N, const T* x, T* y) {
         continue;
       }
 #endif
-      T mx = -std::numeric_limits<T>::infinity();
-      for (std::int64_t j = 0; j < N; ++j) mx = std::max(mx, xr[j]);
+      acc_t<T> mx = -std::numeric_limits<acc_t<T>>::infinity();
+      for (std::int64_t j = 0; j < N; ++j) mx = std::max(mx, static_cast<acc_t<T>>(xr[j]));
       acc_t<T> sum = 0;
       for (std::int64_t j = 0; j < N; ++j) {
         yr[j] = std::exp(xr[j] - mx);
         sum += yr[j];
       }
-      const T inv = T(1) / static_cast<T>(sum);
+      const acc_t<T> inv = acc_t<T>(1) / sum;
       for (std::int64_t j = 0; j < N; ++j) yr[j] *= inv;
     }
   });
@@ -118,11 +120,11 @@ void log_softmax_rows(std::int64_t M, std::int64_t N, const T* x, T* y) {
         continue;
       }
 #endif
-      T mx = -std::numeric_limits<T>::infinity();
-      for (std::int64_t j = 0; j < N; ++j) mx = std::max(mx, xr[j]);
+      acc_t<T> mx = -std::numeric_limits<acc_t<T>>::infinity();
+      for (std::int64_t j = 0; j < N; ++j) mx = std::max(mx, static_cast<acc_t<T>>(xr[j]));
       acc_t<T> sum = 0;
       for (std::int64_t j = 0; j < N; ++j) sum += std::exp(xr[j] - mx);
-      const T lse = mx + static_cast<T>(std::log(sum));
+      const acc_t<T> lse = mx + std::log(sum);
       for (std::int64_t j = 0; j < N; ++j) yr[j] = xr[j] - lse;
     }
   });
@@ -158,16 +160,17 @@ void softmax_spread_rows(std::int64_t M, std::int64_t N, T scale, T* x, T* sprea
         continue;
       }
 #endif
-      T mx = -std::numeric_limits<T>::infinity();
+      acc_t<T> mx = -std::numeric_limits<acc_t<T>>::infinity();
       acc_t<T> total = 0;
-      for (std::int64_t j = 0; j < N; ++j) mx = std::max(mx, xr[j]), total += xr[j];
-      spread[r] = mx - static_cast<T>(total) / static_cast<T>(N);
+      for (std::int64_t j = 0; j < N; ++j)
+        mx = std::max(mx, static_cast<acc_t<T>>(xr[j])), total += xr[j];
+      spread[r] = mx - total / static_cast<acc_t<T>>(N);
       acc_t<T> sum = 0;
       for (std::int64_t j = 0; j < N; ++j) {
         xr[j] = std::exp(scale * (xr[j] - mx));
         sum += xr[j];
       }
-      const T inv = T(1) / static_cast<T>(sum);
+      const acc_t<T> inv = acc_t<T>(1) / sum;
       for (std::int64_t j = 0; j < N; ++j) xr[j] *= inv;
     }
   });
@@ -193,7 +196,7 @@ void softmax_rows_backward(std::int64_t M, std::int64_t N, const T* y, const T* 
 #endif
       acc_t<T> dot = 0;
       for (std::int64_t j = 0; j < N; ++j) dot += gr[j] * yr[j];
-      for (std::int64_t j = 0; j < N; ++j) dr[j] = yr[j] * (gr[j] - static_cast<T>(dot));
+      for (std::int64_t j = 0; j < N; ++j) dr[j] = yr[j] * (gr[j] - dot);
     }
   });
 }
@@ -217,7 +220,7 @@ void log_softmax_rows_backward(std::int64_t M, std::int64_t N, const T* y, const
 #endif
       acc_t<T> sum = 0;
       for (std::int64_t j = 0; j < N; ++j) sum += gr[j];
-      for (std::int64_t j = 0; j < N; ++j) dr[j] = gr[j] - std::exp(yr[j]) * static_cast<T>(sum);
+      for (std::int64_t j = 0; j < N; ++j) dr[j] = gr[j] - std::exp(yr[j]) * sum;
     }
   });
 }
@@ -292,9 +295,9 @@ void layer_norm_forward(std::int64_t M, std::int64_t N, const T* x, const T* gam
       }
       const acc_t<T> rs = acc_t<T>(1) / std::sqrt(ss / static_cast<acc_t<T>>(N) +
                                                   static_cast<acc_t<T>>(eps));
-      const T m = static_cast<T>(mu), is = static_cast<T>(rs);
+      const acc_t<T> m = mu, is = rs;
       for (std::int64_t j = 0; j < N; ++j) {
-        T v = (xr[j] - m) * is;
+        acc_t<T> v = (xr[j] - m) * is;
         if (gamma) v *= gamma[j];
         if (beta) v += beta[j];
         yr[j] = v;
@@ -323,22 +326,22 @@ void layer_norm_backward(std::int64_t M, std::int64_t N, const T* x, const T* ga
   const bool params = dgamma != nullptr || dbeta != nullptr;
   const std::int64_t blocks = (M + kNormGradRows - 1) / kNormGradRows;
   // [blocks][2][N]: Σ dy·x̂ and Σ dy of each block; the calling thread's, grown once.
-  thread_local std::vector<T> partials;
+  thread_local std::vector<acc_t<T>> partials;
   if (params && static_cast<std::int64_t>(partials.size()) < blocks * 2 * N)
     partials.resize(static_cast<std::size_t>(blocks * 2 * N));
-  T* part = partials.data();
+  acc_t<T>* part = partials.data();
   parallel_for(blocks, 8 * M * N, [&](std::int64_t b0, std::int64_t b1) {
     for (std::int64_t blk = b0; blk < b1; ++blk) {
-      T* pg = params ? part + blk * 2 * N : nullptr;
-      T* pb = params ? pg + N : nullptr;
+      acc_t<T>* pg = params ? part + blk * 2 * N : nullptr;
+      acc_t<T>* pb = params ? pg + N : nullptr;
       if (params)
-        for (std::int64_t j = 0; j < 2 * N; ++j) pg[j] = T(0);
+        for (std::int64_t j = 0; j < 2 * N; ++j) pg[j] = 0;
       const std::int64_t r_end = std::min(M, (blk + 1) * kNormGradRows);
       for (std::int64_t r = blk * kNormGradRows; r < r_end; ++r) {
         const T *xr = x + r * N, *gr = dy + r * N;
         const T* rr = residual ? residual + r * N : nullptr;
         T* dr = dx + r * N;
-        const T m = mean[r], is = rstd[r];
+        const acc_t<T> m = mean[r], is = rstd[r];
 #ifdef MOCA_CPU_SIMD_MATH
         if constexpr (std::is_same_v<T, float>) {
           const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
@@ -373,21 +376,22 @@ void layer_norm_backward(std::int64_t M, std::int64_t N, const T* x, const T* ga
 #endif
         acc_t<T> sum_g = 0, sum_gx = 0;  // sums of dxhat and dxhat * xhat
         for (std::int64_t j = 0; j < N; ++j) {
-          const T g = gamma ? gr[j] * gamma[j] : gr[j];
+          const acc_t<T> g0 = gr[j];
+          const acc_t<T> g = gamma ? g0 * gamma[j] : g0;
           sum_g += g;
           sum_gx += g * (xr[j] - m) * is;
         }
-        const T mg = static_cast<T>(sum_g / static_cast<acc_t<T>>(N));
-        const T mgx = static_cast<T>(sum_gx / static_cast<acc_t<T>>(N));
+        const acc_t<T> mg = sum_g / static_cast<acc_t<T>>(N);
+        const acc_t<T> mgx = sum_gx / static_cast<acc_t<T>>(N);
         for (std::int64_t j = 0; j < N; ++j) {
-          const T g0 = gr[j];
-          const T g = gamma ? g0 * gamma[j] : g0;
-          const T xhat = (xr[j] - m) * is;
+          const acc_t<T> g0 = gr[j];
+          const acc_t<T> g = gamma ? g0 * gamma[j] : g0;
+          const acc_t<T> xhat = (xr[j] - m) * is;
           if (pg) {
             pg[j] += g0 * xhat;
             pb[j] += g0;
           }
-          const T d = is * (g - mg - xhat * mgx);
+          const acc_t<T> d = is * (g - mg - xhat * mgx);
           dr[j] = rr ? rr[j] + d : d;
         }
       }
@@ -397,8 +401,8 @@ void layer_norm_backward(std::int64_t M, std::int64_t N, const T* x, const T* ga
   // The blocks' partials, added in block order; columns in parallel.
   parallel_for(N, 2 * blocks * N, [&](std::int64_t c0, std::int64_t c1) {
     for (std::int64_t blk = 0; blk < blocks; ++blk) {
-      const T* pg = part + blk * 2 * N;
-      const T* pb = pg + N;
+      const acc_t<T>* pg = part + blk * 2 * N;
+      const acc_t<T>* pb = pg + N;
       if (dgamma)
         for (std::int64_t j = c0; j < c1; ++j) dgamma[j] += pg[j];
       if (dbeta)
@@ -417,8 +421,8 @@ void l2_normalize_rows_forward(std::int64_t M, std::int64_t N, const T* x, doubl
       T* yr = y + r * N;
       acc_t<T> ss = 0;
       for (std::int64_t j = 0; j < N; ++j) ss += xr[j] * xr[j];
-      const T nrm = static_cast<T>(std::sqrt(ss));
-      const T inv = T(1) / std::max(nrm, static_cast<T>(eps));
+      const acc_t<T> nrm = std::sqrt(ss);
+      const acc_t<T> inv = acc_t<T>(1) / std::max(nrm, static_cast<acc_t<T>>(eps));
       for (std::int64_t j = 0; j < N; ++j) yr[j] = xr[j] * inv;
       norm[r] = nrm;
     }
@@ -434,11 +438,11 @@ void l2_normalize_rows_backward(std::int64_t M, std::int64_t N, const T* y, cons
     for (std::int64_t r = r0; r < r1; ++r) {
       const T *yr = y + r * N, *gr = dy + r * N;
       T* dr = dx + r * N;
-      const T e = static_cast<T>(eps);
+      const acc_t<T> e = static_cast<acc_t<T>>(eps);
       if (norm[r] > e) {
         acc_t<T> dot = 0;
         for (std::int64_t j = 0; j < N; ++j) dot += yr[j] * gr[j];
-        const T inv = T(1) / norm[r], d = static_cast<T>(dot);
+        const acc_t<T> inv = acc_t<T>(1) / norm[r], d = dot;
         for (std::int64_t j = 0; j < N; ++j) dr[j] = (gr[j] - yr[j] * d) * inv;
       } else {
         for (std::int64_t j = 0; j < N; ++j) dr[j] = gr[j] / e;
