@@ -73,32 +73,50 @@ struct LoadReport {
 namespace detail {
 
 // Host views of a store's trainable and frozen buffers: the buffers themselves on the CPU, a
-// copy (one transfer per buffer) on another device.
+// copy (one transfer per buffer) on another device. A store with a float master copy (bf16
+// parameters) is saved and loaded through it: its trainable values are the master, its frozen
+// tensors widened to float, so a checkpoint holds the exact training state in F32 and loading
+// one sets the master and rounds the values from it.
 template <class T, class D>
 struct HostParams {
-  Tensor<T, Cpu> values_copy, frozen_copy;
-  TensorView<T, Cpu> values, frozen;
+  using Store = ParameterStore<T, D>;
+  using H = compute_t<T>;  // the host element type: float for bf16, else T itself
+  Tensor<H, Cpu> values_copy, frozen_copy;
+  TensorView<H, Cpu> values, frozen;
 
-  explicit HostParams(const ParameterStore<T, D>& store) {
-    if constexpr (std::is_same_v<D, Cpu>) {
+  explicit HostParams(const Store& store) {
+    if constexpr (std::is_same_v<D, Cpu> && !Store::kHasMaster) {
       values = store.values();
       frozen = store.frozen();
     } else {
-      values_copy = Tensor<T, Cpu>(store.values().shape());
-      frozen_copy = Tensor<T, Cpu>(store.frozen().shape());
-      moca::copy(store.values(), TensorView<T, Cpu>(values_copy));
-      moca::copy(store.frozen(), TensorView<T, Cpu>(frozen_copy));
+      values_copy = Tensor<H, Cpu>(store.values().shape());
+      frozen_copy = Tensor<H, Cpu>(store.frozen().shape());
+      if constexpr (Store::kHasMaster) {
+        moca::copy(store.master(), TensorView<H, Cpu>(values_copy));
+        Tensor<T, Cpu> narrow(store.frozen().shape());
+        moca::copy(store.frozen(), TensorView<T, Cpu>(narrow));
+        ops::convert(TensorView<T, Cpu>(narrow), TensorView<H, Cpu>(frozen_copy));
+      } else {
+        moca::copy(store.values(), TensorView<H, Cpu>(values_copy));
+        moca::copy(store.frozen(), TensorView<H, Cpu>(frozen_copy));
+      }
       values = values_copy;
       frozen = frozen_copy;
     }
   }
-  TensorView<T, Cpu> view(const typename ParameterStore<T, D>::Entry& e) const {
-    const TensorView<T, Cpu>& base = e.trainable ? values : frozen;
-    return TensorView<T, Cpu>(base.data() + e.offset, e.shape);
+  TensorView<H, Cpu> view(const typename Store::Entry& e) const {
+    const TensorView<H, Cpu>& base = e.trainable ? values : frozen;
+    return TensorView<H, Cpu>(base.data() + e.offset, e.shape);
   }
-  // Copies the host buffers back to the store (nothing to do on the CPU).
-  void store_back(const ParameterStore<T, D>& store) const {
-    if constexpr (!std::is_same_v<D, Cpu>) {
+  // Copies the host buffers back to the store (nothing to do on the CPU without a master).
+  void store_back(Store& store) const {
+    if constexpr (Store::kHasMaster) {
+      moca::copy(values, store.master());
+      store.round_master_to_values();
+      Tensor<T, Cpu> narrow(frozen.shape());
+      ops::convert(frozen, TensorView<T, Cpu>(narrow));
+      moca::copy(TensorView<T, Cpu>(narrow), store.frozen());
+    } else if constexpr (!std::is_same_v<D, Cpu>) {
       moca::copy(values, store.values());
       moca::copy(frozen, store.frozen());
     }
@@ -133,7 +151,7 @@ void save_parameters(const ParameterStore<T, D>& store, const std::filesystem::p
 }
 
 /// Loads the parameters of `store` from `file` by name (`prefix + name`), converting F16, BF16,
-/// F32 and F64 to T. Only file names starting with `prefix` are considered. Strict: throws
+/// F32 and F64 to T (to the float master, for a bf16 store, whose values are then its rounding). Only file names starting with `prefix` are considered. Strict: throws
 /// moca::Error naming the file and listing every missing name, unexpected name and shape
 /// mismatch, and leaves the store unchanged. Not strict: loads every tensor that matches and
 /// returns what did not.

@@ -16,6 +16,12 @@
 // a third, and binds each Param's views into them. The optimiser step, the gradient norm and an
 // all-reduce are then single passes over one buffer. Two modules of the same type and
 // configuration get identical layouts, so student and teacher line up element for element.
+//
+// Mixed precision: a store of bf16 parameters also keeps a float master copy of the trainable
+// values (master(), aligned with values()). Optimisers and the EMA update the master, and
+// round_master_to_values() rounds it into the bf16 values that forward and backward read, so
+// updates far below bf16's resolution (a 1e-4 learning rate, a 0.996 momentum) still
+// accumulate. Float and double stores have no master: master() is empty.
 #pragma once
 
 #include <cmath>
@@ -26,6 +32,7 @@
 #include <utility>
 #include <vector>
 
+#include "moca/core/bf16.hpp"
 #include "moca/core/check.hpp"
 #include "moca/core/random.hpp"
 #include "moca/core/tensor.hpp"
@@ -208,6 +215,7 @@ class ParameterStore {
         },
         prefix);
     values_ = Tensor<T, D>({n_train});
+    if constexpr (kHasMaster) master_ = Tensor<Master, D>({n_train});
     if (with_grads) grads_ = Tensor<T, D>({n_train});
     frozen_ = Tensor<T, D>({n_frozen});
     std::size_t k = 0;
@@ -227,14 +235,43 @@ class ParameterStore {
   ParameterStore(ParameterStore&&) noexcept = default;
   ParameterStore& operator=(ParameterStore&&) noexcept = default;
 
-  /// Sets every parameter to its declared initial value, reproducibly from `seed`.
+  /// Sets every parameter to its declared initial value, reproducibly from `seed`. With a master
+  /// copy, the master gets the float draws (the float model's values exactly) and the values
+  /// their rounding.
   void initialize(std::uint64_t seed) {
     const Philox rng(seed);
     for (const Entry& e : entries_) {
-      Tensor<T, Cpu> host(e.shape);
-      initialize_tensor(TensorView<T, Cpu>(host), e.init, rng, e.name);
-      copy(TensorView<T, Cpu>(host), view(e));
+      Tensor<Master, Cpu> host(e.shape);
+      initialize_tensor(TensorView<Master, Cpu>(host), e.init, rng, e.name);
+      if constexpr (kHasMaster) {
+        if (e.trainable) {
+          const TensorView<Master, D> m(master_.data() + e.offset, e.shape);
+          copy(TensorView<Master, Cpu>(host), m);
+          ops::convert(m, view(e));
+          continue;
+        }
+        Tensor<T, Cpu> narrow(e.shape);
+        ops::convert(TensorView<Master, Cpu>(host), TensorView<T, Cpu>(narrow));
+        copy(TensorView<T, Cpu>(narrow), view(e));
+      } else {
+        copy(TensorView<T, Cpu>(host), view(e));
+      }
     }
+  }
+
+  /// True where the store keeps a float master copy of bf16 values.
+  static constexpr bool kHasMaster = !std::is_same_v<T, compute_t<T>>;
+  using Master = compute_t<T>;
+
+  /// The float master copy of all trainable values (empty without one).
+  TensorView<Master, D> master() const { return master_; }
+  /// values ← master rounded (after an optimiser or EMA step on the master).
+  void round_master_to_values() {
+    if constexpr (kHasMaster) ops::convert(TensorView<Master, D>(master_), TensorView<T, D>(values_));
+  }
+  /// master ← values (after the values were written directly, e.g. loaded).
+  void values_to_master() {
+    if constexpr (kHasMaster) ops::convert(TensorView<T, D>(values_), TensorView<Master, D>(master_));
   }
 
   const std::vector<Entry>& entries() const { return entries_; }
@@ -273,6 +310,7 @@ class ParameterStore {
  private:
   std::vector<Entry> entries_;
   Tensor<T, D> values_, grads_, frozen_;
+  Tensor<Master, D> master_;  // empty unless kHasMaster
 };
 
 }  // namespace moca

@@ -19,8 +19,8 @@ template <class T>
 using Scalar = std::type_identity_t<T>;
 
 namespace detail {
-template <class T, class D>
-void check_same_size(const char* op, const TensorView<T, D>& a, const TensorView<T, D>& b) {
+template <class T, class U, class D>
+void check_same_size(const char* op, const TensorView<T, D>& a, const TensorView<U, D>& b) {
   MOCA_CHECK(a.numel() == b.numel(), op, ": sizes differ: ", a.shape(), " vs ", b.shape());
 }
 template <class T, class D>

@@ -46,6 +46,14 @@ void mul(const TensorView<T, D>& a, const TensorView<T, D>& b, const TensorView<
   Backend<D>::mul(a.numel(), a.data(), b.data(), y.data());
 }
 
+/// y = x converted to y's element type (float → bf16 rounds to nearest even; bf16 → float is
+/// exact): a mixed-precision model's master weights rounded into its values, or widened back.
+template <class S, class T, class D>
+void convert(const TensorView<S, D>& x, const TensorView<T, D>& y) {
+  detail::check_same_size("convert", x, y);
+  Backend<D>::convert(x.numel(), x.data(), y.data());
+}
+
 /// x[..., :] += bias, for x [..., N] and bias [N].
 template <class T, class D>
 void add_bias(const TensorView<T, D>& x, const TensorView<T, D>& bias) {

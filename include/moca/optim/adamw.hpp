@@ -12,7 +12,9 @@
 //   p ← p − lr/(1 − β1ᵗ) · m / (sqrt(v)/sqrt(1 − β2ᵗ) + eps)
 // A group with lr 0 still updates its moments, as torch does. Elements in no group are not
 // touched. The store must keep its buffers while the optimiser lives (moving the store is fine:
-// the buffers move with it).
+// the buffers move with it). For a store with a float master copy (bf16 parameters), the step
+// updates the master from the bf16 gradients with float moments, then rounds each updated
+// segment into the bf16 values: AdamW<bf16> follows AdamW<float> given the same gradients.
 #pragma once
 
 #include <cstdint>
@@ -45,6 +47,7 @@ class AdamW {
   explicit AdamW(const ParameterStore<T, D>& store, const AdamWConfig& config = {})
       : config_(config),
         values_(store.values()),
+        master_(store.master()),
         grads_(store.grads()),
         entries_(trainable_entries(store)),
         m_({store.num_trainable()}),
@@ -69,8 +72,15 @@ class AdamW {
     for (const ParamGroup& g : groups) {
       const ops::AdamWStep s{g.lr, config_.beta1, config_.beta2, config_.eps, g.weight_decay,
                              step_};
-      for (const ParamSegment& seg : g.segments)
-        ops::adamw(slice(values_, seg), slice(grads_, seg), slice(m_, seg), slice(v_, seg), s);
+      for (const ParamSegment& seg : g.segments) {
+        if constexpr (ParameterStore<T, D>::kHasMaster) {
+          const TensorView<M, D> p = slice(master_, seg);
+          ops::adamw(p, slice(grads_, seg), slice(m_, seg), slice(v_, seg), s);
+          ops::convert(p, slice(values_, seg));
+        } else {
+          ops::adamw(slice(values_, seg), slice(grads_, seg), slice(m_, seg), slice(v_, seg), s);
+        }
+      }
     }
   }
 
@@ -83,37 +93,43 @@ class AdamW {
   }
   /// Zero moments and step counter.
   void reset() {
-    ops::zero(TensorView<T, D>(m_));
-    ops::zero(TensorView<T, D>(v_));
+    ops::zero(TensorView<M, D>(m_));
+    ops::zero(TensorView<M, D>(v_));
     step_ = 0;
   }
 
+  /// The moments' type: float for bf16 parameters, else the parameters' own.
+  using M = compute_t<T>;
+
   /// First moments (torch's exp_avg), flat and aligned with the store's values().
-  TensorView<T, D> exp_avg() const { return m_; }
+  TensorView<M, D> exp_avg() const { return m_; }
   /// Second moments (torch's exp_avg_sq), flat and aligned with the store's values().
-  TensorView<T, D> exp_avg_sq() const { return v_; }
+  TensorView<M, D> exp_avg_sq() const { return v_; }
   /// First moments of one trainable entry, in its shape.
-  TensorView<T, D> exp_avg(std::string_view entry) const { return entry_view(m_, entry); }
+  TensorView<M, D> exp_avg(std::string_view entry) const { return entry_view(m_, entry); }
   /// Second moments of one trainable entry, in its shape.
-  TensorView<T, D> exp_avg_sq(std::string_view entry) const { return entry_view(v_, entry); }
+  TensorView<M, D> exp_avg_sq(std::string_view entry) const { return entry_view(v_, entry); }
   /// The trainable entries the moments are laid out by (names are checkpoint keys).
   const std::vector<ArenaEntry>& entries() const { return entries_; }
 
   const AdamWConfig& config() const { return config_; }
 
  private:
-  static TensorView<T, D> slice(const TensorView<T, D>& flat, const ParamSegment& s) {
+  template <class E>
+  static TensorView<E, D> slice(const TensorView<E, D>& flat, const ParamSegment& s) {
     return flat.rows(s.offset, s.end());
   }
-  TensorView<T, D> entry_view(const Tensor<T, D>& flat, std::string_view name) const {
+  TensorView<M, D> entry_view(const Tensor<M, D>& flat, std::string_view name) const {
     const ArenaEntry& e = detail::find_arena_entry("AdamW", entries_, name);
-    return TensorView<T, D>(flat.data() + e.offset, e.shape);
+    return TensorView<M, D>(flat.data() + e.offset, e.shape);
   }
 
   AdamWConfig config_;
-  TensorView<T, D> values_, grads_;
+  TensorView<T, D> values_;
+  TensorView<M, D> master_;  // empty unless the store keeps one
+  TensorView<T, D> grads_;
   std::vector<ArenaEntry> entries_;
-  Tensor<T, D> m_, v_;
+  Tensor<M, D> m_, v_;
   std::int64_t step_ = 0;
 };
 

@@ -9,7 +9,10 @@
 //
 // Both sides are single ranges of the trainable arenas, so an update is one axpby pass. Frozen
 // tensors (position tables) are not touched: they are identical by construction. The layouts
-// are checked name for name and shape for shape; an error names the first mismatch.
+// are checked name for name and shape for shape; an error names the first mismatch. Stores with
+// a float master copy (bf16 parameters) average their masters, and the target's values are the
+// result rounded: a teacher momentum of 0.996 moves a bf16 weight by far less than its
+// resolution each step, which only a float master accumulates.
 #pragma once
 
 #include <algorithm>
@@ -84,6 +87,10 @@ class EmaLink {
     const std::int64_t begin = src.empty() ? 0 : src.front()->offset;
     target_ = target.values();
     source_ = source.values().rows(begin, begin + numel);
+    if constexpr (ParameterStore<T, D>::kHasMaster) {
+      target_master_ = target.master();
+      source_master_ = source.master().rows(begin, begin + numel);
+    }
   }
 
   /// θ_T ← m·θ_T + (1 − m)·θ_S; does nothing when m ≥ 1. Requires m ≥ 0.
@@ -91,11 +98,23 @@ class EmaLink {
     MOCA_PROFILE_SCOPE("ema");
     MOCA_CHECK(momentum >= 0.0, "ema_update: negative momentum ", momentum);
     if (momentum >= 1.0) return;
-    ops::axpby(T(1.0 - momentum), source_, T(momentum), target_);
+    if constexpr (ParameterStore<T, D>::kHasMaster) {
+      ops::axpby(M(1.0 - momentum), source_master_, M(momentum), target_master_);
+      ops::convert(target_master_, target_);
+    } else {
+      ops::axpby(T(1.0 - momentum), source_, T(momentum), target_);
+    }
   }
 
   /// θ_T ← θ_S (a teacher starts as an exact copy of the student).
-  void copy_source() const { ops::axpby(T(1), source_, T(0), target_); }
+  void copy_source() const {
+    if constexpr (ParameterStore<T, D>::kHasMaster) {
+      ops::axpby(M(1), source_master_, M(0), target_master_);
+      ops::convert(target_master_, target_);
+    } else {
+      ops::axpby(T(1), source_, T(0), target_);
+    }
+  }
 
   /// The target's trainable arena.
   TensorView<T, D> target() const { return target_; }
@@ -103,7 +122,9 @@ class EmaLink {
   TensorView<T, D> source() const { return source_; }
 
  private:
+  using M = compute_t<T>;
   TensorView<T, D> target_, source_;
+  TensorView<M, D> target_master_, source_master_;  // empty unless the stores keep masters
 };
 
 /// θ_T ← m·θ_T + (1 − m)·θ_S over the trainable arena of `target` and the matching range of

@@ -200,10 +200,14 @@ struct Backend<Cpu> {
                                  T* dz) {
     return cpu::soft_target_rows(M, K, z, t, idx, entropy, s, dz);
   }
-  template <class T>
-  static void adamw(std::int64_t n, T* p, const T* g, T* m, T* v, double lr, double beta1,
+  template <class T, class G>
+  static void adamw(std::int64_t n, T* p, const G* g, T* m, T* v, double lr, double beta1,
                     double beta2, double eps, double weight_decay, std::int64_t step) {
     cpu::adamw(n, p, g, m, v, lr, beta1, beta2, eps, weight_decay, step);
+  }
+  template <class S, class T>
+  static void convert(std::int64_t n, const S* x, T* y) {
+    cpu::convert(n, x, y);
   }
 };
 

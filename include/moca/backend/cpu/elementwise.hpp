@@ -159,8 +159,8 @@ void relu_backward(std::int64_t n, const T* x, const T* dy, T* dx) {
 ///   p *= 1 - lr * wd;  m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2
 ///   p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
 /// `step` counts from 1.
-template <class T>
-void adamw(std::int64_t n, T* p, const T* g, T* m, T* v, double lr, double beta1, double beta2,
+template <class T, class G>
+void adamw(std::int64_t n, T* p, const G* g, T* m, T* v, double lr, double beta1, double beta2,
            double eps, double weight_decay, std::int64_t step) {
   const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
   const double bc2 = 1.0 - std::pow(beta2, static_cast<double>(step));
@@ -181,6 +181,14 @@ void adamw(std::int64_t n, T* p, const T* g, T* m, T* v, double lr, double beta1
       v[i] = vi;
       p[i] = p[i] * decay - step_size * mi / (std::sqrt(vi) * inv_sqrt_bc2 + e);
     }
+  });
+}
+
+/// y[i] = x[i] in y's type (rounding to nearest even where it is narrower).
+template <class S, class T>
+void convert(std::int64_t n, const S* x, T* y) {
+  parallel_for(n, n, [&](std::int64_t b, std::int64_t e) {
+    for (std::int64_t i = b; i < e; ++i) y[i] = static_cast<T>(x[i]);
   });
 }
 

@@ -47,16 +47,17 @@ inline std::int64_t read_int_scalar(const SafetensorsFile& f, const std::string&
 template <class T, class D, class B>
 void add_moca_train_state(SafetensorsWriter& out, Moca<T, D, B>& m, std::int64_t step) {
   const AdamW<T, D>& opt = m.optimizer();
+  using M = typename AdamW<T, D>::M;  // the moments' type (float for bf16 parameters)
   for (const ArenaEntry& e : opt.entries()) {
     for (const bool second : {false, true}) {
-      const TensorView<T, D> v = second ? opt.exp_avg_sq(e.name) : opt.exp_avg(e.name);
+      const TensorView<M, D> v = second ? opt.exp_avg_sq(e.name) : opt.exp_avg(e.name);
       const std::string name = (second ? detail::kExpAvgSq : detail::kExpAvg) + e.name;
       if constexpr (std::is_same_v<D, Cpu>) {
         out.add(name, v);
       } else {
-        Tensor<T, Cpu> host(v.shape());
-        copy(v, TensorView<T, Cpu>(host));
-        out.add(name, TensorView<T, Cpu>(host));
+        Tensor<M, Cpu> host(v.shape());
+        copy(v, TensorView<M, Cpu>(host));
+        out.add(name, TensorView<M, Cpu>(host));
       }
     }
   }
@@ -85,6 +86,7 @@ void save_moca_train_state(Moca<T, D, B>& m, std::int64_t step, const std::files
 template <class T, class D, class B>
 std::int64_t load_moca_train_state(Moca<T, D, B>& m, const SafetensorsFile& file) {
   AdamW<T, D>& opt = m.optimizer();
+  using M = typename AdamW<T, D>::M;
   std::vector<std::string> problems;
   for (const ArenaEntry& e : opt.entries()) {
     for (const bool second : {false, true}) {
@@ -102,12 +104,12 @@ std::int64_t load_moca_train_state(Moca<T, D, B>& m, const SafetensorsFile& file
                            e.shape.str());
         continue;
       }
-      const TensorView<T, D> dst = second ? opt.exp_avg_sq(e.name) : opt.exp_avg(e.name);
+      const TensorView<M, D> dst = second ? opt.exp_avg_sq(e.name) : opt.exp_avg(e.name);
       if constexpr (std::is_same_v<D, Cpu>) {
         file.read_into(name, dst);
       } else {
-        const Tensor<T, Cpu> host = file.read<T>(name);
-        copy(TensorView<T, Cpu>(host), dst);
+        const Tensor<M, Cpu> host = file.read<M>(name);
+        copy(TensorView<M, Cpu>(host), dst);
       }
     }
   }
