@@ -19,21 +19,8 @@ namespace fs = std::filesystem;
 
 namespace {
 
-struct Run {
-  int status;
-  std::string err;
-};
-
-Run run_cli(const std::string& args, const fs::path& dir) {
-  const fs::path err = dir / "stderr.txt";
-  const std::string cmd = moca::testing::cli_program() + " " + args + " > " + (dir / "stdout.txt").string() +
-                          " 2> " + err.string();
-  const int rc = std::system(cmd.c_str());
-  std::ifstream in(err);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return {rc, ss.str()};
-}
+using moca::testing::CliRun;
+using moca::testing::run_cli;
 
 VitConfig small() {
   VitConfig c;
@@ -76,7 +63,7 @@ TEST_CASE("moca extract writes the class token and the patch average of the fina
                          (dir / "features.safetensors").string();
 
   SUBCASE("features match an in-process forward, across batches") {
-    const Run r = run_cli("extract" + io + model_flags(cfg) +
+    const CliRun r = run_cli("extract" + io + model_flags(cfg) +
                               " --prefix encoder_teacher. --batch 2",
                           dir);
     REQUIRE_MESSAGE(r.status == 0, r.err);
@@ -101,14 +88,14 @@ TEST_CASE("moca extract writes the class token and the patch average of the fina
   SUBCASE("weights that do not fit the given architecture") {
     VitConfig wrong = cfg;
     wrong.dim = 32;
-    const Run r = run_cli("extract" + io + model_flags(wrong) + " --prefix encoder_teacher.", dir);
+    const CliRun r = run_cli("extract" + io + model_flags(wrong) + " --prefix encoder_teacher.", dir);
     CHECK(r.status != 0);
     CHECK(r.err.find("ckpt.safetensors") != std::string::npos);
     CHECK(r.err.find("expected [32") != std::string::npos);
   }
 
   SUBCASE("a wrong prefix leaves every tensor missing") {
-    const Run r = run_cli("extract" + io + model_flags(cfg) + " --prefix encoder.", dir);
+    const CliRun r = run_cli("extract" + io + model_flags(cfg) + " --prefix encoder.", dir);
     CHECK(r.status != 0);
     CHECK(r.err.find("missing") != std::string::npos);
     CHECK(r.err.find("encoder.cls_token") != std::string::npos);
@@ -120,7 +107,7 @@ TEST_CASE("moca extract writes the class token and the patch average of the fina
       w.add("pixels", TensorView<float>(images));
       w.write(dir / "noimages.safetensors");
     }
-    Run r = run_cli("extract --weights " + (dir / "ckpt.safetensors").string() + " --input " +
+    CliRun r = run_cli("extract --weights " + (dir / "ckpt.safetensors").string() + " --input " +
                         (dir / "noimages.safetensors").string() + " --output " +
                         (dir / "f.safetensors").string() + model_flags(cfg) +
                         " --prefix encoder_teacher.",
@@ -136,7 +123,7 @@ TEST_CASE("moca extract writes the class token and the patch average of the fina
   }
 
   SUBCASE("missing files and unknown flags") {
-    Run r = run_cli("extract --weights " + (dir / "nope.safetensors").string() + " --input " +
+    CliRun r = run_cli("extract --weights " + (dir / "nope.safetensors").string() + " --input " +
                         (dir / "images.safetensors").string() + " --output x" + model_flags(cfg),
                     dir);
     CHECK(r.status != 0);

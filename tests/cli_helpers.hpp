@@ -38,27 +38,6 @@ struct CliTempDir {
   }
 };
 
-inline std::string read_file_text(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
-struct CliRun {
-  int status;
-  std::string out, err;
-};
-
-/// Runs `moca <args>` with its output captured in files under `dir`.
-inline CliRun run_cli(const std::string& args, const fs::path& dir) {
-  const fs::path out = dir / "stdout.txt", err = dir / "stderr.txt";
-  const std::string cmd =
-      moca::testing::cli_program() + " " + args + " > " + out.string() + " 2> " + err.string();
-  const int rc = std::system(cmd.c_str());
-  return {rc, read_file_text(out), read_file_text(err)};
-}
-
 inline bool has(const std::string& s, const std::string& what) {
   return s.find(what) != std::string::npos;
 }

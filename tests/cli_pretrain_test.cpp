@@ -33,25 +33,9 @@ extern char** environ;
 
 namespace {
 
-struct Run {
-  int status;
-  std::string err;
-};
-
-std::string slurp(const fs::path& p) {
-  std::ifstream in(p);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
-Run run_cli(const std::string& args, const fs::path& dir) {
-  const fs::path err = dir / "stderr.txt";
-  const std::string cmd = moca::testing::cli_program() + " " + args + " > " +
-                          (dir / "stdout.txt").string() + " 2> " + err.string();
-  const int rc = std::system(cmd.c_str());
-  return {WIFEXITED(rc) ? WEXITSTATUS(rc) : -1, slurp(err)};
-}
+using moca::testing::CliRun;
+using moca::testing::run_cli;
+using moca::testing::read_file_text;
 
 // Starts the program in the background; returns its pid.
 pid_t spawn_cli(const std::vector<std::string>& args, const fs::path& log) {
@@ -170,7 +154,7 @@ TEST_CASE("moca pretrain: a run, a stopped and resumed run, then knn and extract
   Fixture fx;
   const fs::path a = fx.dir / "a", b = fx.dir / "b";
 
-  Run r = run_cli(fx.base(a) + " --epochs 2 --knn-every 1", fx.dir);
+  CliRun r = run_cli(fx.base(a) + " --epochs 2 --knn-every 1", fx.dir);
   INFO(r.err);
   REQUIRE(r.status == 0);
   CHECK(r.err.find("steps planned") == std::string::npos);  // planned in epochs
@@ -196,7 +180,7 @@ TEST_CASE("moca pretrain: a run, a stopped and resumed run, then knn and extract
     }
   CHECK(knn_records == 2);  // after epoch 1 and at the end
   CHECK(fs::exists(a / "curves.svg"));
-  CHECK(slurp(a / "curves.svg").find("<polyline") != std::string::npos);
+  CHECK(read_file_text(a / "curves.svg").find("<polyline") != std::string::npos);
   CHECK(fs::exists(a / "config.json"));
   const auto latest = train::CheckpointDir(a / "checkpoints").latest();
   REQUIRE(latest.has_value());
@@ -273,7 +257,7 @@ TEST_CASE("moca pretrain: a run, a stopped and resumed run, then knn and extract
               fx.dir);
   INFO(r.err);
   REQUIRE(r.status == 0);
-  const json px = json::parse(slurp(fx.dir / "pixels.json"));
+  const json px = json::parse(read_file_text(fx.dir / "pixels.json"));
   CHECK(px["pooling"] == "pixels");
   CHECK(px["bank"] == 96);
   CHECK(px["results"][0]["count"] == 40);
@@ -284,7 +268,7 @@ TEST_CASE("moca pretrain: a run, a stopped and resumed run, then knn and extract
 
 TEST_CASE("moca pretrain: --device chooses the CPU or the GPU, with clear errors") {
   Fixture fx;
-  Run r = run_cli(fx.base(fx.dir / "gpu") + " --epochs 1 --device gpu", fx.dir);
+  CliRun r = run_cli(fx.base(fx.dir / "gpu") + " --epochs 1 --device gpu", fx.dir);
   CHECK(r.status != 0);
   CHECK(r.err.find("--device must be cpu or cuda, got 'gpu'") != std::string::npos);
   r = run_cli(fx.base(fx.dir / "tf32") + " --epochs 1 --matmul tf32", fx.dir);
@@ -351,9 +335,9 @@ TEST_CASE("moca pretrain: Ctrl-C saves a checkpoint; SIGKILL never leaves a brok
   wait_for_steps(logged_steps(out) + 2);
   ::kill(pid, SIGINT);
   const int status = wait_status(pid);
-  INFO(slurp(fx.dir / "err.txt"));
+  INFO(read_file_text(fx.dir / "err.txt"));
   CHECK(status == 130);
-  CHECK(slurp(fx.dir / "err.txt").find("interrupted at step") != std::string::npos);
+  CHECK(read_file_text(fx.dir / "err.txt").find("interrupted at step") != std::string::npos);
   const auto latest = train::CheckpointDir(out / "checkpoints").latest();
   REQUIRE(latest.has_value());
   CHECK(train::CheckpointDir::step_of(*latest) == logged_steps(out));
