@@ -227,7 +227,7 @@ TEST_CASE("Condenser decoder: gradients w.r.t. g, the intermediate tokens and it
   const std::int64_t N = 2, Dm = 8, grid = 3, lk = 3, ld = 6;
   DecoderConfig dc;
   dc.dim = 8;
-  dc.depth = 1;
+  dc.depth = 2;  // two blocks: the second runs its backward on the first one's scratch
   dc.heads = 2;
   CondenserDecoder<double> dec(Dm, grid, dc);
   ParameterStore<double> ps(dec);
@@ -266,4 +266,35 @@ TEST_CASE("Condenser decoder: gradients w.r.t. g, the intermediate tokens and it
   CHECK_MESSAGE(rep.ok, rep.message());
   CHECK(rep.grad_norm > 0);
   for (int c = 0; c < Dm; ++c) CHECK(dmid(1, 0, c) == 0.0);
+}
+
+TEST_CASE("Condenser decoder: its blocks share one set of backward scratch") {
+  // What a backward adds to the memory a forward left: the decoder's gradient buffers and one
+  // block's scratch, whatever the depth.
+  auto backward_growth = [](std::int64_t depth) {
+    const std::int64_t N = 4, Dm = 16, grid = 4, lk = 6, ld = 10;
+    DecoderConfig dc;
+    dc.dim = 32;
+    dc.depth = depth;
+    dc.heads = 4;
+    CondenserDecoder<float> dec(Dm, grid, dc);
+    ParameterStore<float> ps(dec);
+    ps.initialize(6);
+    Tensor<Index> decoded({N, ld});
+    for (int n = 0; n < N; ++n)
+      for (int j = 0; j < ld; ++j) decoded(n, j) = static_cast<Index>((n + 3 * j) % (grid * grid));
+    Tensor<float> g({N, Dm}), mid({N, 1 + lk, Dm}), dout({N * ld, dc.dim});
+    Tensor<float> dg({N, Dm}), dmid({N, 1 + lk, Dm});
+    fill_uniform(g, Philox(9), 0, -1, 1);
+    fill_uniform(mid, Philox(9), 1, -1, 1);
+    fill_uniform(dout, Philox(9), 2, -1, 1);
+    dec.forward(g, mid, decoded);
+    const std::int64_t before = memory_stats<Cpu>().bytes_in_use;
+    dec.backward(dout, dg, dmid);
+    return memory_stats<Cpu>().bytes_in_use - before;
+  };
+  const std::int64_t one = backward_growth(1), three = backward_growth(3);
+  MESSAGE("memory a decoder backward adds: depth 1 ", one, " bytes, depth 3 ", three);
+  CHECK(one > 0);
+  CHECK(three == one);
 }

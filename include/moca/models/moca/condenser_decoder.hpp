@@ -141,8 +141,14 @@ class CondenserDecoder {
     ops::copy_strided(ops::strided_batch(dout, 0, ld, Dd, Dd, ld * Dd, N),
                       ops::strided_batch(TensorView<T, D>(dscratch_), Dd, ld, Dd, Dd, S * Dd, N));
     decoder_norm_cls_pt.backward(stream_.back(), dscratch_, dseq_);
-    for (std::size_t i = decoder_blocks_cls_pt.size(); i-- > 0;)
-      decoder_blocks_cls_pt[i].backward(stream_[i], dseq_, dseq_);
+    // Every block runs its backward on block 0's scratch (SwapsScratch), lent and returned, as
+    // in the encoder.
+    auto& blocks = decoder_blocks_cls_pt;
+    for (std::size_t i = blocks.size(); i-- > 0;) {
+      if (i > 0) swap_scratch_if_possible(blocks[0], blocks[i]);
+      blocks[i].backward(stream_[i], dseq_, dseq_);
+      if (i > 0) swap_scratch_if_possible(blocks[0], blocks[i]);
+    }
     // Mask tokens: Σ over images and masked positions. Positions are frozen.
     if (!mask_token_cls_pt.grad.empty()) {
       dmask_.resize({N, ld - lk, Dd});
