@@ -1155,6 +1155,49 @@ TEST_CASE_TEMPLATE("cuda parity: adamw over several steps", T, float, double) {
   }
 }
 
+TEST_CASE("cuda parity: bf16 conversions and AdamW on float masters with bf16 gradients") {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  // Rounding to bf16 is exact arithmetic (round to nearest even): bit for bit the CPU's. Widening
+  // is exact. The mixed AdamW is the float AdamW on the widened gradients.
+  const std::int64_t n = 1000;
+  Tensor<float> x = random_tensor<float>({n}, -3.0, 3.0);
+  x.data()[0] = 1.0f + 1.0f / 256;  // an exact tie: stays 1
+  x.data()[1] = std::numeric_limits<float>::quiet_NaN();
+  x.data()[2] = std::numeric_limits<float>::max();  // overflows to infinity
+  Tensor<bf16> h({n});
+  ops::convert(TensorView<float>(x), TensorView<bf16>(h));
+  const Tensor<float, Cuda> gx = to_device<float>(x);
+  Tensor<bf16, Cuda> gh({n});
+  ops::convert(TensorView<float, Cuda>(gx), TensorView<bf16, Cuda>(gh));
+  const Tensor<bf16> back = gh.to<Cpu>();
+  std::int64_t differ = 0;
+  for (std::int64_t i = 0; i < n; ++i) differ += back.data()[i].bits() != h.data()[i].bits();
+  CHECK(differ == 0);
+  Tensor<float, Cuda> gw({n});
+  ops::convert(TensorView<bf16, Cuda>(gh), TensorView<float, Cuda>(gw));
+  const Tensor<float> wide = gw.to<Cpu>();
+  for (std::int64_t i = 3; i < n; ++i) CHECK(wide.data()[i] == float(h.data()[i]));
+
+  Tensor<float> p = random_tensor<float>({n}), m({n}), v({n});
+  Guarded<float> gp(p), gm(m), gv(v);
+  ops::AdamWStep s{.lr = 1e-2, .beta1 = 0.9, .beta2 = 0.999, .eps = 1e-8, .weight_decay = 0.05};
+  for (std::int64_t step = 1; step <= 3; ++step) {
+    s.step = step;
+    const Tensor<float> g32 = random_tensor<float>({n});
+    Tensor<bf16> g({n});
+    ops::convert(TensorView<float>(g32), TensorView<bf16>(g));
+    Tensor<bf16, Cuda> gg({n});
+    copy(TensorView<bf16>(g), TensorView<bf16, Cuda>(gg));
+    ops::adamw(TensorView<float>(p), TensorView<bf16>(g), TensorView<float>(m),
+               TensorView<float>(v), s);
+    ops::adamw(gp.view(), TensorView<bf16, Cuda>(gg), gm.view(), gv.view(), s);
+  }
+  // As in the float AdamW test: p moves by about lr per step from values of size 1.
+  check_parity<float>("mixed adamw p", p, gp, tolerance<float>(), std::sqrt(static_cast<double>(n)));
+  check_parity<float>("mixed adamw m", m, gm, tolerance<float>(), norm_of(TensorView<float>(m)));
+  check_parity<float>("mixed adamw v", v, gv, tolerance<float>());
+}
+
 // ---- the same layer code on both devices ---------------------------------------------------------
 
 namespace {

@@ -21,6 +21,7 @@
 #include "moca/backend/cuda/check.hpp"
 #include "moca/backend/cuda/context.hpp"
 #include "moca/backend/cuda/lt_matmul.hpp"
+#include "moca/core/bf16.hpp"
 #include "moca/core/check.hpp"
 #include "moca/core/device.hpp"
 
@@ -125,9 +126,13 @@ template <class T>
 double soft_target_rows(std::int64_t M, std::int64_t K, const T* z, const T* t, std::int64_t R,
                         const std::int32_t* idx, bool entropy, T s, T* dz);
 
-template <class T>
-void adamw(std::int64_t n, T* p, const T* g, T* m, T* v, double lr, double beta1, double beta2,
+/// AdamW with the gradient's type G: T for float and double, bf16 for float master weights.
+template <class T, class G>
+void adamw(std::int64_t n, T* p, const G* g, T* m, T* v, double lr, double beta1, double beta2,
            double eps, double weight_decay, std::int64_t step);
+/// y = x in y's type: defined for float → bf16 (rounding to nearest even) and bf16 → float.
+template <class S, class T>
+void convert(std::int64_t n, const S* x, T* y);
 
 /// Fused attention (kernels/attention.cuh): ctx and the log-sum-exp of each score row, lse
 /// [B, H, S]; the probabilities are recomputed by the backward, which needs ctx and writes the
@@ -488,11 +493,13 @@ struct Backend<Cuda> {
                                  T* dz) {
     return cuda::soft_target_rows(M, K, z, t, R, idx, entropy, s, dz);
   }
-  template <class T>
-  static void adamw(std::int64_t n, T* p, const T* g, T* m, T* v, double lr, double beta1,
+  template <class T, class G>
+  static void adamw(std::int64_t n, T* p, const G* g, T* m, T* v, double lr, double beta1,
                     double beta2, double eps, double weight_decay, std::int64_t step) {
     cuda::adamw(n, p, g, m, v, lr, beta1, beta2, eps, weight_decay, step);
   }
+  template <class S, class T>
+  static void convert(std::int64_t n, const S* x, T* y) { cuda::convert(n, x, y); }
 
   // Fused attention: the forward keeps the rows' log-sum-exp [B, H, S], not the probabilities.
   static constexpr bool attention_saves_lse = true;

@@ -1,5 +1,6 @@
 // Explicit instantiations of every kernel wrapper declared in backend/cuda/backend.hpp, for float
-// and double. src/cuda/kernels.cu includes this file once, so the kernels are compiled once into
+// and double, and the mixed-precision ones (float master weights with bf16 values).
+// src/cuda/kernels.cu includes this file once, so the kernels are compiled once into
 // moca_cuda_kernels and ordinary C++ files only need the declarations.
 #pragma once
 
@@ -70,8 +71,8 @@
   template double xlogy_sum<T>(std::int64_t, const T*, const T*);                             \
   template double soft_target_rows<T>(std::int64_t, std::int64_t, const T*, const T*,          \
                                       std::int64_t, const std::int32_t*, bool, T, T*);         \
-  template void adamw<T>(std::int64_t, T*, const T*, T*, T*, double, double, double, double,  \
-                         double, std::int64_t);                                               \
+  template void adamw<T, T>(std::int64_t, T*, const T*, T*, T*, double, double, double,       \
+                            double, double, std::int64_t);                                    \
   template void attention_forward<T>(std::int64_t, std::int64_t, std::int64_t, std::int64_t, T, \
                                      const T*, T*, T*);                                       \
   template void attention_backward<T>(std::int64_t, std::int64_t, std::int64_t, std::int64_t,   \
@@ -80,6 +81,11 @@
 namespace moca::cuda {
 MOCA_CUDA_INSTANTIATE(float)
 MOCA_CUDA_INSTANTIATE(double)
+// Mixed precision: bf16 values and gradients of float master weights.
+template void convert<float, bf16>(std::int64_t, const float*, bf16*);
+template void convert<bf16, float>(std::int64_t, const bf16*, float*);
+template void adamw<float, bf16>(std::int64_t, float*, const bf16*, float*, float*, double,
+                                 double, double, double, double, std::int64_t);
 }  // namespace moca::cuda
 
 #undef MOCA_CUDA_INSTANTIATE
