@@ -1198,6 +1198,69 @@ TEST_CASE("cuda parity: bf16 conversions and AdamW on float masters with bf16 gr
   check_parity<float>("mixed adamw v", v, gv, tolerance<float>());
 }
 
+namespace {
+
+// Elements where a and b differ by more than one bf16 ulp of the larger: the CPU's bf16 product
+// is the exact float product rounded once, the GPU's an fp32 accumulation in another order
+// rounded once, so a result near a rounding boundary may land one ulp away, never more.
+std::int64_t beyond_one_ulp(const Tensor<bf16>& a, const Tensor<bf16>& b) {
+  std::int64_t bad = 0;
+  for (std::int64_t i = 0; i < a.numel(); ++i) {
+    const float x = a.data()[i], y = b.data()[i];
+    const float ulp = std::ldexp(1.0f, std::ilogb(std::max(std::abs(x), std::abs(y))) - 7);
+    bad += !(std::abs(x - y) <= ulp);  // NaN counts
+  }
+  return bad;
+}
+
+Tensor<bf16> random_bf16(Shape shape) {
+  const Tensor<float> f = random_tensor<float>(shape);
+  Tensor<bf16> h(shape);
+  ops::convert(TensorView<float>(f), TensorView<bf16>(h));
+  return h;
+}
+
+}  // namespace
+
+TEST_CASE("cuda parity: bf16 products (plain, batched, with bias) within one ulp of the CPU's") {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  for (int t = 0; t < 4; ++t) {
+    const bool ta = (t & 1) != 0, tb = (t & 2) != 0;
+    CAPTURE(ta);
+    CAPTURE(tb);
+    const std::int64_t M = 70, N = 96, K = 200;
+    const Tensor<bf16> A = random_bf16(ta ? Shape{K, M} : Shape{M, K});
+    const Tensor<bf16> B = random_bf16(tb ? Shape{N, K} : Shape{K, N});
+    const Tensor<bf16> C0 = random_bf16({M, N}), bias = random_bf16({N});
+    Tensor<bf16, Cuda> gA({A.shape()}), gB({B.shape()}), gC({M, N}), gbias({N});
+    copy(TensorView<bf16>(A), TensorView<bf16, Cuda>(gA));
+    copy(TensorView<bf16>(B), TensorView<bf16, Cuda>(gB));
+    copy(TensorView<bf16>(C0), TensorView<bf16, Cuda>(gC));
+    copy(TensorView<bf16>(bias), TensorView<bf16, Cuda>(gbias));
+    Tensor<bf16> C = C0.clone();
+    ops::gemm(A, trans(ta), B, trans(tb), C, 0.5f, -1.0f);
+    ops::gemm(gA, trans(ta), gB, trans(tb), gC, 0.5f, -1.0f);
+    CHECK(beyond_one_ulp(C, gC.to<Cpu>()) == 0);
+    ops::gemm_bias(A, trans(ta), B, trans(tb), bias, C);
+    ops::gemm_bias(gA, trans(ta), gB, trans(tb), gbias, gC);
+    CHECK(beyond_one_ulp(C, gC.to<Cpu>()) == 0);
+  }
+  // A batch of per-head products, as attention's composed form runs them.
+  const std::int64_t batch = 6, S = 17, hd = 16;
+  const Tensor<bf16> Q = random_bf16({batch, S, hd}), Kt = random_bf16({batch, S, hd});
+  Tensor<bf16> P({batch, S, S});
+  Tensor<bf16, Cuda> gQ({batch, S, hd}), gK({batch, S, hd}), gP({batch, S, S});
+  copy(TensorView<bf16>(Q), TensorView<bf16, Cuda>(gQ));
+  copy(TensorView<bf16>(Kt), TensorView<bf16, Cuda>(gK));
+  Backend<Cpu>::gemm_strided_batched<bf16>(false, true, S, S, hd, bf16(0.25f), Q.data(), hd,
+                                           S * hd, Kt.data(), hd, S * hd, bf16(0.0f), P.data(), S,
+                                           S * S, batch);
+  Backend<Cuda>::gemm_strided_batched<bf16>(false, true, S, S, hd, bf16(0.25f), gQ.data(), hd,
+                                            S * hd, gK.data(), hd, S * hd, bf16(0.0f), gP.data(),
+                                            S, S * S, batch);
+  CHECK(beyond_one_ulp(P, gP.to<Cpu>()) == 0);
+}
+
 // ---- the same layer code on both devices ---------------------------------------------------------
 
 namespace {

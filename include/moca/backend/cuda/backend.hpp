@@ -224,8 +224,8 @@ void gemm(bool trans_a, bool trans_b, std::int64_t M, std::int64_t N, std::int64
           const T* A, std::int64_t lda, std::int64_t stride_a, const T* B, std::int64_t ldb,
           std::int64_t stride_b, T beta, T* C, std::int64_t ldc, std::int64_t stride_c,
           std::int64_t batch) {
-  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
-                "THE_CUDA_GEMM_SUPPORTS_FLOAT_AND_DOUBLE");
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double> || std::is_same_v<T, bf16>,
+                "THE_CUDA_GEMM_SUPPORTS_FLOAT_DOUBLE_AND_BF16");
   if (M == 0 || N == 0 || batch == 0) return;
   if (K == 0 || alpha == T(0)) {
     // No product to add: C = beta · C, and beta == 0 overwrites C (NaN included), as in BLAS.
@@ -235,6 +235,21 @@ void gemm(bool trans_a, bool trans_b, std::int64_t M, std::int64_t N, std::int64
   const ColumnMajorProduct p(trans_a, trans_b, M, N, K, lda, ldb, ldc);
   Context& ctx = Context::get();
   cublasHandle_t handle = ctx.cublas();
+  if constexpr (std::is_same_v<T, bf16>) {
+    // bf16 storage: bf16 × bf16 on the tensor cores, accumulated in fp32, rounded once to bf16.
+    const float a = alpha, b = beta;
+    if (batch == 1) {
+      MOCA_CUBLAS_CHECK(cublasGemmEx(handle, p.op_a, p.op_b, p.m, p.n, p.k, &a, B, CUDA_R_16BF,
+                                     p.lda, A, CUDA_R_16BF, p.ldb, &b, C, CUDA_R_16BF, p.ldc,
+                                     CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    } else {
+      MOCA_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
+          handle, p.op_a, p.op_b, p.m, p.n, p.k, &a, B, CUDA_R_16BF, p.lda, stride_b, A,
+          CUDA_R_16BF, p.ldb, stride_a, &b, C, CUDA_R_16BF, p.ldc, stride_c,
+          blas_int(batch, "batch"), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    }
+    return;
+  }
   if (batch == 1) {
     if constexpr (std::is_same_v<T, float>) {
       if (ctx.float_matmul() == FloatMatmul::Bf16) {
@@ -248,7 +263,7 @@ void gemm(bool trans_a, bool trans_b, std::int64_t M, std::int64_t N, std::int64
       }
       MOCA_CUBLAS_CHECK(cublasSgemm(handle, p.op_a, p.op_b, p.m, p.n, p.k, &alpha, B, p.lda, A,
                                     p.ldb, &beta, C, p.ldc));
-    } else {
+    } else if constexpr (std::is_same_v<T, double>) {
       MOCA_CUBLAS_CHECK(cublasDgemm(handle, p.op_a, p.op_b, p.m, p.n, p.k, &alpha, B, p.lda, A,
                                     p.ldb, &beta, C, p.ldc));
     }
@@ -259,7 +274,7 @@ void gemm(bool trans_a, bool trans_b, std::int64_t M, std::int64_t N, std::int64
     MOCA_CUBLAS_CHECK(cublasSgemmStridedBatched(handle, p.op_a, p.op_b, p.m, p.n, p.k, &alpha, B,
                                                 p.lda, stride_b, A, p.ldb, stride_a, &beta, C,
                                                 p.ldc, stride_c, count));
-  } else {
+  } else if constexpr (std::is_same_v<T, double>) {
     MOCA_CUBLAS_CHECK(cublasDgemmStridedBatched(handle, p.op_a, p.op_b, p.m, p.n, p.k, &alpha, B,
                                                 p.lda, stride_b, A, p.ldb, stride_a, &beta, C,
                                                 p.ldc, stride_c, count));
@@ -268,12 +283,26 @@ void gemm(bool trans_a, bool trans_b, std::int64_t M, std::int64_t N, std::int64
 
 /// Row-major C = op(A) · op(B) + bias (bias [N] added to every row). For float, one cuBLASLt
 /// product whose epilogue adds the bias as C is stored, computing as the float matmul mode says;
-/// for double, or where cuBLASLt offers no algorithm (or the bias is not 16-byte aligned, which
-/// its epilogue needs), a product and then add_bias.
+/// for bf16 the same in bf16 (fp32 accumulation, the bias added before the one rounding); for
+/// double, or where cuBLASLt offers no algorithm (or the bias is not 16-byte aligned, which its
+/// epilogue needs), a product and then add_bias.
 template <class T>
 void gemm_bias(bool trans_a, bool trans_b, std::int64_t M, std::int64_t N, std::int64_t K,
                const T* A, std::int64_t lda, const T* B, std::int64_t ldb, const T* bias, T* C,
                std::int64_t ldc) {
+  if constexpr (std::is_same_v<T, bf16>) {
+    if (M > 0 && N > 0 && K > 0 && pointer_alignment(bias) >= 16) {
+      const ColumnMajorProduct p(trans_a, trans_b, M, N, K, lda, ldb, ldc);
+      const LtProblem problem{CUDA_R_16BF,          CUDA_R_16BF, CUBLAS_COMPUTE_32F,
+                              CUDA_R_32F,           p.op_a,      p.op_b,
+                              p.m,                  p.n,         p.k,
+                              p.lda,                p.ldb,       p.ldc,
+                              pointer_alignment(B), pointer_alignment(A),
+                              pointer_alignment(C), CUBLASLT_EPILOGUE_BIAS};
+      const float one = 1.0f, zero = 0.0f;
+      if (LtMatmul::get().run(problem, &one, B, A, &zero, C, bias)) return;
+    }
+  }
   if constexpr (std::is_same_v<T, float>) {
     if (M > 0 && N > 0 && K > 0 && pointer_alignment(bias) >= 16) {
       const ColumnMajorProduct p(trans_a, trans_b, M, N, K, lda, ldb, ldc);

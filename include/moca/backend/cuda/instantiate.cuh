@@ -86,6 +86,11 @@ template void convert<float, bf16>(std::int64_t, const float*, bf16*);
 template void convert<bf16, float>(std::int64_t, const bf16*, float*);
 template void adamw<float, bf16>(std::int64_t, float*, const bf16*, float*, float*, double,
                                  double, double, double, double, std::int64_t);
+// What the bf16 products need besides cuBLAS: C = beta · C without a product, and the bias where
+// cuBLASLt's epilogue cannot add it.
+template void scale_matrices<bf16>(std::int64_t, std::int64_t, std::int64_t, bf16, bf16*,
+                                   std::int64_t, std::int64_t);
+template void add_bias<bf16>(std::int64_t, std::int64_t, const bf16*, bf16*);
 }  // namespace moca::cuda
 
 #undef MOCA_CUDA_INSTANTIATE

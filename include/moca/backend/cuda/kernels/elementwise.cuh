@@ -110,7 +110,7 @@ struct ScaleMatricesOp {  // over the flat index of batch × [M, N]
     const std::int64_t b = i / mn, rc = i - b * mn;
     const std::int64_t r = rc / N, c = rc - r * N;
     T& e = C[b * stride + r * ldc + c];
-    e = beta == T(0) ? T(0) : beta * e;
+    e = beta == T(0) ? T(0) : static_cast<T>(beta * e);
   }
 };
 
