@@ -1261,6 +1261,80 @@ TEST_CASE("cuda parity: bf16 products (plain, batched, with bias) within one ulp
   CHECK(beyond_one_ulp(P, gP.to<Cpu>()) == 0);
 }
 
+TEST_CASE("cuda parity: elementwise and row ops in bf16 storage against the CPU's bf16 ops") {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  // Both compute in float from the same bf16 inputs and round once what they store; the sums
+  // run in different orders, so a result may land one bf16 ulp away. Normwise that stays far
+  // below one rounding (2^-8), which any broken kernel exceeds by orders of magnitude.
+  constexpr double kBudget = 1.0 / 256;
+  auto err = [](const Tensor<bf16>& cpu, const Tensor<bf16, Cuda>& gpu) {
+    const Tensor<bf16> g = gpu.to<Cpu>();
+    double d = 0, n = 0;
+    for (std::int64_t i = 0; i < cpu.numel(); ++i) {
+      const double a = float(cpu.data()[i]), b = float(g.data()[i]);
+      d += (a - b) * (a - b);
+      n += a * a;
+    }
+    return std::sqrt(d) / std::sqrt(n);  // NaN when anything is NaN: fails the check
+  };
+  auto up = [](const Tensor<bf16>& h) {
+    Tensor<bf16, Cuda> d(h.shape());
+    copy(TensorView<bf16>(h), TensorView<bf16, Cuda>(d));
+    return d;
+  };
+  const std::int64_t M = 37, N = 257;
+  const Tensor<bf16> x = random_bf16({M, N}), dy = random_bf16({M, N}), r = random_bf16({M, N});
+  const Tensor<bf16> gamma = random_bf16({N}), beta = random_bf16({N});
+  const Tensor<bf16, Cuda> gx = up(x), gdy = up(dy), gr = up(r), ggamma = up(gamma), gbeta = up(beta);
+  {
+    Tensor<bf16> y({M, N}), mean({M}), rstd({M}), sum({M, N});
+    Tensor<bf16, Cuda> gy({M, N}), gmean({M}), grstd({M}), gsum({M, N});
+    ops::add_layer_norm(x, r, gamma, beta, 1e-6, sum, y, mean, rstd);
+    ops::add_layer_norm(gx, gr, ggamma, gbeta, 1e-6, gsum, gy, gmean, grstd);
+    CHECK(err(sum, gsum) == 0.0);  // one rounding of the same float sum
+    CHECK(err(y, gy) < kBudget);
+    CHECK(err(rstd, grstd) < kBudget);
+    Tensor<bf16> dx({M, N}), dg({N}), db({N});
+    Tensor<bf16, Cuda> gdx({M, N}), gdg({N}), gdb({N});
+    const Tensor<bf16, Cuda> gmean_cpu = up(mean), grstd_cpu = up(rstd), gs = up(sum);
+    ops::layer_norm_backward(sum, gamma, mean, rstd, dy, dx, dg, db);
+    ops::layer_norm_backward(gs, ggamma, gmean_cpu, grstd_cpu, gdy, gdx, gdg, gdb);
+    CHECK(err(dx, gdx) < kBudget);
+    CHECK(err(dg, gdg) < kBudget);
+    CHECK(err(db, gdb) < kBudget);
+  }
+  {
+    Tensor<bf16> p({M, N}), lp({M, N}), dp({M, N});
+    Tensor<bf16, Cuda> gp({M, N}), glp({M, N}), gdp({M, N});
+    ops::softmax(x, p);
+    ops::softmax(gx, gp);
+    CHECK(err(p, gp) < kBudget);
+    ops::log_softmax(x, lp);
+    ops::log_softmax(gx, glp);
+    CHECK(err(lp, glp) < kBudget);
+    ops::softmax_backward(p, dy, dp);
+    ops::softmax_backward(up(p), gdy, gdp);
+    CHECK(err(dp, gdp) < kBudget);
+  }
+  {
+    Tensor<bf16> g({M, N}), dg({M, N}), a = dy.clone(), l2({M, N}), nrm({M});
+    Tensor<bf16, Cuda> gg({M, N}), gdg({M, N}), ga = up(dy), gl2({M, N}), gnrm({M});
+    ops::gelu(x, g);
+    ops::gelu(gx, gg);
+    CHECK(err(g, gg) < kBudget);
+    ops::gelu_backward(x, dy, dg);
+    ops::gelu_backward(gx, gdy, gdg);
+    CHECK(err(dg, gdg) < kBudget);
+    ops::axpby(0.5f, x, -2.0f, a);
+    ops::axpby(0.5f, gx, -2.0f, ga);
+    CHECK(err(a, ga) < kBudget);  // the float expression may contract into an FMA on one side
+    ops::l2_normalize(x, 1e-12, l2, nrm);
+    ops::l2_normalize(gx, 1e-12, gl2, gnrm);
+    CHECK(err(l2, gl2) < kBudget);
+    CHECK(err(nrm, gnrm) < kBudget);
+  }
+}
+
 // ---- the same layer code on both devices ---------------------------------------------------------
 
 namespace {

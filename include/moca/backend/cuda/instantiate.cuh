@@ -91,6 +91,39 @@ template void adamw<float, bf16>(std::int64_t, float*, const bf16*, float*, floa
 template void scale_matrices<bf16>(std::int64_t, std::int64_t, std::int64_t, bf16, bf16*,
                                    std::int64_t, std::int64_t);
 template void add_bias<bf16>(std::int64_t, std::int64_t, const bf16*, bf16*);
+// The elementwise and row ops in bf16 storage; they compute in float (acc_t) and round what they
+// store, as the CPU's bf16 paths do.
+template void fill<bf16>(std::int64_t, bf16, bf16*);
+template void axpby<bf16>(std::int64_t, bf16, const bf16*, bf16, bf16*);
+template void scale<bf16>(std::int64_t, bf16, bf16*);
+template void add<bf16>(std::int64_t, const bf16*, const bf16*, bf16*);
+template void mul<bf16>(std::int64_t, const bf16*, const bf16*, bf16*);
+template void gelu_forward<bf16>(std::int64_t, const bf16*, bf16*);
+template void gelu_backward<bf16>(std::int64_t, const bf16*, const bf16*, bf16*);
+template void relu_forward<bf16>(std::int64_t, const bf16*, bf16*);
+template void relu_backward<bf16>(std::int64_t, const bf16*, const bf16*, bf16*);
+template void softmax_rows<bf16>(std::int64_t, std::int64_t, const bf16*, bf16*);
+template void softmax_spread_rows<bf16>(std::int64_t, std::int64_t, bf16, bf16*, bf16*);
+template void log_softmax_rows<bf16>(std::int64_t, std::int64_t, const bf16*, bf16*);
+template void softmax_rows_backward<bf16>(std::int64_t, std::int64_t, const bf16*, const bf16*,
+                                          bf16*);
+template void log_softmax_rows_backward<bf16>(std::int64_t, std::int64_t, const bf16*,
+                                              const bf16*, bf16*);
+template void layer_norm_forward<bf16>(std::int64_t, std::int64_t, const bf16*, const bf16*,
+                                       const bf16*, double, bf16*, bf16*, bf16*);
+template void layer_norm_backward<bf16>(std::int64_t, std::int64_t, const bf16*, const bf16*,
+                                        const bf16*, const bf16*, const bf16*, bf16*, bf16*,
+                                        bf16*);
+template void add_layer_norm_forward<bf16>(std::int64_t, std::int64_t, const bf16*, const bf16*,
+                                           const bf16*, const bf16*, double, bf16*, bf16*, bf16*,
+                                           bf16*);
+template void layer_norm_backward_add<bf16>(std::int64_t, std::int64_t, const bf16*, const bf16*,
+                                            const bf16*, const bf16*, const bf16*, const bf16*,
+                                            bf16*, bf16*, bf16*);
+template void l2_normalize_rows_forward<bf16>(std::int64_t, std::int64_t, const bf16*, double,
+                                              bf16*, bf16*);
+template void l2_normalize_rows_backward<bf16>(std::int64_t, std::int64_t, const bf16*,
+                                               const bf16*, double, const bf16*, bf16*);
 }  // namespace moca::cuda
 
 #undef MOCA_CUDA_INSTANTIATE

@@ -76,14 +76,16 @@ template <class T>
 struct GeluForwardOp {
   const T* x;
   T* y;
-  __device__ void operator()(std::int64_t i) const { y[i] = gelu_value(x[i]); }
+  __device__ void operator()(std::int64_t i) const { y[i] = gelu_value<acc_t<T>>(x[i]); }
 };
 
 template <class T>
 struct GeluBackwardOp {
   const T *x, *dy;
   T* dx;
-  __device__ void operator()(std::int64_t i) const { dx[i] = dy[i] * gelu_derivative(x[i]); }
+  __device__ void operator()(std::int64_t i) const {
+    dx[i] = dy[i] * gelu_derivative<acc_t<T>>(x[i]);
+  }
 };
 
 template <class T>

@@ -20,14 +20,14 @@ __global__ void softmax_rows_kernel(std::int64_t M, std::int64_t N, const T* x, 
     T* yr = y + r * N;
     A mx = neg_infinity<A>();
     for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x) mx = MaxOp{}(mx, A(xr[j]));
-    const T m = static_cast<T>(block_reduce(mx, MaxOp{}, shared));
+    const A m = block_reduce(mx, MaxOp{}, shared);
     A sum = 0;
     for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x) {
-      const T e = dexp(xr[j] - m);
+      const T e = static_cast<T>(dexp(xr[j] - m));
       yr[j] = e;
       sum += e;
     }
-    const T inv = T(1) / static_cast<T>(block_reduce(sum, SumOp{}, shared));
+    const A inv = A(1) / block_reduce(sum, SumOp{}, shared);
     for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x) yr[j] *= inv;
   }
 }
@@ -41,10 +41,10 @@ __global__ void log_softmax_rows_kernel(std::int64_t M, std::int64_t N, const T*
     T* yr = y + r * N;
     A mx = neg_infinity<A>();
     for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x) mx = MaxOp{}(mx, A(xr[j]));
-    const T m = static_cast<T>(block_reduce(mx, MaxOp{}, shared));
+    const A m = block_reduce(mx, MaxOp{}, shared);
     A sum = 0;
     for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x) sum += dexp(xr[j] - m);
-    const T lse = m + static_cast<T>(dlog(block_reduce(sum, SumOp{}, shared)));
+    const A lse = m + dlog(block_reduce(sum, SumOp{}, shared));
     for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x) yr[j] = xr[j] - lse;
   }
 }
@@ -64,16 +64,16 @@ __global__ void softmax_spread_rows_kernel(std::int64_t M, std::int64_t N, T sca
       mx = MaxOp{}(mx, v);
       total += v;
     }
-    const T m = static_cast<T>(block_reduce(mx, MaxOp{}, shared));
+    const A m = block_reduce(mx, MaxOp{}, shared);
     const A t = block_reduce(total, SumOp{}, shared);
-    if (threadIdx.x == 0) spread[r] = m - static_cast<T>(t) / static_cast<T>(N);
+    if (threadIdx.x == 0) spread[r] = m - t / static_cast<A>(N);
     A sum = 0;
     for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x) {
-      const T e = dexp(scale * (xr[j] - m));
+      const T e = static_cast<T>(dexp(scale * (xr[j] - m)));
       xr[j] = e;
       sum += e;
     }
-    const T inv = T(1) / static_cast<T>(block_reduce(sum, SumOp{}, shared));
+    const A inv = A(1) / block_reduce(sum, SumOp{}, shared);
     for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x) xr[j] *= inv;
   }
 }
@@ -89,7 +89,7 @@ __global__ void softmax_rows_backward_kernel(std::int64_t M, std::int64_t N, con
     T* dr = dx + r * N;
     A dot = 0;
     for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x) dot += gr[j] * yr[j];
-    const T d = static_cast<T>(block_reduce(dot, SumOp{}, shared));
+    const A d = block_reduce(dot, SumOp{}, shared);
     for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x) dr[j] = yr[j] * (gr[j] - d);
   }
 }
@@ -105,7 +105,7 @@ __global__ void log_softmax_rows_backward_kernel(std::int64_t M, std::int64_t N,
     T* dr = dx + r * N;
     A sum = 0;
     for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x) sum += gr[j];
-    const T s = static_cast<T>(block_reduce(sum, SumOp{}, shared));
+    const A s = block_reduce(sum, SumOp{}, shared);
     for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x) dr[j] = gr[j] - dexp(yr[j]) * s;
   }
 }
@@ -127,7 +127,7 @@ __global__ void layer_norm_forward_kernel(std::int64_t M, std::int64_t N, const 
       const T* ar = add + r * N;
       T* sr = sum + r * N;
       for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x) {
-        const T v = xr[j] + ar[j];
+        const T v = static_cast<T>(xr[j] + ar[j]);
         sr[j] = v;
         s += v;
       }
@@ -142,9 +142,9 @@ __global__ void layer_norm_forward_kernel(std::int64_t M, std::int64_t N, const 
       ss += d * d;
     }
     const A rs = A(1) / dsqrt(block_reduce(ss, SumOp{}, shared) / static_cast<A>(N) + eps);
-    const T m = static_cast<T>(mu), is = static_cast<T>(rs);
+    const A m = mu, is = rs;
     for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x) {
-      T v = (xr[j] - m) * is;
+      A v = (xr[j] - m) * is;
       if (gamma) v *= gamma[j];
       if (beta) v += beta[j];
       yr[j] = v;
@@ -167,19 +167,21 @@ __global__ void layer_norm_backward_kernel(std::int64_t M, std::int64_t N, const
   for (std::int64_t r = blockIdx.x; r < M; r += gridDim.x) {
     const T *xr = x + r * N, *gr = dy + r * N;
     T* dr = dx + r * N;
-    const T m = mean[r], is = rstd[r];
+    const A m = mean[r], is = rstd[r];
     A sum_g = 0, sum_gx = 0;
     for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x) {
-      const T g = gamma ? gr[j] * gamma[j] : gr[j];
+      const A g0 = gr[j];
+      const A g = gamma ? g0 * gamma[j] : g0;
       sum_g += g;
       sum_gx += g * (xr[j] - m) * is;
     }
-    const T mg = static_cast<T>(block_reduce(sum_g, SumOp{}, shared) / static_cast<A>(N));
-    const T mgx = static_cast<T>(block_reduce(sum_gx, SumOp{}, shared) / static_cast<A>(N));
+    const A mg = block_reduce(sum_g, SumOp{}, shared) / static_cast<A>(N);
+    const A mgx = block_reduce(sum_gx, SumOp{}, shared) / static_cast<A>(N);
     for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x) {
-      const T g = gamma ? gr[j] * gamma[j] : gr[j];
-      const T xhat = (xr[j] - m) * is;
-      const T v = is * (g - mg - xhat * mgx);
+      const A g0 = gr[j];
+      const A g = gamma ? g0 * gamma[j] : g0;
+      const A xhat = (xr[j] - m) * is;
+      const A v = is * (g - mg - xhat * mgx);
       dr[j] = residual ? v + residual[r * N + j] : v;
     }
   }
@@ -192,7 +194,7 @@ struct LayerNormParamLoad {
   const T *x, *mean, *rstd, *dy;
   std::int64_t N;
   __device__ void operator()(std::int64_t r, std::int64_t j, acc_t<T>* acc) const {
-    const T g = dy[r * N + j];
+    const acc_t<T> g = dy[r * N + j];
     acc[0] += g * (x[r * N + j] - mean[r]) * rstd[r];
     acc[1] += g;
   }
@@ -218,8 +220,9 @@ __global__ void l2_normalize_rows_forward_kernel(std::int64_t M, std::int64_t N,
     T* yr = y + r * N;
     A ss = 0;
     for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x) ss += xr[j] * xr[j];
-    const T nrm = static_cast<T>(dsqrt(block_reduce(ss, SumOp{}, shared)));
-    const T inv = T(1) / (nrm < eps ? eps : nrm);  // std::max(nrm, eps), NaN handling included
+    const A nrm = dsqrt(block_reduce(ss, SumOp{}, shared));
+    const A e = eps;
+    const A inv = A(1) / (nrm < e ? e : nrm);  // std::max(nrm, eps), NaN handling included
     for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x) yr[j] = xr[j] * inv;
     if (threadIdx.x == 0) norm[r] = nrm;
   }
@@ -234,15 +237,15 @@ __global__ void l2_normalize_rows_backward_kernel(std::int64_t M, std::int64_t N
   for (std::int64_t r = blockIdx.x; r < M; r += gridDim.x) {
     const T *yr = y + r * N, *gr = dy + r * N;
     T* dr = dx + r * N;
-    const T nrm = norm[r];
-    if (nrm > eps) {  // the same for the whole block, so the reduction inside is safe
+    const A nrm = norm[r], e = eps;
+    if (nrm > e) {  // the same for the whole block, so the reduction inside is safe
       A dot = 0;
       for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x) dot += yr[j] * gr[j];
-      const T d = static_cast<T>(block_reduce(dot, SumOp{}, shared));
-      const T inv = T(1) / nrm;
+      const A d = block_reduce(dot, SumOp{}, shared);
+      const A inv = A(1) / nrm;
       for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x) dr[j] = (gr[j] - yr[j] * d) * inv;
     } else {
-      for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x) dr[j] = gr[j] / eps;
+      for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x) dr[j] = gr[j] / e;
     }
   }
 }
