@@ -1333,6 +1333,33 @@ TEST_CASE("cuda parity: elementwise and row ops in bf16 storage against the CPU'
     CHECK(err(l2, gl2) < kBudget);
     CHECK(err(nrm, gnrm) < kBudget);
   }
+  {
+    // Reductions (column and row sums, row maxima) and data movement (gather, patchify).
+    Tensor<bf16> cols({N}), rows({M}), mx({M}), picked({5, N});
+    Tensor<bf16, Cuda> gcols({N}), grows({M}), gmx({M}), gpicked({5, N});
+    ops::sum(x, 0, cols);
+    ops::sum(gx, 0, gcols);
+    CHECK(err(cols, gcols) < kBudget);
+    ops::sum(x, 1, rows);
+    ops::sum(gx, 1, grows);
+    CHECK(err(rows, grows) < kBudget);
+    ops::row_max(x, mx);
+    ops::row_max(gx, gmx);
+    CHECK(err(mx, gmx) == 0.0);
+    Tensor<Index> idx({5});
+    for (int i = 0; i < 5; ++i) idx.data()[i] = static_cast<Index>((7 * i + 3) % M);
+    Tensor<Index, Cuda> gidx({5});
+    copy(TensorView<Index>(idx), TensorView<Index, Cuda>(gidx));
+    ops::gather_rows(x, idx, picked);
+    ops::gather_rows(gx, TensorView<Index, Cuda>(gidx), gpicked);
+    CHECK(err(picked, gpicked) == 0.0);
+    const Tensor<bf16> img = random_bf16({2, 3, 8, 8});
+    Tensor<bf16> patches({2, 16, 12});
+    Tensor<bf16, Cuda> gpatches({2, 16, 12});
+    ops::patchify(img, 2, patches);
+    ops::patchify(up(img), 2, gpatches);
+    CHECK(err(patches, gpatches) == 0.0);
+  }
 }
 
 // ---- the same layer code on both devices ---------------------------------------------------------

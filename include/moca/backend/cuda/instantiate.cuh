@@ -124,6 +124,20 @@ template void l2_normalize_rows_forward<bf16>(std::int64_t, std::int64_t, const 
                                               bf16*, bf16*);
 template void l2_normalize_rows_backward<bf16>(std::int64_t, std::int64_t, const bf16*,
                                                const bf16*, double, const bf16*, bf16*);
+template void sum_middle<bf16>(std::int64_t, std::int64_t, std::int64_t, bf16, const bf16*, bf16,
+                               bf16*);
+template double sum_squares<bf16>(std::int64_t, const bf16*);
+template void gather_rows<bf16>(std::int64_t, std::int64_t, const bf16*, std::int64_t,
+                                const std::int32_t*, bf16*);
+template void copy_strided<bf16>(std::int64_t, std::int64_t, std::int64_t, const bf16*,
+                                 std::int64_t, std::int64_t, bf16*, std::int64_t, std::int64_t,
+                                 bool);
+template void patchify<bf16>(std::int64_t, std::int64_t, std::int64_t, std::int64_t,
+                             std::int64_t, const bf16*, bf16*);
+template void unpatchify<bf16>(std::int64_t, std::int64_t, std::int64_t, std::int64_t,
+                               std::int64_t, const bf16*, bf16*);
+template void row_max<bf16>(std::int64_t, std::int64_t, const bf16*, bf16*);
+template double xlogy_sum<bf16>(std::int64_t, const bf16*, const bf16*);
 }  // namespace moca::cuda
 
 #undef MOCA_CUDA_INSTANTIATE

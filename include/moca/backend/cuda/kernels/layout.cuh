@@ -19,7 +19,7 @@ struct CopyStridedOp {  // over the flat index of count × [rows, cols]
     const std::int64_t b = t / rows, r = t - b * rows;
     const T v = src[b * src_stride + r * src_ld + c];  // ld or stride 0 broadcasts
     T& d = dst[b * dst_stride + r * dst_ld + c];
-    d = accumulate ? d + v : v;
+    d = accumulate ? static_cast<T>(d + v) : v;
   }
 };
 

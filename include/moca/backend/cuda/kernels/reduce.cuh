@@ -20,8 +20,11 @@ __global__ void sum_rows_kernel(std::int64_t outer, std::int64_t n, T alpha, con
     const T* xo = x + o * n;
     A s = 0;
     for (std::int64_t j = threadIdx.x; j < n; j += blockDim.x) s += xo[j];
-    const T total = static_cast<T>(block_reduce(s, SumOp{}, shared));
-    if (threadIdx.x == 0) y[o] = alpha * total + (beta == T(0) ? T(0) : beta * y[o]);
+    const A total = block_reduce(s, SumOp{}, shared);
+    if (threadIdx.x == 0) {
+      const A prev = beta == T(0) ? A(0) : beta * y[o];
+      y[o] = alpha * total + prev;
+    }
   }
 }
 
@@ -48,7 +51,8 @@ __global__ void sum_row_chunks_finish(std::int64_t outer, std::int64_t chunks,
   if (o >= outer) return;
   acc_t<T> s = 0;
   for (std::int64_t c = 0; c < chunks; ++c) s += partial[o * chunks + c];
-  y[o] = alpha * static_cast<T>(s) + (beta == T(0) ? T(0) : beta * y[o]);
+  const acc_t<T> prev = beta == T(0) ? acc_t<T>(0) : beta * y[o];
+  y[o] = alpha * s + prev;
 }
 
 /// Rows at least this long, when there are fewer than kManyRows of them, are summed in chunks.
@@ -73,7 +77,8 @@ __global__ void sum_columns_kernel(std::int64_t outer, std::int64_t n, std::int6
     const A total = column_reduce(acc, part);
     if (threadIdx.y == 0 && c < inner) {
       T& out = y[o * inner + c];
-      out = alpha * static_cast<T>(total) + (beta == T(0) ? T(0) : beta * out);
+      const A prev = beta == T(0) ? A(0) : beta * out;
+      out = alpha * total + prev;
     }
   }
 }
@@ -94,7 +99,8 @@ struct SumColumnFinish {
   T alpha, beta;
   T* y;
   __device__ void operator()(std::int64_t c, const acc_t<T>* total) const {
-    y[c] = alpha * static_cast<T>(total[0]) + (beta == T(0) ? T(0) : beta * y[c]);
+    const acc_t<T> prev = beta == T(0) ? acc_t<T>(0) : beta * y[c];
+    y[c] = alpha * total[0] + prev;
   }
 };
 

@@ -14,11 +14,12 @@ namespace kernels {
 
 template <class T>
 __global__ void row_max_kernel(std::int64_t M, std::int64_t N, const T* x, T* y) {
-  __shared__ T shared[32];
+  using A = acc_t<T>;
+  __shared__ A shared[32];
   for (std::int64_t r = blockIdx.x; r < M; r += gridDim.x) {
     const T* xr = x + r * N;
-    T m = neg_infinity<T>();
-    for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x) m = MaxOp{}(m, xr[j]);
+    A m = neg_infinity<A>();
+    for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x) m = MaxOp{}(m, A(xr[j]));
     m = block_reduce(m, MaxOp{}, shared);
     if (threadIdx.x == 0) y[r] = m;
   }
