@@ -5,8 +5,10 @@ Usage: benchmarks/compare_moca_cuda.py [--bench build/benchmarks/moca_cuda_bench
            [--configs vit_b16_b64,vit_s16_b64] [--steps 10] [--warmup 3] [--json FILE]
            [--device cuda|cpu] [--modes fp32,tf32,amp] [--skip-ours]
 
-Our side is moca_cuda_bench (Moca<float, Cuda>) in fp32, with TF32 tensor-core GEMMs, and with
-bf16 Linear GEMMs (fp32 accumulation; attention's batched GEMMs in TF32). The
+Our side is moca_cuda_bench: Moca<float, Cuda> in fp32, with TF32 tensor-core GEMMs, and with
+bf16 Linear GEMMs (fp32 accumulation; attention's batched GEMMs in TF32); and Moca<bf16, Cuda>
+("bf16-mixed": bf16 values, activations and gradients with fp32 master weights, moments and
+accumulation, the counterpart of AMP). The
 PyTorch side is the project's PyTorch implementation of the same recipe
 (tests/python/reference_moca.py: teacher EMA, codebook targets and refresh, both masking rounds
 with the condenser decoder, L_IMG + L_LOC, backward, clipping, AdamW with the four groups) at the
@@ -90,7 +92,8 @@ class TorchSide(compare_moca.TorchSide):
 
 def ours(bench, cfg, precision, steps, warmup):
     cmd = [bench, "--preset", cfg["preset"], "--batch", str(cfg["batch"]), "--steps", str(steps),
-           "--warmup", str(warmup), "--matmul", precision]
+           "--warmup", str(warmup)]
+    cmd += ["--precision", "bf16"] if precision == "bf16-mixed" else ["--matmul", precision]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed: {out.stderr.strip()}")
@@ -128,7 +131,7 @@ def main():
         cfg = CONFIGS[name]
         rows, flops = [], None
         if not args.skip_ours:
-            for precision in ("fp32", "tf32", "bf16"):
+            for precision in ("fp32", "tf32", "bf16", "bf16-mixed"):
                 try:
                     r = ours(args.bench, cfg, precision, args.steps, args.warmup)
                     flops = r["gflop_per_step"] * 1e9
@@ -150,15 +153,16 @@ def main():
                 torch.cuda.empty_cache()
         print(f"\n{name} (batch {cfg['batch']} pairs"
               + (f", {flops / 1e9:.0f} GFLOP per step" if flops else "") + ")")
-        print(f"  {'side':8} {'precision':9} {'ms/step':>9} {'pairs/s':>9} {'TFLOP/s':>8} "
+        print(f"  {'side':8} {'precision':10} {'ms/step':>9} {'pairs/s':>9} {'TFLOP/s':>8} "
               f"{'peak MiB':>9}")
         for r in rows:
             peak = r.get("peak_MiB", r.get("peak_tensor_MiB", 0.0))
             tfl = r.get("tflops", float("nan"))
-            print(f"  {r['side']:8} {r['precision']:9} {r['ms_per_step']:9.2f} "
+            print(f"  {r['side']:8} {r['precision']:10} {r['ms_per_step']:9.2f} "
                   f"{r['pairs_per_s']:9.1f} {tfl:8.1f} {peak:9.0f}")
         by = {(r["side"], r["precision"]): r for r in rows}
-        for a, b in (("fp32", "fp32"), ("tf32", "tf32"), ("tf32", "amp"), ("bf16", "amp")):
+        for a, b in (("fp32", "fp32"), ("tf32", "tf32"), ("tf32", "amp"), ("bf16", "amp"),
+                     ("bf16-mixed", "amp")):
             if ("moca", a) in by and ("pytorch", b) in by:
                 ratio = by[("moca", a)]["pairs_per_s"] / by[("pytorch", b)]["pairs_per_s"]
                 print(f"  ratio moca {a} / pytorch {b}: {ratio:.2f}")

@@ -81,11 +81,11 @@ fi
 
 stage test-ops 90 "$build_dir/tests/test_ops_cuda"
 stage test-moca 120 "$build_dir/tests/test_moca_cuda"
-stage bench 150 python3 benchmarks/compare_moca_cuda.py --bench "$build_dir/benchmarks/moca_cuda_bench" \
+stage bench 180 python3 benchmarks/compare_moca_cuda.py --bench "$build_dir/benchmarks/moca_cuda_bench" \
   --configs "$configs" --json "$out/bench.jsonl"
-# Where the ViT-B/16 step's device time goes (bf16 Linears), scope by scope.
+# Where the ViT-B/16 step's device time goes in bf16 mixed precision, scope by scope.
 stage profile 90 "$build_dir/benchmarks/moca_cuda_bench" --preset vit-b16 --batch 64 --steps 3 \
-  --matmul bf16 --profile
+  --precision bf16 --profile
 # memcheck: out-of-bounds and misaligned accesses, and CUDA API errors, in every kernel the tests
 # launch (leak checking off: the context's scratch buffer and cuBLAS live until exit by design).
 stage memcheck-ops 90 compute-sanitizer --tool memcheck --error-exitcode 9 \

@@ -247,6 +247,56 @@ TEST_CASE("bf16 rows, GELU and sums compute in float: within one rounding of the
   }
 }
 
+TEST_CASE("bf16 BatchNorm sums in float: statistics of 256 samples within one rounding") {
+  // 256 samples around 3: their sum (~770) has a bf16 spacing of 4, so a sum kept in bf16 would
+  // lose most of each addend; in float the statistics are the float op's, rounded once.
+  const std::int64_t M = 256, N = 40;
+  const Pair x = random_pair({M, N}, 51, 2, 4), dy = random_pair({M, N}, 52);
+  const Pair gamma = random_pair({N}, 53, 0.5, 1.5), beta = random_pair({N}, 54);
+  const double tol = 1.5 * kHalfUlp;
+  Tensor<float> y({M, N}), mean({N}), var({N});
+  Tensor<bf16> yh({M, N}), meanh({N}), varh({N});
+  ops::batch_norm(x.f, gamma.f, beta.f, 1e-5, y, mean, var);
+  ops::batch_norm(x.h, gamma.h, beta.h, 1e-5, yh, meanh, varh);
+  check_close_scaled("batch_norm mean", TensorView<bf16>(meanh), to_vec<float>(mean), tol,
+                     Vec{0.0});
+  check_close_scaled("batch_norm var", TensorView<bf16>(varh), to_vec<float>(var), tol, Vec{0.0});
+  check_close_scaled("batch_norm y", TensorView<bf16>(yh), to_vec<float>(y), tol, Vec{1e-6});
+  // Backward from the same (bf16-rounded) statistics on both sides.
+  for (std::int64_t j = 0; j < N; ++j) mean.data()[j] = meanh.data()[j], var.data()[j] = varh.data()[j];
+  Tensor<float> dx({M, N}), dg({N}), db({N});
+  Tensor<bf16> dxh({M, N}), dgh({N}), dbh({N});
+  ops::batch_norm_backward(x.f, gamma.f, mean, var, 1e-5, dy.f, dx, dg, db);
+  ops::batch_norm_backward(x.h, gamma.h, meanh, varh, 1e-5, dy.h, dxh, dgh, dbh);
+  check_close_scaled("batch_norm dx", TensorView<bf16>(dxh), to_vec<float>(dx), tol,
+                     Vec{max_abs(to_vec<float>(dx))});
+  check_close_scaled("batch_norm dgamma", TensorView<bf16>(dgh), to_vec<float>(dg), tol,
+                     Vec{max_abs(to_vec<float>(dg))});
+  check_close_scaled("batch_norm dbeta", TensorView<bf16>(dbh), to_vec<float>(db), tol,
+                     Vec{max_abs(to_vec<float>(db))});
+}
+
+TEST_CASE("images reach a bf16 model rounded once, and its features come back widened") {
+  const Pair x = random_pair({3, 1, 4, 4}, 61);
+  Tensor<float> f({3, 1, 4, 4});
+  for (std::int64_t i = 0; i < f.numel(); ++i) f.data()[i] = x.f.data()[i] + 1e-4f;  // not bf16
+  Tensor<bf16> h({3, 1, 4, 4}), stage;
+  ops::upload_converted(TensorView<float>(f), TensorView<bf16>(h), stage);
+  Tensor<float> back({3, 1, 4, 4});
+  Tensor<bf16> stage_back;
+  ops::download_converted(TensorView<bf16>(h), TensorView<float>(back), stage_back);
+  for (std::int64_t i = 0; i < f.numel(); ++i) {
+    CHECK(h.data()[i].bits() == bf16(f.data()[i]).bits());
+    CHECK(back.data()[i] == float(h.data()[i]));
+  }
+  CHECK(stage.numel() == 0);  // on the host the conversion needs no staging
+  // Same types: a plain copy.
+  Tensor<float> same({3, 1, 4, 4});
+  Tensor<float> unused;
+  ops::upload_converted(TensorView<float>(f), TensorView<float>(same), unused);
+  CHECK(std::equal(f.begin(), f.end(), same.begin()));
+}
+
 TEST_CASE("a ViT in bf16 storage follows the float ViT of the same weights") {
   // Every op rounds what it stores to bf16 (2^-8 relative); over a 3-block model those roundings
   // add up to the normwise errors measured here (outputs 6.5e-3, gradients 7.1e-3 on this

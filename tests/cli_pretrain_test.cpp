@@ -287,6 +287,16 @@ TEST_CASE("moca pretrain: --device chooses the CPU or the GPU, with clear errors
     MESSAGE("trained on the GPU");
     CHECK(step_records(cuda).size() >= 2);
     CHECK(fs::exists(cuda / "checkpoints"));
+    // In bf16 mixed precision too, with the k-NN vote of the bf16 teacher at the end.
+    const fs::path mixed = fx.dir / "cuda-bf16";
+    r = run_cli(fx.base(mixed) + " --epochs 1 --device cuda --precision bf16 --knn-every 0",
+                fx.dir);
+    INFO(r.err);
+    CHECK(r.status == 0);
+    CHECK(r.err.find("k-NN") != std::string::npos);
+    const std::vector<json> rm = step_records(mixed);
+    CHECK(rm.size() == 6);
+    for (const json& rec : rm) CHECK(std::isfinite(rec["loss"].get<double>()));
   } else {
     CAPTURE(r.err);
     CHECK((r.err.find("--device cuda: no CUDA device is available") != std::string::npos ||
@@ -294,6 +304,79 @@ TEST_CASE("moca pretrain: --device chooses the CPU or the GPU, with clear errors
                std::string::npos));
     CHECK(!fs::exists(cuda / "log.jsonl"));
   }
+}
+
+TEST_CASE("moca pretrain --precision bf16: float checkpoints, resumable in either precision") {
+  Fixture fx;
+  const fs::path f = fx.dir / "fp32", h = fx.dir / "bf16", mixed = fx.dir / "mixed";
+  CliRun r = run_cli(fx.base(f) + " --epochs 1 --knn-every 0 --no-final-knn", fx.dir);
+  INFO(r.err);
+  REQUIRE(r.status == 0);
+  r = run_cli(fx.base(h) + " --epochs 1 --knn-every 0 --precision bf16", fx.dir);
+  INFO(r.err);
+  REQUIRE(r.status == 0);
+  CHECK(r.err.find("bf16 values with fp32 master weights") != std::string::npos);
+  CHECK(r.err.find("k-NN") != std::string::npos);  // the bf16 teacher encodes for the vote
+  const std::vector<json> rf = step_records(f), rh = step_records(h);
+  REQUIRE(rf.size() == 6);
+  REQUIRE(rh.size() == 6);
+  // The same initial master, data and masks: the first loss is the float loss to bf16's
+  // rounding of the activations (tests/bf16_test.cpp measures 0.06% on the small model), and
+  // not equal to it, which a run that silently trained in float would be.
+  const double l0f = rf[0]["loss"].get<double>(), l0h = rh[0]["loss"].get<double>();
+  CAPTURE(l0f);
+  CAPTURE(l0h);
+  CHECK(std::abs(l0h - l0f) <= 2e-2 * std::abs(l0f));
+  CHECK(l0h != l0f);
+  for (const json& rec : rh) CHECK(std::isfinite(rec["loss"].get<double>()));
+  // Its checkpoint holds the float run's tensors, in the same types (F32 for every weight).
+  const auto wh = SafetensorsFile::open(h / "checkpoints/step-0000006/weights.safetensors");
+  const auto wf = SafetensorsFile::open(f / "checkpoints/step-0000006/weights.safetensors");
+  CHECK(wh.names() == wf.names());
+  int f32 = 0;
+  for (const auto& t : wh.tensors()) {
+    CAPTURE(t.name);
+    REQUIRE(wf.contains(t.name));
+    CHECK(t.dtype == wf.dtype(t.name));
+    f32 += t.dtype == SafetensorsDtype::F32;
+  }
+  CHECK(f32 > 10);
+  r = run_cli("knn --checkpoint " + h.string() + " --data " + fx.data.string() + " -k 5",
+              fx.dir);
+  INFO(r.err);
+  CHECK(r.status == 0);
+
+  // A bf16 run stopped at step 3 resumes in fp32, and a float run in bf16.
+  r = run_cli(fx.base(mixed) + " --epochs 1 --knn-every 0 --no-final-knn --precision bf16"
+                               " --until-step 3",
+              fx.dir);
+  INFO(r.err);
+  REQUIRE(r.status == 0);
+  r = run_cli("pretrain --out " + mixed.string() + " --resume --threads 1 --log-every 1"
+              " --until-step 5",
+              fx.dir);
+  INFO(r.err);
+  REQUIRE(r.status == 0);
+  CHECK(r.err.find("fp32") != std::string::npos);
+  r = run_cli("pretrain --out " + mixed.string() + " --resume --threads 1 --log-every 1"
+              " --precision bf16",
+              fx.dir);
+  INFO(r.err);
+  REQUIRE(r.status == 0);
+  const std::vector<json> rm = step_records(mixed);
+  REQUIRE(rm.size() == 6);
+  // Steps 1–3 are the bf16 run's own.
+  for (std::size_t i = 0; i < 3; ++i) CHECK(rm[i]["loss"].get<double>() == rh[i]["loss"].get<double>());
+  for (const json& rec : rm) CHECK(std::isfinite(rec["loss"].get<double>()));
+
+  r = run_cli(fx.base(fx.dir / "fp16") + " --epochs 1 --precision fp16", fx.dir);
+  CHECK(r.status != 0);
+  CHECK(r.err.find("--precision must be fp32 or bf16, got 'fp16'") != std::string::npos);
+  r = run_cli(fx.base(fx.dir / "both") + " --epochs 1 --device cuda --precision bf16 --matmul tf32",
+              fx.dir);
+  CHECK(r.status != 0);
+  CHECK(r.err.find("with --precision bf16 every product takes bf16 operands") !=
+        std::string::npos);
 }
 
 TEST_CASE("moca pretrain: Ctrl-C saves a checkpoint; SIGKILL never leaves a broken one") {

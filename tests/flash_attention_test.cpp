@@ -61,14 +61,14 @@ struct Guarded {
 };
 
 /// The three passes as the CUDA kernels launch them (grid: tiles × heads × images), one block
-/// after another, each starting from NaN shared memory.
-template <class Mma, class T>
-void run_fused(const Geometry& g, i64 B, i64 H, i64 S, T scale, const T* qkv, const T* dctx,
-               T* lse, T* ctx, T* delta, T* dqkv) {
-  const std::size_t bytes = std::max({cuda::flash::shared_bytes(Program::Forward, g, sizeof(T)),
-                                      cuda::flash::shared_bytes(Program::Dq, g, sizeof(T)),
-                                      cuda::flash::shared_bytes(Program::Dkdv, g, sizeof(T))});
-  std::vector<double> storage(bytes / sizeof(double) + 1);  // aligned for T
+/// after another, each starting from NaN shared memory. T is the storage, A the arithmetic.
+template <class Mma, class T, class A = cuda::flash::flash_acc_t<T>>
+void run_fused(const Geometry& g, i64 B, i64 H, i64 S, A scale, const T* qkv, const T* dctx,
+               A* lse, T* ctx, A* delta, T* dqkv) {
+  const std::size_t bytes = std::max({cuda::flash::shared_bytes(Program::Forward, g, sizeof(A)),
+                                      cuda::flash::shared_bytes(Program::Dq, g, sizeof(A)),
+                                      cuda::flash::shared_bytes(Program::Dkdv, g, sizeof(A))});
+  std::vector<double> storage(bytes / sizeof(double) + 1);  // aligned for A
   auto* smem = reinterpret_cast<unsigned char*>(storage.data());
   const cuda::flash::SerialExec ex;
   const i64 tiles = (S + g.tile - 1) / g.tile;
@@ -96,6 +96,7 @@ void run_fused(const Geometry& g, i64 B, i64 H, i64 S, T scale, const T* qkv, co
 template <class Mma, class T>
 void check_shape(const std::string& label, i64 B, i64 S, i64 H, i64 hd, int tile, double rel,
                  std::uint64_t stream) {
+  using A = cuda::flash::flash_acc_t<T>;
   const i64 dim = H * hd;
   const auto qkv = uniform<T>({B, S, 3 * dim}, stream, -2, 2);
   const auto dctx = uniform<T>({B, S, dim}, stream + 1);
@@ -110,7 +111,7 @@ void check_shape(const std::string& label, i64 B, i64 S, i64 H, i64 hd, int tile
   ops::attention_impl::attention_forward_composed<double, Cpu>(qkv_d, H, scale, probs, ctx_ref);
   ops::attention_impl::attention_backward_composed<double, Cpu>(qkv_d, probs, dctx_d, H, scale,
                                                                 dprobs, dqkv_ref);
-  const Vec lse_ref = attention_reference::log_sum_exp_rows(qkv.data(), B, H, S, hd, scale);
+  const Vec lse_ref = attention_reference::log_sum_exp_rows(qkv_d.data(), B, H, S, hd, scale);
   Vec delta_ref(static_cast<std::size_t>(B * H * S));
   for (i64 b = 0; b < B; ++b)
     for (i64 h = 0; h < H; ++h)
@@ -121,9 +122,10 @@ void check_shape(const std::string& label, i64 B, i64 S, i64 H, i64 hd, int tile
         delta_ref[(b * H + h) * S + i] = d;
       }
 
-  Guarded<T> lse(B * H * S), ctx(B * S * dim), delta(B * H * S), dqkv(B * S * 3 * dim);
+  Guarded<A> lse(B * H * S), delta(B * H * S);
+  Guarded<T> ctx(B * S * dim), dqkv(B * S * 3 * dim);
   const Geometry g = cuda::flash::make_geometry(tile, static_cast<int>(hd));
-  run_fused<Mma, T>(g, B, H, S, T(scale), qkv.data(), dctx.data(), lse.data(), ctx.data(),
+  run_fused<Mma, T>(g, B, H, S, A(scale), qkv.data(), dctx.data(), lse.data(), ctx.data(),
                     delta.data(), dqkv.data());
 
   const std::string what = detail::str(label, " B=", B, " S=", S, " H=", H, " hd=", hd,
@@ -167,6 +169,18 @@ TEST_CASE("flash attention block programs: TF32 operands stay within their budge
   for (const int tile : cuda::flash::kTiles)
     for (const auto& [B, S, H, hd] : kShapes) {
       check_shape<Tf32RoundedMma, float>("tf32", B, S, H, hd, tile, 3e-3, stream);
+      stream += 2;
+    }
+}
+
+TEST_CASE("flash attention block programs: bf16 storage computes in float within its budget") {
+  // bf16 heads are widened into fp32 tiles (exact in TF32: 8 significant bits fit 11), so the
+  // products carry the TF32 budget above (3e-3); ctx and dqkv are then rounded once to bf16
+  // (2^-9 ≈ 2e-3 of a value) and δ is formed from the rounded ctx. lse and δ stay float.
+  std::uint64_t stream = 7000;
+  for (const int tile : cuda::flash::kTiles)
+    for (const auto& [B, S, H, hd] : kShapes) {
+      check_shape<Tf32RoundedMma, bf16>("bf16", B, S, H, hd, tile, 5e-3, stream);
       stream += 2;
     }
 }

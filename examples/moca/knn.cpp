@@ -62,8 +62,8 @@ LoadReport load_vit_weights(ParameterStore<float>& store, const SafetensorsFile&
 
 namespace {
 
-template <class D>
-eval::Features encode_on(VisionTransformer<float, D>& vit, const data::Dataset& ds,
+template <class T, class D>
+eval::Features encode_on(VisionTransformer<T, D>& vit, const data::Dataset& ds,
                          const data::AugmentConfig& augment, eval::Pooling pooling,
                          std::int64_t batch, std::int64_t limit, int workers,
                          const std::string& progress_label, const std::function<void()>& poll) {
@@ -85,15 +85,6 @@ eval::Features encode_on(VisionTransformer<float, D>& vit, const data::Dataset& 
   });
   if (bar) bar->finish();
   return f;
-}
-
-template <class D>
-KnnResult knn_protocol_on(VisionTransformer<float, D>& vit, const RunData& data,
-                          const data::AugmentConfig& augment, const KnnProtocol& p) {
-  return run_knn_protocol(
-      data, p, [&](const data::Dataset& ds, std::int64_t limit, const std::string& label) {
-        return encode_on(vit, ds, augment, p.pooling, p.batch, limit, p.workers, label, p.poll);
-      });
 }
 
 }  // namespace
@@ -134,16 +125,24 @@ eval::Features pixel_features(const data::Dataset& ds, const data::AugmentConfig
   return f;
 }
 
-KnnResult run_knn_protocol(VisionTransformer<float>& vit, const RunData& data,
+template <class T, class D>
+KnnResult run_knn_protocol(VisionTransformer<T, D>& vit, const RunData& data,
                            const data::AugmentConfig& augment, const KnnProtocol& p) {
-  return knn_protocol_on(vit, data, augment, p);
+  return run_knn_protocol(
+      data, p, [&](const data::Dataset& ds, std::int64_t limit, const std::string& label) {
+        return encode_on(vit, ds, augment, p.pooling, p.batch, limit, p.workers, label, p.poll);
+      });
 }
 
+template KnnResult run_knn_protocol(VisionTransformer<float>&, const RunData&,
+                                    const data::AugmentConfig&, const KnnProtocol&);
+template KnnResult run_knn_protocol(VisionTransformer<bf16>&, const RunData&,
+                                    const data::AugmentConfig&, const KnnProtocol&);
 #if MOCA_WITH_CUDA
-KnnResult run_knn_protocol(VisionTransformer<float, Cuda>& vit, const RunData& data,
-                           const data::AugmentConfig& augment, const KnnProtocol& p) {
-  return knn_protocol_on(vit, data, augment, p);
-}
+template KnnResult run_knn_protocol(VisionTransformer<float, Cuda>&, const RunData&,
+                                    const data::AugmentConfig&, const KnnProtocol&);
+template KnnResult run_knn_protocol(VisionTransformer<bf16, Cuda>&, const RunData&,
+                                    const data::AugmentConfig&, const KnnProtocol&);
 #endif
 
 KnnResult run_knn_protocol(

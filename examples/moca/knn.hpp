@@ -85,14 +85,12 @@ eval::Features encode_dataset(VisionTransformer<float>& vit, const data::Dataset
 /// Encodes the bank (data.train) and the queries (data.test) and runs the weighted k-NN vote.
 /// A limit larger than its split means the whole split. Throws moca::Error when the data has no
 /// test split or no labels.
-/// `vit` may be a model in training: only its forward buffers are overwritten.
-KnnResult run_knn_protocol(VisionTransformer<float>& vit, const RunData& data,
+/// `vit` may be a model in training: only its forward buffers are overwritten. It may hold float
+/// or bf16 values, on the CPU or (with the CUDA backend) the GPU; features come back to the host
+/// as float for the vote. Defined for those four encoders in knn.cpp.
+template <class T, class D>
+KnnResult run_knn_protocol(VisionTransformer<T, D>& vit, const RunData& data,
                            const data::AugmentConfig& augment, const KnnProtocol& protocol);
-#if MOCA_WITH_CUDA
-/// The same with an encoder on the GPU (features come back to the host for the vote).
-KnnResult run_knn_protocol(VisionTransformer<float, Cuda>& vit, const RunData& data,
-                           const data::AugmentConfig& augment, const KnnProtocol& protocol);
-#endif
 
 /// The same protocol with features from `features(split, limit, progress_label)`.
 KnnResult run_knn_protocol(

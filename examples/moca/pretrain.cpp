@@ -1,5 +1,7 @@
-// `moca pretrain`: the training loop around Moca<float, D>::train_step, on the CPU or (--device
-// cuda) the GPU; the loader, logs, checkpoints and the k-NN vote stay on the host.
+// `moca pretrain`: the training loop around Moca<T, D>::train_step, on the CPU or (--device
+// cuda) the GPU, in float or (--precision bf16) in bf16 storage with float master weights; the
+// loader, logs, checkpoints and the k-NN vote stay on the host. Checkpoints hold float weights
+// and moments whatever the precision, so a run may resume in the other one.
 //
 // A run lives in its output folder (run_files.hpp): the resolved configuration, a JSONL log, an
 // SVG of the curves and numbered checkpoints. Everything random in a step is a pure function of
@@ -197,12 +199,14 @@ void write_text_atomic(const fs::path& p, const std::string& text) {
   out.commit();
 }
 
-// Two views of one step, copied out of the loader when a step spans several micro-batches or
-// trains on another device than the CPU.
-template <class D>
+// Two views of one step, copied out of the loader when a step spans several micro-batches,
+// trains on another device than the CPU or in another type than float (`stage`: the host side
+// of that conversion).
+template <class T, class D>
 struct StepBatches {
-  std::vector<Tensor<float, D>> x1, x2;
+  std::vector<Tensor<T, D>> x1, x2;
   std::vector<MocaPlan> plans;
+  Tensor<T> stage;
 };
 
 // The curves drawn in curves.svg, rebuilt from the log when a run resumes.
@@ -287,6 +291,10 @@ CLI::App* add_pretrain_command(CLI::App& app, PretrainOptions& o) {
                   "cuda: matrix products in fp32, tf32 (tensor cores) or bf16 (Linears with bf16 "
                   "inputs, fp32 accumulation)")
       ->capture_default_str()->group(g);
+  cmd->add_option("--precision", o.precision,
+                  "fp32, or bf16: values, activations and gradients in bf16 with fp32 master "
+                  "weights, moments and accumulation (checkpoints hold fp32 either way)")
+      ->capture_default_str()->group(g);
   cmd->add_option("--threads", o.threads, "compute threads (0: all cores)")
       ->capture_default_str()->group(g);
   cmd->add_option("--workers", o.workers, "data loading threads")->capture_default_str()->group(g);
@@ -370,7 +378,7 @@ CLI::App* add_pretrain_command(CLI::App& app, PretrainOptions& o) {
 
 namespace {
 
-template <class D>
+template <class T, class D>
 int pretrain_on(const PretrainOptions& given, const CLI::App& cmd) {
   PretrainOptions o = given;  // a resumed run restores its evaluation settings
   using Clock = std::chrono::steady_clock;
@@ -447,9 +455,12 @@ int pretrain_on(const PretrainOptions& given, const CLI::App& cmd) {
   const std::int64_t steps_per_epoch = std::max<std::int64_t>(1, loader.batches_per_epoch() / accum);
   const bool can_knn = data.test != nullptr && data.train->num_classes() > 0;
 
-  std::fprintf(stderr, "moca pretrain\n  device    %s%s%s\n  data      %s\n", o.device.c_str(),
-               o.device == "cuda" ? ", matrix products in " : "",
-               o.device == "cuda" ? o.matmul.c_str() : "", data.description.c_str());
+  const bool float_products_mode = o.device == "cuda" && std::is_same_v<T, float>;
+  std::fprintf(stderr, "moca pretrain\n  device    %s, %s%s%s\n  data      %s\n",
+               o.device.c_str(),
+               std::is_same_v<T, float> ? "fp32" : "bf16 values with fp32 master weights",
+               float_products_mode ? ", matrix products in " : "",
+               float_products_mode ? o.matmul.c_str() : "", data.description.c_str());
   std::fprintf(stderr,
                "  encoder   %lldx%lld patch %lld, %lld channels, width %lld, depth %lld, %lld heads\n"
                "  decoder   width %lld, depth %lld, %lld heads; early_layer %lld\n"
@@ -469,10 +480,11 @@ int pretrain_on(const PretrainOptions& given, const CLI::App& cmd) {
                static_cast<long long>(steps_per_epoch), static_cast<unsigned long long>(seed));
 
   const Philox rng(seed);
-  using Model = Moca<float, D>;
-  // The loader's batch is used in place when one micro-batch makes the step on the CPU.
-  const bool copy_views = accum > 1 || !std::is_same_v<D, Cpu>;
-  StepBatches<D> sb;
+  using Model = Moca<T, D>;
+  // The loader's batch is used in place when one micro-batch makes a float step on the CPU.
+  constexpr bool kLoaderViews = std::is_same_v<D, Cpu> && std::is_same_v<T, float>;
+  const bool copy_views = accum > 1 || !kLoaderViews;
+  StepBatches<T, D> sb;
   sb.plans.resize(static_cast<std::size_t>(accum));
   if (copy_views) {
     sb.x1.resize(static_cast<std::size_t>(accum));
@@ -486,7 +498,7 @@ int pretrain_on(const PretrainOptions& given, const CLI::App& cmd) {
       const data::TwoViewBatch& b = loader.next();
       const auto ii = static_cast<std::size_t>(i);
       sb.plans[ii] = m.draw_plan(rng, static_cast<std::uint64_t>(s * accum + i), micro);
-      if constexpr (std::is_same_v<D, Cpu>) {
+      if constexpr (kLoaderViews) {
         if (!copy_views) {
           micro_batches[ii] = {b.view1, b.view2, &sb.plans[ii].masks};
           continue;
@@ -494,8 +506,8 @@ int pretrain_on(const PretrainOptions& given, const CLI::App& cmd) {
       }
       sb.x1[ii].resize(b.view1.shape());
       sb.x2[ii].resize(b.view2.shape());
-      copy(TensorView<float>(b.view1), TensorView<float, D>(sb.x1[ii]));
-      copy(TensorView<float>(b.view2), TensorView<float, D>(sb.x2[ii]));
+      ops::upload_converted(TensorView<float>(b.view1), TensorView<T, D>(sb.x1[ii]), sb.stage);
+      ops::upload_converted(TensorView<float>(b.view2), TensorView<T, D>(sb.x2[ii]), sb.stage);
       micro_batches[ii] = {sb.x1[ii], sb.x2[ii], &sb.plans[ii].masks};
     }
   };
@@ -610,7 +622,7 @@ int pretrain_on(const PretrainOptions& given, const CLI::App& cmd) {
 
   auto evaluate = [&](std::int64_t s, const char* when) {
     if (!can_knn) return;
-    VisionTransformer<float, D>& enc = o.knn_student ? moca.encoder : moca.encoder_teacher;
+    VisionTransformer<T, D>& enc = o.knn_student ? moca.encoder : moca.encoder_teacher;
     const auto t0 = Clock::now();
     KnnProtocol protocol;
     protocol.pooling = knn_pool;
@@ -779,14 +791,21 @@ int run_pretrain(const PretrainOptions& o, const CLI::App& cmd) {
              o.device, "'");
   MOCA_CHECK(o.matmul == "fp32" || o.matmul == "tf32" || o.matmul == "bf16",
              "--matmul must be fp32, tf32 or bf16, got '", o.matmul, "'");
+  MOCA_CHECK(o.precision == "fp32" || o.precision == "bf16",
+             "--precision must be fp32 or bf16, got '", o.precision, "'");
   MOCA_CHECK(o.matmul == "fp32" || o.device == "cuda", "--matmul ", o.matmul,
              " applies to --device cuda only (the CPU computes in fp32)");
-  if (o.device == "cpu") return pretrain_on<Cpu>(o, cmd);
+  MOCA_CHECK(o.matmul == "fp32" || o.precision == "fp32", "--matmul ", o.matmul,
+             " sets how float products run; with --precision bf16 every product takes bf16 "
+             "operands already");
+  const bool bf16_storage = o.precision == "bf16";
+  if (o.device == "cpu")
+    return bf16_storage ? pretrain_on<bf16, Cpu>(o, cmd) : pretrain_on<float, Cpu>(o, cmd);
 #if MOCA_WITH_CUDA
   MOCA_CHECK(cuda::available(), "--device cuda: no CUDA device is available (no GPU, or no "
              "usable driver)");
   cuda::Context::get().set_float_matmul(cuda::parse_float_matmul(o.matmul, "--matmul"));
-  return pretrain_on<Cuda>(o, cmd);
+  return bf16_storage ? pretrain_on<bf16, Cuda>(o, cmd) : pretrain_on<float, Cuda>(o, cmd);
 #else
   MOCA_CHECK(false, "--device cuda: this moca was built without the CUDA backend (configure "
              "with nvcc on the PATH, or -DMOCA_WITH_CUDA=ON)");

@@ -38,6 +38,7 @@ struct PretrainOptions {
   // Running the job (these may change when a run is resumed).
   std::string device = "cpu";  ///< cpu or cuda
   std::string matmul = "fp32";  ///< cuda: float GEMMs in fp32, tf32 or bf16 (cuda::FloatMatmul)
+  std::string precision = "fp32";  ///< fp32, or bf16 storage with fp32 master weights
   std::string out = "runs/moca";
   bool resume = false;
   int threads = 0;  ///< 0: all cores

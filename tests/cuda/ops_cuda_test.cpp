@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <moca/core/random.hpp>
 #include <moca/cuda.hpp>
@@ -1213,11 +1214,29 @@ std::int64_t beyond_one_ulp(const Tensor<bf16>& a, const Tensor<bf16>& b) {
   return bad;
 }
 
-Tensor<bf16> random_bf16(Shape shape) {
-  const Tensor<float> f = random_tensor<float>(shape);
+Tensor<bf16> random_bf16(Shape shape, double lo = -1.0, double hi = 1.0) {
+  const Tensor<float> f = random_tensor<float>(shape, lo, hi);
   Tensor<bf16> h(shape);
   ops::convert(TensorView<float>(f), TensorView<bf16>(h));
   return h;
+}
+
+/// ||cpu − gpu|| / ||cpu|| of two bf16 results; NaN anywhere makes it NaN, which fails a check.
+double bf16_error(const Tensor<bf16>& cpu, const Tensor<bf16, Cuda>& gpu) {
+  const Tensor<bf16> g = gpu.to<Cpu>();
+  double d = 0, n = 0;
+  for (std::int64_t i = 0; i < cpu.numel(); ++i) {
+    const double a = float(cpu.data()[i]), b = float(g.data()[i]);
+    d += (a - b) * (a - b);
+    n += a * a;
+  }
+  return std::sqrt(d) / std::sqrt(n);
+}
+
+Tensor<bf16, Cuda> bf16_to_device(const Tensor<bf16>& h) {
+  Tensor<bf16, Cuda> d(h.shape());
+  copy(TensorView<bf16>(h), TensorView<bf16, Cuda>(d));
+  return d;
 }
 
 }  // namespace
@@ -1267,21 +1286,8 @@ TEST_CASE("cuda parity: elementwise and row ops in bf16 storage against the CPU'
   // run in different orders, so a result may land one bf16 ulp away. Normwise that stays far
   // below one rounding (2^-8), which any broken kernel exceeds by orders of magnitude.
   constexpr double kBudget = 1.0 / 256;
-  auto err = [](const Tensor<bf16>& cpu, const Tensor<bf16, Cuda>& gpu) {
-    const Tensor<bf16> g = gpu.to<Cpu>();
-    double d = 0, n = 0;
-    for (std::int64_t i = 0; i < cpu.numel(); ++i) {
-      const double a = float(cpu.data()[i]), b = float(g.data()[i]);
-      d += (a - b) * (a - b);
-      n += a * a;
-    }
-    return std::sqrt(d) / std::sqrt(n);  // NaN when anything is NaN: fails the check
-  };
-  auto up = [](const Tensor<bf16>& h) {
-    Tensor<bf16, Cuda> d(h.shape());
-    copy(TensorView<bf16>(h), TensorView<bf16, Cuda>(d));
-    return d;
-  };
+  const auto err = bf16_error;
+  const auto up = bf16_to_device;
   const std::int64_t M = 37, N = 257;
   const Tensor<bf16> x = random_bf16({M, N}), dy = random_bf16({M, N}), r = random_bf16({M, N});
   const Tensor<bf16> gamma = random_bf16({N}), beta = random_bf16({N});
@@ -1359,6 +1365,132 @@ TEST_CASE("cuda parity: elementwise and row ops in bf16 storage against the CPU'
     ops::patchify(img, 2, patches);
     ops::patchify(up(img), 2, gpatches);
     CHECK(err(patches, gpatches) == 0.0);
+  }
+}
+
+TEST_CASE("cuda parity: soft-target loss, BatchNorm and scatter-add in bf16 storage") {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  // As the elementwise and row ops above: float arithmetic on both sides, one rounding of what
+  // is stored, sums in other orders; normwise within one bf16 rounding (2^-8).
+  constexpr double kBudget = 1.0 / 256;
+  {
+    // The codebook loss: 37 rows against 4096 words, gathered targets, KL, dz over z.
+    const std::int64_t M = 37, K = 4096, R = 50;
+    const Tensor<bf16> z = random_bf16({M, K}, -6.0, 6.0);
+    Tensor<float> t32 = random_tensor<float>({R, K}, -0.5, 1.0);
+    for (std::int64_t r = 0; r < R; ++r) {
+      float* row = t32.data() + r * K;
+      float total = 0;
+      for (std::int64_t k = 0; k < K; ++k) total += (row[k] = std::max(row[k], 0.0f));
+      for (std::int64_t k = 0; k < K; ++k) row[k] /= total;
+    }
+    Tensor<bf16> table({R, K});
+    ops::convert(TensorView<float>(t32), TensorView<bf16>(table));
+    Tensor<Index> rows({M});
+    for (std::int64_t r = 0; r < M; ++r) rows.data()[r] = static_cast<Index>((7 * r + 2) % R);
+    const Tensor<Index, Cuda> g_rows = rows.to<Cuda>();
+    const TensorView<Index> rows_view = rows;
+    const TensorView<Index, Cuda> g_rows_view = g_rows;
+    ops::SoftTargetWorkspace<bf16, Cpu> ws;
+    ops::SoftTargetWorkspace<bf16, Cuda> g_ws;
+    for (bool entropy : {false, true}) {
+      CAPTURE(entropy);
+      Tensor<bf16> dz = z.clone();
+      Tensor<bf16, Cuda> gdz = bf16_to_device(z);
+      const double expected = ops::soft_target_loss(TensorView<bf16>(dz), table, &rows_view,
+                                                    entropy, 0.37, TensorView<bf16>(dz), ws);
+      const double got = ops::soft_target_loss(TensorView<bf16, Cuda>(gdz), bf16_to_device(table),
+                                               &g_rows_view, entropy, 0.37,
+                                               TensorView<bf16, Cuda>(gdz), g_ws);
+      INFO("loss cpu ", expected, " cuda ", got);
+      // The loss is summed in float (per row) and double: far inside one bf16 rounding.
+      CHECK(std::abs(got - expected) <= 1e-5 * std::abs(expected));
+      CHECK(bf16_error(dz, gdz) < kBudget);
+    }
+  }
+  {
+    // The prototype generator's BatchNorm: 64 samples of 256 features, away from zero mean.
+    const std::int64_t M = 64, N = 256;
+    const Tensor<bf16> x = random_bf16({M, N}, -2.0, 4.0), dy = random_bf16({M, N});
+    const Tensor<bf16> gamma = random_bf16({N}, 0.5, 1.5), beta = random_bf16({N});
+    Tensor<bf16> y({M, N}), mean({N}), var({N});
+    Tensor<bf16, Cuda> gy({M, N}), gmean({N}), gvar({N});
+    const Tensor<bf16, Cuda> gx = bf16_to_device(x), g_gamma = bf16_to_device(gamma),
+                             g_beta = bf16_to_device(beta);
+    ops::batch_norm(x, gamma, beta, 1e-5, y, mean, var);
+    ops::batch_norm(gx, g_gamma, g_beta, 1e-5, gy, gmean, gvar);
+    CHECK(bf16_error(y, gy) < kBudget);
+    CHECK(bf16_error(mean, gmean) < kBudget);
+    CHECK(bf16_error(var, gvar) < kBudget);
+    Tensor<bf16> dx({M, N}), dgamma({N}), dbeta({N});
+    Tensor<bf16, Cuda> gdx({M, N}), g_dgamma({N}), g_dbeta({N});
+    ops::batch_norm_backward(x, gamma, mean, var, 1e-5, dy, dx, dgamma, dbeta);
+    ops::batch_norm_backward(gx, g_gamma, bf16_to_device(mean), bf16_to_device(var), 1e-5,
+                             bf16_to_device(dy), gdx, g_dgamma, g_dbeta);
+    CHECK(bf16_error(dx, gdx) < kBudget);
+    CHECK(bf16_error(dgamma, g_dgamma) < kBudget);
+    CHECK(bf16_error(dbeta, g_dbeta) < kBudget);
+  }
+  {
+    // Scatter-add with repeated indices (the atomic bf16 addition): each of the 17 rows gets
+    // two or three additions in some order, each rounded once.
+    const std::int64_t R = 17, M = 40, C = 33;
+    Tensor<Index> idx({M});
+    for (std::int64_t i = 0; i < M; ++i) idx(i) = static_cast<Index>((i * 7 + 3) % R);
+    const Tensor<bf16> src = random_bf16({M, C}), acc0 = random_bf16({R, C});
+    Tensor<bf16> acc = acc0.clone();
+    Tensor<bf16, Cuda> g_acc = bf16_to_device(acc0);
+    ops::scatter_add_rows(src, idx, acc);
+    ops::scatter_add_rows(bf16_to_device(src), idx.to<Cuda>(), g_acc);
+    CHECK(bf16_error(acc, g_acc) < kBudget);
+  }
+}
+
+TEST_CASE("cuda parity: fused attention in bf16 storage against the float attention") {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  // bf16 q, k, v widened to the float kernels' tiles (TF32 products), float lse and δ, ctx and
+  // dqkv rounded once: against the CPU's float attention of the same (bf16) values, the budget
+  // of the host run of these programs (tests/flash_attention_test.cpp: TF32's 3e-3 and one bf16
+  // rounding), normwise. The lse buffer is [B, H, 2·S] bf16 elements: S floats per row.
+  const std::int64_t shapes[][4] = {{2, 17, 3, 8}, {3, 197, 12, 64}, {1, 33, 1, 80}};
+  for (const auto& shape : shapes) {
+    const std::int64_t B = shape[0], S = shape[1], H = shape[2], hd = shape[3], dim = H * hd;
+    CAPTURE(S);
+    CAPTURE(hd);
+    const Tensor<bf16> qkv = random_bf16({B, S, 3 * dim}, -2.0, 2.0);
+    const Tensor<bf16> dctx = random_bf16({B, S, dim});
+    Tensor<float> qkv32({B, S, 3 * dim}), dctx32({B, S, dim});
+    ops::convert(TensorView<bf16>(qkv), TensorView<float>(qkv32));
+    ops::convert(TensorView<bf16>(dctx), TensorView<float>(dctx32));
+    // The layer's scale is a bf16 (1/√8 rounds; 1/√64 is exact): both sides use the rounded one.
+    const bf16 scale_h(1.0f / std::sqrt(float(hd)));
+    const float scale = scale_h;
+    Tensor<float> probs({B, H, S, S}), ctx({B, S, dim}), dprobs({B, H, S, S}),
+        dqkv({B, S, 3 * dim});
+    ops::attention_forward(qkv32, H, scale, probs, ctx);
+    ops::attention_backward(qkv32, probs, ctx, dctx32, H, scale, dprobs, dqkv);
+
+    REQUIRE(ops::attention_saved_shape<bf16, Cuda>(B, H, S) == Shape({B, H, 2 * S}));
+    const Tensor<bf16, Cuda> gqkv = bf16_to_device(qkv), gdctx = bf16_to_device(dctx);
+    Tensor<bf16, Cuda> glse({B, H, 2 * S}), gctx({B, S, dim}), gwork({B, H, 2 * S}),
+        gdqkv({B, S, 3 * dim});
+    ops::attention_forward(gqkv, H, scale_h, glse, gctx);
+    ops::attention_backward(gqkv, glse, gctx, gdctx, H, scale_h, gwork, gdqkv);
+    Tensor<bf16> ctx_h({B, S, dim}), dqkv_h({B, S, 3 * dim});
+    ops::convert(TensorView<float>(ctx), TensorView<bf16>(ctx_h));
+    ops::convert(TensorView<float>(dqkv), TensorView<bf16>(dqkv_h));
+    CHECK(bf16_error(ctx_h, gctx) < 5e-3);
+    CHECK(bf16_error(dqkv_h, gdqkv) < 5e-3);
+    // The saved lse: S floats per (image, head), the float log-sum-exp of the scores.
+    const Tensor<bf16> lse_raw = glse.to<Cpu>();
+    std::vector<float> lse(static_cast<std::size_t>(B * H * S));
+    std::memcpy(lse.data(), lse_raw.data(), lse.size() * sizeof(float));
+    const std::vector<double> lse_ref =
+        attention_reference::log_sum_exp_rows(qkv32.data(), B, H, S, hd, double(scale));
+    double worst = 0;
+    for (std::size_t i = 0; i < lse.size(); ++i)
+      worst = std::max(worst, std::abs(double(lse[i]) - lse_ref[i]) / std::abs(lse_ref[i]));
+    CHECK(worst < 3e-3);
   }
 }
 

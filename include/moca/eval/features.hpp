@@ -18,6 +18,7 @@
 #include "moca/core/tensor.hpp"
 #include "moca/data/loader.hpp"
 #include "moca/models/vit.hpp"
+#include "moca/ops/elementwise.hpp"
 #include "moca/ops/layout.hpp"
 #include "moca/ops/reduce.hpp"
 
@@ -66,17 +67,19 @@ void pool_tokens(const TensorView<T, D>& tokens, Pooling pooling, const TensorVi
 }
 
 /// Runs `vit` over every batch of `loader` (from its first batch) and pools the final-norm
-/// tokens. `progress(done, total)` is called after each batch when given. On a device other than
-/// the CPU each batch is copied there and its pooled features back.
-template <class D, class B>
-Features encode(VisionTransformer<float, D, B>& vit, data::EvalLoader& loader, Pooling pooling,
+/// tokens into float features. `progress(done, total)` is called after each batch when given.
+/// A float encoder on the CPU reads the loader's batch in place; otherwise each batch is
+/// converted to the encoder's type and copied to its device, and its pooled features come back.
+template <class T, class D, class B>
+Features encode(VisionTransformer<T, D, B>& vit, data::EvalLoader& loader, Pooling pooling,
                 std::int64_t total_images,
                 const std::function<void(std::int64_t, std::int64_t)>& progress = {}) {
   const std::int64_t C = vit.config().dim;
   Features f;
   f.features.resize({total_images, C});
   f.labels.assign(static_cast<std::size_t>(total_images), -1);
-  Tensor<float, D> scratch, images, pooled;
+  Tensor<T, D> scratch, images, pooled;
+  Tensor<T> stage_in, stage_out;
   loader.reset();
   std::int64_t done = 0;
   while (const data::EvalBatch* b = loader.next()) {
@@ -84,16 +87,16 @@ Features encode(VisionTransformer<float, D, B>& vit, data::EvalLoader& loader, P
     MOCA_CHECK(done + n <= total_images, "encode: the loader holds more than ", total_images,
                " images");
     const TensorView<float> rows = TensorView<float>(f.features).rows(done, done + n);
-    if constexpr (std::is_same_v<D, Cpu>) {
+    if constexpr (std::is_same_v<D, Cpu> && std::is_same_v<T, float>) {
       vit.forward_inference(b->images);
       pool_tokens(vit.output(), pooling, rows, scratch);
     } else {
       images.resize(b->images.shape());
       pooled.resize({n, C});
-      copy(TensorView<float>(b->images), TensorView<float, D>(images));
+      ops::upload_converted(TensorView<float>(b->images), TensorView<T, D>(images), stage_in);
       vit.forward_inference(images);
-      pool_tokens(vit.output(), pooling, TensorView<float, D>(pooled), scratch);
-      copy(TensorView<float, D>(pooled), rows);
+      pool_tokens(vit.output(), pooling, TensorView<T, D>(pooled), scratch);
+      ops::download_converted(TensorView<T, D>(pooled), rows, stage_out);
     }
     for (std::int64_t k = 0; k < n; ++k)
       f.labels[static_cast<std::size_t>(done + k)] = b->labels[static_cast<std::size_t>(k)];

@@ -41,11 +41,12 @@ concept FusedAttentionBackend = requires(std::int64_t n, T s, const T* c, T* p) 
 
 }  // namespace attention_impl
 
-/// Shape of what attention_forward keeps for attention_backward on device D (see the top).
+/// Shape of what attention_forward keeps for attention_backward on device D (see the top). The
+/// log-sum-exp is kept in compute_t<T>: for bf16 storage each float takes two elements, [B, H, 2·S].
 template <class T, class D>
 Shape attention_saved_shape(std::int64_t B, std::int64_t heads, std::int64_t S) {
   if constexpr (attention_impl::FusedAttentionBackend<T, D> && attention_impl::SavesLogSumExp<D>)
-    return Shape({B, heads, S});
+    return Shape({B, heads, S * std::int64_t(sizeof(compute_t<T>) / sizeof(T))});
   else
     return Shape({B, heads, S, S});
 }

@@ -54,6 +54,39 @@ void convert(const TensorView<S, D>& x, const TensorView<T, D>& y) {
   Backend<D>::convert(x.numel(), x.data(), y.data());
 }
 
+/// dst on device D = host src in dst's element type: images of a float loader into a bf16 model.
+/// The conversion runs on the host before the copy, so what crosses to the device is already
+/// T; `stage` is that host buffer of T (resized to fit, so a steady loop does not allocate).
+template <class S, class T, class D>
+void upload_converted(const TensorView<S, Cpu>& src, const TensorView<T, D>& dst,
+                      Tensor<T, Cpu>& stage) {
+  if constexpr (std::is_same_v<S, T>) {
+    copy(src, dst);
+  } else if constexpr (std::is_same_v<D, Cpu>) {
+    convert(src, dst);
+  } else {
+    stage.resize(src.shape());
+    convert(src, TensorView<T, Cpu>(stage));
+    copy(TensorView<T, Cpu>(stage), dst);
+  }
+}
+
+/// Host dst = src on device D in dst's element type: a bf16 model's features into float rows.
+/// The copy crosses in S and the host converts it; `stage` is that host buffer of S.
+template <class S, class T, class D>
+void download_converted(const TensorView<S, D>& src, const TensorView<T, Cpu>& dst,
+                        Tensor<S, Cpu>& stage) {
+  if constexpr (std::is_same_v<S, T>) {
+    copy(src, dst);
+  } else if constexpr (std::is_same_v<D, Cpu>) {
+    convert(src, dst);
+  } else {
+    stage.resize(src.shape());
+    copy(src, TensorView<S, Cpu>(stage));
+    convert(TensorView<S, Cpu>(stage), dst);
+  }
+}
+
 /// x[..., :] += bias, for x [..., N] and bias [N].
 template <class T, class D>
 void add_bias(const TensorView<T, D>& x, const TensorView<T, D>& bias) {

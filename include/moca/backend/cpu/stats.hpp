@@ -28,30 +28,40 @@ void row_max(std::int64_t M, std::int64_t N, const T* x, T* y) {
 
 /// BatchNorm1d in training mode on x [M, N] (M samples, N features): per column j,
 /// y = (x − mean_j) / sqrt(var_j + eps) · gamma_j + beta_j with the biased batch variance.
-/// Saves mean[N] and var[N] (biased) for backward and for the running statistics.
+/// Saves mean[N] and var[N] (biased) for backward and for the running statistics. The sums and
+/// the normalisation run in acc_t<T> (float for bf16); mean and var are rounded once as stored.
 template <class T>
 void batch_norm_forward(std::int64_t M, std::int64_t N, const T* x, const T* gamma, const T* beta,
                         double eps, T* y, T* mean, T* var) {
+  using A = acc_t<T>;
   parallel_for(N, 3 * M * N, [&](std::int64_t c0, std::int64_t c1) {
     // Column blocks, rows in order: fixed summation order whatever the thread count.
-    for (std::int64_t j = c0; j < c1; ++j) mean[j] = 0, var[j] = 0;
-    for (std::int64_t r = 0; r < M; ++r)
-      for (std::int64_t j = c0; j < c1; ++j) mean[j] += x[r * N + j];
-    for (std::int64_t j = c0; j < c1; ++j) mean[j] /= static_cast<T>(M);
-    for (std::int64_t r = 0; r < M; ++r)
-      for (std::int64_t j = c0; j < c1; ++j) {
-        const T d = x[r * N + j] - mean[j];
-        var[j] += d * d;
+    constexpr std::int64_t kBlock = 64;
+    for (std::int64_t b0 = c0; b0 < c1; b0 += kBlock) {
+      const std::int64_t b1 = std::min(c1, b0 + kBlock);
+      std::array<A, kBlock> mu{}, v{};
+      for (std::int64_t r = 0; r < M; ++r)
+        for (std::int64_t j = b0; j < b1; ++j) mu[j - b0] += static_cast<A>(x[r * N + j]);
+      for (std::int64_t j = b0; j < b1; ++j) mu[j - b0] /= static_cast<A>(M);
+      for (std::int64_t r = 0; r < M; ++r)
+        for (std::int64_t j = b0; j < b1; ++j) {
+          const A d = static_cast<A>(x[r * N + j]) - mu[j - b0];
+          v[j - b0] += d * d;
+        }
+      for (std::int64_t j = b0; j < b1; ++j) {
+        v[j - b0] /= static_cast<A>(M);
+        mean[j] = static_cast<T>(mu[j - b0]);
+        var[j] = static_cast<T>(v[j - b0]);
       }
-    for (std::int64_t j = c0; j < c1; ++j) var[j] /= static_cast<T>(M);
-    for (std::int64_t r = 0; r < M; ++r)
-      for (std::int64_t j = c0; j < c1; ++j) {
-        const T is = T(1) / std::sqrt(var[j] + static_cast<T>(eps));
-        T v = (x[r * N + j] - mean[j]) * is;
-        if (gamma) v *= gamma[j];
-        if (beta) v += beta[j];
-        y[r * N + j] = v;
-      }
+      for (std::int64_t r = 0; r < M; ++r)
+        for (std::int64_t j = b0; j < b1; ++j) {
+          const A is = A(1) / std::sqrt(v[j - b0] + static_cast<A>(eps));
+          A out = (static_cast<A>(x[r * N + j]) - mu[j - b0]) * is;
+          if (gamma) out *= static_cast<A>(gamma[j]);
+          if (beta) out += static_cast<A>(beta[j]);
+          y[r * N + j] = static_cast<T>(out);
+        }
+    }
   });
 }
 
@@ -62,21 +72,22 @@ template <class T>
 void batch_norm_backward(std::int64_t M, std::int64_t N, const T* x, const T* gamma,
                          const T* mean, const T* var, double eps, const T* dy, T* dx, T* dgamma,
                          T* dbeta) {
+  using A = acc_t<T>;
   parallel_for(N, 4 * M * N, [&](std::int64_t c0, std::int64_t c1) {
     constexpr std::int64_t kBlock = 64;
     for (std::int64_t b0 = c0; b0 < c1; b0 += kBlock) {
       const std::int64_t b1 = std::min(c1, b0 + kBlock);
-      std::array<T, kBlock> sum_g{}, sum_gx{}, sum_dy{}, sum_dyx{};
+      std::array<A, kBlock> sum_g{}, sum_gx{}, sum_dy{}, sum_dyx{};
       for (std::int64_t r = 0; r < M; ++r)
         for (std::int64_t j = b0; j < b1; ++j) {
-          const T is = T(1) / std::sqrt(var[j] + static_cast<T>(eps));
-          const T xhat = (x[r * N + j] - mean[j]) * is;
-          const T g = dy[r * N + j];
+          const A is = A(1) / std::sqrt(static_cast<A>(var[j]) + static_cast<A>(eps));
+          const A xhat = (static_cast<A>(x[r * N + j]) - static_cast<A>(mean[j])) * is;
+          const A g = static_cast<A>(dy[r * N + j]);
           sum_dy[j - b0] += g;
           sum_dyx[j - b0] += g * xhat;
         }
       for (std::int64_t j = b0; j < b1; ++j) {
-        const T gm = gamma ? gamma[j] : T(1);
+        const A gm = gamma ? static_cast<A>(gamma[j]) : A(1);
         sum_g[j - b0] = sum_dy[j - b0] * gm;
         sum_gx[j - b0] = sum_dyx[j - b0] * gm;
         if (dgamma) dgamma[j] += sum_dyx[j - b0];
@@ -84,11 +95,11 @@ void batch_norm_backward(std::int64_t M, std::int64_t N, const T* x, const T* ga
       }
       for (std::int64_t r = 0; r < M; ++r)
         for (std::int64_t j = b0; j < b1; ++j) {
-          const T is = T(1) / std::sqrt(var[j] + static_cast<T>(eps));
-          const T xhat = (x[r * N + j] - mean[j]) * is;
-          const T g = dy[r * N + j] * (gamma ? gamma[j] : T(1));
-          dx[r * N + j] = is * (g - sum_g[j - b0] / static_cast<T>(M) -
-                                xhat * sum_gx[j - b0] / static_cast<T>(M));
+          const A is = A(1) / std::sqrt(static_cast<A>(var[j]) + static_cast<A>(eps));
+          const A xhat = (static_cast<A>(x[r * N + j]) - static_cast<A>(mean[j])) * is;
+          const A g = static_cast<A>(dy[r * N + j]) * (gamma ? static_cast<A>(gamma[j]) : A(1));
+          dx[r * N + j] = static_cast<T>(is * (g - sum_g[j - b0] / static_cast<A>(M) -
+                                               xhat * sum_gx[j - b0] / static_cast<A>(M)));
         }
     }
   });

@@ -136,7 +136,8 @@ void convert(std::int64_t n, const S* x, T* y);
 
 /// Fused attention (kernels/attention.cuh): ctx and the log-sum-exp of each score row, lse
 /// [B, H, S]; the probabilities are recomputed by the backward, which needs ctx and writes the
-/// row terms δ = rowsum(dctx ∘ ctx) [B, H, S] on the way.
+/// row terms δ = rowsum(dctx ∘ ctx) [B, H, S] on the way. lse and δ hold compute_t<T> values
+/// (float for bf16, in a buffer of 2·S bf16 elements per row).
 template <class T>
 void attention_forward(std::int64_t B, std::int64_t H, std::int64_t S, std::int64_t hd, T scale,
                        const T* qkv, T* lse, T* ctx);
@@ -530,7 +531,8 @@ struct Backend<Cuda> {
   template <class S, class T>
   static void convert(std::int64_t n, const S* x, T* y) { cuda::convert(n, x, y); }
 
-  // Fused attention: the forward keeps the rows' log-sum-exp [B, H, S], not the probabilities.
+  // Fused attention: the forward keeps the rows' log-sum-exp [B, H, S] (in compute_t<T>), not
+  // the probabilities.
   static constexpr bool attention_saves_lse = true;
   template <class T>
   static void attention_forward(std::int64_t B, std::int64_t H, std::int64_t S, std::int64_t hd,

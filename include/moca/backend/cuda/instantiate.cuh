@@ -1,5 +1,6 @@
 // Explicit instantiations of every kernel wrapper declared in backend/cuda/backend.hpp, for float
-// and double, and the mixed-precision ones (float master weights with bf16 values).
+// and double, and for bf16 storage (with the mixed-precision ones: float master weights, bf16
+// values and gradients).
 // src/cuda/kernels.cu includes this file once, so the kernels are compiled once into
 // moca_cuda_kernels and ordinary C++ files only need the declarations.
 #pragma once
@@ -138,6 +139,21 @@ template void unpatchify<bf16>(std::int64_t, std::int64_t, std::int64_t, std::in
                                std::int64_t, const bf16*, bf16*);
 template void row_max<bf16>(std::int64_t, std::int64_t, const bf16*, bf16*);
 template double xlogy_sum<bf16>(std::int64_t, const bf16*, const bf16*);
+template void scatter_add_rows<bf16>(std::int64_t, std::int64_t, const bf16*, const std::int32_t*,
+                                     std::int64_t, bf16*);
+template void batch_norm_forward<bf16>(std::int64_t, std::int64_t, const bf16*, const bf16*,
+                                       const bf16*, double, bf16*, bf16*, bf16*);
+template void batch_norm_backward<bf16>(std::int64_t, std::int64_t, const bf16*, const bf16*,
+                                        const bf16*, const bf16*, double, const bf16*, bf16*,
+                                        bf16*, bf16*);
+template double soft_target_rows<bf16>(std::int64_t, std::int64_t, const bf16*, const bf16*,
+                                       std::int64_t, const std::int32_t*, bool, bf16, bf16*);
+// Attention of bf16 heads: fp32 tiles in shared memory, float lse and δ (kernels/attention.cuh).
+template void attention_forward<bf16>(std::int64_t, std::int64_t, std::int64_t, std::int64_t,
+                                      bf16, const bf16*, bf16*, bf16*);
+template void attention_backward<bf16>(std::int64_t, std::int64_t, std::int64_t, std::int64_t,
+                                       bf16, const bf16*, const bf16*, const bf16*, const bf16*,
+                                       bf16*, bf16*);
 }  // namespace moca::cuda
 
 #undef MOCA_CUDA_INSTANTIATE

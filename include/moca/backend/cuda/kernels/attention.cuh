@@ -7,6 +7,11 @@
 // with TF32 operands (Tf32Mma below). TF32 rather than bf16 for the bf16 mode: the operands are
 // fp32 tiles already in shared memory (no conversion pass), and attention is a small share of the
 // step's FLOPs.
+//
+// bf16 storage: the tiles are widened to fp32 as they are loaded (so q, k and v enter TF32
+// exactly: bf16's 8 significant bits fit TF32's 11) and the products always run on the tensor
+// cores. lse and δ are float; the op set hands them over as the bf16 buffer ops/attention.hpp
+// sizes for them (attention_saved_shape: twice the elements), reinterpreted here.
 #pragma once
 
 #include <mma.h>
@@ -80,28 +85,28 @@ inline constexpr int kFlashThreads = 128;
 /// H100/H200 (228 KB): the largest tile within it is chosen.
 inline constexpr std::size_t kFlashSharedTarget = 100 * 1024;
 
-template <class Mma, class T>
+template <class Mma, class T, class A = flash::flash_acc_t<T>>
 __global__ void __launch_bounds__(kFlashThreads)
-    flash_forward_kernel(flash::Geometry g, std::int64_t H, std::int64_t S, T scale, const T* qkv,
-                         T* lse, T* ctx) {
+    flash_forward_kernel(flash::Geometry g, std::int64_t H, std::int64_t S, A scale, const T* qkv,
+                         A* lse, T* ctx) {
   extern __shared__ __align__(128) unsigned char flash_smem[];
   flash::forward_block<Mma>(BlockExec{}, g, flash_smem, H, S, scale, qkv, lse, ctx, blockIdx.z,
                             blockIdx.y, blockIdx.x);
 }
 
-template <class Mma, class T>
+template <class Mma, class T, class A = flash::flash_acc_t<T>>
 __global__ void __launch_bounds__(kFlashThreads)
-    flash_dq_kernel(flash::Geometry g, std::int64_t H, std::int64_t S, T scale, const T* qkv,
-                    const T* lse, const T* ctx, const T* dctx, T* delta, T* dqkv) {
+    flash_dq_kernel(flash::Geometry g, std::int64_t H, std::int64_t S, A scale, const T* qkv,
+                    const A* lse, const T* ctx, const T* dctx, A* delta, T* dqkv) {
   extern __shared__ __align__(128) unsigned char flash_smem[];
   flash::dq_block<Mma>(BlockExec{}, g, flash_smem, H, S, scale, qkv, lse, ctx, dctx, delta, dqkv,
                        blockIdx.z, blockIdx.y, blockIdx.x);
 }
 
-template <class Mma, class T>
+template <class Mma, class T, class A = flash::flash_acc_t<T>>
 __global__ void __launch_bounds__(kFlashThreads)
-    flash_dkdv_kernel(flash::Geometry g, std::int64_t H, std::int64_t S, T scale, const T* qkv,
-                      const T* lse, const T* dctx, const T* delta, T* dqkv) {
+    flash_dkdv_kernel(flash::Geometry g, std::int64_t H, std::int64_t S, A scale, const T* qkv,
+                      const A* lse, const T* dctx, const A* delta, T* dqkv) {
   extern __shared__ __align__(128) unsigned char flash_smem[];
   flash::dkdv_block<Mma>(BlockExec{}, g, flash_smem, H, S, scale, qkv, lse, dctx, delta, dqkv,
                          blockIdx.z, blockIdx.y, blockIdx.x);
@@ -143,30 +148,43 @@ void launch_flash(Kernel kernel, const char* name, flash::Program p, const flash
   check_launch(name);
 }
 
-/// Float products on the tensor cores in the tf32 and bf16 modes; exact otherwise.
+/// Products on the tensor cores for bf16 storage, and for float in the tf32 and bf16 modes;
+/// exact otherwise.
 template <class T>
 bool flash_on_tensor_cores() {
+  if constexpr (std::is_same_v<T, bf16>) return true;
   return std::is_same_v<T, float> && Context::get().float_matmul() != FloatMatmul::Fp32;
 }
 
-template <class Mma, class T>
-void flash_forward(std::int64_t B, std::int64_t H, std::int64_t S, std::int64_t hd, T scale,
-                   const T* qkv, T* lse, T* ctx) {
-  const flash::Geometry g = flash_geometry(flash::Program::Forward, hd, sizeof(T));
+template <class Mma, class T, class A = flash::flash_acc_t<T>>
+void flash_forward(std::int64_t B, std::int64_t H, std::int64_t S, std::int64_t hd, A scale,
+                   const T* qkv, A* lse, T* ctx) {
+  const flash::Geometry g = flash_geometry(flash::Program::Forward, hd, sizeof(A));
   launch_flash(flash_forward_kernel<Mma, T>, "flash_forward_kernel", flash::Program::Forward, g,
-               sizeof(T), B, H, S, scale, qkv, lse, ctx);
+               sizeof(A), B, H, S, scale, qkv, lse, ctx);
 }
 
-template <class Mma, class T>
-void flash_backward(std::int64_t B, std::int64_t H, std::int64_t S, std::int64_t hd, T scale,
-                    const T* qkv, const T* lse, const T* ctx, const T* dctx, T* delta, T* dqkv) {
+template <class Mma, class T, class A = flash::flash_acc_t<T>>
+void flash_backward(std::int64_t B, std::int64_t H, std::int64_t S, std::int64_t hd, A scale,
+                    const T* qkv, const A* lse, const T* ctx, const T* dctx, A* delta, T* dqkv) {
   // Stream order puts the dq pass (which writes δ) before the dk/dv pass (which reads it).
-  const flash::Geometry gq = flash_geometry(flash::Program::Dq, hd, sizeof(T));
-  launch_flash(flash_dq_kernel<Mma, T>, "flash_dq_kernel", flash::Program::Dq, gq, sizeof(T), B,
+  const flash::Geometry gq = flash_geometry(flash::Program::Dq, hd, sizeof(A));
+  launch_flash(flash_dq_kernel<Mma, T>, "flash_dq_kernel", flash::Program::Dq, gq, sizeof(A), B,
                H, S, scale, qkv, lse, ctx, dctx, delta, dqkv);
-  const flash::Geometry gk = flash_geometry(flash::Program::Dkdv, hd, sizeof(T));
+  const flash::Geometry gk = flash_geometry(flash::Program::Dkdv, hd, sizeof(A));
   launch_flash(flash_dkdv_kernel<Mma, T>, "flash_dkdv_kernel", flash::Program::Dkdv, gk,
-               sizeof(T), B, H, S, scale, qkv, lse, dctx, delta, dqkv);
+               sizeof(A), B, H, S, scale, qkv, lse, dctx, delta, dqkv);
+}
+
+/// The lse / δ buffer of a T head as its arithmetic type (see the top: for bf16 the op set sizes
+/// it in bf16 elements, two per float).
+template <class T>
+flash::flash_acc_t<T>* row_terms(T* p) {
+  return reinterpret_cast<flash::flash_acc_t<T>*>(p);
+}
+template <class T>
+const flash::flash_acc_t<T>* row_terms(const T* p) {
+  return reinterpret_cast<const flash::flash_acc_t<T>*>(p);
 }
 
 }  // namespace kernels
@@ -175,11 +193,14 @@ template <class T>
 void attention_forward(std::int64_t B, std::int64_t H, std::int64_t S, std::int64_t hd, T scale,
                        const T* qkv, T* lse, T* ctx) {
   if (B <= 0 || S <= 0) return;
-  if constexpr (std::is_same_v<T, float>) {
+  using A = flash::flash_acc_t<T>;
+  if constexpr (!std::is_same_v<T, double>) {
     if (kernels::flash_on_tensor_cores<T>())
-      return kernels::flash_forward<kernels::Tf32Mma>(B, H, S, hd, scale, qkv, lse, ctx);
+      return kernels::flash_forward<kernels::Tf32Mma>(B, H, S, hd, A(scale), qkv,
+                                                      kernels::row_terms(lse), ctx);
   }
-  kernels::flash_forward<flash::SimtMma>(B, H, S, hd, scale, qkv, lse, ctx);
+  kernels::flash_forward<flash::SimtMma>(B, H, S, hd, A(scale), qkv, kernels::row_terms(lse),
+                                         ctx);
 }
 
 template <class T>
@@ -187,12 +208,15 @@ void attention_backward(std::int64_t B, std::int64_t H, std::int64_t S, std::int
                         const T* qkv, const T* lse, const T* ctx, const T* dctx, T* delta,
                         T* dqkv) {
   if (B <= 0 || S <= 0) return;
-  if constexpr (std::is_same_v<T, float>) {
+  using A = flash::flash_acc_t<T>;
+  if constexpr (!std::is_same_v<T, double>) {
     if (kernels::flash_on_tensor_cores<T>())
-      return kernels::flash_backward<kernels::Tf32Mma>(B, H, S, hd, scale, qkv, lse, ctx, dctx,
-                                                       delta, dqkv);
+      return kernels::flash_backward<kernels::Tf32Mma>(B, H, S, hd, A(scale), qkv,
+                                                       kernels::row_terms(lse), ctx, dctx,
+                                                       kernels::row_terms(delta), dqkv);
   }
-  kernels::flash_backward<flash::SimtMma>(B, H, S, hd, scale, qkv, lse, ctx, dctx, delta, dqkv);
+  kernels::flash_backward<flash::SimtMma>(B, H, S, hd, A(scale), qkv, kernels::row_terms(lse),
+                                          ctx, dctx, kernels::row_terms(delta), dqkv);
 }
 
 }  // namespace moca::cuda

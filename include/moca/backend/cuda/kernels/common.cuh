@@ -100,6 +100,32 @@ __device__ inline T neg_infinity() {
   return static_cast<T>(-INFINITY);
 }
 
+// ---- atomics ----
+
+/// *p += v atomically, for float and double (the hardware's atomicAdd).
+template <class T>
+__device__ inline void atomic_add(T* p, T v) {
+  atomicAdd(p, v);
+}
+
+/// bf16: the sum in float, rounded once as moca::bf16's += rounds it on the CPU, swapped into the
+/// aligned 32-bit word that holds *p (compare-and-swap: the neighbouring half is kept as read).
+template <>
+__device__ inline void atomic_add<bf16>(bf16* p, bf16 v) {
+  const auto address = reinterpret_cast<std::uintptr_t>(p);
+  auto* word = reinterpret_cast<unsigned int*>(address & ~std::uintptr_t(3));
+  const unsigned shift = (address & 2u) ? 16u : 0u;
+  unsigned int old = *word, assumed;
+  do {
+    assumed = old;
+    const auto bits = static_cast<std::uint16_t>((assumed >> shift) & 0xffffu);
+    const bf16 sum(float(bf16::from_bits(bits)) + float(v));
+    const unsigned int next = (assumed & ~(0xffffu << shift)) |
+                              (static_cast<unsigned int>(sum.bits()) << shift);
+    old = atomicCAS(word, assumed, next);
+  } while (old != assumed);
+}
+
 // ---- reductions ----
 
 struct SumOp {

@@ -25,12 +25,21 @@
 // `for (i = tid; i < n; i += threads)`, so the serial run covers every element a block does.
 // Padding rows and columns (past S, past hd) are zero in shared memory and masked out of the
 // softmax; nothing past S or hd is written.
+//
+// Storage and arithmetic are separate types: q, k, v, ctx and their gradients are G in global
+// memory (float, double or bf16); shared memory, the softmax and lse and δ are flash_acc_t<G>
+// (float for bf16). A bf16 tile is widened as it is loaded and rounded once as it is stored, so
+// the scores, exponentials and sums of a bf16 head run in float, and the log-sum-exp the backward
+// subtracts keeps float precision (in bf16 it would be off by up to 2^-9 of itself, which scales
+// every recomputed probability of its row by the same error).
 #pragma once
 
 #include <math.h>
 
 #include <cstddef>
 #include <cstdint>
+
+#include "moca/core/bf16.hpp"
 
 // Programs run on the device (MOCA_FLASH_FN); geometry is also computed by the host launcher
 // (MOCA_FLASH_HD). Without nvcc both are plain inline functions.
@@ -43,6 +52,10 @@
 #endif
 
 namespace moca::cuda::flash {
+
+/// What a head stored as G is computed in: shared-memory tiles, scores, lse and δ.
+template <class G>
+using flash_acc_t = compute_t<G>;
 
 /// Tile sizes the programs support (multiples of 16, the tensor-core fragment height).
 inline constexpr int kTiles[] = {64, 32, 16};
@@ -89,7 +102,8 @@ MOCA_FLASH_HD Buffers buffers_of(Program p) {
 inline constexpr std::size_t kAlign = 128;
 MOCA_FLASH_HD std::size_t aligned(std::size_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
 
-/// Shared memory one block of program p needs, in bytes.
+/// Shared memory one block of program p needs, in bytes; `element` is the size of the
+/// arithmetic type (flash_acc_t), not of the storage.
 MOCA_FLASH_HD std::size_t shared_bytes(Program p, const Geometry& g, std::size_t element) {
   const Buffers b = buffers_of(p);
   return b.h * aligned(element * g.tile * g.ldh) + b.t * aligned(element * g.tile * g.ldt) +
@@ -175,13 +189,14 @@ MOCA_FLASH_FN Head<T> head_of(const T* qkv, std::int64_t H, std::int64_t S, std:
   return x;
 }
 
-/// dst[tile, hdp] = rows [0, rows) × columns [0, hd) of src (row stride ld), zeros elsewhere.
-template <class Exec, class T>
-MOCA_FLASH_FN void load_tile(const Exec& ex, const Geometry& g, const T* src, std::int64_t ld,
-                             int rows, T* dst) {
+/// dst[tile, hdp] = rows [0, rows) × columns [0, hd) of src (row stride ld), widened to dst's
+/// type, zeros elsewhere.
+template <class Exec, class G, class A>
+MOCA_FLASH_FN void load_tile(const Exec& ex, const Geometry& g, const G* src, std::int64_t ld,
+                             int rows, A* dst) {
   for (int i = ex.tid(); i < g.tile * g.hdp; i += ex.threads()) {
     const int r = i / g.hdp, c = i % g.hdp;
-    dst[r * g.ldh + c] = (r < rows && c < g.hd) ? src[r * ld + c] : T(0);
+    dst[r * g.ldh + c] = (r < rows && c < g.hd) ? static_cast<A>(src[r * ld + c]) : A(0);
   }
 }
 
@@ -191,14 +206,15 @@ MOCA_FLASH_FN void zero_tile(const Exec& ex, const Geometry& g, T* dst) {
     dst[i / g.hdp * g.ldh + i % g.hdp] = T(0);
 }
 
-/// Rows [0, rows) × columns [0, hd) of src, times scale[r] (or 1), to dst (row stride ld).
-template <class Exec, class T>
-MOCA_FLASH_FN void store_tile(const Exec& ex, const Geometry& g, const T* src, int rows, T* dst,
-                              std::int64_t ld, const T* row_scale = nullptr) {
+/// Rows [0, rows) × columns [0, hd) of src, times scale[r] (or 1), to dst (row stride ld),
+/// rounded once to dst's type.
+template <class Exec, class A, class G>
+MOCA_FLASH_FN void store_tile(const Exec& ex, const Geometry& g, const A* src, int rows, G* dst,
+                              std::int64_t ld, const A* row_scale = nullptr) {
   for (int i = ex.tid(); i < rows * g.hd; i += ex.threads()) {
     const int r = i / g.hd, c = i % g.hd;
-    const T v = src[r * g.ldh + c];
-    dst[r * ld + c] = row_scale ? v * row_scale[r] : v;
+    const A v = src[r * g.ldh + c];
+    dst[r * ld + c] = static_cast<G>(row_scale ? v * row_scale[r] : v);
   }
 }
 
@@ -208,11 +224,13 @@ MOCA_FLASH_FN int rows_from(std::int64_t S, std::int64_t first, int tile) {
 }
 
 /// The forward of query tile qt of head (b, h): ctx rows and their lse.
-template <class Mma, class Exec, class T>
+template <class Mma, class Exec, class G>
 MOCA_FLASH_FN void forward_block(const Exec& ex, const Geometry& g, unsigned char* smem,
-                                 std::int64_t H, std::int64_t S, T scale, const T* qkv, T* lse,
-                                 T* ctx, std::int64_t b, std::int64_t h, std::int64_t qt) {
-  const Head<T> x = head_of(qkv, H, S, static_cast<std::int64_t>(g.hd), b, h);
+                                 std::int64_t H, std::int64_t S, flash_acc_t<G> scale,
+                                 const G* qkv, flash_acc_t<G>* lse, G* ctx, std::int64_t b,
+                                 std::int64_t h, std::int64_t qt) {
+  using T = flash_acc_t<G>;
+  const Head<G> x = head_of(qkv, H, S, static_cast<std::int64_t>(g.hd), b, h);
   const int tile = g.tile;
   Carver<T> carve{smem};
   T* sq = carve.take(tile * g.ldh);
@@ -337,12 +355,14 @@ MOCA_FLASH_FN void recompute_dscores(const Exec& ex, const Geometry& g, T scale,
 }
 
 /// The dq pass for query tile qt of head (b, h); also writes δ [B, H, S] for dkdv_block.
-template <class Mma, class Exec, class T>
+template <class Mma, class Exec, class G>
 MOCA_FLASH_FN void dq_block(const Exec& ex, const Geometry& g, unsigned char* smem,
-                            std::int64_t H, std::int64_t S, T scale, const T* qkv, const T* lse,
-                            const T* ctx, const T* dctx, T* delta, T* dqkv, std::int64_t b,
-                            std::int64_t h, std::int64_t qt) {
-  const Head<T> x = head_of(qkv, H, S, static_cast<std::int64_t>(g.hd), b, h);
+                            std::int64_t H, std::int64_t S, flash_acc_t<G> scale, const G* qkv,
+                            const flash_acc_t<G>* lse, const G* ctx, const G* dctx,
+                            flash_acc_t<G>* delta, G* dqkv, std::int64_t b, std::int64_t h,
+                            std::int64_t qt) {
+  using T = flash_acc_t<G>;
+  const Head<G> x = head_of(qkv, H, S, static_cast<std::int64_t>(g.hd), b, h);
   const int tile = g.tile;
   const BackwardTiles<T> t = carve_backward<T>(smem, g, 1);
   T *sq = t.q, *sdo = t.dout, *sk = t.k, *sv = t.v, *sdq = t.acc[0];
@@ -379,12 +399,14 @@ MOCA_FLASH_FN void dq_block(const Exec& ex, const Geometry& g, unsigned char* sm
 }
 
 /// The dk, dv pass for key tile kt of head (b, h); reads δ from dq_block.
-template <class Mma, class Exec, class T>
+template <class Mma, class Exec, class G>
 MOCA_FLASH_FN void dkdv_block(const Exec& ex, const Geometry& g, unsigned char* smem,
-                              std::int64_t H, std::int64_t S, T scale, const T* qkv, const T* lse,
-                              const T* dctx, const T* delta, T* dqkv, std::int64_t b,
+                              std::int64_t H, std::int64_t S, flash_acc_t<G> scale, const G* qkv,
+                              const flash_acc_t<G>* lse, const G* dctx,
+                              const flash_acc_t<G>* delta, G* dqkv, std::int64_t b,
                               std::int64_t h, std::int64_t kt) {
-  const Head<T> x = head_of(qkv, H, S, static_cast<std::int64_t>(g.hd), b, h);
+  using T = flash_acc_t<G>;
+  const Head<G> x = head_of(qkv, H, S, static_cast<std::int64_t>(g.hd), b, h);
   const int tile = g.tile;
   const BackwardTiles<T> t = carve_backward<T>(smem, g, 2);
   T *sq = t.q, *sdo = t.dout, *sk = t.k, *sv = t.v, *sdk = t.acc[0], *sdv = t.acc[1];

@@ -5,9 +5,9 @@
 //   every call. An out-of-range index is skipped instead of followed, so memory outside the
 //   buffers is never touched: gather_rows writes a zero row, scatter_add_rows adds nothing. The
 //   CPU backend throws for the same input, so the parity tests of a caller catch such a bug.
-// - scatter_add_rows accumulates repeated indices with atomicAdd. The additions into one row
-//   happen in no fixed order, so with repeated indices the last bits of the result may change
-//   from run to run (the CPU backend adds in ascending i).
+// - scatter_add_rows accumulates repeated indices atomically (atomic_add in common.cuh). The
+//   additions into one row happen in no fixed order, so with repeated indices the last bits of
+//   the result may change from run to run (the CPU backend adds in ascending i).
 #pragma once
 
 #include "moca/backend/cuda/kernels/common.cuh"
@@ -37,7 +37,7 @@ struct ScatterAddRowsOp {  // over the flat index of src [M, C]
   __device__ void operator()(std::int64_t e) const {
     const std::int64_t i = e / C, c = e - i * C;
     const std::int64_t r = idx[i];
-    if (r >= 0 && r < rows) atomicAdd(dst + r * C + c, src[e]);
+    if (r >= 0 && r < rows) atomic_add(dst + r * C + c, src[e]);
   }
 };
 

@@ -36,26 +36,27 @@ __global__ void soft_target_rows_kernel(std::int64_t M, std::int64_t K, const T*
     const T* trow = t + tr * K;
     A mx = neg_infinity<A>();
     for (std::int64_t k = threadIdx.x; k < K; k += blockDim.x) mx = MaxOp{}(mx, A(zr[k]));
-    const T m = static_cast<T>(block_reduce(mx, MaxOp{}, shared));
+    const A m = block_reduce(mx, MaxOp{}, shared);
     A sum_e = 0, sum_tz = 0, sum_t = 0, sum_tlogt = 0;
     for (std::int64_t k = threadIdx.x; k < K; k += blockDim.x) {
-      const T zk = zr[k], tk = trow[k];
-      const T e = dexp(zk - m);
+      const A zk = A(zr[k]), tk = A(trow[k]);
+      const A e = dexp(zk - m);
       sum_e += e;
-      if (tk != T(0)) {
+      if (tk != A(0)) {
         sum_tz += tk * (zk - m);
         if (entropy) sum_tlogt += tk * dlog(tk);
       }
       sum_t += tk;
-      if (dr) dr[k] = e;
+      if (dr) dr[k] = static_cast<T>(e);  // rounded once here, as the CPU kernel does
     }
     const A total_e = block_reduce(sum_e, SumOp{}, shared);
     const A total_tz = block_reduce(sum_tz, SumOp{}, shared);
     const A total_t = block_reduce(sum_t, SumOp{}, shared);
     const A total_tlogt = entropy ? block_reduce(sum_tlogt, SumOp{}, shared) : A(0);
     if (dr) {
-      const T a = s / static_cast<T>(total_e);
-      for (std::int64_t k = threadIdx.x; k < K; k += blockDim.x) dr[k] = dr[k] * a - s * trow[k];
+      const A sa = A(s), a = sa / total_e;
+      for (std::int64_t k = threadIdx.x; k < K; k += blockDim.x)
+        dr[k] = static_cast<T>(A(dr[k]) * a - sa * A(trow[k]));
     }
     if (threadIdx.x == 0) {
       double l = static_cast<double>(total_t) * ::log(static_cast<double>(total_e)) -

@@ -25,75 +25,76 @@ __global__ void row_max_kernel(std::int64_t M, std::int64_t N, const T* x, T* y)
   }
 }
 
-template <class T>
+// The sums and the normalisation run in acc_t<T> (float for bf16); mean and var are rounded once
+// as stored, as on the CPU.
+template <class T, class A = acc_t<T>>
 __global__ void batch_norm_forward_kernel(std::int64_t M, std::int64_t N, const T* x,
-                                          const T* gamma, const T* beta, T eps, T* y, T* mean,
+                                          const T* gamma, const T* beta, A eps, T* y, T* mean,
                                           T* var) {
-  using A = acc_t<T>;
   __shared__ A part[kColumnRows][kColumns + 1];
   const std::int64_t j = static_cast<std::int64_t>(blockIdx.x) * kColumns + threadIdx.x;
   const bool active = j < N;
   A s = 0;
   if (active)
-    for (std::int64_t r = threadIdx.y; r < M; r += kColumnRows) s += x[r * N + j];
-  const T mu = static_cast<T>(column_reduce(s, part) / static_cast<A>(M));
+    for (std::int64_t r = threadIdx.y; r < M; r += kColumnRows) s += A(x[r * N + j]);
+  const A mu = column_reduce(s, part) / static_cast<A>(M);
   A ss = 0;
   if (active) {
     for (std::int64_t r = threadIdx.y; r < M; r += kColumnRows) {
-      const T d = x[r * N + j] - mu;
+      const A d = A(x[r * N + j]) - mu;
       ss += d * d;
     }
   }
-  const T v = static_cast<T>(column_reduce(ss, part) / static_cast<A>(M));
+  const A v = column_reduce(ss, part) / static_cast<A>(M);
   if (!active) return;  // no barrier follows
-  const T is = T(1) / dsqrt(v + eps);
+  const A is = A(1) / dsqrt(v + eps);
   for (std::int64_t r = threadIdx.y; r < M; r += kColumnRows) {
-    T out = (x[r * N + j] - mu) * is;
-    if (gamma) out *= gamma[j];
-    if (beta) out += beta[j];
-    y[r * N + j] = out;
+    A out = (A(x[r * N + j]) - mu) * is;
+    if (gamma) out *= A(gamma[j]);
+    if (beta) out += A(beta[j]);
+    y[r * N + j] = static_cast<T>(out);
   }
   if (threadIdx.y == 0) {
-    mean[j] = mu;
-    var[j] = v;
+    mean[j] = static_cast<T>(mu);
+    var[j] = static_cast<T>(v);
   }
 }
 
 // dx = rstd · (g − mean_r(g) − xhat · mean_r(g · xhat)), g = dy · gamma; dgamma += Σ dy · xhat,
 // dbeta += Σ dy.
-template <class T>
+template <class T, class A = acc_t<T>>
 __global__ void batch_norm_backward_kernel(std::int64_t M, std::int64_t N, const T* x,
-                                           const T* gamma, const T* mean, const T* var, T eps,
+                                           const T* gamma, const T* mean, const T* var, A eps,
                                            const T* dy, T* dx, T* dgamma, T* dbeta) {
-  using A = acc_t<T>;
   __shared__ A part[kColumnRows][kColumns + 1];
   const std::int64_t j = static_cast<std::int64_t>(blockIdx.x) * kColumns + threadIdx.x;
   const bool active = j < N;
-  T mu = 0, is = 0, gm = 1;
+  A mu = 0, is = 0, gm = 1;
   A s_dy = 0, s_dyx = 0;
   if (active) {
-    mu = mean[j];
-    is = T(1) / dsqrt(var[j] + eps);
-    gm = gamma ? gamma[j] : T(1);
+    mu = A(mean[j]);
+    is = A(1) / dsqrt(A(var[j]) + eps);
+    gm = gamma ? A(gamma[j]) : A(1);
     for (std::int64_t r = threadIdx.y; r < M; r += kColumnRows) {
-      const T xhat = (x[r * N + j] - mu) * is;
-      const T g = dy[r * N + j];
+      const A xhat = (A(x[r * N + j]) - mu) * is;
+      const A g = A(dy[r * N + j]);
       s_dy += g;
       s_dyx += g * xhat;
     }
   }
-  const T sum_dy = static_cast<T>(column_reduce(s_dy, part));
-  const T sum_dyx = static_cast<T>(column_reduce(s_dyx, part));
+  const A sum_dy = column_reduce(s_dy, part);
+  const A sum_dyx = column_reduce(s_dyx, part);
   if (!active) return;  // no barrier follows
   if (threadIdx.y == 0) {
-    if (dgamma) dgamma[j] += sum_dyx;
-    if (dbeta) dbeta[j] += sum_dy;
+    if (dgamma) dgamma[j] = static_cast<T>(A(dgamma[j]) + sum_dyx);
+    if (dbeta) dbeta[j] = static_cast<T>(A(dbeta[j]) + sum_dy);
   }
-  const T sum_g = sum_dy * gm, sum_gx = sum_dyx * gm;
+  const A sum_g = sum_dy * gm, sum_gx = sum_dyx * gm;
   for (std::int64_t r = threadIdx.y; r < M; r += kColumnRows) {
-    const T xhat = (x[r * N + j] - mu) * is;
-    const T g = dy[r * N + j] * gm;
-    dx[r * N + j] = is * (g - sum_g / static_cast<T>(M) - xhat * sum_gx / static_cast<T>(M));
+    const A xhat = (A(x[r * N + j]) - mu) * is;
+    const A g = A(dy[r * N + j]) * gm;
+    dx[r * N + j] =
+        static_cast<T>(is * (g - sum_g / static_cast<A>(M) - xhat * sum_gx / static_cast<A>(M)));
   }
 }
 
@@ -122,7 +123,7 @@ void batch_norm_forward(std::int64_t M, std::int64_t N, const T* x, const T* gam
   const dim3 block(kernels::kColumns, kernels::kColumnRows);
   const unsigned blocks = static_cast<unsigned>((N + kernels::kColumns - 1) / kernels::kColumns);
   kernels::batch_norm_forward_kernel<<<blocks, block, 0, stream()>>>(
-      M, N, x, gamma, beta, static_cast<T>(eps), y, mean, var);
+      M, N, x, gamma, beta, static_cast<kernels::acc_t<T>>(eps), y, mean, var);
   kernels::check_launch("batch_norm_forward_kernel");
 }
 
@@ -134,7 +135,7 @@ void batch_norm_backward(std::int64_t M, std::int64_t N, const T* x, const T* ga
   const dim3 block(kernels::kColumns, kernels::kColumnRows);
   const unsigned blocks = static_cast<unsigned>((N + kernels::kColumns - 1) / kernels::kColumns);
   kernels::batch_norm_backward_kernel<<<blocks, block, 0, stream()>>>(
-      M, N, x, gamma, mean, var, static_cast<T>(eps), dy, dx, dgamma, dbeta);
+      M, N, x, gamma, mean, var, static_cast<kernels::acc_t<T>>(eps), dy, dx, dgamma, dbeta);
   kernels::check_launch("batch_norm_backward_kernel");
 }
 
