@@ -81,15 +81,21 @@ TEST_CASE_TEMPLATE("cuda: three MOCA steps match the CPU steps", T, float, doubl
   }
 }
 
-TEST_CASE("cuda: the tiny preset learns on the device, and a step allocates nothing") {
+TEST_CASE_TEMPLATE("cuda: the tiny preset learns on the device, and a step allocates nothing", T,
+                   float, bf16) {
   SKIP_WITHOUT_CUDA_DEVICE();
   MocaConfig cfg = MocaConfig::tiny();
   const std::int64_t B = 32;
   cfg.words_per_iter = 32;
-  Moca<float, Cuda> moca(cfg);
+  Moca<T, Cuda> moca(cfg);
   moca.initialize(0);
-  const Tensor<float, Cuda> x1 = to_device<float>(random_images<float>(B, cfg.encoder, 11));
-  const Tensor<float, Cuda> x2 = to_device<float>(random_images<float>(B, cfg.encoder, 12));
+  const VitConfig& v = cfg.encoder;
+  Tensor<T, Cuda> x1({B, v.in_chans, v.img_size, v.img_size}), x2(x1.shape());
+  Tensor<T> stage;
+  ops::upload_converted(TensorView<float>(random_images<float>(B, cfg.encoder, 11)),
+                        TensorView<T, Cuda>(x1), stage);
+  ops::upload_converted(TensorView<float>(random_images<float>(B, cfg.encoder, 12)),
+                        TensorView<T, Cuda>(x2), stage);
   MocaHyper h;
   h.lr = 5e-4;
   std::vector<double> losses;
