@@ -5,13 +5,17 @@
 #      the CPU step, the tiny preset learning on the device, no allocation per step (test_moca_cuda);
 #   3. the MOCA step benchmark beside PyTorch on the same card (benchmarks/compare_moca_cuda.py),
 #      and where the ViT-B/16 step's time goes (moca_cuda_bench --profile);
-#   4. compute-sanitizer: memcheck over the op tests and the MOCA parity test, racecheck over the
-#      fused attention's shared memory;
-#   5. where the build has them, the command-line tests' GPU cases (`moca pretrain --device cuda`,
-#      `moca knn --device cuda`).
+#   4. where the build has them, the command-line tests' GPU cases (`moca pretrain --device cuda`,
+#      `moca knn --device cuda`);
+#   5. compute-sanitizer: memcheck over the op tests and the MOCA parity test, racecheck over the
+#      fused attention's shared memory (three small shapes: racecheck is slow).
 #
 #   scripts/gpu-check.sh [--build-dir DIR (default build-gpu)] [--out DIR (default gpu-check)]
-#                        [--configs vit_b16_b64,vit_s16_b64]
+#                        [--configs vit_b16_b64,vit_s16_b64] [--budget SECONDS (default 480)]
+#
+# The stages run in that order, most informative first, within --budget seconds in all: a stage
+# gets its own limit or what is left of the budget, whichever is less, and is skipped (and
+# reported so) when under 20 seconds are left.
 #
 # Uses the programs already in the build folder when they are there (built on a CPU-only machine
 # with nvcc and copied over); otherwise configures and builds them for the card present
@@ -25,11 +29,13 @@ cd "$(dirname "$0")/.."
 build_dir=build-gpu
 out=gpu-check
 configs=vit_b16_b64,vit_s16_b64
+budget=480
 while [ $# -gt 0 ]; do
   case $1 in
     --build-dir) build_dir=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
     --configs) configs=$2; shift 2 ;;
+    --budget) budget=$2; shift 2 ;;
     *) echo "gpu-check: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -49,10 +55,18 @@ done
 summary=()
 failed=0
 t_start=$SECONDS
-# stage <name> <seconds> <command...>: runs one stage under a time limit, logged to $out/<name>.log.
+# stage <name> <seconds> <command...>: runs one stage under a time limit (its own, or what is left
+# of the budget), logged to $out/<name>.log.
 stage() {
   local name=$1 limit=$2 t0=$SECONDS rc=0
   shift 2
+  local left=$((budget - (SECONDS - t_start)))
+  if [ "$left" -lt 20 ]; then
+    summary+=("$(printf '  %-14s SKIPPED (budget spent)' "$name")")
+    failed=1
+    return
+  fi
+  [ "$left" -lt "$limit" ] && limit=$left
   echo
   echo "==== $name (limit ${limit}s)"
   timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$out/$name.log"
@@ -86,22 +100,23 @@ stage bench 180 python3 benchmarks/compare_moca_cuda.py --bench "$build_dir/benc
 # Where the ViT-B/16 step's device time goes in bf16 mixed precision, scope by scope.
 stage profile 90 "$build_dir/benchmarks/moca_cuda_bench" --preset vit-b16 --batch 64 --steps 3 \
   --precision bf16 --profile
-# memcheck: out-of-bounds and misaligned accesses, and CUDA API errors, in every kernel the tests
-# launch (leak checking off: the context's scratch buffer and cuBLAS live until exit by design).
-stage memcheck-ops 90 compute-sanitizer --tool memcheck --error-exitcode 9 \
-  "$build_dir/tests/test_ops_cuda"
-stage memcheck-moca 60 compute-sanitizer --tool memcheck --error-exitcode 9 \
-  "$build_dir/tests/test_moca_cuda" --test-case="*three MOCA steps*"
-# Shared-memory hazards (a missing __syncthreads) in the fused attention's tile programs.
-stage racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 9 \
-  "$build_dir/tests/test_ops_cuda" --test-case="*fused attention forward and backward*"
 # The program on the GPU, driven as a user would (only where the build made the CLI and its tests).
 if [ -x "$build_dir/examples/moca" ] && [ -x "$build_dir/tests/test_cli_pretrain" ] &&
    [ -x "$build_dir/tests/test_cli_knn" ]; then
   export MOCA_CLI_PROGRAM="$(cd "$build_dir" && pwd)/examples/moca"
-  stage test-cli 180 bash -c "'$build_dir/tests/test_cli_pretrain' --test-case='*--device*' &&
+  stage test-cli 120 bash -c "'$build_dir/tests/test_cli_pretrain' --test-case='*--device*' &&
     '$build_dir/tests/test_cli_knn' --test-case='moca knn reports*' --subcase='--device cuda*'"
 fi
+# memcheck: out-of-bounds and misaligned accesses, and CUDA API errors, in every kernel the tests
+# launch (leak checking off: the context's scratch buffer and cuBLAS live until exit by design).
+stage memcheck-ops 90 compute-sanitizer --tool memcheck --error-exitcode 9 \
+  "$build_dir/tests/test_ops_cuda"
+stage memcheck-moca 90 compute-sanitizer --tool memcheck --error-exitcode 9 \
+  "$build_dir/tests/test_moca_cuda" --test-case="*three MOCA steps*"
+# Shared-memory hazards (a missing __syncthreads) in the fused attention's tile programs.
+stage racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 9 \
+  "$build_dir/tests/test_ops_cuda" --test-case="*fused attention forward and backward*" \
+  --subcase="B=2 S=17 H=3 hd=8,B=1 S=65 H=2 hd=16,B=2 S=30 H=3 hd=64"
 
 echo
 echo "==== summary (total $((SECONDS - t_start))s)"

@@ -1553,52 +1553,52 @@ TEST_CASE_TEMPLATE("cuda parity: fused attention forward and backward against th
                                     {1, 33, 1, 80}, {1, 48, 1, 128}, {2, 257, 2, 64}};
   for (const auto& shape : shapes) {
     const std::int64_t B = shape[0], S = shape[1], H = shape[2], hd = shape[3], dim = H * hd;
-    CAPTURE(B);
-    CAPTURE(S);
-    CAPTURE(H);
-    CAPTURE(hd);
-    const T scale = T(1) / std::sqrt(T(hd));
-    const Tensor<T> qkv = random_tensor<T>({B, S, 3 * dim}, -2.0, 2.0);
-    const Tensor<T> dctx = random_tensor<T>({B, S, dim});
-    Tensor<T> probs({B, H, S, S}), ctx({B, S, dim}), dprobs({B, H, S, S}), dqkv({B, S, 3 * dim});
-    ops::attention_forward(qkv, H, scale, probs, ctx);
-    ops::attention_backward(qkv, probs, ctx, dctx, H, scale, dprobs, dqkv);
-    const std::vector<double> lse_ref =
-        attention_reference::log_sum_exp_rows(qkv.data(), B, H, S, hd, double(scale));
-    Tensor<T> lse_expected({B, H, S});
-    std::transform(lse_ref.begin(), lse_ref.end(), lse_expected.data(),
-                   [](double v) { return static_cast<T>(v); });
+    // One subcase per shape, "B=2 S=17 H=3 hd=8", so that a slow tool (racecheck) can run a few.
+    const std::string label = detail::str("B=", B, " S=", S, " H=", H, " hd=", hd);
+    SUBCASE(label.c_str()) {
+      const T scale = T(1) / std::sqrt(T(hd));
+      const Tensor<T> qkv = random_tensor<T>({B, S, 3 * dim}, -2.0, 2.0);
+      const Tensor<T> dctx = random_tensor<T>({B, S, dim});
+      Tensor<T> probs({B, H, S, S}), ctx({B, S, dim}), dprobs({B, H, S, S}), dqkv({B, S, 3 * dim});
+      ops::attention_forward(qkv, H, scale, probs, ctx);
+      ops::attention_backward(qkv, probs, ctx, dctx, H, scale, dprobs, dqkv);
+      const std::vector<double> lse_ref =
+          attention_reference::log_sum_exp_rows(qkv.data(), B, H, S, hd, double(scale));
+      Tensor<T> lse_expected({B, H, S});
+      std::transform(lse_ref.begin(), lse_ref.end(), lse_expected.data(),
+                     [](double v) { return static_cast<T>(v); });
 
-    REQUIRE(ops::attention_saved_shape<T, Cuda>(B, H, S) == Shape({B, H, S}));
-    const Tensor<T, Cuda> gqkv = to_device<T>(qkv), gdctx = to_device<T>(dctx);
-    Guarded<T> glse(nan_tensor<T>({B, H, S})), gctx(nan_tensor<T>({B, S, dim}));
-    ops::attention_forward(gqkv, H, scale, glse.view(), gctx.view());
-    check_parity<T>("attention ctx", ctx, gctx, tolerance<T>(S * hd));
-    check_parity<T>("attention lse", lse_expected, glse, tolerance<T>(S * hd));
+      REQUIRE(ops::attention_saved_shape<T, Cuda>(B, H, S) == Shape({B, H, S}));
+      const Tensor<T, Cuda> gqkv = to_device<T>(qkv), gdctx = to_device<T>(dctx);
+      Guarded<T> glse(nan_tensor<T>({B, H, S})), gctx(nan_tensor<T>({B, S, dim}));
+      ops::attention_forward(gqkv, H, scale, glse.view(), gctx.view());
+      check_parity<T>("attention ctx", ctx, gctx, tolerance<T>(S * hd));
+      check_parity<T>("attention lse", lse_expected, glse, tolerance<T>(S * hd));
 
-    Guarded<T> gwork(nan_tensor<T>({B, H, S})), gdqkv(nan_tensor<T>({B, S, 3 * dim}));
-    ops::attention_backward(gqkv, glse.view(), gctx.view(), gdctx, H, scale, gwork.view(),
-                            gdqkv.view());
-    check_parity<T>("attention dqkv", dqkv, gdqkv, tolerance<T>(4 * S * hd));
-    CHECK(gwork.guards_intact());
+      Guarded<T> gwork(nan_tensor<T>({B, H, S})), gdqkv(nan_tensor<T>({B, S, 3 * dim}));
+      ops::attention_backward(gqkv, glse.view(), gctx.view(), gdctx, H, scale, gwork.view(),
+                              gdqkv.view());
+      check_parity<T>("attention dqkv", dqkv, gdqkv, tolerance<T>(4 * S * hd));
+      CHECK(gwork.guards_intact());
 
-    if constexpr (std::is_same_v<T, float>) {
-      // Tensor cores (TF32 operands) in the tf32 and bf16 modes: within the budget the host run
-      // of the same programs holds them to (tests/flash_attention_test.cpp), and not exact.
-      const FloatMatmulScope scope(cuda::FloatMatmul::Bf16);
-      Guarded<T> tctx(nan_tensor<T>({B, S, dim})), tdqkv(nan_tensor<T>({B, S, 3 * dim}));
-      ops::attention_forward(gqkv, H, scale, glse.view(), tctx.view());
-      ops::attention_backward(gqkv, glse.view(), tctx.view(), gdctx, H, scale, gwork.view(),
-                              tdqkv.view());
-      for (const auto& [what, expected, got] :
-           {std::tuple<const char*, const Tensor<T>*, const Guarded<T>*>{"tf32 ctx", &ctx, &tctx},
-            {"tf32 dqkv", &dqkv, &tdqkv}}) {
-        const Tensor<T> result = got->result();
-        const double err = relative_error(TensorView<T>(*expected), TensorView<T>(result));
-        INFO(what, ": relative error ", err);
-        CHECK(err < 3e-3);
-        CHECK(err > 1e-6);
-        CHECK(got->guards_intact());
+      if constexpr (std::is_same_v<T, float>) {
+        // Tensor cores (TF32 operands) in the tf32 and bf16 modes: within the budget the host run
+        // of the same programs holds them to (tests/flash_attention_test.cpp), and not exact.
+        const FloatMatmulScope scope(cuda::FloatMatmul::Bf16);
+        Guarded<T> tctx(nan_tensor<T>({B, S, dim})), tdqkv(nan_tensor<T>({B, S, 3 * dim}));
+        ops::attention_forward(gqkv, H, scale, glse.view(), tctx.view());
+        ops::attention_backward(gqkv, glse.view(), tctx.view(), gdctx, H, scale, gwork.view(),
+                                tdqkv.view());
+        for (const auto& [what, expected, got] :
+             {std::tuple<const char*, const Tensor<T>*, const Guarded<T>*>{"tf32 ctx", &ctx, &tctx},
+              {"tf32 dqkv", &dqkv, &tdqkv}}) {
+          const Tensor<T> result = got->result();
+          const double err = relative_error(TensorView<T>(*expected), TensorView<T>(result));
+          INFO(what, ": relative error ", err);
+          CHECK(err < 3e-3);
+          CHECK(err > 1e-6);
+          CHECK(got->guards_intact());
+        }
       }
     }
   }
