@@ -240,6 +240,15 @@ struct FloatMatmulScope {
   FloatMatmulScope& operator=(const FloatMatmulScope&) = delete;
 };
 
+// Fixes the fused attention's tile for the lifetime of the object, then restores the automatic
+// choice.
+struct FlashTileScope {
+  explicit FlashTileScope(int tile) { cuda::Context::get().set_flash_tile(tile); }
+  ~FlashTileScope() { cuda::Context::get().set_flash_tile(0); }
+  FlashTileScope(const FlashTileScope&) = delete;
+  FlashTileScope& operator=(const FlashTileScope&) = delete;
+};
+
 }  // namespace
 
 TEST_CASE("cuda: TF32 and bf16 matrix products agree with fp32 to their precision") {
@@ -1492,6 +1501,41 @@ TEST_CASE("cuda parity: fused attention in bf16 storage against the float attent
       worst = std::max(worst, std::abs(double(lse[i]) - lse_ref[i]) / std::abs(lse_ref[i]));
     CHECK(worst < 3e-3);
   }
+}
+
+TEST_CASE("cuda parity: fused attention at every tile size, and a tile that is not one") {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  // The launcher picks one tile per head width; every tile the programs support runs here on
+  // the device (the host run of tests/flash_attention_test.cpp covers them all too): ragged
+  // ends of each, ViT's 197 tokens, a 128-wide head.
+  const std::int64_t shapes[][4] = {{2, 17, 3, 8}, {2, 197, 3, 64}, {1, 48, 1, 128}};
+  for (const int tile : {64, 32, 16}) {
+    const FlashTileScope scope(tile);
+    CHECK(cuda::Context::get().flash_tile() == tile);
+    for (const auto& shape : shapes) {
+      const std::int64_t B = shape[0], S = shape[1], H = shape[2], hd = shape[3], dim = H * hd;
+      CAPTURE(tile);
+      CAPTURE(S);
+      CAPTURE(hd);
+      const float scale = 1.0f / std::sqrt(float(hd));
+      const Tensor<float> qkv = random_tensor<float>({B, S, 3 * dim}, -2.0, 2.0);
+      const Tensor<float> dctx = random_tensor<float>({B, S, dim});
+      Tensor<float> probs({B, H, S, S}), ctx({B, S, dim}), dprobs({B, H, S, S}),
+          dqkv({B, S, 3 * dim});
+      ops::attention_forward(qkv, H, scale, probs, ctx);
+      ops::attention_backward(qkv, probs, ctx, dctx, H, scale, dprobs, dqkv);
+      const Tensor<float, Cuda> gqkv = to_device<float>(qkv), gdctx = to_device<float>(dctx);
+      Tensor<float, Cuda> glse({B, H, S}), gwork({B, H, S});
+      Guarded<float> gctx(nan_tensor<float>({B, S, dim})), gdqkv(nan_tensor<float>({B, S, 3 * dim}));
+      ops::attention_forward(gqkv, H, scale, glse, gctx.view());
+      ops::attention_backward(gqkv, glse, gctx.view(), gdctx, H, scale, gwork, gdqkv.view());
+      check_parity<float>("attention ctx", ctx, gctx, tolerance<float>(S * hd));
+      check_parity<float>("attention dqkv", dqkv, gdqkv, tolerance<float>(4 * S * hd));
+    }
+  }
+  CHECK(cuda::Context::get().flash_tile() == 0);
+  CHECK_THROWS_WITH_AS(cuda::Context::get().set_flash_tile(48),
+                       doctest::Contains("must be 0 (automatic), 16, 32 or 64, got 48"), Error);
 }
 
 // ---- the same layer code on both devices ---------------------------------------------------------

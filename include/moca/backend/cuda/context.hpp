@@ -114,6 +114,16 @@ class Context {
   }
   FloatMatmul float_matmul() const noexcept { return float_matmul_; }
 
+  /// The fused attention's tile (query rows per block): 0, the default, lets each launch take
+  /// the largest that fits its shared-memory target; 16, 32 or 64 fixes it (tests of every tile
+  /// on the device, and timing one against another). Not meant to be called while ops are running.
+  void set_flash_tile(int tile) {
+    MOCA_CHECK(tile == 0 || tile == 16 || tile == 32 || tile == 64,
+               "flash attention tile must be 0 (automatic), 16, 32 or 64, got ", tile);
+    flash_tile_ = tile;
+  }
+  int flash_tile() const noexcept { return flash_tile_; }
+
   /// The stream-ordered pool that device tensors come from (see memory.hpp), or nullptr on a
   /// device or platform without memory pools, where tensors use plain cudaMalloc.
   cudaMemPool_t memory_pool() const noexcept { return pool_; }
@@ -205,6 +215,7 @@ class Context {
   void* scratch_ = nullptr;
   std::size_t scratch_bytes_ = 0;
   FloatMatmul float_matmul_ = FloatMatmul::Fp32;
+  int flash_tile_ = 0;
   void* workspace_ = nullptr;
   std::size_t workspace_bytes_ = 0;
 };

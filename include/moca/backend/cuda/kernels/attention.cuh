@@ -112,12 +112,20 @@ __global__ void __launch_bounds__(kFlashThreads)
                          blockIdx.z, blockIdx.y, blockIdx.x);
 }
 
-/// The largest tile whose shared memory stays within kFlashSharedTarget (and the device's limit);
-/// the smallest tile if none does but it fits the device.
+/// The tile Context::set_flash_tile fixed, or else the largest tile whose shared memory stays
+/// within kFlashSharedTarget (and the device's limit); the smallest tile if none does but it
+/// fits the device.
 inline flash::Geometry flash_geometry(flash::Program p, std::int64_t hd, std::size_t element) {
   MOCA_CHECK(hd >= 1 && hd <= flash::kMaxHeadDim, "attention (CUDA): head width ", hd,
              " is outside the fused kernels' range 1 … ", flash::kMaxHeadDim);
   const std::size_t device_limit = Context::get().max_shared_per_block();
+  if (const int fixed = Context::get().flash_tile()) {
+    const flash::Geometry g = flash::make_geometry(fixed, static_cast<int>(hd));
+    MOCA_CHECK(flash::shared_bytes(p, g, element) <= device_limit, "attention (CUDA): tile ",
+               fixed, " at head width ", hd, " needs ", flash::shared_bytes(p, g, element),
+               " bytes of shared memory per block; this device allows ", device_limit);
+    return g;
+  }
   const std::size_t limit = device_limit < kFlashSharedTarget ? device_limit : kFlashSharedTarget;
   for (const int tile : flash::kTiles) {
     const flash::Geometry g = flash::make_geometry(tile, static_cast<int>(hd));
