@@ -24,7 +24,12 @@
 // fp32/fp64; the tensor-core policy lives in attention.cuh). Loops over tile elements are
 // `for (i = tid; i < n; i += threads)`, so the serial run covers every element a block does.
 // Padding rows and columns (past S, past hd) are zero in shared memory and masked out of the
-// softmax; nothing past S or hd is written.
+// softmax; nothing past S or hd is written. The products of a ragged tile (the last query or key
+// tile of a head) stop at the 16-row boundary past its last row (up16): at ViT's 197 tokens and
+// 64-row tiles that is 208 rows of work instead of 256 in each dimension of the scores. Shared
+// memory past that boundary is then never written by a product, and nothing reads it into a
+// result: the softmax reads only valid columns, probs_and_dscores writes zeros outside the valid
+// rows and columns, and the next products stop at the same boundaries.
 //
 // Storage and arithmetic are separate types: q, k, v, ctx and their gradients are G in global
 // memory (float, double or bf16); shared memory, the softmax and lse and δ are flash_acc_t<G>
@@ -218,6 +223,9 @@ MOCA_FLASH_FN void store_tile(const Exec& ex, const Geometry& g, const A* src, i
   }
 }
 
+/// n rounded up to a multiple of 16 (the tensor cores' fragment).
+MOCA_FLASH_HD int up16(int n) { return (n + 15) / 16 * 16; }
+
 MOCA_FLASH_FN int rows_from(std::int64_t S, std::int64_t first, int tile) {
   const std::int64_t left = S - first;
   return left < tile ? static_cast<int>(left) : tile;
@@ -256,8 +264,8 @@ MOCA_FLASH_FN void forward_block(const Exec& ex, const Geometry& g, unsigned cha
     load_tile(ex, g, x.q + x.dim + c0 * x.ld, x.ld, cols, sk);
     load_tile(ex, g, x.q + 2 * x.dim + c0 * x.ld, x.ld, cols, sv);
     ex.sync();
-    Mma::template product<false, true>(ex, tile, tile, g.hdp, scale, sq, g.ldh, sk, g.ldh, ss,
-                                       g.ldt, false);
+    Mma::template product<false, true>(ex, up16(rows), up16(cols), g.hdp, scale, sq, g.ldh, sk,
+                                       g.ldh, ss, g.ldt, false);
     ex.sync();
     // Online softmax in three steps: the new row maxima and the factor e^(m_old − m_new) that
     // rescales the output so far (0 on the first tile, where m_old = −∞), one thread per row;
@@ -286,8 +294,8 @@ MOCA_FLASH_FN void forward_block(const Exec& ex, const Geometry& g, unsigned cha
     for (int i = ex.tid(); i < tile * g.hdp; i += ex.threads())
       so[i / g.hdp * g.ldh + i % g.hdp] *= sr[i / g.hdp];
     ex.sync();
-    Mma::template product<false, false>(ex, tile, g.hdp, tile, T(1), ss, g.ldt, sv, g.ldh, so,
-                                        g.ldh, true);
+    Mma::template product<false, false>(ex, up16(rows), g.hdp, up16(cols), T(1), ss, g.ldt, sv,
+                                        g.ldh, so, g.ldh, true);
   }
   ex.sync();
   for (int r = ex.tid(); r < rows; r += ex.threads()) {
@@ -345,10 +353,10 @@ MOCA_FLASH_FN void recompute_dscores(const Exec& ex, const Geometry& g, T scale,
                                      int cols, const T* sq, const T* sk, const T* sdo,
                                      const T* sv, const T* slse, const T* sdelta, T* ss, T* sdp,
                                      bool keep_p) {
-  Mma::template product<false, true>(ex, g.tile, g.tile, g.hdp, scale, sq, g.ldh, sk, g.ldh, ss,
-                                     g.ldt, false);
-  Mma::template product<false, true>(ex, g.tile, g.tile, g.hdp, T(1), sdo, g.ldh, sv, g.ldh, sdp,
-                                     g.ldt, false);
+  Mma::template product<false, true>(ex, up16(rows), up16(cols), g.hdp, scale, sq, g.ldh, sk,
+                                     g.ldh, ss, g.ldt, false);
+  Mma::template product<false, true>(ex, up16(rows), up16(cols), g.hdp, T(1), sdo, g.ldh, sv,
+                                     g.ldh, sdp, g.ldt, false);
   ex.sync();
   probs_and_dscores(ex, g, rows, cols, slse, sdelta, ss, sdp, keep_p);
   ex.sync();
@@ -391,8 +399,8 @@ MOCA_FLASH_FN void dq_block(const Exec& ex, const Geometry& g, unsigned char* sm
     ex.sync();
     recompute_dscores<Mma>(ex, g, scale, rows, cols, sq, sk, sdo, sv, slse, sdelta, ss, sdp,
                            false);
-    Mma::template product<false, false>(ex, tile, g.hdp, tile, scale, sdp, g.ldt, sk, g.ldh, sdq,
-                                        g.ldh, true);
+    Mma::template product<false, false>(ex, up16(rows), g.hdp, up16(cols), scale, sdp, g.ldt, sk,
+                                        g.ldh, sdq, g.ldh, true);
   }
   ex.sync();
   store_tile(ex, g, sdq, rows, dqkv + x.qkv + r0 * x.ld, x.ld);
@@ -429,10 +437,10 @@ MOCA_FLASH_FN void dkdv_block(const Exec& ex, const Geometry& g, unsigned char* 
     }
     ex.sync();
     recompute_dscores<Mma>(ex, g, scale, rows, cols, sq, sk, sdo, sv, slse, sdelta, ss, sdp, true);
-    Mma::template product<true, false>(ex, tile, g.hdp, tile, T(1), ss, g.ldt, sdo, g.ldh, sdv,
-                                       g.ldh, true);
-    Mma::template product<true, false>(ex, tile, g.hdp, tile, scale, sdp, g.ldt, sq, g.ldh, sdk,
-                                       g.ldh, true);
+    Mma::template product<true, false>(ex, up16(cols), g.hdp, up16(rows), T(1), ss, g.ldt, sdo,
+                                       g.ldh, sdv, g.ldh, true);
+    Mma::template product<true, false>(ex, up16(cols), g.hdp, up16(rows), scale, sdp, g.ldt, sq,
+                                       g.ldh, sdk, g.ldh, true);
   }
   ex.sync();
   store_tile(ex, g, sdk, cols, dqkv + x.qkv + x.dim + c0 * x.ld, x.ld);
