@@ -27,9 +27,9 @@
 // softmax; nothing past S or hd is written. The products of a ragged tile (the last query or key
 // tile of a head) stop at the 16-row boundary past its last row (up16): at ViT's 197 tokens and
 // 64-row tiles that is 208 rows of work instead of 256 in each dimension of the scores. Shared
-// memory past that boundary is then never written by a product, and nothing reads it into a
-// result: the softmax reads only valid columns, probs_and_dscores writes zeros outside the valid
-// rows and columns, and the next products stop at the same boundaries.
+// memory past that boundary is then never written, and nothing reads it: the softmax and
+// probs_and_dscores work up to the same boundaries (writing zeros between the last valid row or
+// column and the boundary), and so do the next products.
 //
 // Storage and arithmetic are separate types: q, k, v, ctx and their gradients are G in global
 // memory (float, double or bf16); shared memory, the softmax and lse and δ are flash_acc_t<G>
@@ -264,14 +264,15 @@ MOCA_FLASH_FN void forward_block(const Exec& ex, const Geometry& g, unsigned cha
     load_tile(ex, g, x.q + x.dim + c0 * x.ld, x.ld, cols, sk);
     load_tile(ex, g, x.q + 2 * x.dim + c0 * x.ld, x.ld, cols, sv);
     ex.sync();
-    Mma::template product<false, true>(ex, up16(rows), up16(cols), g.hdp, scale, sq, g.ldh, sk,
-                                       g.ldh, ss, g.ldt, false);
+    const int r16 = up16(rows), c16 = up16(cols);
+    Mma::template product<false, true>(ex, r16, c16, g.hdp, scale, sq, g.ldh, sk, g.ldh, ss, g.ldt,
+                                       false);
     ex.sync();
     // Online softmax in three steps: the new row maxima and the factor e^(m_old − m_new) that
     // rescales the output so far (0 on the first tile, where m_old = −∞), one thread per row;
-    // p = e^(s − m_new) over the whole tile, every thread (the exponentials are most of the
+    // p = e^(s − m_new) over the computed scores, every thread (the exponentials are most of the
     // work); the row sums, one thread per row again.
-    for (int r = ex.tid(); r < tile; r += ex.threads()) {
+    for (int r = ex.tid(); r < r16; r += ex.threads()) {
       const T* row = ss + r * g.ldt;
       T m = sm[r];
       for (int c = 0; c < cols; ++c) m = row[c] > m ? row[c] : m;
@@ -279,23 +280,23 @@ MOCA_FLASH_FN void forward_block(const Exec& ex, const Geometry& g, unsigned cha
       sm[r] = m;
     }
     ex.sync();
-    for (int i = ex.tid(); i < tile * tile; i += ex.threads()) {
-      const int r = i / tile, c = i % tile;
+    for (int i = ex.tid(); i < r16 * c16; i += ex.threads()) {
+      const int r = i / c16, c = i % c16;
       T& s_rc = ss[r * g.ldt + c];
       s_rc = c < cols ? flash_exp(s_rc - sm[r]) : T(0);
     }
     ex.sync();
-    for (int r = ex.tid(); r < tile; r += ex.threads()) {
+    for (int r = ex.tid(); r < r16; r += ex.threads()) {
       const T* row = ss + r * g.ldt;
       T sum = T(0);
       for (int c = 0; c < cols; ++c) sum += row[c];
       sl[r] = sl[r] * sr[r] + sum;
     }
-    for (int i = ex.tid(); i < tile * g.hdp; i += ex.threads())
+    for (int i = ex.tid(); i < r16 * g.hdp; i += ex.threads())
       so[i / g.hdp * g.ldh + i % g.hdp] *= sr[i / g.hdp];
     ex.sync();
-    Mma::template product<false, false>(ex, up16(rows), g.hdp, up16(cols), T(1), ss, g.ldt, sv,
-                                        g.ldh, so, g.ldh, true);
+    Mma::template product<false, false>(ex, r16, g.hdp, c16, T(1), ss, g.ldt, sv, g.ldh, so, g.ldh,
+                                        true);
   }
   ex.sync();
   for (int r = ex.tid(); r < rows; r += ex.threads()) {
@@ -306,16 +307,17 @@ MOCA_FLASH_FN void forward_block(const Exec& ex, const Geometry& g, unsigned cha
   store_tile(ex, g, so, rows, ctx + x.ctx + r0 * x.dim, x.dim, sr);
 }
 
-/// p = e^(s − lse) on valid (row, column) pairs, 0 elsewhere; dS = p ∘ (dp − δ) into dp.
-/// Keeps p in s when keep_p.
+/// p = e^(s − lse) on valid (row, column) pairs, 0 elsewhere up to the 16-row boundaries;
+/// dS = p ∘ (dp − δ) into dp. Keeps p in s when keep_p.
 template <class Exec, class T>
-MOCA_FLASH_FN void probs_and_dscores(const Exec& ex, const Geometry& g, int rows, int cols,
-                                     const T* lse, const T* delta, T* s, T* dp, bool keep_p) {
-  for (int i = ex.tid(); i < g.tile * g.tile; i += ex.threads()) {
-    const int r = i / g.tile, c = i % g.tile;
-    const T p = (r < rows && c < cols) ? flash_exp(s[r * g.ldt + c] - lse[r]) : T(0);
-    if (keep_p) s[r * g.ldt + c] = p;
-    dp[r * g.ldt + c] = p * (dp[r * g.ldt + c] - delta[r]);
+MOCA_FLASH_FN void probs_and_dscores(const Exec& ex, int rows, int cols, const T* lse,
+                                     const T* delta, T* s, T* dp, int ld, bool keep_p) {
+  const int c16 = up16(cols);
+  for (int i = ex.tid(); i < up16(rows) * c16; i += ex.threads()) {
+    const int r = i / c16, c = i % c16;
+    const T p = (r < rows && c < cols) ? flash_exp(s[r * ld + c] - lse[r]) : T(0);
+    if (keep_p) s[r * ld + c] = p;
+    dp[r * ld + c] = p * (dp[r * ld + c] - delta[r]);
   }
 }
 
@@ -358,7 +360,7 @@ MOCA_FLASH_FN void recompute_dscores(const Exec& ex, const Geometry& g, T scale,
   Mma::template product<false, true>(ex, up16(rows), up16(cols), g.hdp, T(1), sdo, g.ldh, sv,
                                      g.ldh, sdp, g.ldt, false);
   ex.sync();
-  probs_and_dscores(ex, g, rows, cols, slse, sdelta, ss, sdp, keep_p);
+  probs_and_dscores(ex, rows, cols, slse, sdelta, ss, sdp, g.ldt, keep_p);
   ex.sync();
 }
 
