@@ -4,12 +4,13 @@
 //
 //   moca_cuda_bench [--preset tiny|vit-s16|vit-b16] [--batch B] [--steps N] [--warmup W]
 //                   [--precision fp32|bf16] [--matmul fp32|tf32|bf16] [--flash-tile 0|16|32|64]
-//                   [--peak-tflops P] [--profile]
+//                   [--flash-threads 128|256] [--peak-tflops P] [--profile]
 //
 // --precision fp32 trains Moca<float, Cuda> with its products in --matmul's mode; --precision
 // bf16 trains Moca<bf16, Cuda> (bf16 values, activations and gradients, fp32 master weights,
 // moments and accumulation: PyTorch AMP's counterpart), reported as "bf16-mixed". --flash-tile
-// fixes the fused attention's tile (0: the launcher's choice) to time one against another.
+// fixes the fused attention's tile (0: the launcher's choice) and --flash-threads its block size,
+// to time one against another.
 //
 // Prints one JSON object; with --profile, first a table of where the step's device time goes
 // (the profiler's scopes, each waiting for the device at its start and end, over `--steps`
@@ -38,7 +39,8 @@ using namespace moca;
   std::fprintf(stderr,
                "usage: moca_cuda_bench [--preset tiny|vit-s16|vit-b16] [--batch B] [--steps N] "
                "[--warmup W] [--precision fp32|bf16] [--matmul fp32|tf32|bf16] "
-               "[--flash-tile 0|16|32|64] [--peak-tflops P] [--profile]\n%s\n",
+               "[--flash-tile 0|16|32|64] [--flash-threads 128|256] [--peak-tflops P] "
+               "[--profile]\n%s\n",
                problem.c_str());
   std::exit(2);
 }
@@ -47,7 +49,7 @@ struct Options {
   std::string preset = "vit-b16";
   std::int64_t batch = 64, steps = 10, warmup = 3;
   std::string precision = "fp32", matmul = "fp32";
-  int flash_tile = 0;
+  int flash_tile = 0, flash_threads = 128;
   bool profile = false;
   double peak_tflops = 989.0;
 };
@@ -124,12 +126,14 @@ void bench(const Options& o, const MocaConfig& cfg) {
   const double mib = 1024.0 * 1024.0;
   std::printf(
       "{\"side\": \"moca\", \"device\": \"%s\", \"preset\": \"%s\", \"batch\": %lld, "
-      "\"precision\": \"%s\", \"flash_tile\": %d, \"steps\": %lld, \"ms_per_step\": %.3f, \"pairs_per_s\": %.2f, "
+      "\"precision\": \"%s\", \"flash_tile\": %d, \"flash_threads\": %d, "
+      "\"steps\": %lld, \"ms_per_step\": %.3f, \"pairs_per_s\": %.2f, "
       "\"images_per_s\": %.2f, \"gflop_per_step\": %.2f, \"tflops\": %.2f, \"mfu\": %.4f, "
       "\"peak_tensor_MiB\": %.1f, \"pool_reserved_peak_MiB\": %.1f, \"device_used_MiB\": %.1f, "
       "\"step_allocations\": %lld, "
       "\"loss\": %.6f}\n",
       prop.name, o.preset.c_str(), static_cast<long long>(batch), label.c_str(), o.flash_tile,
+      o.flash_threads,
       static_cast<long long>(steps), 1e3 * per_step, static_cast<double>(batch) / per_step,
       2.0 * static_cast<double>(batch) / per_step, flops / 1e9, flops / per_step / 1e12,
       flops / per_step / (o.peak_tflops * 1e12),
@@ -162,6 +166,8 @@ int main(int argc, char** argv) {
       o.matmul = argv[++i];
     } else if (a == "--flash-tile" && has_value) {
       o.flash_tile = std::atoi(argv[++i]);
+    } else if (a == "--flash-threads" && has_value) {
+      o.flash_threads = std::atoi(argv[++i]);
     } else if (a == "--profile") {
       o.profile = true;
     } else {
@@ -193,6 +199,7 @@ int main(int argc, char** argv) {
   try {
     cuda::Context::get().set_float_matmul(cuda::parse_float_matmul(o.matmul, "--matmul"));
     cuda::Context::get().set_flash_tile(o.flash_tile);
+    cuda::Context::get().set_flash_threads(o.flash_threads);
     if (o.precision == "bf16") {
       bench<bf16>(o, cfg);
     } else {

@@ -5,7 +5,7 @@
 #      the CPU step, the tiny preset learning on the device, no allocation per step (test_moca_cuda);
 #   3. the MOCA step benchmark beside PyTorch on the same card (benchmarks/compare_moca_cuda.py),
 #      where the ViT-B/16 step's time goes (moca_cuda_bench --profile), and the fused
-#      attention's tiles timed against each other;
+#      attention's tiles and block sizes timed against each other;
 #   4. where the build has them, the command-line tests' GPU cases (`moca pretrain --device cuda`,
 #      `moca knn --device cuda`);
 #   5. compute-sanitizer: memcheck over the op tests and the MOCA parity test, racecheck over the
@@ -101,9 +101,11 @@ stage bench 180 python3 benchmarks/compare_moca_cuda.py --bench "$build_dir/benc
 # Where the ViT-B/16 step's device time goes in bf16 mixed precision, scope by scope.
 stage profile 90 "$build_dir/benchmarks/moca_cuda_bench" --preset vit-b16 --batch 64 --steps 3 \
   --precision bf16 --profile
-# The fused attention's tile, timed: the launcher's choice against each fixed tile (bf16 step).
-stage tiles 75 bash -c "for t in 0 64 32; do '$build_dir/benchmarks/moca_cuda_bench' \
-  --preset vit-b16 --batch 64 --steps 5 --warmup 2 --precision bf16 --flash-tile \$t || exit 1; done"
+# The fused attention's launch, timed (bf16 step): the default (largest tile, four warps) against
+# 32-row tiles and eight warps.
+stage tiles 90 bash -c "for launch in '0 128' '32 128' '0 256' '32 256'; do set -- \$launch;
+  '$build_dir/benchmarks/moca_cuda_bench' --preset vit-b16 --batch 64 --steps 5 --warmup 2 \
+    --precision bf16 --flash-tile \$1 --flash-threads \$2 || exit 1; done"
 # The program on the GPU, driven as a user would (only where the build made the CLI and its tests).
 if [ -x "$build_dir/examples/moca" ] && [ -x "$build_dir/tests/test_cli_pretrain" ] &&
    [ -x "$build_dir/tests/test_cli_knn" ]; then

@@ -240,13 +240,19 @@ struct FloatMatmulScope {
   FloatMatmulScope& operator=(const FloatMatmulScope&) = delete;
 };
 
-// Fixes the fused attention's tile for the lifetime of the object, then restores the automatic
-// choice.
-struct FlashTileScope {
-  explicit FlashTileScope(int tile) { cuda::Context::get().set_flash_tile(tile); }
-  ~FlashTileScope() { cuda::Context::get().set_flash_tile(0); }
-  FlashTileScope(const FlashTileScope&) = delete;
-  FlashTileScope& operator=(const FlashTileScope&) = delete;
+// Fixes the fused attention's tile and block size for the lifetime of the object, then restores
+// the defaults.
+struct FlashLaunchScope {
+  FlashLaunchScope(int tile, int threads) {
+    cuda::Context::get().set_flash_tile(tile);
+    cuda::Context::get().set_flash_threads(threads);
+  }
+  ~FlashLaunchScope() {
+    cuda::Context::get().set_flash_tile(0);
+    cuda::Context::get().set_flash_threads(0);
+  }
+  FlashLaunchScope(const FlashLaunchScope&) = delete;
+  FlashLaunchScope& operator=(const FlashLaunchScope&) = delete;
 };
 
 }  // namespace
@@ -1503,18 +1509,22 @@ TEST_CASE("cuda parity: fused attention in bf16 storage against the float attent
   }
 }
 
-TEST_CASE("cuda parity: fused attention at every tile size, and a tile that is not one") {
+TEST_CASE("cuda parity: fused attention at every tile and block size, and sizes that are not") {
   SKIP_WITHOUT_CUDA_DEVICE();
-  // The launcher picks one tile per head width; every tile the programs support runs here on
-  // the device (the host run of tests/flash_attention_test.cpp covers them all too): ragged
-  // ends of each, ViT's 197 tokens, a 128-wide head.
+  // The launcher picks one tile per head width and four warps; every tile the programs support,
+  // on four and eight warps, runs here on the device (the host run of
+  // tests/flash_attention_test.cpp covers every tile with one serial thread): ragged ends of
+  // each, ViT's 197 tokens, a 128-wide head.
   const std::int64_t shapes[][4] = {{2, 17, 3, 8}, {2, 197, 3, 64}, {1, 48, 1, 128}};
-  for (const int tile : {64, 32, 16}) {
-    const FlashTileScope scope(tile);
+  for (const auto& [tile, threads] : {std::pair{64, 128}, {32, 128}, {16, 128}, {64, 256},
+                                      {32, 256}, {16, 256}}) {
+    const FlashLaunchScope scope(tile, threads);
     CHECK(cuda::Context::get().flash_tile() == tile);
+    CHECK(cuda::Context::get().flash_threads() == threads);
     for (const auto& shape : shapes) {
       const std::int64_t B = shape[0], S = shape[1], H = shape[2], hd = shape[3], dim = H * hd;
       CAPTURE(tile);
+      CAPTURE(threads);
       CAPTURE(S);
       CAPTURE(hd);
       const float scale = 1.0f / std::sqrt(float(hd));
@@ -1534,8 +1544,12 @@ TEST_CASE("cuda parity: fused attention at every tile size, and a tile that is n
     }
   }
   CHECK(cuda::Context::get().flash_tile() == 0);
+  CHECK(cuda::Context::get().flash_threads() == 128);
   CHECK_THROWS_WITH_AS(cuda::Context::get().set_flash_tile(48),
                        doctest::Contains("must be 0 (automatic), 16, 32 or 64, got 48"), Error);
+  CHECK_THROWS_WITH_AS(cuda::Context::get().set_flash_threads(192),
+                       doctest::Contains("must be 0 (the default, 128), 128 or 256, got 192"),
+                       Error);
 }
 
 // ---- the same layer code on both devices ---------------------------------------------------------

@@ -124,6 +124,15 @@ class Context {
   }
   int flash_tile() const noexcept { return flash_tile_; }
 
+  /// Threads per block of the fused attention: 128 (four warps, the default; 0 restores it) or
+  /// 256 (eight warps on the same shared memory, more of them to hide its latency).
+  void set_flash_threads(int threads) {
+    MOCA_CHECK(threads == 0 || threads == 128 || threads == 256,
+               "flash attention threads must be 0 (the default, 128), 128 or 256, got ", threads);
+    flash_threads_ = threads == 0 ? 128 : threads;
+  }
+  int flash_threads() const noexcept { return flash_threads_; }
+
   /// The stream-ordered pool that device tensors come from (see memory.hpp), or nullptr on a
   /// device or platform without memory pools, where tensors use plain cudaMalloc.
   cudaMemPool_t memory_pool() const noexcept { return pool_; }
@@ -216,6 +225,7 @@ class Context {
   std::size_t scratch_bytes_ = 0;
   FloatMatmul float_matmul_ = FloatMatmul::Fp32;
   int flash_tile_ = 0;
+  int flash_threads_ = 128;
   void* workspace_ = nullptr;
   std::size_t workspace_bytes_ = 0;
 };

@@ -1,6 +1,6 @@
 // The fused attention on the GPU: the block programs of flash_attention.hpp as three kernels
 // (forward; backward dq pass, which also writes δ; backward dk/dv pass), one block of
-// kFlashThreads threads per (tile, head, image).
+// kFlashThreads threads (or the Context's choice of 256) per (tile, head, image).
 //
 // Tile products run on plain FMAs (SimtMma) for double and for float in fp32 mode, so results
 // match the CPU to float rounding; in tf32 and bf16 modes float products run on the tensor cores
@@ -79,14 +79,15 @@ struct Tf32Mma {
   }
 };
 
-/// Threads per block of the flash kernels: four warps.
+/// Threads per block of the flash kernels: four warps, unless Context::set_flash_threads asks for
+/// eight (the programs run on any whole number of warps).
 inline constexpr int kFlashThreads = 128;
 /// Shared memory a flash block aims to stay under, so that two blocks fit one SM of an
 /// H100/H200 (228 KB): the largest tile within it is chosen.
 inline constexpr std::size_t kFlashSharedTarget = 100 * 1024;
 
-template <class Mma, class T, class A = flash::flash_acc_t<T>>
-__global__ void __launch_bounds__(kFlashThreads)
+template <class Mma, int Threads, class T, class A = flash::flash_acc_t<T>>
+__global__ void __launch_bounds__(Threads)
     flash_forward_kernel(flash::Geometry g, std::int64_t H, std::int64_t S, A scale, const T* qkv,
                          A* lse, T* ctx) {
   extern __shared__ __align__(128) unsigned char flash_smem[];
@@ -94,8 +95,8 @@ __global__ void __launch_bounds__(kFlashThreads)
                             blockIdx.y, blockIdx.x);
 }
 
-template <class Mma, class T, class A = flash::flash_acc_t<T>>
-__global__ void __launch_bounds__(kFlashThreads)
+template <class Mma, int Threads, class T, class A = flash::flash_acc_t<T>>
+__global__ void __launch_bounds__(Threads)
     flash_dq_kernel(flash::Geometry g, std::int64_t H, std::int64_t S, A scale, const T* qkv,
                     const A* lse, const T* ctx, const T* dctx, A* delta, T* dqkv) {
   extern __shared__ __align__(128) unsigned char flash_smem[];
@@ -103,8 +104,8 @@ __global__ void __launch_bounds__(kFlashThreads)
                        blockIdx.z, blockIdx.y, blockIdx.x);
 }
 
-template <class Mma, class T, class A = flash::flash_acc_t<T>>
-__global__ void __launch_bounds__(kFlashThreads)
+template <class Mma, int Threads, class T, class A = flash::flash_acc_t<T>>
+__global__ void __launch_bounds__(Threads)
     flash_dkdv_kernel(flash::Geometry g, std::int64_t H, std::int64_t S, A scale, const T* qkv,
                       const A* lse, const T* dctx, const A* delta, T* dqkv) {
   extern __shared__ __align__(128) unsigned char flash_smem[];
@@ -138,11 +139,11 @@ inline flash::Geometry flash_geometry(flash::Program p, std::int64_t hd, std::si
   return g;
 }
 
-/// Launches kernel over (tiles, H, B) blocks with the shared memory of program p.
+/// Launches kernel over (tiles, H, B) blocks of `threads` with the shared memory of program p.
 template <class Kernel, class... Args>
-void launch_flash(Kernel kernel, const char* name, flash::Program p, const flash::Geometry& g,
-                  std::size_t element, std::int64_t B, std::int64_t H, std::int64_t S,
-                  Args... args) {
+void launch_flash(Kernel kernel, int threads, const char* name, flash::Program p,
+                  const flash::Geometry& g, std::size_t element, std::int64_t B, std::int64_t H,
+                  std::int64_t S, Args... args) {
   MOCA_CHECK(H <= 65535 && B <= 65535, "attention (CUDA): ", B, " images × ", H,
              " heads exceed the grid's 65535 per dimension");
   const std::size_t bytes = flash::shared_bytes(p, g, element);
@@ -152,7 +153,7 @@ void launch_flash(Kernel kernel, const char* name, flash::Program p, const flash
                                        static_cast<int>(bytes)));
   const dim3 grid(static_cast<unsigned>((S + g.tile - 1) / g.tile), static_cast<unsigned>(H),
                   static_cast<unsigned>(B));
-  kernel<<<grid, kFlashThreads, bytes, stream()>>>(g, H, S, args...);
+  kernel<<<grid, static_cast<unsigned>(threads), bytes, stream()>>>(g, H, S, args...);
   check_launch(name);
 }
 
@@ -164,24 +165,33 @@ bool flash_on_tensor_cores() {
   return std::is_same_v<T, float> && Context::get().float_matmul() != FloatMatmul::Fp32;
 }
 
-template <class Mma, class T, class A = flash::flash_acc_t<T>>
+template <class Mma, int Threads, class T, class A = flash::flash_acc_t<T>>
 void flash_forward(std::int64_t B, std::int64_t H, std::int64_t S, std::int64_t hd, A scale,
                    const T* qkv, A* lse, T* ctx) {
   const flash::Geometry g = flash_geometry(flash::Program::Forward, hd, sizeof(A));
-  launch_flash(flash_forward_kernel<Mma, T>, "flash_forward_kernel", flash::Program::Forward, g,
-               sizeof(A), B, H, S, scale, qkv, lse, ctx);
+  launch_flash(flash_forward_kernel<Mma, Threads, T>, Threads, "flash_forward_kernel",
+               flash::Program::Forward, g, sizeof(A), B, H, S, scale, qkv, lse, ctx);
 }
 
-template <class Mma, class T, class A = flash::flash_acc_t<T>>
+template <class Mma, int Threads, class T, class A = flash::flash_acc_t<T>>
 void flash_backward(std::int64_t B, std::int64_t H, std::int64_t S, std::int64_t hd, A scale,
                     const T* qkv, const A* lse, const T* ctx, const T* dctx, A* delta, T* dqkv) {
   // Stream order puts the dq pass (which writes δ) before the dk/dv pass (which reads it).
   const flash::Geometry gq = flash_geometry(flash::Program::Dq, hd, sizeof(A));
-  launch_flash(flash_dq_kernel<Mma, T>, "flash_dq_kernel", flash::Program::Dq, gq, sizeof(A), B,
-               H, S, scale, qkv, lse, ctx, dctx, delta, dqkv);
+  launch_flash(flash_dq_kernel<Mma, Threads, T>, Threads, "flash_dq_kernel", flash::Program::Dq,
+               gq, sizeof(A), B, H, S, scale, qkv, lse, ctx, dctx, delta, dqkv);
   const flash::Geometry gk = flash_geometry(flash::Program::Dkdv, hd, sizeof(A));
-  launch_flash(flash_dkdv_kernel<Mma, T>, "flash_dkdv_kernel", flash::Program::Dkdv, gk,
-               sizeof(A), B, H, S, scale, qkv, lse, dctx, delta, dqkv);
+  launch_flash(flash_dkdv_kernel<Mma, Threads, T>, Threads, "flash_dkdv_kernel",
+               flash::Program::Dkdv, gk, sizeof(A), B, H, S, scale, qkv, lse, dctx, delta, dqkv);
+}
+
+/// Runs f.template operator()<Mma, Threads>() with the block size the context asks for.
+template <class Mma, class F>
+void with_flash_threads(F&& f) {
+  if (Context::get().flash_threads() == 256)
+    f.template operator()<Mma, 256>();
+  else
+    f.template operator()<Mma, kFlashThreads>();
 }
 
 /// The lse / δ buffer of a T head as its arithmetic type (see the top: for bf16 the op set sizes
@@ -202,13 +212,15 @@ void attention_forward(std::int64_t B, std::int64_t H, std::int64_t S, std::int6
                        const T* qkv, T* lse, T* ctx) {
   if (B <= 0 || S <= 0) return;
   using A = flash::flash_acc_t<T>;
+  auto run = [&]<class Mma, int Threads>() {
+    kernels::flash_forward<Mma, Threads>(B, H, S, hd, A(scale), qkv, kernels::row_terms(lse),
+                                         ctx);
+  };
   if constexpr (!std::is_same_v<T, double>) {
     if (kernels::flash_on_tensor_cores<T>())
-      return kernels::flash_forward<kernels::Tf32Mma>(B, H, S, hd, A(scale), qkv,
-                                                      kernels::row_terms(lse), ctx);
+      return kernels::with_flash_threads<kernels::Tf32Mma>(run);
   }
-  kernels::flash_forward<flash::SimtMma>(B, H, S, hd, A(scale), qkv, kernels::row_terms(lse),
-                                         ctx);
+  kernels::with_flash_threads<flash::SimtMma>(run);
 }
 
 template <class T>
@@ -217,14 +229,15 @@ void attention_backward(std::int64_t B, std::int64_t H, std::int64_t S, std::int
                         T* dqkv) {
   if (B <= 0 || S <= 0) return;
   using A = flash::flash_acc_t<T>;
+  auto run = [&]<class Mma, int Threads>() {
+    kernels::flash_backward<Mma, Threads>(B, H, S, hd, A(scale), qkv, kernels::row_terms(lse),
+                                          ctx, dctx, kernels::row_terms(delta), dqkv);
+  };
   if constexpr (!std::is_same_v<T, double>) {
     if (kernels::flash_on_tensor_cores<T>())
-      return kernels::flash_backward<kernels::Tf32Mma>(B, H, S, hd, A(scale), qkv,
-                                                       kernels::row_terms(lse), ctx, dctx,
-                                                       kernels::row_terms(delta), dqkv);
+      return kernels::with_flash_threads<kernels::Tf32Mma>(run);
   }
-  kernels::flash_backward<flash::SimtMma>(B, H, S, hd, A(scale), qkv, kernels::row_terms(lse),
-                                          ctx, dctx, kernels::row_terms(delta), dqkv);
+  kernels::with_flash_threads<flash::SimtMma>(run);
 }
 
 }  // namespace moca::cuda
