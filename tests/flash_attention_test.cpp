@@ -41,6 +41,50 @@ struct Tf32RoundedMma {
   }
 };
 
+/// The fragments of cuda::flash::BlockedMma on the host, with the tensor cores' arithmetic (TF32
+/// operands, float accumulation in k order): the blocking the CUDA kernels run on wmma, its
+/// ragged edges included, checked here on every machine.
+struct HostTf32 {
+  static constexpr int kK = 8;
+  struct Acc {
+    float v[16][16];
+  };
+  template <bool AT>
+  struct AFrag {
+    float v[16][8];  // op(A) rows i0 …, columns k …
+  };
+  template <bool BT>
+  struct BFrag {
+    float v[8][16];  // op(B) rows k …, columns j0 …
+  };
+  static void zero(Acc& c) { std::memset(c.v, 0, sizeof c.v); }
+  template <bool AT>
+  static void load_a(AFrag<AT>& a, const float* A, int lda, int i0, int k) {
+    for (int i = 0; i < 16; ++i)
+      for (int q = 0; q < 8; ++q)
+        a.v[i][q] = Tf32RoundedMma::tf32(AT ? A[(k + q) * lda + i0 + i] : A[(i0 + i) * lda + k + q]);
+  }
+  template <bool BT>
+  static void load_b(BFrag<BT>& b, const float* B, int ldb, int k, int j0) {
+    for (int q = 0; q < 8; ++q)
+      for (int j = 0; j < 16; ++j)
+        b.v[q][j] = Tf32RoundedMma::tf32(BT ? B[(j0 + j) * ldb + k + q] : B[(k + q) * ldb + j0 + j]);
+  }
+  template <class FA, class FB>
+  static void mma(Acc& c, const FA& a, const FB& b) {
+    for (int i = 0; i < 16; ++i)
+      for (int j = 0; j < 16; ++j)
+        for (int q = 0; q < 8; ++q) c.v[i][j] += a.v[i][q] * b.v[q][j];
+  }
+  static void store(Acc& acc, float* c, int ldc, float alpha, bool accumulate) {
+    for (int i = 0; i < 16; ++i)
+      for (int j = 0; j < 16; ++j) {
+        float& out = c[i * ldc + j];
+        out = accumulate ? out + alpha * acc.v[i][j] : alpha * acc.v[i][j];
+      }
+  }
+};
+
 /// Outputs of one fused run, each with guards on both sides.
 template <class T>
 struct Guarded {
@@ -169,6 +213,21 @@ TEST_CASE("flash attention block programs: TF32 operands stay within their budge
   for (const int tile : cuda::flash::kTiles)
     for (const auto& [B, S, H, hd] : kShapes) {
       check_shape<Tf32RoundedMma, float>("tf32", B, S, H, hd, tile, 3e-3, stream);
+      stream += 2;
+    }
+}
+
+TEST_CASE("flash attention block programs: 2×2 fragment blocks (the kernels' tensor-core "
+          "products) match the composed form") {
+  // The blocking of cuda::flash::BlockedMma, every edge (an odd number of fragment rows or
+  // columns, one fragment, ragged tiles) with TF32 arithmetic: the TF32 budget above.
+  std::uint64_t stream = 8000;
+  for (const int tile : cuda::flash::kTiles)
+    for (const auto& [B, S, H, hd] : kShapes) {
+      check_shape<cuda::flash::BlockedMma<HostTf32>, float>("blocked", B, S, H, hd, tile, 3e-3,
+                                                            stream);
+      check_shape<cuda::flash::BlockedMma<HostTf32>, bf16>("blocked bf16", B, S, H, hd, tile,
+                                                           5e-3, stream);
       stream += 2;
     }
 }

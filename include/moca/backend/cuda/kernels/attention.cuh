@@ -33,46 +33,63 @@ struct BlockExec {
   __device__ void sync() const { __syncthreads(); }
 };
 
-/// Tile products on tensor cores (wmma m16n16k8, TF32 operands, fp32 accumulation), one 16×16
-/// output tile per warp at a time. The contract of flash::SimtMma::product, with M, N and K
-/// multiples of 16 and every pointer and leading dimension as flash::Geometry lays them out
-/// (32-byte aligned rows, strides a multiple of 4). Before sm_80 (no TF32), plain FMAs.
+/// The fragments of flash::BlockedMma on the tensor cores: wmma m16n16k8 with TF32 operands and
+/// fp32 accumulation, loaded from the fp32 tiles in shared memory (flash::Geometry lays them out
+/// with 32-byte aligned rows and strides a multiple of 4, as wmma loads need). sm_80 and later.
+struct WmmaTf32 {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  static constexpr int kK = 8;
+  using Acc = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 8, float>;
+  // Element (i, k) of op(A) is A[i·lda + k], or A[k·lda + i] when A is stored transposed
+  // (col_major with the same stride); likewise (k, j) of op(B).
+  template <bool AT>
+  using AFrag = nvcuda::wmma::fragment<
+      nvcuda::wmma::matrix_a, 16, 16, 8, nvcuda::wmma::precision::tf32,
+      std::conditional_t<AT, nvcuda::wmma::col_major, nvcuda::wmma::row_major>>;
+  template <bool BT>
+  using BFrag = nvcuda::wmma::fragment<
+      nvcuda::wmma::matrix_b, 16, 16, 8, nvcuda::wmma::precision::tf32,
+      std::conditional_t<BT, nvcuda::wmma::col_major, nvcuda::wmma::row_major>>;
+
+  static __device__ void zero(Acc& c) { nvcuda::wmma::fill_fragment(c, 0.0f); }
+  template <bool AT>
+  static __device__ void load_a(AFrag<AT>& a, const float* A, int lda, int i0, int k) {
+    nvcuda::wmma::load_matrix_sync(a, AT ? A + k * lda + i0 : A + i0 * lda + k, lda);
+    for (int e = 0; e < a.num_elements; ++e) a.x[e] = nvcuda::wmma::__float_to_tf32(a.x[e]);
+  }
+  template <bool BT>
+  static __device__ void load_b(BFrag<BT>& b, const float* B, int ldb, int k, int j0) {
+    nvcuda::wmma::load_matrix_sync(b, BT ? B + j0 * ldb + k : B + k * ldb + j0, ldb);
+    for (int e = 0; e < b.num_elements; ++e) b.x[e] = nvcuda::wmma::__float_to_tf32(b.x[e]);
+  }
+  template <class FA, class FB>
+  static __device__ void mma(Acc& c, const FA& a, const FB& b) {
+    nvcuda::wmma::mma_sync(c, a, b, c);
+  }
+  static __device__ void store(Acc& acc, float* c, int ldc, float alpha, bool accumulate) {
+    if (accumulate) {
+      // Both fragments have the same (unspecified) element mapping, so element-wise is safe.
+      Acc old;
+      nvcuda::wmma::load_matrix_sync(old, c, ldc, nvcuda::wmma::mem_row_major);
+      for (int e = 0; e < acc.num_elements; ++e) acc.x[e] = old.x[e] + alpha * acc.x[e];
+    } else {
+      for (int e = 0; e < acc.num_elements; ++e) acc.x[e] *= alpha;
+    }
+    nvcuda::wmma::store_matrix_sync(c, acc, ldc, nvcuda::wmma::mem_row_major);
+  }
+#endif
+};
+
+/// Tile products on the tensor cores (flash::BlockedMma over WmmaTf32); before sm_80 (no TF32),
+/// plain FMAs.
 struct Tf32Mma {
   template <bool AT, bool BT, class Exec>
   static __device__ void product(const Exec& ex, int M, int N, int K, float alpha, const float* A,
                                  int lda, const float* B, int ldb, float* C, int ldc,
                                  bool accumulate) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    namespace wmma = nvcuda::wmma;
-    using ALayout = std::conditional_t<AT, wmma::col_major, wmma::row_major>;
-    using BLayout = std::conditional_t<BT, wmma::col_major, wmma::row_major>;
-    const int warp = ex.tid() / 32, warps = ex.threads() / 32, nt = N / 16;
-    for (int t = warp; t < (M / 16) * nt; t += warps) {
-      const int i0 = t / nt * 16, j0 = t % nt * 16;
-      wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc;
-      wmma::fill_fragment(acc, 0.0f);
-      for (int k = 0; k < K; k += 8) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, ALayout> a;
-        wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, BLayout> b;
-        // Element (i, k) of op(A): A[i·lda + k], or A[k·lda + i] when A is stored transposed
-        // (col_major with the same stride); likewise (k, j) of op(B).
-        wmma::load_matrix_sync(a, AT ? A + k * lda + i0 : A + i0 * lda + k, lda);
-        wmma::load_matrix_sync(b, BT ? B + j0 * ldb + k : B + k * ldb + j0, ldb);
-        for (int e = 0; e < a.num_elements; ++e) a.x[e] = wmma::__float_to_tf32(a.x[e]);
-        for (int e = 0; e < b.num_elements; ++e) b.x[e] = wmma::__float_to_tf32(b.x[e]);
-        wmma::mma_sync(acc, a, b, acc);
-      }
-      float* c = C + i0 * ldc + j0;
-      if (accumulate) {
-        // Both fragments have the same (unspecified) element mapping, so element-wise is safe.
-        wmma::fragment<wmma::accumulator, 16, 16, 8, float> old;
-        wmma::load_matrix_sync(old, c, ldc, wmma::mem_row_major);
-        for (int e = 0; e < acc.num_elements; ++e) acc.x[e] = old.x[e] + alpha * acc.x[e];
-      } else {
-        for (int e = 0; e < acc.num_elements; ++e) acc.x[e] *= alpha;
-      }
-      wmma::store_matrix_sync(c, acc, ldc, wmma::mem_row_major);
-    }
+    flash::BlockedMma<WmmaTf32>::product<AT, BT>(ex, M, N, K, alpha, A, lda, B, ldb, C, ldc,
+                                                 accumulate);
 #else
     flash::SimtMma::product<AT, BT>(ex, M, N, K, alpha, A, lda, B, ldb, C, ldc, accumulate);
 #endif

@@ -168,6 +168,55 @@ struct SimtMma {
   }
 };
 
+/// Tile products on 16×16 output fragments (the tensor cores' shape), with the fragment loads,
+/// multiply-accumulate and store supplied by F (wmma on the device, kernels/attention.cuh; plain
+/// arrays in the host tests). Each warp computes a 2×2 block of fragments at a time, so every
+/// operand fragment it loads from shared memory feeds two products instead of one (or, when
+/// there are fewer such blocks than warps, one fragment at a time, so that none idles). The
+/// contract of SimtMma::product, with M and N multiples of 16 and K of F::kK. Branches depend on
+/// the block only, so a warp's lanes take them together (wmma calls are warp-collective).
+///
+/// F provides: kK; Acc, AFrag<AT>, BFrag<BT>; zero(Acc&); load_a<AT>(AFrag<AT>&, A, lda, i0, k)
+/// (op(A) rows i0 … i0 + 15, columns k … k + kK − 1); load_b<BT>(BFrag<BT>&, B, ldb, k, j0);
+/// mma(Acc&, AFrag, BFrag) (acc += a · b); store(Acc&, C, ldc, alpha, accumulate).
+template <class F>
+struct BlockedMma {
+  template <bool AT, bool BT, class Exec>
+  static MOCA_FLASH_FN void product(const Exec& ex, int M, int N, int K, float alpha,
+                                    const float* A, int lda, const float* B, int ldb, float* C,
+                                    int ldc, bool accumulate) {
+    const int warps = ex.threads() >= 32 ? ex.threads() / 32 : 1;
+    const int mt = M / 16, nt = N / 16;
+    // 2×2 blocks while there are enough of them for every warp; one fragment each otherwise.
+    const int side = (mt + 1) / 2 * ((nt + 1) / 2) >= warps ? 2 : 1;
+    const int bn = (nt + side - 1) / side, blocks = (mt + side - 1) / side * bn;
+    for (int t = ex.tid() / 32; t < blocks; t += warps) {
+      const int i0 = t / bn * 16 * side, j0 = t % bn * 16 * side;
+      const bool two_i = side == 2 && i0 + 16 < M, two_j = side == 2 && j0 + 16 < N;
+      typename F::Acc acc[2][2];
+      for (int u = 0; u < 2; ++u)
+        for (int w = 0; w < 2; ++w) F::zero(acc[u][w]);
+      for (int k = 0; k < K; k += F::kK) {
+        typename F::template AFrag<AT> a[2];
+        typename F::template BFrag<BT> b[2];
+        F::template load_a<AT>(a[0], A, lda, i0, k);
+        if (two_i) F::template load_a<AT>(a[1], A, lda, i0 + 16, k);
+        F::template load_b<BT>(b[0], B, ldb, k, j0);
+        if (two_j) F::template load_b<BT>(b[1], B, ldb, k, j0 + 16);
+        F::mma(acc[0][0], a[0], b[0]);
+        if (two_j) F::mma(acc[0][1], a[0], b[1]);
+        if (two_i) F::mma(acc[1][0], a[1], b[0]);
+        if (two_i && two_j) F::mma(acc[1][1], a[1], b[1]);
+      }
+      F::store(acc[0][0], C + i0 * ldc + j0, ldc, alpha, accumulate);
+      if (two_j) F::store(acc[0][1], C + i0 * ldc + j0 + 16, ldc, alpha, accumulate);
+      if (two_i) F::store(acc[1][0], C + (i0 + 16) * ldc + j0, ldc, alpha, accumulate);
+      if (two_i && two_j)
+        F::store(acc[1][1], C + (i0 + 16) * ldc + j0 + 16, ldc, alpha, accumulate);
+    }
+  }
+};
+
 /// Where a block's head lives in global memory.
 template <class T>
 struct Head {
