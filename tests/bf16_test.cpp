@@ -6,6 +6,7 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <limits>
@@ -274,6 +275,34 @@ TEST_CASE("bf16 BatchNorm sums in float: statistics of 256 samples within one ro
                      Vec{max_abs(to_vec<float>(dg))});
   check_close_scaled("batch_norm dbeta", TensorView<bf16>(dbh), to_vec<float>(db), tol,
                      Vec{max_abs(to_vec<float>(db))});
+}
+
+TEST_CASE("the atomic bf16 addition's word update adds to one half and keeps the other") {
+  // Two neighbouring bf16 in memory, read as the 32-bit word the CUDA backend swaps: the first
+  // is the low half (shift 0), the second the high half (shift 16).
+  const bf16 pair[2] = {bf16(1.5f), bf16(-3.25f)};
+  std::uint32_t word = 0;
+  static_assert(sizeof(word) == sizeof(pair));
+  std::memcpy(&word, pair, sizeof word);
+  const bf16 add(0.0078125f);  // 2^-7: exact on 1.5's grid, not on 3.25's (rounds to even)
+  const std::uint32_t low = add_to_bf16_half(word, 0, add);
+  const std::uint32_t high = add_to_bf16_half(word, 16, add);
+  bf16 after[2];
+  std::memcpy(after, &low, sizeof low);
+  CHECK(after[0].bits() == bf16(1.5f + 0.0078125f).bits());
+  CHECK(after[1].bits() == pair[1].bits());
+  std::memcpy(after, &high, sizeof high);
+  CHECK(after[0].bits() == pair[0].bits());
+  CHECK(after[1].bits() == bf16(-3.25f + 0.0078125f).bits());
+  // Rounded once, as +=: a sum between two bf16 values lands on the nearer (ties to even).
+  bf16 expected = pair[1];
+  expected += add;
+  CHECK(after[1].bits() == expected.bits());
+  // NaN stays the canonical NaN in its half.
+  const std::uint32_t nan_word = add_to_bf16_half(word, 16, std::numeric_limits<bf16>::quiet_NaN());
+  std::memcpy(after, &nan_word, sizeof nan_word);
+  CHECK(after[1].bits() == 0x7fc0);
+  CHECK(after[0].bits() == pair[0].bits());
 }
 
 TEST_CASE("images reach a bf16 model rounded once, and its features come back widened") {

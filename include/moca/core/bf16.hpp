@@ -88,6 +88,17 @@ inline constexpr bool is_floating_v = std::is_floating_point_v<T> || std::is_sam
 template <class T>
 using compute_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
+/// A 32-bit word holding two bf16 values (the one at the lower address in the low half, on the
+/// little-endian hosts and GPUs this library runs on) with `v` added to the half at bit `shift`
+/// (0 or 16), rounded once as bf16's += rounds; the other half is kept. The update that the CUDA
+/// backend's atomic bf16 addition swaps in with a 32-bit compare-and-swap.
+MOCA_BF16_HD constexpr std::uint32_t add_to_bf16_half(std::uint32_t word, unsigned shift,
+                                                     bf16 v) noexcept {
+  const bf16 sum(float(bf16::from_bits(static_cast<std::uint16_t>((word >> shift) & 0xffffu))) +
+                 float(v));
+  return (word & ~(0xffffu << shift)) | (static_cast<std::uint32_t>(sum.bits()) << shift);
+}
+
 }  // namespace moca
 
 template <>

@@ -109,7 +109,8 @@ __device__ inline void atomic_add(T* p, T v) {
 }
 
 /// bf16: the sum in float, rounded once as moca::bf16's += rounds it on the CPU, swapped into the
-/// aligned 32-bit word that holds *p (compare-and-swap: the neighbouring half is kept as read).
+/// aligned 32-bit word that holds *p (compare-and-swap of add_to_bf16_half: the neighbouring
+/// half is kept as read).
 template <>
 __device__ inline void atomic_add<bf16>(bf16* p, bf16 v) {
   const auto address = reinterpret_cast<std::uintptr_t>(p);
@@ -118,11 +119,7 @@ __device__ inline void atomic_add<bf16>(bf16* p, bf16 v) {
   unsigned int old = *word, assumed;
   do {
     assumed = old;
-    const auto bits = static_cast<std::uint16_t>((assumed >> shift) & 0xffffu);
-    const bf16 sum(float(bf16::from_bits(bits)) + float(v));
-    const unsigned int next = (assumed & ~(0xffffu << shift)) |
-                              (static_cast<unsigned int>(sum.bits()) << shift);
-    old = atomicCAS(word, assumed, next);
+    old = atomicCAS(word, assumed, add_to_bf16_half(assumed, shift, v));
   } while (old != assumed);
 }
 
