@@ -1236,23 +1236,14 @@ Tensor<bf16> random_bf16(Shape shape, double lo = -1.0, double hi = 1.0) {
   return h;
 }
 
-/// ||cpu − gpu|| / ||cpu|| of two bf16 results; NaN anywhere makes it NaN, which fails a check.
-double bf16_error(const Tensor<bf16>& cpu, const Tensor<bf16, Cuda>& gpu) {
-  const Tensor<bf16> g = gpu.to<Cpu>();
-  double d = 0, n = 0;
-  for (std::int64_t i = 0; i < cpu.numel(); ++i) {
-    const double a = float(cpu.data()[i]), b = float(g.data()[i]);
-    d += (a - b) * (a - b);
-    n += a * a;
-  }
-  return std::sqrt(d) / std::sqrt(n);
-}
-
 Tensor<bf16, Cuda> bf16_to_device(const Tensor<bf16>& h) {
   Tensor<bf16, Cuda> d(h.shape());
   copy(TensorView<bf16>(h), TensorView<bf16, Cuda>(d));
   return d;
 }
+
+/// A guarded bf16 device output, NaN until a kernel writes it.
+Guarded<bf16> bf16_output(Shape shape) { return Guarded<bf16>(nan_tensor<bf16>(shape)); }
 
 }  // namespace
 
@@ -1299,94 +1290,98 @@ TEST_CASE("cuda parity: elementwise and row ops in bf16 storage against the CPU'
   SKIP_WITHOUT_CUDA_DEVICE();
   // Both compute in float from the same bf16 inputs and round once what they store; the sums
   // run in different orders, so a result may land one bf16 ulp away. Normwise that stays far
-  // below one rounding (2^-8), which any broken kernel exceeds by orders of magnitude.
+  // below one rounding (2^-8), which any broken kernel exceeds by orders of magnitude. Every
+  // device output is guarded (check_parity also checks the guards).
   constexpr double kBudget = 1.0 / 256;
-  const auto err = bf16_error;
   const auto up = bf16_to_device;
+  const auto out = bf16_output;
   const std::int64_t M = 37, N = 257;
   const Tensor<bf16> x = random_bf16({M, N}), dy = random_bf16({M, N}), r = random_bf16({M, N});
   const Tensor<bf16> gamma = random_bf16({N}), beta = random_bf16({N});
   const Tensor<bf16, Cuda> gx = up(x), gdy = up(dy), gr = up(r), ggamma = up(gamma), gbeta = up(beta);
   {
     Tensor<bf16> y({M, N}), mean({M}), rstd({M}), sum({M, N});
-    Tensor<bf16, Cuda> gy({M, N}), gmean({M}), grstd({M}), gsum({M, N});
+    Guarded<bf16> gy = out({M, N}), gmean = out({M}), grstd = out({M}), gsum = out({M, N});
     ops::add_layer_norm(x, r, gamma, beta, 1e-6, sum, y, mean, rstd);
-    ops::add_layer_norm(gx, gr, ggamma, gbeta, 1e-6, gsum, gy, gmean, grstd);
-    CHECK(err(sum, gsum) == 0.0);  // one rounding of the same float sum
-    CHECK(err(y, gy) < kBudget);
-    CHECK(err(rstd, grstd) < kBudget);
+    ops::add_layer_norm(gx, gr, ggamma, gbeta, 1e-6, gsum.view(), gy.view(), gmean.view(),
+                        grstd.view());
+    check_parity<bf16>("residual sum", sum, gsum, 0.0);  // one rounding of the same float sum
+    check_parity<bf16>("layer_norm", y, gy, kBudget);
+    check_parity<bf16>("layer_norm rstd", rstd, grstd, kBudget);
     Tensor<bf16> dx({M, N}), dg({N}), db({N});
-    Tensor<bf16, Cuda> gdx({M, N}), gdg({N}), gdb({N});
+    Guarded<bf16> gdx = out({M, N}), gdg(full<bf16>({N}, bf16(0.0f))),
+                  gdb(full<bf16>({N}, bf16(0.0f)));
     const Tensor<bf16, Cuda> gmean_cpu = up(mean), grstd_cpu = up(rstd), gs = up(sum);
     ops::layer_norm_backward(sum, gamma, mean, rstd, dy, dx, dg, db);
-    ops::layer_norm_backward(gs, ggamma, gmean_cpu, grstd_cpu, gdy, gdx, gdg, gdb);
-    CHECK(err(dx, gdx) < kBudget);
-    CHECK(err(dg, gdg) < kBudget);
-    CHECK(err(db, gdb) < kBudget);
+    ops::layer_norm_backward(gs, ggamma, gmean_cpu, grstd_cpu, gdy, gdx.view(), gdg.view(),
+                             gdb.view());
+    check_parity<bf16>("layer_norm dx", dx, gdx, kBudget);
+    check_parity<bf16>("layer_norm dgamma", dg, gdg, kBudget);
+    check_parity<bf16>("layer_norm dbeta", db, gdb, kBudget);
   }
   {
     Tensor<bf16> p({M, N}), lp({M, N}), dp({M, N});
-    Tensor<bf16, Cuda> gp({M, N}), glp({M, N}), gdp({M, N});
+    Guarded<bf16> gp = out({M, N}), glp = out({M, N}), gdp = out({M, N});
     ops::softmax(x, p);
-    ops::softmax(gx, gp);
-    CHECK(err(p, gp) < kBudget);
+    ops::softmax(gx, gp.view());
+    check_parity<bf16>("softmax", p, gp, kBudget);
     ops::log_softmax(x, lp);
-    ops::log_softmax(gx, glp);
-    CHECK(err(lp, glp) < kBudget);
+    ops::log_softmax(gx, glp.view());
+    check_parity<bf16>("log_softmax", lp, glp, kBudget);
     ops::softmax_backward(p, dy, dp);
-    ops::softmax_backward(up(p), gdy, gdp);
-    CHECK(err(dp, gdp) < kBudget);
+    ops::softmax_backward(up(p), gdy, gdp.view());
+    check_parity<bf16>("softmax backward", dp, gdp, kBudget);
   }
   {
     Tensor<bf16> g({M, N}), dg({M, N}), a = dy.clone(), l2({M, N}), nrm({M});
-    Tensor<bf16, Cuda> gg({M, N}), gdg({M, N}), ga = up(dy), gl2({M, N}), gnrm({M});
+    Guarded<bf16> gg = out({M, N}), gdg = out({M, N}), ga(dy), gl2 = out({M, N}), gnrm = out({M});
     ops::gelu(x, g);
-    ops::gelu(gx, gg);
-    CHECK(err(g, gg) < kBudget);
+    ops::gelu(gx, gg.view());
+    check_parity<bf16>("gelu", g, gg, kBudget);
     ops::gelu_backward(x, dy, dg);
-    ops::gelu_backward(gx, gdy, gdg);
-    CHECK(err(dg, gdg) < kBudget);
+    ops::gelu_backward(gx, gdy, gdg.view());
+    check_parity<bf16>("gelu backward", dg, gdg, kBudget);
     ops::axpby(0.5f, x, -2.0f, a);
-    ops::axpby(0.5f, gx, -2.0f, ga);
-    CHECK(err(a, ga) < kBudget);  // the float expression may contract into an FMA on one side
+    ops::axpby(0.5f, gx, -2.0f, ga.view());
+    // The float expression may contract into an FMA on one side.
+    check_parity<bf16>("axpby", a, ga, kBudget);
     ops::l2_normalize(x, 1e-12, l2, nrm);
-    ops::l2_normalize(gx, 1e-12, gl2, gnrm);
-    CHECK(err(l2, gl2) < kBudget);
-    CHECK(err(nrm, gnrm) < kBudget);
+    ops::l2_normalize(gx, 1e-12, gl2.view(), gnrm.view());
+    check_parity<bf16>("l2_normalize", l2, gl2, kBudget);
+    check_parity<bf16>("l2_normalize norms", nrm, gnrm, kBudget);
   }
   {
     // Reductions (column and row sums, row maxima) and data movement (gather, patchify).
     Tensor<bf16> cols({N}), rows({M}), mx({M}), picked({5, N});
-    Tensor<bf16, Cuda> gcols({N}), grows({M}), gmx({M}), gpicked({5, N});
+    Guarded<bf16> gcols = out({N}), grows = out({M}), gmx = out({M}), gpicked = out({5, N});
     ops::sum(x, 0, cols);
-    ops::sum(gx, 0, gcols);
-    CHECK(err(cols, gcols) < kBudget);
+    ops::sum(gx, 0, gcols.view());
+    check_parity<bf16>("column sums", cols, gcols, kBudget);
     ops::sum(x, 1, rows);
-    ops::sum(gx, 1, grows);
-    CHECK(err(rows, grows) < kBudget);
+    ops::sum(gx, 1, grows.view());
+    check_parity<bf16>("row sums", rows, grows, kBudget);
     ops::row_max(x, mx);
-    ops::row_max(gx, gmx);
-    CHECK(err(mx, gmx) == 0.0);
+    ops::row_max(gx, gmx.view());
+    check_parity<bf16>("row_max", mx, gmx, 0.0);
     Tensor<Index> idx({5});
     for (int i = 0; i < 5; ++i) idx.data()[i] = static_cast<Index>((7 * i + 3) % M);
-    Tensor<Index, Cuda> gidx({5});
-    copy(TensorView<Index>(idx), TensorView<Index, Cuda>(gidx));
+    const Tensor<Index, Cuda> gidx = idx.to<Cuda>();
     ops::gather_rows(x, idx, picked);
-    ops::gather_rows(gx, TensorView<Index, Cuda>(gidx), gpicked);
-    CHECK(err(picked, gpicked) == 0.0);
+    ops::gather_rows(gx, TensorView<Index, Cuda>(gidx), gpicked.view());
+    check_parity<bf16>("gather_rows", picked, gpicked, 0.0);
     const Tensor<bf16> img = random_bf16({2, 3, 8, 8});
     Tensor<bf16> patches({2, 16, 12});
-    Tensor<bf16, Cuda> gpatches({2, 16, 12});
+    Guarded<bf16> gpatches = out({2, 16, 12});
     ops::patchify(img, 2, patches);
-    ops::patchify(up(img), 2, gpatches);
-    CHECK(err(patches, gpatches) == 0.0);
+    ops::patchify(up(img), 2, gpatches.view());
+    check_parity<bf16>("patchify", patches, gpatches, 0.0);
   }
 }
 
 TEST_CASE("cuda parity: soft-target loss, BatchNorm and scatter-add in bf16 storage") {
   SKIP_WITHOUT_CUDA_DEVICE();
   // As the elementwise and row ops above: float arithmetic on both sides, one rounding of what
-  // is stored, sums in other orders; normwise within one bf16 rounding (2^-8).
+  // is stored, sums in other orders; normwise within one bf16 rounding (2^-8), guards intact.
   constexpr double kBudget = 1.0 / 256;
   {
     // The codebook loss: 37 rows against 4096 words, gathered targets, KL, dz over z.
@@ -1406,21 +1401,21 @@ TEST_CASE("cuda parity: soft-target loss, BatchNorm and scatter-add in bf16 stor
     const Tensor<Index, Cuda> g_rows = rows.to<Cuda>();
     const TensorView<Index> rows_view = rows;
     const TensorView<Index, Cuda> g_rows_view = g_rows;
+    const Tensor<bf16, Cuda> g_table = bf16_to_device(table);
     ops::SoftTargetWorkspace<bf16, Cpu> ws;
     ops::SoftTargetWorkspace<bf16, Cuda> g_ws;
     for (bool entropy : {false, true}) {
       CAPTURE(entropy);
       Tensor<bf16> dz = z.clone();
-      Tensor<bf16, Cuda> gdz = bf16_to_device(z);
+      Guarded<bf16> gdz(z);
       const double expected = ops::soft_target_loss(TensorView<bf16>(dz), table, &rows_view,
                                                     entropy, 0.37, TensorView<bf16>(dz), ws);
-      const double got = ops::soft_target_loss(TensorView<bf16, Cuda>(gdz), bf16_to_device(table),
-                                               &g_rows_view, entropy, 0.37,
-                                               TensorView<bf16, Cuda>(gdz), g_ws);
+      const double got = ops::soft_target_loss(gdz.view(), g_table, &g_rows_view, entropy, 0.37,
+                                               gdz.view(), g_ws);
       INFO("loss cpu ", expected, " cuda ", got);
       // The loss is summed in float (per row) and double: far inside one bf16 rounding.
       CHECK(std::abs(got - expected) <= 1e-5 * std::abs(expected));
-      CHECK(bf16_error(dz, gdz) < kBudget);
+      check_parity<bf16>("soft_target_loss dz over z", dz, gdz, kBudget);
     }
   }
   {
@@ -1429,22 +1424,24 @@ TEST_CASE("cuda parity: soft-target loss, BatchNorm and scatter-add in bf16 stor
     const Tensor<bf16> x = random_bf16({M, N}, -2.0, 4.0), dy = random_bf16({M, N});
     const Tensor<bf16> gamma = random_bf16({N}, 0.5, 1.5), beta = random_bf16({N});
     Tensor<bf16> y({M, N}), mean({N}), var({N});
-    Tensor<bf16, Cuda> gy({M, N}), gmean({N}), gvar({N});
+    Guarded<bf16> gy = bf16_output({M, N}), gmean = bf16_output({N}), gvar = bf16_output({N});
     const Tensor<bf16, Cuda> gx = bf16_to_device(x), g_gamma = bf16_to_device(gamma),
                              g_beta = bf16_to_device(beta);
     ops::batch_norm(x, gamma, beta, 1e-5, y, mean, var);
-    ops::batch_norm(gx, g_gamma, g_beta, 1e-5, gy, gmean, gvar);
-    CHECK(bf16_error(y, gy) < kBudget);
-    CHECK(bf16_error(mean, gmean) < kBudget);
-    CHECK(bf16_error(var, gvar) < kBudget);
-    Tensor<bf16> dx({M, N}), dgamma({N}), dbeta({N});
-    Tensor<bf16, Cuda> gdx({M, N}), g_dgamma({N}), g_dbeta({N});
+    ops::batch_norm(gx, g_gamma, g_beta, 1e-5, gy.view(), gmean.view(), gvar.view());
+    check_parity<bf16>("batch_norm y", y, gy, kBudget);
+    check_parity<bf16>("batch_norm mean", mean, gmean, kBudget);
+    check_parity<bf16>("batch_norm var", var, gvar, kBudget);
+    // Backward from the CPU's statistics; dgamma and dbeta accumulate into what they hold.
+    const Tensor<bf16> dgamma0 = random_bf16({N}), dbeta0 = random_bf16({N});
+    Tensor<bf16> dx({M, N}), dgamma = dgamma0.clone(), dbeta = dbeta0.clone();
+    Guarded<bf16> gdx = bf16_output({M, N}), g_dgamma(dgamma0), g_dbeta(dbeta0);
     ops::batch_norm_backward(x, gamma, mean, var, 1e-5, dy, dx, dgamma, dbeta);
     ops::batch_norm_backward(gx, g_gamma, bf16_to_device(mean), bf16_to_device(var), 1e-5,
-                             bf16_to_device(dy), gdx, g_dgamma, g_dbeta);
-    CHECK(bf16_error(dx, gdx) < kBudget);
-    CHECK(bf16_error(dgamma, g_dgamma) < kBudget);
-    CHECK(bf16_error(dbeta, g_dbeta) < kBudget);
+                             bf16_to_device(dy), gdx.view(), g_dgamma.view(), g_dbeta.view());
+    check_parity<bf16>("batch_norm dx", dx, gdx, kBudget);
+    check_parity<bf16>("batch_norm dgamma", dgamma, g_dgamma, kBudget);
+    check_parity<bf16>("batch_norm dbeta", dbeta, g_dbeta, kBudget);
   }
   {
     // Scatter-add with repeated indices (the atomic bf16 addition): each of the 17 rows gets
@@ -1454,10 +1451,10 @@ TEST_CASE("cuda parity: soft-target loss, BatchNorm and scatter-add in bf16 stor
     for (std::int64_t i = 0; i < M; ++i) idx(i) = static_cast<Index>((i * 7 + 3) % R);
     const Tensor<bf16> src = random_bf16({M, C}), acc0 = random_bf16({R, C});
     Tensor<bf16> acc = acc0.clone();
-    Tensor<bf16, Cuda> g_acc = bf16_to_device(acc0);
+    Guarded<bf16> g_acc(acc0);
     ops::scatter_add_rows(src, idx, acc);
-    ops::scatter_add_rows(bf16_to_device(src), idx.to<Cuda>(), g_acc);
-    CHECK(bf16_error(acc, g_acc) < kBudget);
+    ops::scatter_add_rows(bf16_to_device(src), idx.to<Cuda>(), g_acc.view());
+    check_parity<bf16>("scatter_add_rows", acc, g_acc, kBudget);
   }
 }
 
@@ -1487,17 +1484,19 @@ TEST_CASE("cuda parity: fused attention in bf16 storage against the float attent
 
     REQUIRE(ops::attention_saved_shape<bf16, Cuda>(B, H, S) == Shape({B, H, 2 * S}));
     const Tensor<bf16, Cuda> gqkv = bf16_to_device(qkv), gdctx = bf16_to_device(dctx);
-    Tensor<bf16, Cuda> glse({B, H, 2 * S}), gctx({B, S, dim}), gwork({B, H, 2 * S}),
-        gdqkv({B, S, 3 * dim});
-    ops::attention_forward(gqkv, H, scale_h, glse, gctx);
-    ops::attention_backward(gqkv, glse, gctx, gdctx, H, scale_h, gwork, gdqkv);
+    Guarded<bf16> glse = bf16_output({B, H, 2 * S}), gctx = bf16_output({B, S, dim}),
+                  gwork = bf16_output({B, H, 2 * S}), gdqkv = bf16_output({B, S, 3 * dim});
+    ops::attention_forward(gqkv, H, scale_h, glse.view(), gctx.view());
+    ops::attention_backward(gqkv, glse.view(), gctx.view(), gdctx, H, scale_h, gwork.view(),
+                            gdqkv.view());
     Tensor<bf16> ctx_h({B, S, dim}), dqkv_h({B, S, 3 * dim});
     ops::convert(TensorView<float>(ctx), TensorView<bf16>(ctx_h));
     ops::convert(TensorView<float>(dqkv), TensorView<bf16>(dqkv_h));
-    CHECK(bf16_error(ctx_h, gctx) < 5e-3);
-    CHECK(bf16_error(dqkv_h, gdqkv) < 5e-3);
+    check_parity<bf16>("bf16 attention ctx", ctx_h, gctx, 5e-3);
+    check_parity<bf16>("bf16 attention dqkv", dqkv_h, gdqkv, 5e-3);
+    CHECK(gwork.guards_intact());
     // The saved lse: S floats per (image, head), the float log-sum-exp of the scores.
-    const Tensor<bf16> lse_raw = glse.to<Cpu>();
+    const Tensor<bf16> lse_raw = glse.result();
     std::vector<float> lse(static_cast<std::size_t>(B * H * S));
     std::memcpy(lse.data(), lse_raw.data(), lse.size() * sizeof(float));
     const std::vector<double> lse_ref =
@@ -1506,6 +1505,7 @@ TEST_CASE("cuda parity: fused attention in bf16 storage against the float attent
     for (std::size_t i = 0; i < lse.size(); ++i)
       worst = std::max(worst, std::abs(double(lse[i]) - lse_ref[i]) / std::abs(lse_ref[i]));
     CHECK(worst < 3e-3);
+    CHECK(glse.guards_intact());
   }
 }
 
