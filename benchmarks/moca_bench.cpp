@@ -13,7 +13,7 @@ namespace {
 
 void moca_step(benchmark::State& state, moca::MocaConfig cfg, std::int64_t batch) {
   using namespace moca;
-  bench::MocaRig rig(cfg, batch);
+  bench::MocaRig<> rig(cfg, batch);
   for (auto _ : state) {
     state.PauseTiming();
     const MocaPlan plan = rig.next_plan();

@@ -2,6 +2,7 @@
 // throughput and peak memory: the per-op profile docs/performance.md records.
 //
 //   build/benchmarks/moca_profile [--preset tiny|vit-s16] [--batch B] [--steps N]
+//                                 [--precision fp32|bf16]
 //
 // The first step sizes every buffer and is not counted; threads come from OMP_NUM_THREADS.
 // "linear" is the GEMMs of every Linear (with their bias); "attention" is the attention core
@@ -17,36 +18,13 @@
 
 #include "moca_rig.hpp"
 
-int main(int argc, char** argv) {
+namespace {
+
+/// Runs `steps` profiled steps of a MocaRig<T> and prints where they went.
+template <class T>
+void profile(const std::string& preset, std::int64_t batch, std::int64_t steps) {
   using namespace moca;
-  std::string preset = "tiny";
-  std::int64_t batch = 128, steps = 3;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    if (a == "--preset" && i + 1 < argc) {
-      preset = argv[++i];
-    } else if (a == "--batch" && i + 1 < argc) {
-      batch = std::atoll(argv[++i]);
-    } else if (a == "--steps" && i + 1 < argc) {
-      steps = std::atoll(argv[++i]);
-    } else {
-      std::fprintf(stderr,
-                   "usage: moca_profile [--preset tiny|vit-s16] [--batch B] [--steps N]\n"
-                   "unknown or incomplete argument: %s\n",
-                   a.c_str());
-      return 2;
-    }
-  }
-  if (preset != "tiny" && preset != "vit-s16") {
-    std::fprintf(stderr, "moca_profile: --preset must be tiny or vit-s16, got %s\n",
-                 preset.c_str());
-    return 2;
-  }
-  if (batch < 2 || steps < 1) {
-    std::fprintf(stderr, "moca_profile: --batch must be >= 2 and --steps >= 1\n");
-    return 2;
-  }
-  bench::MocaRig rig(preset == "tiny" ? MocaConfig::tiny() : MocaConfig::vit_s16(), batch);
+  bench::MocaRig<T> rig(preset == "tiny" ? MocaConfig::tiny() : MocaConfig::vit_s16(), batch);
   profiler::reset();
   profiler::enable();
   double total = 0;
@@ -58,9 +36,10 @@ int main(int argc, char** argv) {
   }
   profiler::enable(false);
   const double per_step = total / static_cast<double>(steps);
-  std::printf("preset %s, batch %lld pairs, %d threads, %lld steps: %.3f s/step, %.1f pairs/s, "
-              "peak %.0f MiB\n",
-              preset.c_str(), static_cast<long long>(batch), cpu::max_threads(),
+  std::printf("preset %s, %s, batch %lld pairs, %d threads, %lld steps: %.3f s/step, "
+              "%.1f pairs/s, peak %.0f MiB\n",
+              preset.c_str(), std::is_same_v<T, float> ? "fp32" : "bf16",
+              static_cast<long long>(batch), cpu::max_threads(),
               static_cast<long long>(steps), per_step, static_cast<double>(batch) / per_step,
               static_cast<double>(memory_stats<Cpu>().peak_bytes) / (1024.0 * 1024.0));
   std::printf("%-18s %10s %7s %12s %10s\n", "scope", "ms/step", "share", "calls/step",
@@ -81,5 +60,52 @@ int main(int argc, char** argv) {
               100.0 * (total - covered) / total);
   std::printf("matrix products: %.1f GFLOP per step; whole step %.1f GFLOP/s\n",
               gemm_flops / 1e9 / static_cast<double>(steps), gemm_flops / total / 1e9);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  using namespace moca;
+  std::string preset = "tiny";
+  std::string precision = "fp32";
+  std::int64_t batch = 128, steps = 3;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--preset" && i + 1 < argc) {
+      preset = argv[++i];
+    } else if (a == "--batch" && i + 1 < argc) {
+      batch = std::atoll(argv[++i]);
+    } else if (a == "--steps" && i + 1 < argc) {
+      steps = std::atoll(argv[++i]);
+    } else if (a == "--precision" && i + 1 < argc) {
+      precision = argv[++i];
+    } else {
+      std::fprintf(stderr,
+                   "usage: moca_profile [--preset tiny|vit-s16] [--batch B] [--steps N] "
+                   "[--precision fp32|bf16]\n"
+                   "unknown or incomplete argument: %s\n",
+                   a.c_str());
+      return 2;
+    }
+  }
+  if (preset != "tiny" && preset != "vit-s16") {
+    std::fprintf(stderr, "moca_profile: --preset must be tiny or vit-s16, got %s\n",
+                 preset.c_str());
+    return 2;
+  }
+  if (precision != "fp32" && precision != "bf16") {
+    std::fprintf(stderr, "moca_profile: --precision must be fp32 or bf16, got %s\n",
+                 precision.c_str());
+    return 2;
+  }
+  if (batch < 2 || steps < 1) {
+    std::fprintf(stderr, "moca_profile: --batch must be >= 2 and --steps >= 1\n");
+    return 2;
+  }
+  if (precision == "bf16") {
+    profile<moca::bf16>(preset, batch, steps);
+  } else {
+    profile<float>(preset, batch, steps);
+  }
   return 0;
 }

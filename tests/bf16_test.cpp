@@ -88,6 +88,36 @@ TEST_CASE("bf16 rounding agrees with a rounding from double over a sweep of floa
   }
 }
 
+TEST_CASE("array conversions (8 lanes at a time) round and widen as one value at a time does") {
+  // ops::convert on the CPU runs cpu::narrow_to_bf16 / widen_bf16: every float pattern of a
+  // sweep (NaNs of both signs, infinities, subnormals, ties) and every bf16 pattern, in arrays
+  // whose lengths leave a ragged end.
+  std::vector<float> f;
+  for (std::uint64_t b = 0; b < (std::uint64_t{1} << 32); b += 65521)
+    f.push_back(float_of(static_cast<std::uint32_t>(b)));
+  for (std::uint32_t tie : {0x3f808000u, 0x3f818000u, 0xbf808000u, 0x7f7fffffu, 0x00008000u})
+    f.push_back(float_of(tie));
+  f.push_back(-std::numeric_limits<float>::quiet_NaN());
+  f.push_back(std::numeric_limits<float>::infinity());
+  REQUIRE(f.size() % 8 != 0);
+  const auto n = static_cast<std::int64_t>(f.size());
+  Tensor<bf16> h({n});
+  ops::convert(TensorView<float>(f.data(), {n}), TensorView<bf16>(h));
+  std::int64_t wrong = 0;
+  for (std::int64_t i = 0; i < n; ++i)
+    wrong += h.data()[i].bits() != bf16(f[static_cast<std::size_t>(i)]).bits();
+  CHECK(wrong == 0);
+  Tensor<bf16> all({65536 + 3});
+  for (std::int64_t i = 0; i < all.numel(); ++i)
+    all.data()[i] = bf16::from_bits(static_cast<std::uint16_t>(i & 0xffff));
+  Tensor<float> wide({all.numel()});
+  ops::convert(TensorView<bf16>(all), TensorView<float>(wide));
+  wrong = 0;
+  for (std::int64_t i = 0; i < all.numel(); ++i)
+    wrong += bits_of(wide.data()[i]) != (static_cast<std::uint32_t>(i & 0xffff) << 16);
+  CHECK(wrong == 0);
+}
+
 TEST_CASE("bf16 arithmetic computes in float and rounds once; limits are bfloat16's") {
   bf16 x = 1.0f;
   x += 1.0f / 512;  // exactly half an ulp above 1: ties to even, stays 1

@@ -1,11 +1,13 @@
 // Elementwise kernels of the CPU backend: vector updates, bias, activations, optimiser updates.
 #pragma once
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
 
+#include "moca/backend/cpu/bf16_lanes.hpp"
 #include "moca/backend/cpu/parallel.hpp"
 #include "moca/backend/cpu/simd_math.hpp"
 #include "moca/core/bf16.hpp"
@@ -109,13 +111,28 @@ inline void gelu_lanes(std::int64_t b, std::int64_t e, const float* x, const flo
     }
   }
 }
+
+/// The same on bf16 arrays: 256 elements at a time widened to float on the stack, through the
+/// float lanes, rounded once as they are stored (dx may alias dy: a chunk is read before it is
+/// written).
+inline void gelu_lanes(std::int64_t b, std::int64_t e, const bf16* x, const bf16* dy, bf16* out) {
+  constexpr std::int64_t kChunk = 256;
+  alignas(32) float xf[kChunk], gf[kChunk], rf[kChunk];
+  for (std::int64_t c = b; c < e; c += kChunk) {
+    const std::int64_t n = std::min(kChunk, e - c);
+    widen_bf16(n, x + c, xf);
+    if (dy != nullptr) widen_bf16(n, dy + c, gf);
+    gelu_lanes(0, n, xf, dy != nullptr ? gf : nullptr, rf);
+    narrow_to_bf16(n, rf, out + c);
+  }
+}
 #endif
 
 template <class T>
 void gelu_forward(std::int64_t n, const T* x, T* y) {
   parallel_for(n, 8 * n, [&](std::int64_t b, std::int64_t e) {
 #ifdef MOCA_CPU_SIMD_MATH
-    if constexpr (std::is_same_v<T, float>) {
+    if constexpr (std::is_same_v<T, float> || std::is_same_v<T, bf16>) {
       gelu_lanes(b, e, x, nullptr, y);
       return;
     }
@@ -129,7 +146,7 @@ template <class T>
 void gelu_backward(std::int64_t n, const T* x, const T* dy, T* dx) {
   parallel_for(n, 8 * n, [&](std::int64_t b, std::int64_t e) {
 #ifdef MOCA_CPU_SIMD_MATH
-    if constexpr (std::is_same_v<T, float>) {
+    if constexpr (std::is_same_v<T, float> || std::is_same_v<T, bf16>) {
       gelu_lanes(b, e, x, dy, dx);
       return;
     }
@@ -188,7 +205,13 @@ void adamw(std::int64_t n, T* p, const G* g, T* m, T* v, double lr, double beta1
 template <class S, class T>
 void convert(std::int64_t n, const S* x, T* y) {
   parallel_for(n, n, [&](std::int64_t b, std::int64_t e) {
-    for (std::int64_t i = b; i < e; ++i) y[i] = static_cast<T>(x[i]);
+    if constexpr (std::is_same_v<S, bf16> && std::is_same_v<T, float>) {
+      widen_bf16(e - b, x + b, y + b);
+    } else if constexpr (std::is_same_v<S, float> && std::is_same_v<T, bf16>) {
+      narrow_to_bf16(e - b, x + b, y + b);
+    } else {
+      for (std::int64_t i = b; i < e; ++i) y[i] = static_cast<T>(x[i]);
+    }
   });
 }
 

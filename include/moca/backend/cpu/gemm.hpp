@@ -9,6 +9,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "moca/backend/cpu/bf16_lanes.hpp"
 #include "moca/backend/cpu/parallel.hpp"
 #include "moca/backend/cpu/sgemm_avx2.hpp"
 #include "moca/core/bf16.hpp"
@@ -46,11 +47,12 @@ inline float* buffer(int slot, std::int64_t n) {
 }
 
 /// x [rows, cols] (leading dimension ld) as dense floats [rows, cols] in buffer `slot`.
-template <class T>
-float* widen(int slot, std::int64_t rows, std::int64_t cols, const T* x, std::int64_t ld) {
+inline float* widen(int slot, std::int64_t rows, std::int64_t cols, const bf16* x,
+                    std::int64_t ld) {
   float* out = buffer(slot, rows * cols);
-  for (std::int64_t r = 0; r < rows; ++r)
-    for (std::int64_t c = 0; c < cols; ++c) out[r * cols + c] = x[r * ld + c];
+  parallel_for(rows, rows * cols, [&](std::int64_t r0, std::int64_t r1) {
+    for (std::int64_t r = r0; r < r1; ++r) widen_bf16(cols, x + r * ld, out + r * cols);
+  });
   return out;
 }
 
@@ -66,8 +68,9 @@ void gemm(bool trans_a, bool trans_b, std::int64_t M, std::int64_t N, std::int64
   const float* f_bias = bias ? widen(3, 1, N, bias, N) : nullptr;
   cpu::gemm<float>(trans_a, trans_b, M, N, K, alpha, a, trans_a ? M : K, b, trans_b ? K : N,
                    beta, c, N, f_bias);
-  for (std::int64_t r = 0; r < M; ++r)
-    for (std::int64_t j = 0; j < N; ++j) C[r * ldc + j] = c[r * N + j];
+  parallel_for(M, M * N, [&](std::int64_t r0, std::int64_t r1) {
+    for (std::int64_t r = r0; r < r1; ++r) narrow_to_bf16(N, c + r * N, C + r * ldc);
+  });
 }
 
 }  // namespace widened

@@ -1,0 +1,49 @@
+// Conversions between bf16 and float arrays, 8 values at a time on AVX2 (a scalar loop
+// elsewhere and for the ragged end): widening puts the 16 bits above 16 zero bits, which is exact;
+// narrowing rounds as moca::bf16 does (to nearest, ties to even; NaN to the canonical 0x7fc0), so
+// both give bit for bit what an element-by-element conversion gives. The bf16 paths of the CPU
+// backend (the widened GEMM, GELU, ops::convert) convert through these.
+#pragma once
+
+#include <cstdint>
+
+#include "moca/backend/cpu/simd_math.hpp"
+#include "moca/core/bf16.hpp"
+
+namespace moca::cpu {
+
+/// y[i] = x[i], exactly.
+inline void widen_bf16(std::int64_t n, const bf16* x, float* y) {
+  std::int64_t i = 0;
+#ifdef MOCA_CPU_SIMD_MATH
+  for (; i + 8 <= n; i += 8) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i));
+    const __m256i w = _mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16);
+    _mm256_storeu_ps(y + i, _mm256_castsi256_ps(w));
+  }
+#endif
+  for (; i < n; ++i) y[i] = x[i];
+}
+
+/// y[i] = x[i] rounded to bf16.
+inline void narrow_to_bf16(std::int64_t n, const float* x, bf16* y) {
+  std::int64_t i = 0;
+#ifdef MOCA_CPU_SIMD_MATH
+  const __m256i bias = _mm256_set1_epi32(0x7fff), one = _mm256_set1_epi32(1);
+  const __m256i nan = _mm256_set1_epi32(0x7fc0);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), one);
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, bias), lsb), 16);
+    r = _mm256_blendv_epi8(r, nan, _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+    // Eight 32-bit values below 2^16 to eight 16-bit ones: packus works within 128-bit halves,
+    // so pack, then gather the two low quarters.
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0b1000);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(y + i), _mm256_castsi256_si128(packed));
+  }
+#endif
+  for (; i < n; ++i) y[i] = bf16(x[i]);
+}
+
+}  // namespace moca::cpu
