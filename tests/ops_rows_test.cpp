@@ -1,4 +1,4 @@
-// Row ops (softmax, log_softmax, layer_norm, l2_normalize) and their backwards against double
+// Row ops (softmax, log_softmax, layer_norm, l2_normalize, l1_normalize) and their backwards against double
 // loops; gradients, aliasing, thread-count independence and shape errors.
 #include <array>
 #include <cmath>
@@ -295,6 +295,29 @@ TEST_CASE_TEMPLATE("l2_normalize and its backward, including rows clamped at eps
     auto g = dy.clone();
     ops::l2_normalize_backward(y, norm, kEps, g, g);
     check_bitwise(label("l2_normalize_backward dx=dy", s), g, dx);
+  }
+}
+
+TEST_CASE_TEMPLATE("l1_normalize divides each row by its absolute sum, clamped at eps", T, float,
+                   double) {
+  std::uint64_t stream = 350;
+  for (const Shape& s : kShapes) {
+    const i64 M = s.leading(), N = s.last();
+    auto x = uniform<T>(s, stream++);  // signed: the sum is of |x|
+    // Row 0's absolute sum is below eps (at most 1e-8 · 257): the clamped branch.
+    for (i64 j = 0; j < N; ++j) x.data()[j] *= T(1e-8);
+    const Vec xv = to_vec<T>(x);
+    Vec want(xv.size());
+    for (i64 r = 0; r < M; ++r) {
+      double total = 0;
+      for (i64 j = 0; j < N; ++j) total += std::abs(xv[static_cast<std::size_t>(r * N + j)]);
+      if (r == 0) REQUIRE(total < kEps);
+      for (i64 j = 0; j < N; ++j)
+        want[static_cast<std::size_t>(r * N + j)] =
+            xv[static_cast<std::size_t>(r * N + j)] / std::max(total, kEps);
+    }
+    ops::l1_normalize(TensorView<T>(x), kEps);
+    check_close_rows(label("l1_normalize", s), x, want);
   }
 }
 

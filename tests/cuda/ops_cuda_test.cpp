@@ -790,6 +790,13 @@ TEST_CASE_TEMPLATE("cuda parity: l2_normalize forward and backward, clamped rows
       ops::l2_normalize_backward(y, norm, eps, dx, dx);
       ops::l2_normalize_backward(g_y, g_norm, eps, gdx.view(), gdx.view());
       check_parity<T>("l2_normalize_backward in place", dx, gdx, tolerance<T>(N));
+
+      // L1 (the codebook's bag-of-words targets), in place, rows 0 and 1 clamped at eps.
+      Tensor<T> l1 = x.clone();
+      Guarded<T> g_l1(x);
+      ops::l1_normalize(TensorView<T>(l1), eps);
+      ops::l1_normalize(g_l1.view(), eps);
+      check_parity<T>("l1_normalize in place", l1, g_l1, tolerance<T>(N));
     }
   }
 }
@@ -1349,6 +1356,11 @@ TEST_CASE("cuda parity: elementwise and row ops in bf16 storage against the CPU'
     ops::l2_normalize(gx, 1e-12, gl2.view(), gnrm.view());
     check_parity<bf16>("l2_normalize", l2, gl2, kBudget);
     check_parity<bf16>("l2_normalize norms", nrm, gnrm, kBudget);
+    Tensor<bf16> l1 = x.clone();
+    Guarded<bf16> gl1(x);
+    ops::l1_normalize(TensorView<bf16>(l1), 1e-5);
+    ops::l1_normalize(gl1.view(), 1e-5);
+    check_parity<bf16>("l1_normalize", l1, gl1, kBudget);
   }
   {
     // Reductions (column and row sums, row maxima) and data movement (gather, patchify).

@@ -141,6 +141,13 @@ void l2_normalize(const TensorView<T, D>& x, double eps, const TensorView<T, D>&
                                         y.data(), norm.data());
 }
 
+/// x = x / max(||x||₁, eps) over the last dimension, in place (torch.nn.functional.normalize
+/// with p = 1): the MOCA codebook's bag-of-words targets.
+template <class T, class D>
+void l1_normalize(const TensorView<T, D>& x, double eps) {
+  Backend<D>::l1_normalize_rows(x.shape().leading(), x.shape().last(), eps, x.data());
+}
+
 /// Backward of l2_normalize from its output y and saved norm; dx may alias dy.
 template <class T, class D>
 void l2_normalize_backward(const TensorView<T, D>& y, const TensorView<T, D>& norm, double eps,

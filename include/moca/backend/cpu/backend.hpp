@@ -136,6 +136,10 @@ struct Backend<Cpu> {
     cpu::l2_normalize_rows_forward(M, N, x, eps, y, norm);
   }
   template <class T>
+  static void l1_normalize_rows(std::int64_t M, std::int64_t N, double eps, T* x) {
+    cpu::l1_normalize_rows(M, N, eps, x);
+  }
+  template <class T>
   static void l2_normalize_rows_backward(std::int64_t M, std::int64_t N, const T* y,
                                          const T* norm, double eps, const T* dy, T* dx) {
     cpu::l2_normalize_rows_backward(M, N, y, norm, eps, dy, dx);

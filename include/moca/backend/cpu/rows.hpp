@@ -429,6 +429,20 @@ void l2_normalize_rows_forward(std::int64_t M, std::int64_t N, const T* x, doubl
   });
 }
 
+/// x[r] /= max(Σ_j |x[r, j]|, eps), in place (torch.nn.functional.normalize with p = 1).
+template <class T>
+void l1_normalize_rows(std::int64_t M, std::int64_t N, double eps, T* x) {
+  parallel_for(M, 2 * M * N, [&](std::int64_t r0, std::int64_t r1) {
+    for (std::int64_t r = r0; r < r1; ++r) {
+      T* xr = x + r * N;
+      acc_t<T> s = 0;
+      for (std::int64_t j = 0; j < N; ++j) s += std::abs(static_cast<acc_t<T>>(xr[j]));
+      const acc_t<T> inv = acc_t<T>(1) / std::max(s, static_cast<acc_t<T>>(eps));
+      for (std::int64_t j = 0; j < N; ++j) xr[j] = xr[j] * inv;
+    }
+  });
+}
+
 /// Backward of l2_normalize_rows. Where ||x|| > eps: dx = (dy - y <y, dy>) / ||x||;
 /// where clamped: dx = dy / eps. dx may alias dy.
 template <class T>

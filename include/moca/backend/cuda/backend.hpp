@@ -86,6 +86,8 @@ void l2_normalize_rows_forward(std::int64_t M, std::int64_t N, const T* x, doubl
 template <class T>
 void l2_normalize_rows_backward(std::int64_t M, std::int64_t N, const T* y, const T* norm,
                                 double eps, const T* dy, T* dx);
+template <class T>
+void l1_normalize_rows(std::int64_t M, std::int64_t N, double eps, T* x);
 
 template <class T>
 void sum_middle(std::int64_t outer, std::int64_t n, std::int64_t inner, T alpha, const T* x,
@@ -455,6 +457,10 @@ struct Backend<Cuda> {
   static void l2_normalize_rows_backward(std::int64_t M, std::int64_t N, const T* y,
                                          const T* norm, double eps, const T* dy, T* dx) {
     cuda::l2_normalize_rows_backward(M, N, y, norm, eps, dy, dx);
+  }
+  template <class T>
+  static void l1_normalize_rows(std::int64_t M, std::int64_t N, double eps, T* x) {
+    cuda::l1_normalize_rows(M, N, eps, x);
   }
   template <class T>
   static void sum_middle(std::int64_t outer, std::int64_t n, std::int64_t inner, T alpha,

@@ -51,6 +51,7 @@
                                              T*, T*);                                         \
   template void l2_normalize_rows_backward<T>(std::int64_t, std::int64_t, const T*, const T*, \
                                               double, const T*, T*);                          \
+  template void l1_normalize_rows<T>(std::int64_t, std::int64_t, double, T*);                 \
   template void sum_middle<T>(std::int64_t, std::int64_t, std::int64_t, T, const T*, T, T*);  \
   template double sum_squares<T>(std::int64_t, const T*);                                     \
   template void gather_rows<T>(std::int64_t, std::int64_t, const T*, std::int64_t,            \
@@ -125,6 +126,7 @@ template void l2_normalize_rows_forward<bf16>(std::int64_t, std::int64_t, const 
                                               bf16*, bf16*);
 template void l2_normalize_rows_backward<bf16>(std::int64_t, std::int64_t, const bf16*,
                                                const bf16*, double, const bf16*, bf16*);
+template void l1_normalize_rows<bf16>(std::int64_t, std::int64_t, double, bf16*);
 template void sum_middle<bf16>(std::int64_t, std::int64_t, std::int64_t, bf16, const bf16*, bf16,
                                bf16*);
 template double sum_squares<bf16>(std::int64_t, const bf16*);

@@ -138,7 +138,8 @@ class Codebook {
     ops::gather_rows(cos, TensorView<Index, D>(inner_rows_),
                      TensorView<T, D>(inner_codes_).reshape({N * I, K}));
     ops::mean(TensorView<T, D>(inner_codes_), 1, y);
-    l1_normalize_rows(y);
+    // y / max(Σ|y|, eps) per row; y ≥ 0 here, so Σ|y| = Σ y (spec §4.3).
+    ops::l1_normalize(y, kNormalizeEps);
   }
 
   /// Draws this iteration's refresh: a view with probability ½, `words_per_iter` distinct images
@@ -212,22 +213,10 @@ class Codebook {
     copy(TensorView<Index, Cpu>(host), TensorView<Index, D>(inner_rows_));
   }
 
-  // y / max(Σ|y|, eps) per row; y ≥ 0 here, so Σ|y| = Σ y (spec §4.3).
-  void l1_normalize_rows(const TensorView<T, D>& y) {
-    const std::int64_t N = y.size(0);
-    row_sums_.resize({N});
-    ops::sum(y, 1, TensorView<T, D>(row_sums_));
-    host_sums_.resize({N});
-    copy(TensorView<T, D>(row_sums_), TensorView<T, Cpu>(host_sums_));
-    for (std::int64_t n = 0; n < N; ++n)
-      ops::scale(y.row(n), 1.0 / std::max(static_cast<double>(host_sums_(n)), kNormalizeEps));
-  }
-
   CodebookConfig cfg_;
   std::vector<Index> inner_;
-  Tensor<T, D> snapshot_, tokens_, rows_, stat_, total_, inner_codes_, row_sums_, fresh_,
-      fresh_norm_, spread_workspace_;
-  Tensor<T, Cpu> host_sums_;
+  Tensor<T, D> snapshot_, tokens_, rows_, stat_, total_, inner_codes_, fresh_, fresh_norm_,
+      spread_workspace_;
   Tensor<Index, D> inner_rows_, rows_index_;
   Tensor<Index, Cpu> host_rows_;
 };

@@ -228,6 +228,26 @@ __global__ void l2_normalize_rows_forward_kernel(std::int64_t M, std::int64_t N,
   }
 }
 
+// x[r] /= max(Σ|x[r]|, eps) in place: the sum and the scaling of a row in one block, with no
+// round trip to the host.
+template <class T>
+__global__ void l1_normalize_rows_kernel(std::int64_t M, std::int64_t N, acc_t<T> eps, T* x) {
+  using A = acc_t<T>;
+  __shared__ A shared[32];
+  for (std::int64_t r = blockIdx.x; r < M; r += gridDim.x) {
+    T* xr = x + r * N;
+    A s = 0;
+    for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x) {
+      const A v = xr[j];
+      s += v < A(0) ? -v : v;
+    }
+    const A total = block_reduce(s, SumOp{}, shared);
+    const A inv = A(1) / (total < eps ? eps : total);  // std::max(total, eps)
+    for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x)
+      xr[j] = static_cast<T>(A(xr[j]) * inv);
+  }
+}
+
 // Where ||x|| > eps: dx = (dy − y <y, dy>) / ||x||; where clamped: dx = dy / eps.
 template <class T>
 __global__ void l2_normalize_rows_backward_kernel(std::int64_t M, std::int64_t N, const T* y,
@@ -354,6 +374,14 @@ void l2_normalize_rows_forward(std::int64_t M, std::int64_t N, const T* x, doubl
   kernels::l2_normalize_rows_forward_kernel<<<kernels::row_blocks(M), kernels::row_threads(N), 0,
                                               stream()>>>(M, N, x, static_cast<T>(eps), y, norm);
   kernels::check_launch("l2_normalize_rows_forward_kernel");
+}
+
+template <class T>
+void l1_normalize_rows(std::int64_t M, std::int64_t N, double eps, T* x) {
+  if (M <= 0 || N <= 0) return;
+  kernels::l1_normalize_rows_kernel<<<kernels::row_blocks(M), kernels::row_threads(N), 0,
+                                      stream()>>>(M, N, static_cast<kernels::acc_t<T>>(eps), x);
+  kernels::check_launch("l1_normalize_rows_kernel");
 }
 
 template <class T>
