@@ -3,7 +3,8 @@
 
 Usage: benchmarks/compare_moca_cuda.py [--bench build/benchmarks/moca_cuda_bench]
            [--configs vit_b16_b64,vit_s16_b64] [--steps 10] [--warmup 3] [--json FILE]
-           [--device cuda|cpu] [--modes fp32,tf32,amp] [--skip-ours]
+           [--device cuda|cpu] [--modes fp32,tf32,amp] [--ours fp32,tf32,bf16,bf16-mixed]
+           [--skip-ours]
 
 Our side is moca_cuda_bench: Moca<float, Cuda> in fp32, with TF32 tensor-core GEMMs, and with
 bf16 Linear GEMMs (fp32 accumulation; attention's batched GEMMs in TF32); and Moca<bf16, Cuda>
@@ -112,6 +113,9 @@ def main():
                     help="PyTorch attention as explicit matmul + softmax instead of SDPA")
     ap.add_argument("--skip-ours", action="store_true", help="time the PyTorch side only")
     ap.add_argument("--modes", default="fp32,tf32,amp", help="PyTorch modes to time")
+    ap.add_argument("--ours", default="fp32,tf32,bf16,bf16-mixed",
+                    help="our modes to time: fp32, tf32, bf16 (float storage, bf16 Linears), "
+                         "bf16-mixed (bf16 storage)")
     args = ap.parse_args()
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -131,7 +135,7 @@ def main():
         cfg = CONFIGS[name]
         rows, flops = [], None
         if not args.skip_ours:
-            for precision in ("fp32", "tf32", "bf16", "bf16-mixed"):
+            for precision in args.ours.split(","):
                 try:
                     r = ours(args.bench, cfg, precision, args.steps, args.warmup)
                     flops = r["gflop_per_step"] * 1e9
