@@ -85,6 +85,43 @@ struct HostTf32 {
   }
 };
 
+/// The tensor cores' bf16 fragments on the host (m16n16k16, float accumulation in k order): the
+/// operands are bf16 already, so their products are exact in float.
+struct HostBf16 {
+  static constexpr int kK = 16;
+  using Acc = HostTf32::Acc;
+  template <bool AT>
+  struct AFrag {
+    float v[16][16];
+  };
+  template <bool BT>
+  struct BFrag {
+    float v[16][16];
+  };
+  static void zero(Acc& c) { HostTf32::zero(c); }
+  template <bool AT>
+  static void load_a(AFrag<AT>& a, const bf16* A, int lda, int i0, int k) {
+    for (int i = 0; i < 16; ++i)
+      for (int q = 0; q < 16; ++q)
+        a.v[i][q] = AT ? A[(k + q) * lda + i0 + i] : A[(i0 + i) * lda + k + q];
+  }
+  template <bool BT>
+  static void load_b(BFrag<BT>& b, const bf16* B, int ldb, int k, int j0) {
+    for (int q = 0; q < 16; ++q)
+      for (int j = 0; j < 16; ++j)
+        b.v[q][j] = BT ? B[(j0 + j) * ldb + k + q] : B[(k + q) * ldb + j0 + j];
+  }
+  template <class FA, class FB>
+  static void mma(Acc& c, const FA& a, const FB& b) {
+    for (int i = 0; i < 16; ++i)
+      for (int j = 0; j < 16; ++j)
+        for (int q = 0; q < 16; ++q) c.v[i][j] += a.v[i][q] * b.v[q][j];
+  }
+  static void store(Acc& acc, float* c, int ldc, float alpha, bool accumulate) {
+    HostTf32::store(acc, c, ldc, alpha, accumulate);
+  }
+};
+
 /// Outputs of one fused run, each with guards on both sides.
 template <class T>
 struct Guarded {
@@ -109,9 +146,9 @@ struct Guarded {
 template <class Mma, class T, class A = cuda::flash::flash_acc_t<T>>
 void run_fused(const Geometry& g, i64 B, i64 H, i64 S, A scale, const T* qkv, const T* dctx,
                A* lse, T* ctx, A* delta, T* dqkv) {
-  const std::size_t bytes = std::max({cuda::flash::shared_bytes(Program::Forward, g, sizeof(A)),
-                                      cuda::flash::shared_bytes(Program::Dq, g, sizeof(A)),
-                                      cuda::flash::shared_bytes(Program::Dkdv, g, sizeof(A))});
+  const std::size_t bytes = std::max({cuda::flash::shared_bytes(Program::Forward, g),
+                                      cuda::flash::shared_bytes(Program::Dq, g),
+                                      cuda::flash::shared_bytes(Program::Dkdv, g)});
   std::vector<double> storage(bytes / sizeof(double) + 1);  // aligned for A
   auto* smem = reinterpret_cast<unsigned char*>(storage.data());
   const cuda::flash::SerialExec ex;
@@ -168,7 +205,7 @@ void check_shape(const std::string& label, i64 B, i64 S, i64 H, i64 hd, int tile
 
   Guarded<A> lse(B * H * S), delta(B * H * S);
   Guarded<T> ctx(B * S * dim), dqkv(B * S * 3 * dim);
-  const Geometry g = cuda::flash::make_geometry(tile, static_cast<int>(hd));
+  const Geometry g = cuda::flash::make_geometry<T>(tile, static_cast<int>(hd));
   run_fused<Mma, T>(g, B, H, S, A(scale), qkv.data(), dctx.data(), lse.data(), ctx.data(),
                     delta.data(), dqkv.data());
 
@@ -183,8 +220,10 @@ void check_shape(const std::string& label, i64 B, i64 S, i64 H, i64 hd, int tile
 }
 
 // (B, S, H, hd): ragged and exact multiples of every tile, one token, hd below, at and above a
-// multiple of 16 (padding columns), the ViT-S/B head (64) at 197 tokens, heads up to 128 wide.
-constexpr std::array<std::array<i64, 4>, 10> kShapes{{{2, 17, 3, 8},
+// multiple of 16 (padding columns), the ViT-S/B head (64) at 197 tokens, heads up to 128 wide,
+// and widths that do not split into 16-byte chunks (6: float and bf16 rows go element by
+// element; 9: double's too), besides the ones that do.
+constexpr std::array<std::array<i64, 4>, 12> kShapes{{{2, 17, 3, 8},
                                                       {1, 65, 2, 16},
                                                       {2, 30, 3, 64},
                                                       {1, 197, 2, 64},
@@ -193,7 +232,9 @@ constexpr std::array<std::array<i64, 4>, 10> kShapes{{{2, 17, 3, 8},
                                                       {2, 1, 2, 24},
                                                       {1, 33, 1, 80},
                                                       {1, 48, 1, 128},
-                                                      {1, 129, 1, 20}}};
+                                                      {1, 129, 1, 20},
+                                                      {1, 40, 2, 6},
+                                                      {2, 23, 2, 9}}};
 
 TEST_CASE_TEMPLATE("flash attention block programs: exact products match the composed form", T,
                    float, double) {
@@ -217,53 +258,84 @@ TEST_CASE("flash attention block programs: TF32 operands stay within their budge
     }
 }
 
+// The budget of bf16 heads, against the composed attention in double of the same (bf16) inputs.
+// The scores are exact products summed in float; p and dS are rounded to bf16 for the products
+// that read them (relative error up to 2^-8 per term, independent from term to term); ctx and
+// dqkv are rounded once to bf16 as they are stored (up to 2^-9 of the largest value), and δ
+// comes from the rounded ctx. The worst error over every tile and shape here is 3.3e-3 of the
+// largest value (dqkv, where dS·k and dSᵀ·q cancel); 5e-3 leaves room for other inputs, and a dS
+// copy truncated to one bit less fails it.
+constexpr double kBf16Budget = 5e-3;
+
 TEST_CASE("flash attention block programs: 2×2 fragment blocks (the kernels' tensor-core "
           "products) match the composed form") {
   // The blocking of cuda::flash::BlockedMma, every edge (an odd number of fragment rows or
-  // columns, one fragment, ragged tiles) with TF32 arithmetic: the TF32 budget above.
+  // columns, one fragment, ragged tiles): float heads on TF32 fragments (the TF32 budget above),
+  // bf16 heads on bf16 fragments (m16n16k16).
   std::uint64_t stream = 8000;
   for (const int tile : cuda::flash::kTiles)
     for (const auto& [B, S, H, hd] : kShapes) {
       check_shape<cuda::flash::BlockedMma<HostTf32>, float>("blocked", B, S, H, hd, tile, 3e-3,
                                                             stream);
-      check_shape<cuda::flash::BlockedMma<HostTf32>, bf16>("blocked bf16", B, S, H, hd, tile,
-                                                           5e-3, stream);
+      check_shape<cuda::flash::BlockedMma<HostBf16>, bf16>("blocked bf16", B, S, H, hd, tile,
+                                                           kBf16Budget, stream);
       stream += 2;
     }
 }
 
-TEST_CASE("flash attention block programs: bf16 storage computes in float within its budget") {
-  // bf16 heads are widened into fp32 tiles (exact in TF32: 8 significant bits fit 11), so the
-  // products carry the TF32 budget above (3e-3); ctx and dqkv are then rounded once to bf16
-  // (2^-9 ≈ 2e-3 of a value) and δ is formed from the rounded ctx. lse and δ stay float.
+TEST_CASE("flash attention block programs: bf16 heads, bf16 operands, float arithmetic") {
+  // The same programs with plain products of the bf16 operands in float: the arithmetic of the
+  // tensor cores' bf16 products, in another order of summation.
   std::uint64_t stream = 7000;
   for (const int tile : cuda::flash::kTiles)
     for (const auto& [B, S, H, hd] : kShapes) {
-      check_shape<Tf32RoundedMma, bf16>("bf16", B, S, H, hd, tile, 5e-3, stream);
+      check_shape<cuda::flash::SimtMma, bf16>("bf16", B, S, H, hd, tile, kBf16Budget, stream);
       stream += 2;
     }
 }
 
-TEST_CASE("flash attention geometry: padded widths, aligned buffers, sizes that grow with the tile") {
-  const Geometry g = cuda::flash::make_geometry(64, 20);
+TEST_CASE("flash attention geometry: padded widths, aligned rows, sizes that grow with the tile") {
+  using cuda::flash::make_geometry;
+  using cuda::flash::shared_bytes;
+  const Geometry g = make_geometry<float>(64, 20);
   CHECK(g.hdp == 32);
-  CHECK(g.ldh % 4 == 0);
-  CHECK(g.ldt % 4 == 0);
-  CHECK(cuda::flash::make_geometry(16, 64).hdp == 64);
+  CHECK(!g.copies());
+  CHECK(g.ldp == g.ldt);
+  // Every row starts 16 bytes past the last one's width: whole 16-byte chunks, and the strides
+  // wmma needs (a multiple of 4 floats, of 8 bf16).
+  CHECK(g.ldo * 4 % 16 == 0);
+  CHECK(g.lda * 4 % 16 == 0);
+  CHECK(g.ldt * 4 % 16 == 0);
+  const Geometry h = make_geometry<bf16>(64, 64);
+  CHECK(h.copies());
+  CHECK(h.ldo == 72);
+  CHECK(h.ldp == 72);
+  CHECK(h.lda == 68);
+  CHECK(h.ldt == 68);
+  CHECK(make_geometry<double>(16, 64).ldo == 66);
+  CHECK(make_geometry<float>(16, 64).hdp == 64);
   // Every buffer starts on a 128-byte boundary: a carve of odd sizes keeps the alignment.
   alignas(128) unsigned char smem[4096];
-  cuda::flash::Carver<float> carve{smem};
-  carve.take(3);
-  float* second = carve.take(5);
+  cuda::flash::Carver carve{smem};
+  carve.take<float>(3);
+  float* second = carve.take<float>(5);
   CHECK(reinterpret_cast<std::uintptr_t>(second) % cuda::flash::kAlign == 0);
-  // The backward's key pass holds the most; double needs twice float.
+  // The backward's key pass holds the most; double needs twice float; bf16 heads less than
+  // float ones (half the operand bytes, with p and dS copies besides).
   for (const int tile : cuda::flash::kTiles) {
-    const Geometry t = cuda::flash::make_geometry(tile, 64);
-    CHECK(cuda::flash::shared_bytes(Program::Dkdv, t, 4) > cuda::flash::shared_bytes(Program::Forward, t, 4));
-    CHECK(cuda::flash::shared_bytes(Program::Dkdv, t, 8) >= 2 * cuda::flash::shared_bytes(Program::Dkdv, t, 4) - 4 * cuda::flash::kAlign);
+    const Geometry f = make_geometry<float>(tile, 64);
+    const Geometry d = make_geometry<double>(tile, 64);
+    const Geometry b = make_geometry<bf16>(tile, 64);
+    CHECK(shared_bytes(Program::Dkdv, f) > shared_bytes(Program::Forward, f));
+    CHECK(double(shared_bytes(Program::Dkdv, d)) > 1.9 * double(shared_bytes(Program::Dkdv, f)));
+    for (const Program p : {Program::Forward, Program::Dq, Program::Dkdv})
+      CHECK(shared_bytes(p, b) < shared_bytes(p, f));
   }
-  // ViT-B's head (64) at the 64-row tile: the sizes the CUDA launcher picks tiles from.
-  CHECK(cuda::flash::shared_bytes(Program::Forward, cuda::flash::make_geometry(64, 64), 4) < 100 * 1024);
+  // ViT-B's head (64) at the 64-row tile: the sizes the CUDA launcher picks tiles from (the
+  // forward: 87,808 bytes in float; in bf16 72,448, three blocks to an H100's SM).
+  CHECK(shared_bytes(Program::Forward, make_geometry<float>(64, 64)) < 100 * 1024);
+  CHECK(shared_bytes(Program::Forward, make_geometry<bf16>(64, 64)) < 227 * 1024 / 3);
+  CHECK(shared_bytes(Program::Dq, make_geometry<bf16>(64, 64)) < 100 * 1024);
 }
 
 }  // namespace

@@ -176,9 +176,9 @@ TEST_CASE("cuda: with bf16 Linears the tiny preset starts at the fp32 loss and l
 TEST_CASE("cuda: three MOCA steps in bf16 storage follow the CPU's bf16 steps") {
   SKIP_WITHOUT_CUDA_DEVICE();
   // Both backends store every activation and gradient in bf16 and compute in float, but round
-  // at different points: the CPU keeps attention probabilities in bf16 where the fused kernels
-  // keep them in fp32, and sums run in other orders, so a value may land one bf16 step (2^-8)
-  // apart. Each backend is held to the float step by tests/bf16_test.cpp (losses within 2e-2,
+  // at different points: the CPU keeps the [B, H, S, S] attention probabilities in bf16, the
+  // fused kernels keep float scores and round p and dS only for the products that read them,
+  // and sums run in other orders, so a value may land one bf16 step (2^-8) apart. Each backend is held to the float step by tests/bf16_test.cpp (losses within 2e-2,
   // master weights within 3e-3); the two bf16 runs are held to twice those budgets of each other.
   const MocaConfig cfg = small_config();
   const std::int64_t B = 4;

@@ -150,7 +150,7 @@ template void batch_norm_backward<bf16>(std::int64_t, std::int64_t, const bf16*,
                                         bf16*, bf16*);
 template double soft_target_rows<bf16>(std::int64_t, std::int64_t, const bf16*, const bf16*,
                                        std::int64_t, const std::int32_t*, bool, bf16, bf16*);
-// Attention of bf16 heads: fp32 tiles in shared memory, float lse and δ (kernels/attention.cuh).
+// Attention of bf16 heads: bf16 tensor-core products, float scores, lse and δ (kernels/attention.cuh).
 template void attention_forward<bf16>(std::int64_t, std::int64_t, std::int64_t, std::int64_t,
                                       bf16, const bf16*, bf16*, bf16*);
 template void attention_backward<bf16>(std::int64_t, std::int64_t, std::int64_t, std::int64_t,

@@ -3,17 +3,18 @@
 // kFlashThreads threads (or the Context's choice of 256) per (tile, head, image).
 //
 // Tile products run on plain FMAs (SimtMma) for double and for float in fp32 mode, so results
-// match the CPU to float rounding; in tf32 and bf16 modes float products run on the tensor cores
-// with TF32 operands (Tf32Mma below). TF32 rather than bf16 for the bf16 mode: the operands are
-// fp32 tiles already in shared memory (no conversion pass), and attention is a small share of the
-// step's FLOPs.
+// match the CPU to float rounding; in tf32 and bf16 modes float heads' products run on the
+// tensor cores with TF32 operands from their fp32 tiles (WmmaTf32 below).
 //
-// bf16 storage: the tiles are widened to fp32 as they are loaded (so q, k and v enter TF32
-// exactly: bf16's 8 significant bits fit TF32's 11) and the products always run on the tensor
-// cores. lse and δ are float; the op set hands them over as the bf16 buffer ops/attention.hpp
-// sizes for them (attention_saved_shape: twice the elements), reinterpreted here.
+// bf16 heads run on the tensor cores' bf16 products (WmmaBf16: m16n16k16, float accumulation,
+// twice TF32's rate and half its operand bytes): q, k, v and do are copied into shared memory as
+// they are, p and dS are rounded to bf16 copies for the products that read them, and the scores,
+// softmax and accumulators are float (flash_attention.hpp). lse and δ are float; the op set hands
+// them over as the bf16 buffer ops/attention.hpp sizes for them (attention_saved_shape: twice
+// the elements), reinterpreted here.
 #pragma once
 
+#include <cuda_bf16.h>
 #include <mma.h>
 
 #include <cstddef>
@@ -26,42 +27,38 @@
 namespace moca::cuda {
 namespace kernels {
 
-/// The flash programs' execution context on a CUDA block.
+/// The flash programs' execution context on a CUDA block: a row group is a warp (blocks are
+/// whole warps), reduced with shuffles.
 struct BlockExec {
   __device__ int tid() const { return static_cast<int>(threadIdx.x); }
   __device__ int threads() const { return static_cast<int>(blockDim.x); }
+  __device__ int group() const { return static_cast<int>(threadIdx.x) / 32; }
+  __device__ int groups() const { return static_cast<int>(blockDim.x) / 32; }
+  __device__ int lane() const { return static_cast<int>(threadIdx.x) % 32; }
+  __device__ int lanes() const { return 32; }
+  template <class T>
+  __device__ T group_max(T v) const {
+    for (int o = 16; o > 0; o /= 2) {
+      const T w = __shfl_xor_sync(0xffffffffu, v, o);
+      v = w > v ? w : v;
+    }
+    return v;
+  }
+  template <class T>
+  __device__ T group_sum(T v) const {
+    for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+  }
   __device__ void sync() const { __syncthreads(); }
 };
 
-/// The fragments of flash::BlockedMma on the tensor cores: wmma m16n16k8 with TF32 operands and
-/// fp32 accumulation, loaded from the fp32 tiles in shared memory (flash::Geometry lays them out
-/// with 32-byte aligned rows and strides a multiple of 4, as wmma loads need). sm_80 and later.
-struct WmmaTf32 {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  static constexpr int kK = 8;
-  using Acc = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 8, float>;
-  // Element (i, k) of op(A) is A[i·lda + k], or A[k·lda + i] when A is stored transposed
-  // (col_major with the same stride); likewise (k, j) of op(B).
-  template <bool AT>
-  using AFrag = nvcuda::wmma::fragment<
-      nvcuda::wmma::matrix_a, 16, 16, 8, nvcuda::wmma::precision::tf32,
-      std::conditional_t<AT, nvcuda::wmma::col_major, nvcuda::wmma::row_major>>;
-  template <bool BT>
-  using BFrag = nvcuda::wmma::fragment<
-      nvcuda::wmma::matrix_b, 16, 16, 8, nvcuda::wmma::precision::tf32,
-      std::conditional_t<BT, nvcuda::wmma::col_major, nvcuda::wmma::row_major>>;
-
+/// What the tensor-core fragment policies share: the fp32 accumulator of a 16×16 output
+/// fragment (K deep), zeroed, multiplied into, and stored to an fp32 tile in shared memory.
+template <int K>
+struct WmmaFloatAcc {
+  using Acc = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, K, float>;
   static __device__ void zero(Acc& c) { nvcuda::wmma::fill_fragment(c, 0.0f); }
-  template <bool AT>
-  static __device__ void load_a(AFrag<AT>& a, const float* A, int lda, int i0, int k) {
-    nvcuda::wmma::load_matrix_sync(a, AT ? A + k * lda + i0 : A + i0 * lda + k, lda);
-    for (int e = 0; e < a.num_elements; ++e) a.x[e] = nvcuda::wmma::__float_to_tf32(a.x[e]);
-  }
-  template <bool BT>
-  static __device__ void load_b(BFrag<BT>& b, const float* B, int ldb, int k, int j0) {
-    nvcuda::wmma::load_matrix_sync(b, BT ? B + j0 * ldb + k : B + k * ldb + j0, ldb);
-    for (int e = 0; e < b.num_elements; ++e) b.x[e] = nvcuda::wmma::__float_to_tf32(b.x[e]);
-  }
   template <class FA, class FB>
   static __device__ void mma(Acc& c, const FA& a, const FB& b) {
     nvcuda::wmma::mma_sync(c, a, b, c);
@@ -77,19 +74,72 @@ struct WmmaTf32 {
     }
     nvcuda::wmma::store_matrix_sync(c, acc, ldc, nvcuda::wmma::mem_row_major);
   }
-#endif
 };
 
-/// Tile products on the tensor cores (flash::BlockedMma over WmmaTf32); before sm_80 (no TF32),
-/// plain FMAs.
-struct Tf32Mma {
-  template <bool AT, bool BT, class Exec>
-  static __device__ void product(const Exec& ex, int M, int N, int K, float alpha, const float* A,
-                                 int lda, const float* B, int ldb, float* C, int ldc,
+// Element (i, k) of op(A) is A[i·lda + k], or A[k·lda + i] when A is stored transposed
+// (col_major with the same stride); likewise (k, j) of op(B).
+template <bool T>
+using WmmaLayout = std::conditional_t<T, nvcuda::wmma::col_major, nvcuda::wmma::row_major>;
+
+/// The fragments of flash::BlockedMma for float heads: wmma m16n16k8 with TF32 operands and fp32
+/// accumulation, loaded from the fp32 tiles in shared memory (flash::Geometry lays them out with
+/// 32-byte aligned fragments and strides a multiple of 4, as wmma loads need). sm_80 and later.
+struct WmmaTf32 : WmmaFloatAcc<8> {
+  static constexpr int kK = 8;
+  template <bool AT>
+  using AFrag = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 8,
+                                       nvcuda::wmma::precision::tf32, WmmaLayout<AT>>;
+  template <bool BT>
+  using BFrag = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 8,
+                                       nvcuda::wmma::precision::tf32, WmmaLayout<BT>>;
+  template <bool AT>
+  static __device__ void load_a(AFrag<AT>& a, const float* A, int lda, int i0, int k) {
+    nvcuda::wmma::load_matrix_sync(a, AT ? A + k * lda + i0 : A + i0 * lda + k, lda);
+    for (int e = 0; e < a.num_elements; ++e) a.x[e] = nvcuda::wmma::__float_to_tf32(a.x[e]);
+  }
+  template <bool BT>
+  static __device__ void load_b(BFrag<BT>& b, const float* B, int ldb, int k, int j0) {
+    nvcuda::wmma::load_matrix_sync(b, BT ? B + j0 * ldb + k : B + k * ldb + j0, ldb);
+    for (int e = 0; e < b.num_elements; ++e) b.x[e] = nvcuda::wmma::__float_to_tf32(b.x[e]);
+  }
+};
+
+/// The fragments of flash::BlockedMma for bf16 heads: wmma m16n16k16 with bf16 operands, loaded
+/// as they are from the bf16 tiles in shared memory (strides a multiple of 8 elements, 32-byte
+/// aligned fragments), and fp32 accumulation. sm_80 and later.
+struct WmmaBf16 : WmmaFloatAcc<16> {
+  static constexpr int kK = 16;
+  template <bool AT>
+  using AFrag = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, __nv_bfloat16,
+                                       WmmaLayout<AT>>;
+  template <bool BT>
+  using BFrag = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, __nv_bfloat16,
+                                       WmmaLayout<BT>>;
+  static __device__ const __nv_bfloat16* raw(const bf16* p) {
+    return reinterpret_cast<const __nv_bfloat16*>(p);
+  }
+  template <bool AT>
+  static __device__ void load_a(AFrag<AT>& a, const bf16* A, int lda, int i0, int k) {
+    nvcuda::wmma::load_matrix_sync(a, raw(AT ? A + k * lda + i0 : A + i0 * lda + k), lda);
+  }
+  template <bool BT>
+  static __device__ void load_b(BFrag<BT>& b, const bf16* B, int ldb, int k, int j0) {
+    nvcuda::wmma::load_matrix_sync(b, raw(BT ? B + j0 * ldb + k : B + k * ldb + j0), ldb);
+  }
+};
+#endif
+
+/// Tile products on the tensor cores (flash::BlockedMma): bf16 fragments for bf16 operands, TF32
+/// ones for float; before sm_80, plain FMAs.
+struct TensorCoreMma {
+  template <bool AT, bool BT, class Exec, class O>
+  static __device__ void product(const Exec& ex, int M, int N, int K, float alpha, const O* A,
+                                 int lda, const O* B, int ldb, float* C, int ldc,
                                  bool accumulate) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    flash::BlockedMma<WmmaTf32>::product<AT, BT>(ex, M, N, K, alpha, A, lda, B, ldb, C, ldc,
-                                                 accumulate);
+    using F = std::conditional_t<std::is_same_v<O, bf16>, WmmaBf16, WmmaTf32>;
+    flash::BlockedMma<F>::template product<AT, BT>(ex, M, N, K, alpha, A, lda, B, ldb, C, ldc,
+                                                   accumulate);
 #else
     flash::SimtMma::product<AT, BT>(ex, M, N, K, alpha, A, lda, B, ldb, C, ldc, accumulate);
 #endif
@@ -133,25 +183,26 @@ __global__ void __launch_bounds__(Threads)
 /// The tile Context::set_flash_tile fixed, or else the largest tile whose shared memory stays
 /// within kFlashSharedTarget (and the device's limit); the smallest tile if none does but it
 /// fits the device.
-inline flash::Geometry flash_geometry(flash::Program p, std::int64_t hd, std::size_t element) {
+template <class T>
+flash::Geometry flash_geometry(flash::Program p, std::int64_t hd) {
   MOCA_CHECK(hd >= 1 && hd <= flash::kMaxHeadDim, "attention (CUDA): head width ", hd,
              " is outside the fused kernels' range 1 … ", flash::kMaxHeadDim);
   const std::size_t device_limit = Context::get().max_shared_per_block();
   if (const int fixed = Context::get().flash_tile()) {
-    const flash::Geometry g = flash::make_geometry(fixed, static_cast<int>(hd));
-    MOCA_CHECK(flash::shared_bytes(p, g, element) <= device_limit, "attention (CUDA): tile ",
-               fixed, " at head width ", hd, " needs ", flash::shared_bytes(p, g, element),
+    const flash::Geometry g = flash::make_geometry<T>(fixed, static_cast<int>(hd));
+    MOCA_CHECK(flash::shared_bytes(p, g) <= device_limit, "attention (CUDA): tile ",
+               fixed, " at head width ", hd, " needs ", flash::shared_bytes(p, g),
                " bytes of shared memory per block; this device allows ", device_limit);
     return g;
   }
   const std::size_t limit = device_limit < kFlashSharedTarget ? device_limit : kFlashSharedTarget;
   for (const int tile : flash::kTiles) {
-    const flash::Geometry g = flash::make_geometry(tile, static_cast<int>(hd));
-    if (flash::shared_bytes(p, g, element) <= limit) return g;
+    const flash::Geometry g = flash::make_geometry<T>(tile, static_cast<int>(hd));
+    if (flash::shared_bytes(p, g) <= limit) return g;
   }
-  const flash::Geometry g = flash::make_geometry(16, static_cast<int>(hd));
-  MOCA_CHECK(flash::shared_bytes(p, g, element) <= device_limit, "attention (CUDA): head width ",
-             hd, " needs ", flash::shared_bytes(p, g, element),
+  const flash::Geometry g = flash::make_geometry<T>(16, static_cast<int>(hd));
+  MOCA_CHECK(flash::shared_bytes(p, g) <= device_limit, "attention (CUDA): head width ",
+             hd, " needs ", flash::shared_bytes(p, g),
              " bytes of shared memory per block; this device allows ", device_limit);
   return g;
 }
@@ -159,11 +210,11 @@ inline flash::Geometry flash_geometry(flash::Program p, std::int64_t hd, std::si
 /// Launches kernel over (tiles, H, B) blocks of `threads` with the shared memory of program p.
 template <class Kernel, class... Args>
 void launch_flash(Kernel kernel, int threads, const char* name, flash::Program p,
-                  const flash::Geometry& g, std::size_t element, std::int64_t B, std::int64_t H,
+                  const flash::Geometry& g, std::int64_t B, std::int64_t H,
                   std::int64_t S, Args... args) {
   MOCA_CHECK(H <= 65535 && B <= 65535, "attention (CUDA): ", B, " images × ", H,
              " heads exceed the grid's 65535 per dimension");
-  const std::size_t bytes = flash::shared_bytes(p, g, element);
+  const std::size_t bytes = flash::shared_bytes(p, g);
   // Above 48 KB a kernel must opt in; the attribute is per kernel, so set it before each launch
   // (a host-side call).
   MOCA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -185,21 +236,21 @@ bool flash_on_tensor_cores() {
 template <class Mma, int Threads, class T, class A = flash::flash_acc_t<T>>
 void flash_forward(std::int64_t B, std::int64_t H, std::int64_t S, std::int64_t hd, A scale,
                    const T* qkv, A* lse, T* ctx) {
-  const flash::Geometry g = flash_geometry(flash::Program::Forward, hd, sizeof(A));
+  const flash::Geometry g = flash_geometry<T>(flash::Program::Forward, hd);
   launch_flash(flash_forward_kernel<Mma, Threads, T>, Threads, "flash_forward_kernel",
-               flash::Program::Forward, g, sizeof(A), B, H, S, scale, qkv, lse, ctx);
+               flash::Program::Forward, g, B, H, S, scale, qkv, lse, ctx);
 }
 
 template <class Mma, int Threads, class T, class A = flash::flash_acc_t<T>>
 void flash_backward(std::int64_t B, std::int64_t H, std::int64_t S, std::int64_t hd, A scale,
                     const T* qkv, const A* lse, const T* ctx, const T* dctx, A* delta, T* dqkv) {
   // Stream order puts the dq pass (which writes δ) before the dk/dv pass (which reads it).
-  const flash::Geometry gq = flash_geometry(flash::Program::Dq, hd, sizeof(A));
+  const flash::Geometry gq = flash_geometry<T>(flash::Program::Dq, hd);
   launch_flash(flash_dq_kernel<Mma, Threads, T>, Threads, "flash_dq_kernel", flash::Program::Dq,
-               gq, sizeof(A), B, H, S, scale, qkv, lse, ctx, dctx, delta, dqkv);
-  const flash::Geometry gk = flash_geometry(flash::Program::Dkdv, hd, sizeof(A));
+               gq, B, H, S, scale, qkv, lse, ctx, dctx, delta, dqkv);
+  const flash::Geometry gk = flash_geometry<T>(flash::Program::Dkdv, hd);
   launch_flash(flash_dkdv_kernel<Mma, Threads, T>, Threads, "flash_dkdv_kernel",
-               flash::Program::Dkdv, gk, sizeof(A), B, H, S, scale, qkv, lse, dctx, delta, dqkv);
+               flash::Program::Dkdv, gk, B, H, S, scale, qkv, lse, dctx, delta, dqkv);
 }
 
 /// Runs f.template operator()<Mma, Threads>() with the block size the context asks for.
@@ -235,7 +286,7 @@ void attention_forward(std::int64_t B, std::int64_t H, std::int64_t S, std::int6
   };
   if constexpr (!std::is_same_v<T, double>) {
     if (kernels::flash_on_tensor_cores<T>())
-      return kernels::with_flash_threads<kernels::Tf32Mma>(run);
+      return kernels::with_flash_threads<kernels::TensorCoreMma>(run);
   }
   kernels::with_flash_threads<flash::SimtMma>(run);
 }
@@ -252,7 +303,7 @@ void attention_backward(std::int64_t B, std::int64_t H, std::int64_t S, std::int
   };
   if constexpr (!std::is_same_v<T, double>) {
     if (kernels::flash_on_tensor_cores<T>())
-      return kernels::with_flash_threads<kernels::Tf32Mma>(run);
+      return kernels::with_flash_threads<kernels::TensorCoreMma>(run);
   }
   kernels::with_flash_threads<flash::SimtMma>(run);
 }

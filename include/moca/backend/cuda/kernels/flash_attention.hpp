@@ -19,10 +19,13 @@
 // scores in both passes, 7 tile products instead of the 4 a kept [S, S] matrix needs; attention
 // is a small share of a ViT's FLOPs, the [B, H, S, S] buffers were most of its memory.
 //
-// Every program runs on `Exec` (tid(), threads(), sync(): a CUDA block, or one serial "thread")
-// and multiplies shared-memory tiles through `Mma::product` (SimtMma below: plain FMAs, exact
-// fp32/fp64; the tensor-core policy lives in attention.cuh). Loops over tile elements are
-// `for (i = tid; i < n; i += threads)`, so the serial run covers every element a block does.
+// Every program runs on `Exec` and multiplies shared-memory tiles through `Mma::product`
+// (SimtMma below: plain FMAs, exact products; BlockedMma: 16×16 tensor-core fragments, whose
+// device policies live in attention.cuh). Exec is a CUDA block or one serial "thread": tid() and
+// threads() for loops over a tile's elements (`for (i = tid; i < n; i += threads)`), and row
+// groups (a warp on the device, the one thread serially) for the softmax-like row passes: group()
+// of groups() takes rows, its lane() of lanes() takes columns, and group_max / group_sum reduce
+// a value over the lanes. So the serial run covers every element and row a block does.
 // Padding rows and columns (past S, past hd) are zero in shared memory and masked out of the
 // softmax; nothing past S or hd is written. The products of a ragged tile (the last query or key
 // tile of a head) stop at the 16-row boundary past its last row (up16): at ViT's 197 tokens and
@@ -31,18 +34,24 @@
 // probs_and_dscores work up to the same boundaries (writing zeros between the last valid row or
 // column and the boundary), and so do the next products.
 //
-// Storage and arithmetic are separate types: q, k, v, ctx and their gradients are G in global
-// memory (float, double or bf16); shared memory, the softmax and lse and δ are flash_acc_t<G>
-// (float for bf16). A bf16 tile is widened as it is loaded and rounded once as it is stored, so
-// the scores, exponentials and sums of a bf16 head run in float, and the log-sum-exp the backward
-// subtracts keeps float precision (in bf16 it would be off by up to 2^-9 of itself, which scales
-// every recomputed probability of its row by the same error).
+// Three element types: G is the storage of q, k, v, ctx and their gradients in global memory
+// (float, double or bf16); O (flash_operand_t) is what the products read from shared memory; A
+// (flash_acc_t) is what they accumulate in, and what the scores, the softmax, lse and δ are
+// computed in. For float and double O = A = G. For bf16 heads O is bf16 and A is float, as the
+// tensor cores' bf16 products have it: q, k, v and do are copied into shared memory as they are
+// (no conversion), the scores and the output accumulators are float, and the probabilities p and
+// dS are rounded to bf16 copies for the products that read them (p·v, dS·k, pᵀ·do, dSᵀ·q), while
+// the row sums and lse use the float values. ctx and dqkv are rounded once as they are stored.
+// The log-sum-exp the backward subtracts stays float (in bf16 it would be off by up to 2^-9 of
+// itself, which scales every recomputed probability of its row by the same error).
 #pragma once
 
 #include <math.h>
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #include "moca/core/bf16.hpp"
 
@@ -58,48 +67,75 @@
 
 namespace moca::cuda::flash {
 
-/// What a head stored as G is computed in: shared-memory tiles, scores, lse and δ.
+/// What a head stored as G is computed in: accumulators, scores, lse and δ.
 template <class G>
 using flash_acc_t = compute_t<G>;
+
+/// What the tile products of a head stored as G read from shared memory: bf16 for bf16 heads
+/// (the tensor cores' bf16 operands), the arithmetic type otherwise.
+template <class G>
+using flash_operand_t = std::conditional_t<std::is_same_v<G, bf16>, bf16, flash_acc_t<G>>;
 
 /// Tile sizes the programs support (multiples of 16, the tensor-core fragment height).
 inline constexpr int kTiles[] = {64, 32, 16};
 /// Widest head the programs support.
 inline constexpr int kMaxHeadDim = 256;
 
-/// Shared-memory geometry of one block: [tile, hdp] buffers with row stride ldh and
-/// [tile, tile] buffers with row stride ldt. The strides are 4 elements past the width so that
-/// consecutive rows start in different banks, and stay multiples of 4 (tensor-core loads).
+/// Elements of X in one 16-byte access.
+template <class X>
+inline constexpr int kChunk = static_cast<int>(16 / sizeof(X));
+
+/// Shared-memory geometry of one block. Operand tiles (q, k, v, do) are [tile, hdp] in O with row
+/// stride ldo; accumulator tiles (o, dq, dk, dv) [tile, hdp] in A with stride lda; score tiles
+/// (s, dp) [tile, tile] in A with stride ldt; and, when O is narrower than A, operand copies of
+/// p and dS [tile, tile] in O with stride ldp (otherwise p and dS overwrite s and dp, ldp = ldt).
+/// Every stride is 16 bytes past the width, so that consecutive rows start 4 banks apart and
+/// every row starts on a 16-byte boundary (tensor-core loads, 16-byte copies).
 struct Geometry {
   int tile = 0;  // query rows of a query tile = key rows of a key tile
   int hd = 0;    // head width
   int hdp = 0;   // head width rounded up to a multiple of 16 (zero columns past hd)
-  int ldh = 0;
+  int ldo = 0;
+  int lda = 0;
   int ldt = 0;
+  int ldp = 0;
+  int osize = 0;  // bytes of O and of A
+  int asize = 0;
+  /// Whether p and dS get operand copies of their own.
+  MOCA_FLASH_HD bool copies() const { return osize != asize; }
 };
 
+/// The geometry of a head of width hd stored as G, in tiles of `tile` rows.
+template <class G>
 MOCA_FLASH_HD Geometry make_geometry(int tile, int hd) {
+  constexpr int os = static_cast<int>(sizeof(flash_operand_t<G>));
+  constexpr int as = static_cast<int>(sizeof(flash_acc_t<G>));
   Geometry g;
   g.tile = tile;
   g.hd = hd;
   g.hdp = (hd + 15) / 16 * 16;
-  g.ldh = g.hdp + 4;
-  g.ldt = tile + 4;
+  g.osize = os;
+  g.asize = as;
+  g.ldo = g.hdp + 16 / os;
+  g.lda = g.hdp + 16 / as;
+  g.ldt = tile + 16 / as;
+  g.ldp = os != as ? tile + 16 / os : g.ldt;
   return g;
 }
 
 /// Which program a block runs.
 enum class Program { Forward, Dq, Dkdv };
 
-/// Buffers of each program: [tile, hdp] ones, [tile, tile] ones, and per-row vectors.
+/// Buffers of each program: operand tiles, accumulator tiles, score tiles, operand copies of
+/// score tiles (when O is narrower than A), and per-row vectors.
 struct Buffers {
-  int h, t, v;
+  int operands, accumulators, scores, copies, vectors;
 };
 MOCA_FLASH_HD Buffers buffers_of(Program p) {
   switch (p) {
-    case Program::Forward: return {4, 1, 3};  // q k v o · s · m l rescale
-    case Program::Dq: return {5, 2, 2};       // q do k v dq · s dp · lse δ
-    default: return {6, 2, 2};                // q do k v dk dv · s dp · lse δ
+    case Program::Forward: return {3, 1, 1, 1, 3};  // q k v · o · s · p · m l rescale
+    case Program::Dq: return {4, 1, 2, 1, 2};       // q do k v · dq · s dp · dS · lse δ
+    default: return {4, 2, 2, 2, 2};                // q do k v · dk dv · s dp · p dS · lse δ
   }
 }
 
@@ -107,30 +143,50 @@ MOCA_FLASH_HD Buffers buffers_of(Program p) {
 inline constexpr std::size_t kAlign = 128;
 MOCA_FLASH_HD std::size_t aligned(std::size_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
 
-/// Shared memory one block of program p needs, in bytes; `element` is the size of the
-/// arithmetic type (flash_acc_t), not of the storage.
-MOCA_FLASH_HD std::size_t shared_bytes(Program p, const Geometry& g, std::size_t element) {
+/// Shared memory one block of program p needs, in bytes.
+MOCA_FLASH_HD std::size_t shared_bytes(Program p, const Geometry& g) {
   const Buffers b = buffers_of(p);
-  return b.h * aligned(element * g.tile * g.ldh) + b.t * aligned(element * g.tile * g.ldt) +
-         b.v * aligned(element * g.tile);
+  const std::size_t t = static_cast<std::size_t>(g.tile);
+  std::size_t bytes = b.operands * aligned(g.osize * t * g.ldo) +
+                      b.accumulators * aligned(g.asize * t * g.lda) +
+                      b.scores * aligned(g.asize * t * g.ldt) + b.vectors * aligned(g.asize * t);
+  if (g.copies()) bytes += b.copies * aligned(g.osize * t * g.ldp);
+  return bytes;
 }
 
 /// Hands out consecutive aligned buffers of a block's shared memory.
-template <class T>
 struct Carver {
   unsigned char* base;
   std::size_t offset = 0;
+  template <class T>
   MOCA_FLASH_FN T* take(std::size_t elements) {
     T* p = reinterpret_cast<T*>(base + offset);
     offset += aligned(sizeof(T) * elements);
     return p;
   }
+  /// An operand copy of the score tile s ([tile, ldp] in O): a buffer of its own when O is
+  /// narrower than A, s itself otherwise.
+  template <class O, class A>
+  MOCA_FLASH_FN O* copy_of(A* s, const Geometry& g) {
+    if constexpr (std::is_same_v<O, A>)
+      return s;
+    else
+      return take<O>(static_cast<std::size_t>(g.tile) * g.ldp);
+  }
 };
 
-/// One serial thread: runs a block's program on the host (tests).
+/// One serial thread: runs a block's program on the host (tests). Its one row group is itself.
 struct SerialExec {
   MOCA_FLASH_FN int tid() const { return 0; }
   MOCA_FLASH_FN int threads() const { return 1; }
+  MOCA_FLASH_FN int group() const { return 0; }
+  MOCA_FLASH_FN int groups() const { return 1; }
+  MOCA_FLASH_FN int lane() const { return 0; }
+  MOCA_FLASH_FN int lanes() const { return 1; }
+  template <class T>
+  MOCA_FLASH_FN T group_max(T v) const { return v; }
+  template <class T>
+  MOCA_FLASH_FN T group_sum(T v) const { return v; }
   MOCA_FLASH_FN void sync() const {}
 };
 
@@ -139,14 +195,15 @@ MOCA_FLASH_FN double flash_exp(double x) { return exp(x); }
 MOCA_FLASH_FN float flash_log(float x) { return logf(x); }
 MOCA_FLASH_FN double flash_log(double x) { return log(x); }
 
-/// Tile products with plain FMAs in T: each thread computes 4×4 blocks of C.
+/// Tile products with plain FMAs: each thread computes 4×4 blocks of C, with operands O widened
+/// to the accumulator type T (exact for bf16 operands and float T).
 struct SimtMma {
   /// C[M×N] = alpha · op(A)·op(B) (+ C when accumulate); op(A) is [M×K] (A stored [K×M] when
   /// AT), op(B) is [K×N] (B stored [N×K] when BT). M and N are multiples of 4; C does not alias
   /// A or B.
-  template <bool AT, bool BT, class Exec, class T>
-  static MOCA_FLASH_FN void product(const Exec& ex, int M, int N, int K, T alpha, const T* A,
-                                    int lda, const T* B, int ldb, T* C, int ldc,
+  template <bool AT, bool BT, class Exec, class O, class T>
+  static MOCA_FLASH_FN void product(const Exec& ex, int M, int N, int K, T alpha, const O* A,
+                                    int lda, const O* B, int ldb, T* C, int ldc,
                                     bool accumulate) {
     const int nt = N / 4;
     for (int t = ex.tid(); t < (M / 4) * nt; t += ex.threads()) {
@@ -154,8 +211,8 @@ struct SimtMma {
       T acc[4][4] = {};
       for (int k = 0; k < K; ++k) {
         T a[4], b[4];
-        for (int u = 0; u < 4; ++u) a[u] = AT ? A[k * lda + i0 + u] : A[(i0 + u) * lda + k];
-        for (int u = 0; u < 4; ++u) b[u] = BT ? B[(j0 + u) * ldb + k] : B[k * ldb + j0 + u];
+        for (int u = 0; u < 4; ++u) a[u] = T(AT ? A[k * lda + i0 + u] : A[(i0 + u) * lda + k]);
+        for (int u = 0; u < 4; ++u) b[u] = T(BT ? B[(j0 + u) * ldb + k] : B[k * ldb + j0 + u]);
         for (int u = 0; u < 4; ++u)
           for (int w = 0; w < 4; ++w) acc[u][w] += a[u] * b[w];
       }
@@ -173,18 +230,19 @@ struct SimtMma {
 /// arrays in the host tests). Each warp computes a 2×2 block of fragments at a time, so every
 /// operand fragment it loads from shared memory feeds two products instead of one (or, when
 /// there are fewer such blocks than warps, one fragment at a time, so that none idles). The
-/// contract of SimtMma::product, with M and N multiples of 16 and K of F::kK. Branches depend on
-/// the block only, so a warp's lanes take them together (wmma calls are warp-collective).
+/// contract of SimtMma::product, with M and N multiples of 16, K of F::kK, operands in F's
+/// operand type and float accumulation. Branches depend on the block only, so a warp's lanes take
+/// them together (wmma calls are warp-collective).
 ///
 /// F provides: kK; Acc, AFrag<AT>, BFrag<BT>; zero(Acc&); load_a<AT>(AFrag<AT>&, A, lda, i0, k)
 /// (op(A) rows i0 … i0 + 15, columns k … k + kK − 1); load_b<BT>(BFrag<BT>&, B, ldb, k, j0);
 /// mma(Acc&, AFrag, BFrag) (acc += a · b); store(Acc&, C, ldc, alpha, accumulate).
 template <class F>
 struct BlockedMma {
-  template <bool AT, bool BT, class Exec>
-  static MOCA_FLASH_FN void product(const Exec& ex, int M, int N, int K, float alpha,
-                                    const float* A, int lda, const float* B, int ldb, float* C,
-                                    int ldc, bool accumulate) {
+  template <bool AT, bool BT, class Exec, class O>
+  static MOCA_FLASH_FN void product(const Exec& ex, int M, int N, int K, float alpha, const O* A,
+                                    int lda, const O* B, int ldb, float* C, int ldc,
+                                    bool accumulate) {
     const int warps = ex.threads() >= 32 ? ex.threads() / 32 : 1;
     const int mt = M / 16, nt = N / 16;
     // 2×2 blocks while there are enough of them for every warp; one fragment each otherwise.
@@ -243,31 +301,91 @@ MOCA_FLASH_FN Head<T> head_of(const T* qkv, std::int64_t H, std::int64_t S, std:
   return x;
 }
 
-/// dst[tile, hdp] = rows [0, rows) × columns [0, hd) of src (row stride ld), widened to dst's
-/// type, zeros elsewhere.
-template <class Exec, class G, class A>
+/// 16 bytes of X, moved as one access on the device.
+template <class X>
+struct alignas(16) Chunk {
+  X v[kChunk<X>];
+};
+
+template <class X>
+MOCA_FLASH_FN Chunk<X> load_chunk(const X* p) {
+#if defined(__CUDA_ARCH__)
+  return *reinterpret_cast<const Chunk<X>*>(p);
+#else
+  Chunk<X> c;
+  std::memcpy(static_cast<void*>(&c), p, sizeof c);
+  return c;
+#endif
+}
+
+template <class X>
+MOCA_FLASH_FN void store_chunk(X* p, const Chunk<X>& c) {
+#if defined(__CUDA_ARCH__)
+  *reinterpret_cast<Chunk<X>*>(p) = c;
+#else
+  std::memcpy(static_cast<void*>(p), &c, sizeof c);
+#endif
+}
+
+/// Whether rows of `width` X at stride ld from p split into whole, aligned 16-byte chunks.
+template <class X>
+MOCA_FLASH_FN bool chunked(const X* p, std::int64_t ld, int width) {
+  return reinterpret_cast<std::uintptr_t>(p) % 16 == 0 && ld % kChunk<X> == 0 &&
+         width % kChunk<X> == 0;
+}
+
+/// dst[tile, hdp] (row stride ldd) = rows [0, rows) × columns [0, hd) of src (row stride ld),
+/// converted to dst's type, zeros elsewhere. Same types on aligned rows move 16 bytes at a time
+/// (every shared-memory row starts on a 16-byte boundary, and hdp is a multiple of 16).
+template <class Exec, class G, class X>
 MOCA_FLASH_FN void load_tile(const Exec& ex, const Geometry& g, const G* src, std::int64_t ld,
-                             int rows, A* dst) {
+                             int rows, X* dst, int ldd) {
+  if constexpr (std::is_same_v<G, X>) {
+    if (chunked(src, ld, g.hd)) {
+      constexpr int w = kChunk<X>;
+      const int per_row = g.hdp / w;
+      for (int i = ex.tid(); i < g.tile * per_row; i += ex.threads()) {
+        const int r = i / per_row, c = i % per_row * w;
+        Chunk<X> v{};
+        if (r < rows && c < g.hd) v = load_chunk(src + r * ld + c);
+        store_chunk(dst + r * ldd + c, v);
+      }
+      return;
+    }
+  }
   for (int i = ex.tid(); i < g.tile * g.hdp; i += ex.threads()) {
     const int r = i / g.hdp, c = i % g.hdp;
-    dst[r * g.ldh + c] = (r < rows && c < g.hd) ? static_cast<A>(src[r * ld + c]) : A(0);
+    dst[r * ldd + c] = (r < rows && c < g.hd) ? static_cast<X>(src[r * ld + c]) : X(0);
   }
 }
 
+/// Zeros an accumulator tile [tile, hdp].
 template <class Exec, class T>
 MOCA_FLASH_FN void zero_tile(const Exec& ex, const Geometry& g, T* dst) {
   for (int i = ex.tid(); i < g.tile * g.hdp; i += ex.threads())
-    dst[i / g.hdp * g.ldh + i % g.hdp] = T(0);
+    dst[i / g.hdp * g.lda + i % g.hdp] = T(0);
 }
 
-/// Rows [0, rows) × columns [0, hd) of src, times scale[r] (or 1), to dst (row stride ld),
-/// rounded once to dst's type.
+/// Rows [0, rows) × columns [0, hd) of the accumulator tile src, times scale[r] (or 1), to dst
+/// (row stride ld), rounded once to dst's type; 16 bytes of dst at a time on aligned rows.
 template <class Exec, class A, class G>
 MOCA_FLASH_FN void store_tile(const Exec& ex, const Geometry& g, const A* src, int rows, G* dst,
                               std::int64_t ld, const A* row_scale = nullptr) {
+  if (chunked(dst, ld, g.hd)) {
+    constexpr int w = kChunk<G>;
+    const int per_row = g.hd / w;
+    for (int i = ex.tid(); i < rows * per_row; i += ex.threads()) {
+      const int r = i / per_row, c = i % per_row * w;
+      const A s = row_scale ? row_scale[r] : A(1);
+      Chunk<G> v;
+      for (int u = 0; u < w; ++u) v.v[u] = static_cast<G>(src[r * g.lda + c + u] * s);
+      store_chunk(dst + r * ld + c, v);
+    }
+    return;
+  }
   for (int i = ex.tid(); i < rows * g.hd; i += ex.threads()) {
     const int r = i / g.hd, c = i % g.hd;
-    const A v = src[r * g.ldh + c];
+    const A v = src[r * g.lda + c];
     dst[r * ld + c] = static_cast<G>(row_scale ? v * row_scale[r] : v);
   }
 }
@@ -280,136 +398,153 @@ MOCA_FLASH_FN int rows_from(std::int64_t S, std::int64_t first, int tile) {
   return left < tile ? static_cast<int>(left) : tile;
 }
 
+/// One key tile's step of the online softmax, a row group per query row r < r16: the new row
+/// maximum m over the tile's `cols` scores, p = e^(s − m) (0 in the padding columns up to c16)
+/// into the operand copy sp, the running sum l ← l · e^(m_old − m) + Σ p (of the unrounded p),
+/// and the output so far rescaled by e^(m_old − m) (0 on the first tile, where m_old = −∞).
+template <class Exec, class A, class O>
+MOCA_FLASH_FN void online_softmax(const Exec& ex, const Geometry& g, int r16, int cols,
+                                  const A* ss, O* sp, A* sm, A* sl, A* so) {
+  const int c16 = up16(cols);
+  for (int r = ex.group(); r < r16; r += ex.groups()) {
+    const A* row = ss + r * g.ldt;
+    const A m_old = sm[r];
+    A m = m_old;
+    for (int c = ex.lane(); c < cols; c += ex.lanes()) m = row[c] > m ? row[c] : m;
+    m = ex.group_max(m);
+    A sum = A(0);
+    for (int c = ex.lane(); c < c16; c += ex.lanes()) {
+      const A p = c < cols ? flash_exp(row[c] - m) : A(0);
+      sum += p;
+      sp[r * g.ldp + c] = static_cast<O>(p);
+    }
+    sum = ex.group_sum(sum);
+    const A rescale = flash_exp(m_old - m);
+    for (int c = ex.lane(); c < g.hdp; c += ex.lanes()) so[r * g.lda + c] *= rescale;
+    if (ex.lane() == 0) {
+      sl[r] = sl[r] * rescale + sum;
+      sm[r] = m;
+    }
+  }
+}
+
 /// The forward of query tile qt of head (b, h): ctx rows and their lse.
 template <class Mma, class Exec, class G>
 MOCA_FLASH_FN void forward_block(const Exec& ex, const Geometry& g, unsigned char* smem,
                                  std::int64_t H, std::int64_t S, flash_acc_t<G> scale,
                                  const G* qkv, flash_acc_t<G>* lse, G* ctx, std::int64_t b,
                                  std::int64_t h, std::int64_t qt) {
-  using T = flash_acc_t<G>;
+  using A = flash_acc_t<G>;
+  using O = flash_operand_t<G>;
   const Head<G> x = head_of(qkv, H, S, static_cast<std::int64_t>(g.hd), b, h);
   const int tile = g.tile;
-  Carver<T> carve{smem};
-  T* sq = carve.take(tile * g.ldh);
-  T* sk = carve.take(tile * g.ldh);
-  T* sv = carve.take(tile * g.ldh);
-  T* so = carve.take(tile * g.ldh);
-  T* ss = carve.take(tile * g.ldt);
-  T* sm = carve.take(tile);
-  T* sl = carve.take(tile);
-  T* sr = carve.take(tile);
+  Carver carve{smem};
+  O* sq = carve.take<O>(tile * g.ldo);
+  O* sk = carve.take<O>(tile * g.ldo);
+  O* sv = carve.take<O>(tile * g.ldo);
+  A* so = carve.take<A>(tile * g.lda);
+  A* ss = carve.take<A>(tile * g.ldt);
+  O* sp = carve.copy_of<O>(ss, g);
+  A* sm = carve.take<A>(tile);
+  A* sl = carve.take<A>(tile);
+  A* sr = carve.take<A>(tile);
 
   const std::int64_t r0 = qt * tile;
   const int rows = rows_from(S, r0, tile);
-  load_tile(ex, g, x.q + r0 * x.ld, x.ld, rows, sq);
+  const int r16 = up16(rows);
+  load_tile(ex, g, x.q + r0 * x.ld, x.ld, rows, sq, g.ldo);
   zero_tile(ex, g, so);
   for (int r = ex.tid(); r < tile; r += ex.threads()) {
-    sm[r] = T(-INFINITY);
-    sl[r] = T(0);
+    sm[r] = A(-INFINITY);
+    sl[r] = A(0);
   }
   for (std::int64_t c0 = 0; c0 < S; c0 += tile) {
     const int cols = rows_from(S, c0, tile);
     ex.sync();  // the previous key tile is no longer read
-    load_tile(ex, g, x.q + x.dim + c0 * x.ld, x.ld, cols, sk);
-    load_tile(ex, g, x.q + 2 * x.dim + c0 * x.ld, x.ld, cols, sv);
+    load_tile(ex, g, x.q + x.dim + c0 * x.ld, x.ld, cols, sk, g.ldo);
+    load_tile(ex, g, x.q + 2 * x.dim + c0 * x.ld, x.ld, cols, sv, g.ldo);
     ex.sync();
-    const int r16 = up16(rows), c16 = up16(cols);
-    Mma::template product<false, true>(ex, r16, c16, g.hdp, scale, sq, g.ldh, sk, g.ldh, ss, g.ldt,
+    const int c16 = up16(cols);
+    Mma::template product<false, true>(ex, r16, c16, g.hdp, scale, sq, g.ldo, sk, g.ldo, ss, g.ldt,
                                        false);
     ex.sync();
-    // Online softmax in three steps: the new row maxima and the factor e^(m_old − m_new) that
-    // rescales the output so far (0 on the first tile, where m_old = −∞), one thread per row;
-    // p = e^(s − m_new) over the computed scores, every thread (the exponentials are most of the
-    // work); the row sums, one thread per row again.
-    for (int r = ex.tid(); r < r16; r += ex.threads()) {
-      const T* row = ss + r * g.ldt;
-      T m = sm[r];
-      for (int c = 0; c < cols; ++c) m = row[c] > m ? row[c] : m;
-      sr[r] = flash_exp(sm[r] - m);
-      sm[r] = m;
-    }
+    online_softmax(ex, g, r16, cols, ss, sp, sm, sl, so);
     ex.sync();
-    for (int i = ex.tid(); i < r16 * c16; i += ex.threads()) {
-      const int r = i / c16, c = i % c16;
-      T& s_rc = ss[r * g.ldt + c];
-      s_rc = c < cols ? flash_exp(s_rc - sm[r]) : T(0);
-    }
-    ex.sync();
-    for (int r = ex.tid(); r < r16; r += ex.threads()) {
-      const T* row = ss + r * g.ldt;
-      T sum = T(0);
-      for (int c = 0; c < cols; ++c) sum += row[c];
-      sl[r] = sl[r] * sr[r] + sum;
-    }
-    for (int i = ex.tid(); i < r16 * g.hdp; i += ex.threads())
-      so[i / g.hdp * g.ldh + i % g.hdp] *= sr[i / g.hdp];
-    ex.sync();
-    Mma::template product<false, false>(ex, r16, g.hdp, c16, T(1), ss, g.ldt, sv, g.ldh, so, g.ldh,
+    Mma::template product<false, false>(ex, r16, g.hdp, c16, A(1), sp, g.ldp, sv, g.ldo, so, g.lda,
                                         true);
   }
   ex.sync();
   for (int r = ex.tid(); r < rows; r += ex.threads()) {
     lse[x.row + r0 + r] = sm[r] + flash_log(sl[r]);
-    sr[r] = T(1) / sl[r];
+    sr[r] = A(1) / sl[r];
   }
   ex.sync();
   store_tile(ex, g, so, rows, ctx + x.ctx + r0 * x.dim, x.dim, sr);
 }
 
-/// p = e^(s − lse) on valid (row, column) pairs, 0 elsewhere up to the 16-row boundaries;
-/// dS = p ∘ (dp − δ) into dp. Keeps p in s when keep_p.
-template <class Exec, class T>
-MOCA_FLASH_FN void probs_and_dscores(const Exec& ex, int rows, int cols, const T* lse,
-                                     const T* delta, T* s, T* dp, int ld, bool keep_p) {
+/// A row group per row r < up16(rows): p = e^(s − lse) on valid (row, column) pairs, 0 elsewhere
+/// up to the 16-row boundaries; dS = p ∘ (dp − δ) into the operand copy sds, and p into sp when
+/// keep_p. The copies may be s and dp themselves (same type and stride, element for element).
+template <class Exec, class A, class O>
+MOCA_FLASH_FN void probs_and_dscores(const Exec& ex, const Geometry& g, int rows, int cols,
+                                     const A* lse, const A* delta, const A* s, const A* dp, O* sp,
+                                     O* sds, bool keep_p) {
   const int c16 = up16(cols);
-  for (int i = ex.tid(); i < up16(rows) * c16; i += ex.threads()) {
-    const int r = i / c16, c = i % c16;
-    const T p = (r < rows && c < cols) ? flash_exp(s[r * ld + c] - lse[r]) : T(0);
-    if (keep_p) s[r * ld + c] = p;
-    dp[r * ld + c] = p * (dp[r * ld + c] - delta[r]);
+  for (int r = ex.group(); r < up16(rows); r += ex.groups()) {
+    const A l = lse[r], d = delta[r];
+    for (int c = ex.lane(); c < c16; c += ex.lanes()) {
+      const A p = (r < rows && c < cols) ? flash_exp(s[r * g.ldt + c] - l) : A(0);
+      const A ds = p * (dp[r * g.ldt + c] - d);
+      if (keep_p) sp[r * g.ldp + c] = static_cast<O>(p);
+      sds[r * g.ldp + c] = static_cast<O>(ds);
+    }
   }
 }
 
-/// The shared memory of the backward passes: q, do, k, v and one (dq) or two (dk, dv)
-/// accumulator tiles [tile, hdp]; s and dp [tile, tile]; lse and δ of the query rows.
-template <class T>
+/// The shared memory of the backward passes: q, do, k, v; one (dq) or two (dk, dv) accumulator
+/// tiles; s and dp; the operand copies of p (dk/dv pass only) and dS; lse and δ of the query
+/// rows.
+template <class O, class A>
 struct BackwardTiles {
-  T *q, *dout, *k, *v, *acc[2], *s, *dp, *lse, *delta;
+  O *q, *dout, *k, *v;
+  A *acc[2], *s, *dp;
+  O *p, *ds;
+  A *lse, *delta;
 };
 
-template <class T>
-MOCA_FLASH_FN BackwardTiles<T> carve_backward(unsigned char* smem, const Geometry& g,
-                                              int accumulators) {
-  Carver<T> carve{smem};
-  BackwardTiles<T> t;
-  const std::size_t h = static_cast<std::size_t>(g.tile) * g.ldh;
-  t.q = carve.take(h);
-  t.dout = carve.take(h);
-  t.k = carve.take(h);
-  t.v = carve.take(h);
-  t.acc[0] = carve.take(h);
-  t.acc[1] = accumulators > 1 ? carve.take(h) : nullptr;
-  t.s = carve.take(static_cast<std::size_t>(g.tile) * g.ldt);
-  t.dp = carve.take(static_cast<std::size_t>(g.tile) * g.ldt);
-  t.lse = carve.take(g.tile);
-  t.delta = carve.take(g.tile);
+template <class O, class A>
+MOCA_FLASH_FN BackwardTiles<O, A> carve_backward(unsigned char* smem, const Geometry& g,
+                                                 int accumulators) {
+  Carver carve{smem};
+  BackwardTiles<O, A> t;
+  const std::size_t tile = static_cast<std::size_t>(g.tile);
+  t.q = carve.take<O>(tile * g.ldo);
+  t.dout = carve.take<O>(tile * g.ldo);
+  t.k = carve.take<O>(tile * g.ldo);
+  t.v = carve.take<O>(tile * g.ldo);
+  t.acc[0] = carve.take<A>(tile * g.lda);
+  t.acc[1] = accumulators > 1 ? carve.take<A>(tile * g.lda) : nullptr;
+  t.s = carve.take<A>(tile * g.ldt);
+  t.dp = carve.take<A>(tile * g.ldt);
+  t.p = accumulators > 1 ? carve.copy_of<O>(t.s, g) : nullptr;
+  t.ds = carve.copy_of<O>(t.dp, g);
+  t.lse = carve.take<A>(tile);
+  t.delta = carve.take<A>(tile);
   return t;
 }
 
 /// For one (query tile, key tile) pair: s = scale · q·kᵀ and dp = do·vᵀ, then p and dS as
 /// probs_and_dscores writes them. Starts once q, k, do, v, lse and δ are in place (after a sync);
 /// ends after a sync.
-template <class Mma, class Exec, class T>
-MOCA_FLASH_FN void recompute_dscores(const Exec& ex, const Geometry& g, T scale, int rows,
-                                     int cols, const T* sq, const T* sk, const T* sdo,
-                                     const T* sv, const T* slse, const T* sdelta, T* ss, T* sdp,
-                                     bool keep_p) {
-  Mma::template product<false, true>(ex, up16(rows), up16(cols), g.hdp, scale, sq, g.ldh, sk,
-                                     g.ldh, ss, g.ldt, false);
-  Mma::template product<false, true>(ex, up16(rows), up16(cols), g.hdp, T(1), sdo, g.ldh, sv,
-                                     g.ldh, sdp, g.ldt, false);
+template <class Mma, class Exec, class O, class A>
+MOCA_FLASH_FN void recompute_dscores(const Exec& ex, const Geometry& g, A scale, int rows,
+                                     int cols, const BackwardTiles<O, A>& t, bool keep_p) {
+  Mma::template product<false, true>(ex, up16(rows), up16(cols), g.hdp, scale, t.q, g.ldo, t.k,
+                                     g.ldo, t.s, g.ldt, false);
+  Mma::template product<false, true>(ex, up16(rows), up16(cols), g.hdp, A(1), t.dout, g.ldo, t.v,
+                                     g.ldo, t.dp, g.ldt, false);
   ex.sync();
-  probs_and_dscores(ex, rows, cols, slse, sdelta, ss, sdp, g.ldt, keep_p);
+  probs_and_dscores(ex, g, rows, cols, t.lse, t.delta, t.s, t.dp, t.p, t.ds, keep_p);
   ex.sync();
 }
 
@@ -420,38 +555,42 @@ MOCA_FLASH_FN void dq_block(const Exec& ex, const Geometry& g, unsigned char* sm
                             const flash_acc_t<G>* lse, const G* ctx, const G* dctx,
                             flash_acc_t<G>* delta, G* dqkv, std::int64_t b, std::int64_t h,
                             std::int64_t qt) {
-  using T = flash_acc_t<G>;
+  using A = flash_acc_t<G>;
+  using O = flash_operand_t<G>;
   const Head<G> x = head_of(qkv, H, S, static_cast<std::int64_t>(g.hd), b, h);
   const int tile = g.tile;
-  const BackwardTiles<T> t = carve_backward<T>(smem, g, 1);
-  T *sq = t.q, *sdo = t.dout, *sk = t.k, *sv = t.v, *sdq = t.acc[0];
-  T *ss = t.s, *sdp = t.dp, *slse = t.lse, *sdelta = t.delta;
+  const BackwardTiles<O, A> t = carve_backward<O, A>(smem, g, 1);
+  A* sdq = t.acc[0];
 
   const std::int64_t r0 = qt * tile;
   const int rows = rows_from(S, r0, tile);
-  load_tile(ex, g, x.q + r0 * x.ld, x.ld, rows, sq);
-  load_tile(ex, g, dctx + x.ctx + r0 * x.dim, x.dim, rows, sdo);
-  load_tile(ex, g, ctx + x.ctx + r0 * x.dim, x.dim, rows, sdq);  // o, for δ
-  for (int r = ex.tid(); r < tile; r += ex.threads()) slse[r] = r < rows ? lse[x.row + r0 + r] : T(0);
+  load_tile(ex, g, x.q + r0 * x.ld, x.ld, rows, t.q, g.ldo);
+  load_tile(ex, g, dctx + x.ctx + r0 * x.dim, x.dim, rows, t.dout, g.ldo);
+  load_tile(ex, g, ctx + x.ctx + r0 * x.dim, x.dim, rows, sdq, g.lda);  // o, for δ
+  for (int r = ex.tid(); r < tile; r += ex.threads())
+    t.lse[r] = r < rows ? lse[x.row + r0 + r] : A(0);
   ex.sync();
-  for (int r = ex.tid(); r < tile; r += ex.threads()) {
-    T d = T(0);
-    for (int c = 0; c < g.hd; ++c) d += sdo[r * g.ldh + c] * sdq[r * g.ldh + c];
-    sdelta[r] = d;
-    if (r < rows) delta[x.row + r0 + r] = d;
+  for (int r = ex.group(); r < tile; r += ex.groups()) {
+    A d = A(0);
+    for (int c = ex.lane(); c < g.hd; c += ex.lanes())
+      d += A(t.dout[r * g.ldo + c]) * sdq[r * g.lda + c];
+    d = ex.group_sum(d);
+    if (ex.lane() == 0) {
+      t.delta[r] = d;
+      if (r < rows) delta[x.row + r0 + r] = d;
+    }
   }
   ex.sync();
   zero_tile(ex, g, sdq);
   for (std::int64_t c0 = 0; c0 < S; c0 += tile) {
     const int cols = rows_from(S, c0, tile);
     ex.sync();
-    load_tile(ex, g, x.q + x.dim + c0 * x.ld, x.ld, cols, sk);
-    load_tile(ex, g, x.q + 2 * x.dim + c0 * x.ld, x.ld, cols, sv);
+    load_tile(ex, g, x.q + x.dim + c0 * x.ld, x.ld, cols, t.k, g.ldo);
+    load_tile(ex, g, x.q + 2 * x.dim + c0 * x.ld, x.ld, cols, t.v, g.ldo);
     ex.sync();
-    recompute_dscores<Mma>(ex, g, scale, rows, cols, sq, sk, sdo, sv, slse, sdelta, ss, sdp,
-                           false);
-    Mma::template product<false, false>(ex, up16(rows), g.hdp, up16(cols), scale, sdp, g.ldt, sk,
-                                        g.ldh, sdq, g.ldh, true);
+    recompute_dscores<Mma>(ex, g, scale, rows, cols, t, false);
+    Mma::template product<false, false>(ex, up16(rows), g.hdp, up16(cols), scale, t.ds, g.ldp,
+                                        t.k, g.ldo, sdq, g.lda, true);
   }
   ex.sync();
   store_tile(ex, g, sdq, rows, dqkv + x.qkv + r0 * x.ld, x.ld);
@@ -464,34 +603,34 @@ MOCA_FLASH_FN void dkdv_block(const Exec& ex, const Geometry& g, unsigned char* 
                               const flash_acc_t<G>* lse, const G* dctx,
                               const flash_acc_t<G>* delta, G* dqkv, std::int64_t b,
                               std::int64_t h, std::int64_t kt) {
-  using T = flash_acc_t<G>;
+  using A = flash_acc_t<G>;
+  using O = flash_operand_t<G>;
   const Head<G> x = head_of(qkv, H, S, static_cast<std::int64_t>(g.hd), b, h);
   const int tile = g.tile;
-  const BackwardTiles<T> t = carve_backward<T>(smem, g, 2);
-  T *sq = t.q, *sdo = t.dout, *sk = t.k, *sv = t.v, *sdk = t.acc[0], *sdv = t.acc[1];
-  T *ss = t.s, *sdp = t.dp, *slse = t.lse, *sdelta = t.delta;
+  const BackwardTiles<O, A> t = carve_backward<O, A>(smem, g, 2);
+  A *sdk = t.acc[0], *sdv = t.acc[1];
 
   const std::int64_t c0 = kt * tile;
   const int cols = rows_from(S, c0, tile);
-  load_tile(ex, g, x.q + x.dim + c0 * x.ld, x.ld, cols, sk);
-  load_tile(ex, g, x.q + 2 * x.dim + c0 * x.ld, x.ld, cols, sv);
+  load_tile(ex, g, x.q + x.dim + c0 * x.ld, x.ld, cols, t.k, g.ldo);
+  load_tile(ex, g, x.q + 2 * x.dim + c0 * x.ld, x.ld, cols, t.v, g.ldo);
   zero_tile(ex, g, sdk);
   zero_tile(ex, g, sdv);
   for (std::int64_t r0 = 0; r0 < S; r0 += tile) {
     const int rows = rows_from(S, r0, tile);
     ex.sync();
-    load_tile(ex, g, x.q + r0 * x.ld, x.ld, rows, sq);
-    load_tile(ex, g, dctx + x.ctx + r0 * x.dim, x.dim, rows, sdo);
+    load_tile(ex, g, x.q + r0 * x.ld, x.ld, rows, t.q, g.ldo);
+    load_tile(ex, g, dctx + x.ctx + r0 * x.dim, x.dim, rows, t.dout, g.ldo);
     for (int r = ex.tid(); r < tile; r += ex.threads()) {
-      slse[r] = r < rows ? lse[x.row + r0 + r] : T(0);
-      sdelta[r] = r < rows ? delta[x.row + r0 + r] : T(0);
+      t.lse[r] = r < rows ? lse[x.row + r0 + r] : A(0);
+      t.delta[r] = r < rows ? delta[x.row + r0 + r] : A(0);
     }
     ex.sync();
-    recompute_dscores<Mma>(ex, g, scale, rows, cols, sq, sk, sdo, sv, slse, sdelta, ss, sdp, true);
-    Mma::template product<true, false>(ex, up16(cols), g.hdp, up16(rows), T(1), ss, g.ldt, sdo,
-                                       g.ldh, sdv, g.ldh, true);
-    Mma::template product<true, false>(ex, up16(cols), g.hdp, up16(rows), scale, sdp, g.ldt, sq,
-                                       g.ldh, sdk, g.ldh, true);
+    recompute_dscores<Mma>(ex, g, scale, rows, cols, t, true);
+    Mma::template product<true, false>(ex, up16(cols), g.hdp, up16(rows), A(1), t.p, g.ldp,
+                                       t.dout, g.ldo, sdv, g.lda, true);
+    Mma::template product<true, false>(ex, up16(cols), g.hdp, up16(rows), scale, t.ds, g.ldp, t.q,
+                                       g.ldo, sdk, g.lda, true);
   }
   ex.sync();
   store_tile(ex, g, sdk, cols, dqkv + x.qkv + x.dim + c0 * x.ld, x.ld);
