@@ -643,8 +643,10 @@ TEST_CASE_TEMPLATE("cuda parity: softmax_with_spread, one kernel, no workspace",
 TEST_CASE_TEMPLATE("cuda parity: layer_norm forward and backward", T, float, double) {
   SKIP_WITHOUT_CUDA_DEVICE();
   const double eps = 1e-5;
+  // Rows a block takes (1, 7, 33, 257, 1500) and rows a warp takes, at each register budget
+  // (64, 384, 1024 elements).
   for (std::int64_t M : {1, 7, 64}) {
-    for (std::int64_t N : {1, 7, 33, 257, 1500}) {
+    for (std::int64_t N : {1, 7, 33, 64, 257, 384, 1024, 1500}) {
       for (bool affine : {true, false}) {
         CAPTURE(M);
         CAPTURE(N);
@@ -1293,39 +1295,54 @@ TEST_CASE("cuda parity: bf16 products (plain, batched, with bias) within one ulp
   CHECK(beyond_one_ulp(P, gP.to<Cpu>()) == 0);
 }
 
+/// bf16 ops against the CPU's bf16 ops: both compute in float from the same bf16 inputs and
+/// round once what they store; the sums run in different orders, so a result may land one bf16
+/// ulp away. Normwise that stays far below one rounding (2^-8), which any broken kernel exceeds
+/// by orders of magnitude.
+constexpr double kBf16OpBudget = 1.0 / 256;
+
+/// The residual + LayerNorm forward and the LayerNorm backward of M rows of N in bf16 storage,
+/// against the CPU's bf16 ops.
+void check_bf16_layer_norm(std::int64_t M, std::int64_t N) {
+  CAPTURE(N);
+  constexpr double kBudget = kBf16OpBudget;
+  const auto up = bf16_to_device;
+  const auto out = bf16_output;
+  const Tensor<bf16> x = random_bf16({M, N}), dy = random_bf16({M, N}), r = random_bf16({M, N});
+  const Tensor<bf16> gamma = random_bf16({N}), beta = random_bf16({N});
+  const Tensor<bf16, Cuda> gx = up(x), gdy = up(dy), gr = up(r), ggamma = up(gamma), gbeta = up(beta);
+  Tensor<bf16> y({M, N}), mean({M}), rstd({M}), sum({M, N});
+  Guarded<bf16> gy = out({M, N}), gmean = out({M}), grstd = out({M}), gsum = out({M, N});
+  ops::add_layer_norm(x, r, gamma, beta, 1e-6, sum, y, mean, rstd);
+  ops::add_layer_norm(gx, gr, ggamma, gbeta, 1e-6, gsum.view(), gy.view(), gmean.view(),
+                      grstd.view());
+  check_parity<bf16>("residual sum", sum, gsum, 0.0);  // one rounding of the same float sum
+  check_parity<bf16>("layer_norm", y, gy, kBudget);
+  check_parity<bf16>("layer_norm rstd", rstd, grstd, kBudget);
+  Tensor<bf16> dx({M, N}), dg({N}), db({N});
+  Guarded<bf16> gdx = out({M, N}), gdg(full<bf16>({N}, bf16(0.0f))),
+                gdb(full<bf16>({N}, bf16(0.0f)));
+  const Tensor<bf16, Cuda> gmean_cpu = up(mean), grstd_cpu = up(rstd), gs = up(sum);
+  ops::layer_norm_backward(sum, gamma, mean, rstd, dy, dx, dg, db);
+  ops::layer_norm_backward(gs, ggamma, gmean_cpu, grstd_cpu, gdy, gdx.view(), gdg.view(),
+                           gdb.view());
+  check_parity<bf16>("layer_norm dx", dx, gdx, kBudget);
+  check_parity<bf16>("layer_norm dgamma", dg, gdg, kBudget);
+  check_parity<bf16>("layer_norm dbeta", db, gdb, kBudget);
+}
+
 TEST_CASE("cuda parity: elementwise and row ops in bf16 storage against the CPU's bf16 ops") {
   SKIP_WITHOUT_CUDA_DEVICE();
-  // Both compute in float from the same bf16 inputs and round once what they store; the sums
-  // run in different orders, so a result may land one bf16 ulp away. Normwise that stays far
-  // below one rounding (2^-8), which any broken kernel exceeds by orders of magnitude. Every
-  // device output is guarded (check_parity also checks the guards).
-  constexpr double kBudget = 1.0 / 256;
+  // kBf16OpBudget; every device output is guarded (check_parity also checks the guards).
+  constexpr double kBudget = kBf16OpBudget;
   const auto up = bf16_to_device;
   const auto out = bf16_output;
   const std::int64_t M = 37, N = 257;
   const Tensor<bf16> x = random_bf16({M, N}), dy = random_bf16({M, N}), r = random_bf16({M, N});
   const Tensor<bf16> gamma = random_bf16({N}), beta = random_bf16({N});
   const Tensor<bf16, Cuda> gx = up(x), gdy = up(dy), gr = up(r), ggamma = up(gamma), gbeta = up(beta);
-  {
-    Tensor<bf16> y({M, N}), mean({M}), rstd({M}), sum({M, N});
-    Guarded<bf16> gy = out({M, N}), gmean = out({M}), grstd = out({M}), gsum = out({M, N});
-    ops::add_layer_norm(x, r, gamma, beta, 1e-6, sum, y, mean, rstd);
-    ops::add_layer_norm(gx, gr, ggamma, gbeta, 1e-6, gsum.view(), gy.view(), gmean.view(),
-                        grstd.view());
-    check_parity<bf16>("residual sum", sum, gsum, 0.0);  // one rounding of the same float sum
-    check_parity<bf16>("layer_norm", y, gy, kBudget);
-    check_parity<bf16>("layer_norm rstd", rstd, grstd, kBudget);
-    Tensor<bf16> dx({M, N}), dg({N}), db({N});
-    Guarded<bf16> gdx = out({M, N}), gdg(full<bf16>({N}, bf16(0.0f))),
-                  gdb(full<bf16>({N}, bf16(0.0f)));
-    const Tensor<bf16, Cuda> gmean_cpu = up(mean), grstd_cpu = up(rstd), gs = up(sum);
-    ops::layer_norm_backward(sum, gamma, mean, rstd, dy, dx, dg, db);
-    ops::layer_norm_backward(gs, ggamma, gmean_cpu, grstd_cpu, gdy, gdx.view(), gdg.view(),
-                             gdb.view());
-    check_parity<bf16>("layer_norm dx", dx, gdx, kBudget);
-    check_parity<bf16>("layer_norm dgamma", dg, gdg, kBudget);
-    check_parity<bf16>("layer_norm dbeta", db, gdb, kBudget);
-  }
+  for (const std::int64_t width : {N, std::int64_t(64), std::int64_t(384), std::int64_t(768)})
+    check_bf16_layer_norm(M, width);  // 257: a block per row; the others: a warp per row
   {
     Tensor<bf16> p({M, N}), lp({M, N}), dp({M, N});
     Guarded<bf16> gp = out({M, N}), glp = out({M, N}), gdp = out({M, N});

@@ -38,16 +38,11 @@ struct BlockExec {
   __device__ int lanes() const { return 32; }
   template <class T>
   __device__ T group_max(T v) const {
-    for (int o = 16; o > 0; o /= 2) {
-      const T w = __shfl_xor_sync(0xffffffffu, v, o);
-      v = w > v ? w : v;
-    }
-    return v;
+    return warp_reduce(v, MaxOp{});
   }
   template <class T>
   __device__ T group_sum(T v) const {
-    for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
+    return warp_reduce(v, SumOp{});
   }
   __device__ void sync() const { __syncthreads(); }
 };

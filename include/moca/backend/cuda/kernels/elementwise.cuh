@@ -16,43 +16,6 @@ struct FillOp {
 };
 
 template <class T>
-struct AxpbyOp {  // y = alpha x + beta y
-  T alpha, beta;
-  const T* x;
-  T* y;
-  __device__ void operator()(std::int64_t i) const { y[i] = alpha * x[i] + beta * y[i]; }
-};
-
-template <class T>
-struct AxOp {  // y = alpha x: the beta == 0 case, which must not read y (it may hold NaN)
-  T alpha;
-  const T* x;
-  T* y;
-  __device__ void operator()(std::int64_t i) const { y[i] = alpha * x[i]; }
-};
-
-template <class T>
-struct ScaleOp {
-  T alpha;
-  T* x;
-  __device__ void operator()(std::int64_t i) const { x[i] *= alpha; }
-};
-
-template <class T>
-struct AddOp {
-  const T *a, *b;
-  T* y;
-  __device__ void operator()(std::int64_t i) const { y[i] = a[i] + b[i]; }
-};
-
-template <class T>
-struct MulOp {
-  const T *a, *b;
-  T* y;
-  __device__ void operator()(std::int64_t i) const { y[i] = a[i] * b[i]; }
-};
-
-template <class T>
 struct AddBiasOp {  // x [M, N] += bias [N], over the flat index
   std::int64_t N;
   const T* bias;
@@ -72,34 +35,50 @@ __device__ inline T gelu_derivative(T x) {
   return cdf + x * pdf;
 }
 
+// Per-element functions for launch_map (common.cuh): computed as the CPU computes them (bf16
+// operands widen to float, the result rounds once as it is stored).
 template <class T>
-struct GeluForwardOp {
-  const T* x;
-  T* y;
-  __device__ void operator()(std::int64_t i) const { y[i] = gelu_value<acc_t<T>>(x[i]); }
+struct AxpbyFn {  // alpha x + beta y
+  T alpha, beta;
+  __device__ T operator()(T x, T y) const { return static_cast<T>(alpha * x + beta * y); }
 };
 
 template <class T>
-struct GeluBackwardOp {
-  const T *x, *dy;
-  T* dx;
-  __device__ void operator()(std::int64_t i) const {
-    dx[i] = dy[i] * gelu_derivative<acc_t<T>>(x[i]);
+struct AxFn {  // alpha x: the beta == 0 case, which must not read y (it may hold NaN)
+  T alpha;
+  __device__ T operator()(T x) const { return static_cast<T>(alpha * x); }
+};
+
+template <class T>
+struct AddFn {
+  __device__ T operator()(T a, T b) const { return static_cast<T>(a + b); }
+};
+
+template <class T>
+struct MulFn {
+  __device__ T operator()(T a, T b) const { return static_cast<T>(a * b); }
+};
+
+template <class T>
+struct GeluFn {
+  __device__ T operator()(T x) const { return static_cast<T>(gelu_value<acc_t<T>>(x)); }
+};
+
+template <class T>
+struct GeluGradFn {  // dy · gelu'(x)
+  __device__ T operator()(T x, T dy) const {
+    return static_cast<T>(dy * gelu_derivative<acc_t<T>>(x));
   }
 };
 
 template <class T>
-struct ReluForwardOp {
-  const T* x;
-  T* y;
-  __device__ void operator()(std::int64_t i) const { y[i] = x[i] > T(0) ? x[i] : T(0); }
+struct ReluFn {
+  __device__ T operator()(T x) const { return x > T(0) ? x : T(0); }
 };
 
 template <class T>
-struct ReluBackwardOp {  // subgradient 0 at 0, as in PyTorch
-  const T *x, *dy;
-  T* dx;
-  __device__ void operator()(std::int64_t i) const { dx[i] = x[i] > T(0) ? dy[i] : T(0); }
+struct ReluGradFn {  // subgradient 0 at 0, as in PyTorch
+  __device__ T operator()(T x, T dy) const { return x > T(0) ? dy : T(0); }
 };
 
 template <class T>
@@ -126,24 +105,24 @@ void fill(std::int64_t n, T value, T* x) {
 template <class T>
 void axpby(std::int64_t n, T alpha, const T* x, T beta, T* y) {
   if (beta == T(0))
-    kernels::launch_elementwise(n, kernels::AxOp<T>{alpha, x, y});
+    kernels::launch_map(n, kernels::AxFn<T>{alpha}, y, x);
   else
-    kernels::launch_elementwise(n, kernels::AxpbyOp<T>{alpha, beta, x, y});
+    kernels::launch_map(n, kernels::AxpbyFn<T>{alpha, beta}, y, x, static_cast<const T*>(y));
 }
 
 template <class T>
 void scale(std::int64_t n, T alpha, T* x) {
-  kernels::launch_elementwise(n, kernels::ScaleOp<T>{alpha, x});
+  kernels::launch_map(n, kernels::AxFn<T>{alpha}, x, static_cast<const T*>(x));
 }
 
 template <class T>
 void add(std::int64_t n, const T* a, const T* b, T* y) {
-  kernels::launch_elementwise(n, kernels::AddOp<T>{a, b, y});
+  kernels::launch_map(n, kernels::AddFn<T>{}, y, a, b);
 }
 
 template <class T>
 void mul(std::int64_t n, const T* a, const T* b, T* y) {
-  kernels::launch_elementwise(n, kernels::MulOp<T>{a, b, y});
+  kernels::launch_map(n, kernels::MulFn<T>{}, y, a, b);
 }
 
 template <class T>
@@ -154,22 +133,22 @@ void add_bias(std::int64_t M, std::int64_t N, const T* bias, T* x) {
 
 template <class T>
 void gelu_forward(std::int64_t n, const T* x, T* y) {
-  kernels::launch_elementwise(n, kernels::GeluForwardOp<T>{x, y});
+  kernels::launch_map(n, kernels::GeluFn<T>{}, y, x);
 }
 
 template <class T>
 void gelu_backward(std::int64_t n, const T* x, const T* dy, T* dx) {
-  kernels::launch_elementwise(n, kernels::GeluBackwardOp<T>{x, dy, dx});
+  kernels::launch_map(n, kernels::GeluGradFn<T>{}, dx, x, dy);
 }
 
 template <class T>
 void relu_forward(std::int64_t n, const T* x, T* y) {
-  kernels::launch_elementwise(n, kernels::ReluForwardOp<T>{x, y});
+  kernels::launch_map(n, kernels::ReluFn<T>{}, y, x);
 }
 
 template <class T>
 void relu_backward(std::int64_t n, const T* x, const T* dy, T* dx) {
-  kernels::launch_elementwise(n, kernels::ReluBackwardOp<T>{x, dy, dx});
+  kernels::launch_map(n, kernels::ReluGradFn<T>{}, dx, x, dy);
 }
 
 template <class T>

@@ -50,9 +50,9 @@
 
 #include <cstddef>
 #include <cstdint>
-#include <cstring>
 #include <type_traits>
 
+#include "moca/backend/cuda/kernels/chunk.hpp"
 #include "moca/core/bf16.hpp"
 
 // Programs run on the device (MOCA_FLASH_FN); geometry is also computed by the host launcher
@@ -80,10 +80,6 @@ using flash_operand_t = std::conditional_t<std::is_same_v<G, bf16>, bf16, flash_
 inline constexpr int kTiles[] = {64, 32, 16};
 /// Widest head the programs support.
 inline constexpr int kMaxHeadDim = 256;
-
-/// Elements of X in one 16-byte access.
-template <class X>
-inline constexpr int kChunk = static_cast<int>(16 / sizeof(X));
 
 /// Shared-memory geometry of one block. Operand tiles (q, k, v, do) are [tile, hdp] in O with row
 /// stride ldo; accumulator tiles (o, dq, dk, dv) [tile, hdp] in A with stride lda; score tiles
@@ -299,39 +295,6 @@ MOCA_FLASH_FN Head<T> head_of(const T* qkv, std::int64_t H, std::int64_t S, std:
   x.qkv = b * S * x.ld + h * hd;
   x.q = qkv + x.qkv;
   return x;
-}
-
-/// 16 bytes of X, moved as one access on the device.
-template <class X>
-struct alignas(16) Chunk {
-  X v[kChunk<X>];
-};
-
-template <class X>
-MOCA_FLASH_FN Chunk<X> load_chunk(const X* p) {
-#if defined(__CUDA_ARCH__)
-  return *reinterpret_cast<const Chunk<X>*>(p);
-#else
-  Chunk<X> c;
-  std::memcpy(static_cast<void*>(&c), p, sizeof c);
-  return c;
-#endif
-}
-
-template <class X>
-MOCA_FLASH_FN void store_chunk(X* p, const Chunk<X>& c) {
-#if defined(__CUDA_ARCH__)
-  *reinterpret_cast<Chunk<X>*>(p) = c;
-#else
-  std::memcpy(static_cast<void*>(p), &c, sizeof c);
-#endif
-}
-
-/// Whether rows of `width` X at stride ld from p split into whole, aligned 16-byte chunks.
-template <class X>
-MOCA_FLASH_FN bool chunked(const X* p, std::int64_t ld, int width) {
-  return reinterpret_cast<std::uintptr_t>(p) % 16 == 0 && ld % kChunk<X> == 0 &&
-         width % kChunk<X> == 0;
 }
 
 /// dst[tile, hdp] (row stride ldd) = rows [0, rows) × columns [0, hd) of src (row stride ld),

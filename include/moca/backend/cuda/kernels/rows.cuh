@@ -3,7 +3,9 @@
 //
 // One block per row. Every pass over a row has thread t touch elements t, t + blockDim.x, ...,
 // and the block reductions between passes synchronise the block, so an output row may alias its
-// input row (y = x, dx = dy) exactly as on the CPU. Float rows accumulate in float.
+// input row (y = x, dx = dy) exactly as on the CPU. Float rows accumulate in float. LayerNorm
+// rows of up to 1024 elements take one warp per row instead, the row held in registers (each
+// lane reads its elements before it writes them, so the same aliasing holds).
 #pragma once
 
 #include "moca/backend/cuda/kernels/common.cuh"
@@ -187,6 +189,164 @@ __global__ void layer_norm_backward_kernel(std::int64_t M, std::int64_t N, const
   }
 }
 
+// The same two kernels for rows that fit a warp's registers (kWarpRowMax elements, N a whole
+// number of 16-byte chunks, every row pointer 16-byte aligned; warp_row_elements says): one warp
+// per row, each lane holding E elements of it in registers (chunks lane, lane + 32, … of the
+// row), so x (and add) are read once and y (and sum) written once, in 16-byte chunks, and the
+// row's sums are warp shuffles with no shared memory or block barrier. ViT rows (384, 512, 768,
+// 1024 features) take these; others the kernels above. Same arithmetic: two passes for the
+// statistics, intermediates in acc_t, values rounded once as they are stored.
+inline constexpr std::int64_t kWarpRowMax = 1024;
+/// Threads per block of the warp-per-row kernels: eight rows at a time.
+inline constexpr int kWarpRowThreads = 256;
+
+template <class T, int E>
+__global__ void __launch_bounds__(kWarpRowThreads)
+    layer_norm_forward_warp_kernel(std::int64_t M, std::int64_t N, const T* x, const T* gamma,
+                                   const T* beta, acc_t<T> eps, T* y, T* mean, T* rstd,
+                                   const T* add, T* sum) {
+  using A = acc_t<T>;
+  constexpr int V = kChunk<T>, C = E / V;
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  const std::int64_t per_block = blockDim.x / 32;
+  for (std::int64_t r = blockIdx.x * per_block + threadIdx.x / 32; r < M;
+       r += gridDim.x * per_block) {
+    A v[C][V];
+    A s = 0;
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+      const std::int64_t j = (std::int64_t(c) * 32 + lane) * V;
+      if (j < N) {
+        Chunk<T> xc = load_chunk(x + r * N + j);
+        if (add) {
+          const Chunk<T> ac = load_chunk(add + r * N + j);
+#pragma unroll
+          for (int u = 0; u < V; ++u) xc.v[u] = static_cast<T>(xc.v[u] + ac.v[u]);
+          store_chunk(sum + r * N + j, xc);
+        }
+#pragma unroll
+        for (int u = 0; u < V; ++u) {
+          v[c][u] = xc.v[u];
+          s += v[c][u];
+        }
+      } else {
+#pragma unroll
+        for (int u = 0; u < V; ++u) v[c][u] = 0;
+      }
+    }
+    const A mu = warp_reduce(s, SumOp{}) / static_cast<A>(N);
+    A ss = 0;
+#pragma unroll
+    for (int c = 0; c < C; ++c)
+      if ((std::int64_t(c) * 32 + lane) * V < N) {
+#pragma unroll
+        for (int u = 0; u < V; ++u) {
+          const A d = v[c][u] - mu;
+          ss += d * d;
+        }
+      }
+    const A rs = A(1) / dsqrt(warp_reduce(ss, SumOp{}) / static_cast<A>(N) + eps);
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+      const std::int64_t j = (std::int64_t(c) * 32 + lane) * V;
+      if (j >= N) continue;
+      Chunk<T> g, b, out;
+      if (gamma) g = load_chunk(gamma + j);
+      if (beta) b = load_chunk(beta + j);
+#pragma unroll
+      for (int u = 0; u < V; ++u) {
+        A o = (v[c][u] - mu) * rs;
+        if (gamma) o *= static_cast<A>(g.v[u]);
+        if (beta) o += static_cast<A>(b.v[u]);
+        out.v[u] = static_cast<T>(o);
+      }
+      store_chunk(y + r * N + j, out);
+    }
+    if (lane == 0) {
+      mean[r] = mu;
+      rstd[r] = rs;
+    }
+  }
+}
+
+template <class T, int E>
+__global__ void __launch_bounds__(kWarpRowThreads)
+    layer_norm_backward_warp_kernel(std::int64_t M, std::int64_t N, const T* x, const T* gamma,
+                                    const T* mean, const T* rstd, const T* dy, T* dx,
+                                    const T* residual) {
+  using A = acc_t<T>;
+  constexpr int V = kChunk<T>, C = E / V;
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  const std::int64_t per_block = blockDim.x / 32;
+  for (std::int64_t r = blockIdx.x * per_block + threadIdx.x / 32; r < M;
+       r += gridDim.x * per_block) {
+    const A m = mean[r], is = rstd[r];
+    A g[C][V], xh[C][V];
+    A sum_g = 0, sum_gx = 0;
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+      const std::int64_t j = (std::int64_t(c) * 32 + lane) * V;
+      if (j < N) {
+        const Chunk<T> xc = load_chunk(x + r * N + j), dc = load_chunk(dy + r * N + j);
+        Chunk<T> gc;
+        if (gamma) gc = load_chunk(gamma + j);
+#pragma unroll
+        for (int u = 0; u < V; ++u) {
+          g[c][u] = gamma ? A(dc.v[u]) * A(gc.v[u]) : A(dc.v[u]);
+          xh[c][u] = (A(xc.v[u]) - m) * is;
+          sum_g += g[c][u];
+          sum_gx += g[c][u] * xh[c][u];
+        }
+      } else {
+#pragma unroll
+        for (int u = 0; u < V; ++u) g[c][u] = xh[c][u] = 0;
+      }
+    }
+    const A mg = warp_reduce(sum_g, SumOp{}) / static_cast<A>(N);
+    const A mgx = warp_reduce(sum_gx, SumOp{}) / static_cast<A>(N);
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+      const std::int64_t j = (std::int64_t(c) * 32 + lane) * V;
+      if (j >= N) continue;
+      Chunk<T> res, out;
+      if (residual) res = load_chunk(residual + r * N + j);
+#pragma unroll
+      for (int u = 0; u < V; ++u) {
+        const A v = is * (g[c][u] - mg - xh[c][u] * mgx);
+        out.v[u] = static_cast<T>(residual ? v + A(res.v[u]) : v);
+      }
+      store_chunk(dx + r * N + j, out);
+    }
+  }
+}
+
+/// The elements per lane (8, 16 or 32) the warp-per-row kernels need for rows of N, or 0 when
+/// the rows do not suit them (too long, not whole chunks, a pointer not 16-byte aligned).
+template <class T>
+int warp_row_elements(std::int64_t N, std::initializer_list<const void*> rows) {
+  if (N <= 0 || N > kWarpRowMax || N % kChunk<T> != 0) return 0;
+  for (const void* p : rows)
+    if (!aligned16(p)) return 0;
+  return N <= 32 * 8 ? 8 : (N <= 32 * 16 ? 16 : 32);
+}
+
+/// Blocks of kWarpRowThreads for M rows, one warp each (more rows than warps loop).
+inline unsigned warp_row_blocks(std::int64_t M) {
+  const std::int64_t rows = kWarpRowThreads / 32, blocks = (M + rows - 1) / rows;
+  return static_cast<unsigned>(blocks < kMaxRowBlocks ? blocks : kMaxRowBlocks);
+}
+
+/// Runs f.template operator()<E>() for the elements per lane e (8, 16 or 32).
+template <class F>
+void with_warp_row_elements(int e, F&& f) {
+  if (e == 8)
+    f.template operator()<8>();
+  else if (e == 16)
+    f.template operator()<16>();
+  else
+    f.template operator()<32>();
+}
+
 // dgamma[j] += Σ_r dy[r, j] · xhat[r, j],  dbeta[j] += Σ_r dy[r, j]: a column reduction
 // (reduce_columns in common.cuh), one writer per column, so accumulating needs no atomics.
 template <class T>
@@ -318,8 +478,17 @@ template <class T>
 void layer_norm_forward(std::int64_t M, std::int64_t N, const T* x, const T* gamma, const T* beta,
                         double eps, T* y, T* mean, T* rstd, const T* add, T* sum) {
   if (M <= 0) return;  // N == 0 still writes mean and rstd (NaN), as on the CPU
+  const acc_t<T> e = static_cast<acc_t<T>>(eps);
+  if (const int per_lane = warp_row_elements<T>(N, {x, gamma, beta, y, add, sum})) {
+    with_warp_row_elements(per_lane, [&]<int E>() {
+      layer_norm_forward_warp_kernel<T, E><<<warp_row_blocks(M), kWarpRowThreads, 0, stream()>>>(
+          M, N, x, gamma, beta, e, y, mean, rstd, add, sum);
+    });
+    check_launch("layer_norm_forward_warp_kernel");
+    return;
+  }
   layer_norm_forward_kernel<<<row_blocks(M), row_threads(N), 0, stream()>>>(
-      M, N, x, gamma, beta, static_cast<acc_t<T>>(eps), y, mean, rstd, add, sum);
+      M, N, x, gamma, beta, e, y, mean, rstd, add, sum);
   check_launch("layer_norm_forward_kernel");
 }
 
@@ -333,6 +502,14 @@ void layer_norm_backward(std::int64_t M, std::int64_t N, const T* x, const T* ga
     reduce_columns<2, acc_t<T>>(M, N, LayerNormParamLoad<T>{x, mean, rstd, dy, N},
                                 LayerNormParamFinish<T>{dgamma, dbeta},
                                 "layer_norm parameter gradients");
+  }
+  if (const int per_lane = warp_row_elements<T>(N, {x, gamma, dy, dx, residual})) {
+    with_warp_row_elements(per_lane, [&]<int E>() {
+      layer_norm_backward_warp_kernel<T, E><<<warp_row_blocks(M), kWarpRowThreads, 0, stream()>>>(
+          M, N, x, gamma, mean, rstd, dy, dx, residual);
+    });
+    check_launch("layer_norm_backward_warp_kernel");
+    return;
   }
   layer_norm_backward_kernel<<<row_blocks(M), row_threads(N), 0, stream()>>>(
       M, N, x, gamma, mean, rstd, dy, dx, residual);
