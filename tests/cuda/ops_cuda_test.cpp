@@ -1487,62 +1487,66 @@ TEST_CASE("cuda parity: soft-target loss, BatchNorm and scatter-add in bf16 stor
   }
 }
 
-TEST_CASE("cuda parity: fused attention in bf16 storage against the float attention") {
-  SKIP_WITHOUT_CUDA_DEVICE();
+/// The fused attention of bf16 heads [B, S, H, hd] at the launch the context picks, against the
+/// CPU's float attention of the same bf16 values.
+void check_bf16_attention(std::int64_t B, std::int64_t S, std::int64_t H, std::int64_t hd) {
   // bf16 q, k, v and do on the tensor cores' bf16 products, float scores, softmax, lse and δ,
   // p and dS rounded to bf16 for the products that read them, ctx and dqkv rounded once:
   // against the CPU's float attention of the same (bf16) values, the budget of the host run of
   // these programs (tests/flash_attention_test.cpp, kBf16Budget: 5e-3, worst there 3.3e-3),
   // normwise. The lse buffer is [B, H, 2·S] bf16 elements: S floats per row.
-  const std::int64_t shapes[][4] = {{2, 17, 3, 8}, {3, 197, 12, 64}, {1, 33, 1, 80}};
-  for (const auto& shape : shapes) {
-    const std::int64_t B = shape[0], S = shape[1], H = shape[2], hd = shape[3], dim = H * hd;
-    CAPTURE(S);
-    CAPTURE(hd);
-    const Tensor<bf16> qkv = random_bf16({B, S, 3 * dim}, -2.0, 2.0);
-    const Tensor<bf16> dctx = random_bf16({B, S, dim});
-    Tensor<float> qkv32({B, S, 3 * dim}), dctx32({B, S, dim});
-    ops::convert(TensorView<bf16>(qkv), TensorView<float>(qkv32));
-    ops::convert(TensorView<bf16>(dctx), TensorView<float>(dctx32));
-    // The layer's scale is a bf16 (1/√8 rounds; 1/√64 is exact): both sides use the rounded one.
-    const bf16 scale_h(1.0f / std::sqrt(float(hd)));
-    const float scale = scale_h;
-    Tensor<float> probs({B, H, S, S}), ctx({B, S, dim}), dprobs({B, H, S, S}),
-        dqkv({B, S, 3 * dim});
-    ops::attention_forward(qkv32, H, scale, probs, ctx);
-    ops::attention_backward(qkv32, probs, ctx, dctx32, H, scale, dprobs, dqkv);
+  const std::int64_t dim = H * hd;
+  CAPTURE(S);
+  CAPTURE(hd);
+  const Tensor<bf16> qkv = random_bf16({B, S, 3 * dim}, -2.0, 2.0);
+  const Tensor<bf16> dctx = random_bf16({B, S, dim});
+  Tensor<float> qkv32({B, S, 3 * dim}), dctx32({B, S, dim});
+  ops::convert(TensorView<bf16>(qkv), TensorView<float>(qkv32));
+  ops::convert(TensorView<bf16>(dctx), TensorView<float>(dctx32));
+  // The layer's scale is a bf16 (1/√8 rounds; 1/√64 is exact): both sides use the rounded one.
+  const bf16 scale_h(1.0f / std::sqrt(float(hd)));
+  const float scale = scale_h;
+  Tensor<float> probs({B, H, S, S}), ctx({B, S, dim}), dprobs({B, H, S, S}),
+      dqkv({B, S, 3 * dim});
+  ops::attention_forward(qkv32, H, scale, probs, ctx);
+  ops::attention_backward(qkv32, probs, ctx, dctx32, H, scale, dprobs, dqkv);
 
-    REQUIRE(ops::attention_saved_shape<bf16, Cuda>(B, H, S) == Shape({B, H, 2 * S}));
-    const Tensor<bf16, Cuda> gqkv = bf16_to_device(qkv), gdctx = bf16_to_device(dctx);
-    Guarded<bf16> glse = bf16_output({B, H, 2 * S}), gctx = bf16_output({B, S, dim}),
-                  gwork = bf16_output({B, H, 2 * S}), gdqkv = bf16_output({B, S, 3 * dim});
-    ops::attention_forward(gqkv, H, scale_h, glse.view(), gctx.view());
-    ops::attention_backward(gqkv, glse.view(), gctx.view(), gdctx, H, scale_h, gwork.view(),
-                            gdqkv.view());
-    Tensor<bf16> ctx_h({B, S, dim}), dqkv_h({B, S, 3 * dim});
-    ops::convert(TensorView<float>(ctx), TensorView<bf16>(ctx_h));
-    ops::convert(TensorView<float>(dqkv), TensorView<bf16>(dqkv_h));
-    check_parity<bf16>("bf16 attention ctx", ctx_h, gctx, 5e-3);
-    check_parity<bf16>("bf16 attention dqkv", dqkv_h, gdqkv, 5e-3);
-    CHECK(gwork.guards_intact());
-    // The saved lse: S floats per (image, head), the float log-sum-exp of the scores.
-    const Tensor<bf16> lse_raw = glse.result();
-    std::vector<float> lse(static_cast<std::size_t>(B * H * S));
-    std::memcpy(lse.data(), lse_raw.data(), lse.size() * sizeof(float));
-    const std::vector<double> lse_ref =
-        attention_reference::log_sum_exp_rows(qkv32.data(), B, H, S, hd, double(scale));
-    double worst = 0;
-    for (std::size_t i = 0; i < lse.size(); ++i)
-      worst = std::max(worst, std::abs(double(lse[i]) - lse_ref[i]) / std::abs(lse_ref[i]));
-    CHECK(worst < 3e-3);
-    CHECK(glse.guards_intact());
-  }
+  REQUIRE(ops::attention_saved_shape<bf16, Cuda>(B, H, S) == Shape({B, H, 2 * S}));
+  const Tensor<bf16, Cuda> gqkv = bf16_to_device(qkv), gdctx = bf16_to_device(dctx);
+  Guarded<bf16> glse = bf16_output({B, H, 2 * S}), gctx = bf16_output({B, S, dim}),
+                gwork = bf16_output({B, H, 2 * S}), gdqkv = bf16_output({B, S, 3 * dim});
+  ops::attention_forward(gqkv, H, scale_h, glse.view(), gctx.view());
+  ops::attention_backward(gqkv, glse.view(), gctx.view(), gdctx, H, scale_h, gwork.view(),
+                          gdqkv.view());
+  Tensor<bf16> ctx_h({B, S, dim}), dqkv_h({B, S, 3 * dim});
+  ops::convert(TensorView<float>(ctx), TensorView<bf16>(ctx_h));
+  ops::convert(TensorView<float>(dqkv), TensorView<bf16>(dqkv_h));
+  check_parity<bf16>("bf16 attention ctx", ctx_h, gctx, 5e-3);
+  check_parity<bf16>("bf16 attention dqkv", dqkv_h, gdqkv, 5e-3);
+  CHECK(gwork.guards_intact());
+  // The saved lse: S floats per (image, head), the float log-sum-exp of the scores.
+  const Tensor<bf16> lse_raw = glse.result();
+  std::vector<float> lse(static_cast<std::size_t>(B * H * S));
+  std::memcpy(lse.data(), lse_raw.data(), lse.size() * sizeof(float));
+  const std::vector<double> lse_ref =
+      attention_reference::log_sum_exp_rows(qkv32.data(), B, H, S, hd, double(scale));
+  double worst = 0;
+  for (std::size_t i = 0; i < lse.size(); ++i)
+    worst = std::max(worst, std::abs(double(lse[i]) - lse_ref[i]) / std::abs(lse_ref[i]));
+  CHECK(worst < 3e-3);
+  CHECK(glse.guards_intact());
+}
+
+TEST_CASE("cuda parity: fused attention in bf16 storage against the float attention") {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  const std::int64_t shapes[][4] = {{2, 17, 3, 8}, {3, 197, 12, 64}, {1, 33, 1, 80}};
+  for (const auto& [B, S, H, hd] : shapes) check_bf16_attention(B, S, H, hd);
 }
 
 TEST_CASE("cuda parity: fused attention at every tile and block size, and sizes that are not") {
   SKIP_WITHOUT_CUDA_DEVICE();
   // The launcher picks one tile per head width and four warps; every tile the programs support,
-  // on four and eight warps, runs here on the device (the host run of
+  // on four and eight warps, runs here on the device for float and bf16 heads (the host run of
   // tests/flash_attention_test.cpp covers every tile with one serial thread): ragged ends of
   // each, ViT's 197 tokens, a 128-wide head.
   const std::int64_t shapes[][4] = {{2, 17, 3, 8}, {2, 197, 3, 64}, {1, 48, 1, 128}};
@@ -1571,6 +1575,7 @@ TEST_CASE("cuda parity: fused attention at every tile and block size, and sizes 
       ops::attention_backward(gqkv, glse, gctx.view(), gdctx, H, scale, gwork, gdqkv.view());
       check_parity<float>("attention ctx", ctx, gctx, tolerance<float>(S * hd));
       check_parity<float>("attention dqkv", dqkv, gdqkv, tolerance<float>(4 * S * hd));
+      check_bf16_attention(B, S, H, hd);  // bf16 heads: their own shared-memory layout
     }
   }
   CHECK(cuda::Context::get().flash_tile() == 0);
