@@ -251,6 +251,39 @@ TEST_CASE("bf16 rows, GELU and sums compute in float: within one rounding of the
                        Vec{max_abs(to_vec<float>(db))});
   }
   {
+    // The residual forms, in place as the ViT runs them: sum = x + add over x, rounded to bf16
+    // before its statistics are taken (the float reference normalises the same rounded sum);
+    // dx = residual + the LayerNorm gradient, over dy.
+    const Pair add = random_pair({M, N}, 45), residual = random_pair({M, N}, 46);
+    Tensor<bf16> sumh = x.h.clone(), yh({M, N}), meanh({M}), rstdh({M});
+    ops::add_layer_norm(TensorView<bf16>(sumh), TensorView<bf16>(add.h), TensorView<bf16>(gamma.h),
+                        TensorView<bf16>(beta.h), 1e-6, TensorView<bf16>(sumh), TensorView<bf16>(yh),
+                        TensorView<bf16>(meanh), TensorView<bf16>(rstdh));
+    Tensor<float> sum({M, N}), rounded({M, N}), y({M, N}), mean({M}), rstd({M});
+    ops::add(x.f, add.f, sum);
+    for (std::int64_t i = 0; i < sum.numel(); ++i) rounded.data()[i] = bf16(sum.data()[i]);
+    check_close_scaled("residual sum", TensorView<bf16>(sumh), to_vec<float>(rounded), 0.0, Vec{0.0});
+    ops::layer_norm(rounded, gamma.f, beta.f, 1e-6, y, mean, rstd);
+    check_close_scaled("add_layer_norm", TensorView<bf16>(yh), to_vec<float>(y), tol, Vec{1e-6});
+    check_close_scaled("add_layer_norm rstd", TensorView<bf16>(rstdh), to_vec<float>(rstd), tol,
+                       Vec{1e-6});
+    for (std::int64_t r = 0; r < M; ++r) mean.data()[r] = meanh.data()[r], rstd.data()[r] = rstdh.data()[r];
+    Tensor<float> dx = dy.f.clone(), dg({N}), db({N});
+    Tensor<bf16> dxh = dy.h.clone(), dgh({N}), dbh({N});
+    ops::layer_norm_backward_add(TensorView<float>(rounded), TensorView<float>(gamma.f),
+                                 TensorView<float>(mean), TensorView<float>(rstd),
+                                 TensorView<float>(dx), TensorView<float>(residual.f),
+                                 TensorView<float>(dx), TensorView<float>(dg), TensorView<float>(db));
+    ops::layer_norm_backward_add(TensorView<bf16>(sumh), TensorView<bf16>(gamma.h),
+                                 TensorView<bf16>(meanh), TensorView<bf16>(rstdh),
+                                 TensorView<bf16>(dxh), TensorView<bf16>(residual.h),
+                                 TensorView<bf16>(dxh), TensorView<bf16>(dgh), TensorView<bf16>(dbh));
+    check_close_scaled("layer_norm_backward_add dx", TensorView<bf16>(dxh), to_vec<float>(dx), tol,
+                       row_scale(to_vec<float>(dx), N));
+    check_close_scaled("layer_norm_backward_add dgamma", TensorView<bf16>(dgh), to_vec<float>(dg),
+                       tol, Vec{max_abs(to_vec<float>(dg))});
+  }
+  {
     Tensor<float> p({M, N}), dx({M, N});
     Tensor<bf16> ph({M, N}), dxh({M, N});
     ops::softmax(x.f, p);

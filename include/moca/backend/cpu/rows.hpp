@@ -9,6 +9,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "moca/backend/cpu/bf16_lanes.hpp"
 #include "moca/backend/cpu/parallel.hpp"
 #include "moca/backend/cpu/simd_math.hpp"
 #include "moca/core/bf16.hpp"
@@ -72,6 +73,81 @@ inline float dot(std::int64_t N, const float* a, const float* b) {
   for (std::int64_t j = 0; j < N; j += 8)
     acc = _mm256_fmadd_ps(load(a + j, N - j, zero), load(b + j, N - j, zero), acc);
   return simd::sum(acc);
+}
+
+
+/// One LayerNorm row of N floats: y = (x − mean) · rstd (· gamma + beta, either may be null);
+/// returns mean and rstd. The mean, then the squared deviations from it, in two passes.
+inline void layer_norm_row(std::int64_t N, const float* x, const float* gamma, const float* beta,
+                           float eps, float* y, float& mean, float& rstd) {
+  const __m256 zero = _mm256_setzero_ps();
+  const float mu = sum(N, x) / static_cast<float>(N);
+  const __m256 m = _mm256_set1_ps(mu);
+  __m256 acc = zero;
+  for (std::int64_t j = 0; j < N; j += 8) {
+    // Padding lanes load mu: their deviation is 0.
+    const __m256 d = _mm256_sub_ps(load(x + j, N - j, m), m);
+    acc = _mm256_fmadd_ps(d, d, acc);
+  }
+  const float is = 1.0f / std::sqrt(simd::sum(acc) / static_cast<float>(N) + eps);
+  const __m256 vis = _mm256_set1_ps(is), one = _mm256_set1_ps(1.0f);
+  for (std::int64_t j = 0; j < N; j += 8) {
+    __m256 v = _mm256_mul_ps(_mm256_sub_ps(load(x + j, N - j, m), m), vis);
+    if (gamma) v = _mm256_mul_ps(v, load(gamma + j, N - j, one));
+    if (beta) v = _mm256_add_ps(v, load(beta + j, N - j, zero));
+    store(y + j, N - j, v);
+  }
+  mean = mu;
+  rstd = is;
+}
+
+/// The LayerNorm backward of one row of N floats with its saved mean m and rstd is:
+/// dx = is · (g − mean(g) − x̂ · mean(g · x̂)) (+ residual), g = dy · gamma, and the row's
+/// dy · x̂ and dy added to pg and pb when pg is not null. dx may alias dy or residual.
+inline void layer_norm_backward_row(std::int64_t N, const float* x, const float* gamma, float m,
+                                    float is, const float* dy, const float* residual, float* dx,
+                                    float* pg, float* pb) {
+  const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
+  const __m256 vm = _mm256_set1_ps(m), vis = _mm256_set1_ps(is);
+  __m256 acc_g = zero, acc_gx = zero;
+  for (std::int64_t j = 0; j < N; j += 8) {
+    __m256 g = load(dy + j, N - j, zero);  // padding lanes: g = 0
+    if (gamma) g = _mm256_mul_ps(g, load(gamma + j, N - j, one));
+    const __m256 xhat = _mm256_mul_ps(_mm256_sub_ps(load(x + j, N - j, vm), vm), vis);
+    acc_g = _mm256_add_ps(acc_g, g);
+    acc_gx = _mm256_fmadd_ps(g, xhat, acc_gx);
+  }
+  const __m256 mg = _mm256_set1_ps(simd::sum(acc_g) / static_cast<float>(N));
+  const __m256 mgx = _mm256_set1_ps(simd::sum(acc_gx) / static_cast<float>(N));
+  for (std::int64_t j = 0; j < N; j += 8) {
+    const __m256 g0 = load(dy + j, N - j, zero);
+    const __m256 g = gamma ? _mm256_mul_ps(g0, load(gamma + j, N - j, one)) : g0;
+    const __m256 xhat = _mm256_mul_ps(_mm256_sub_ps(load(x + j, N - j, vm), vm), vis);
+    if (pg) {  // before dx is stored: dx may alias dy
+      store(pg + j, N - j, _mm256_fmadd_ps(g0, xhat, load(pg + j, N - j, zero)));
+      store(pb + j, N - j, _mm256_add_ps(g0, load(pb + j, N - j, zero)));
+    }
+    __m256 d = _mm256_mul_ps(vis, _mm256_fnmadd_ps(xhat, mgx, _mm256_sub_ps(g, mg)));
+    if (residual) d = _mm256_add_ps(d, load(residual + j, N - j, zero));
+    store(dx + j, N - j, d);
+  }
+}
+
+/// A thread's float buffer, grown once: the bf16 row kernels widen rows into slot 0 (each worker
+/// its own) and a call's parameters into slot 1 (the calling thread's, read by every worker),
+/// run the float lanes, and round once what they store.
+template <int Slot>
+float* scratch(std::size_t floats) {
+  thread_local std::vector<float> buffer;
+  if (buffer.size() < floats) buffer.resize(floats);
+  return buffer.data();
+}
+
+/// x widened, or null for null x.
+inline const float* widened(const bf16* x, std::int64_t n, float* buffer) {
+  if (x == nullptr) return nullptr;
+  widen_bf16(n, x, buffer);
+  return buffer;
 }
 
 }  // namespace lanes
@@ -234,46 +310,47 @@ template <class T>
 void layer_norm_forward(std::int64_t M, std::int64_t N, const T* x, const T* gamma, const T* beta,
                         double eps, T* y, T* mean, T* rstd, const T* add = nullptr,
                         T* sum = nullptr) {
+  [[maybe_unused]] const float *gamma_f = nullptr, *beta_f = nullptr;
+#ifdef MOCA_CPU_SIMD_MATH
+  if constexpr (std::is_same_v<T, bf16>) {
+    float* params = lanes::scratch<1>(static_cast<std::size_t>(2 * N));
+    gamma_f = lanes::widened(gamma, N, params);
+    beta_f = lanes::widened(beta, N, params + N);
+  }
+#endif
   parallel_for(M, 4 * M * N, [&](std::int64_t r0, std::int64_t r1) {
     for (std::int64_t r = r0; r < r1; ++r) {
       const T* xr = x + r * N;
       T* yr = y + r * N;
 #ifdef MOCA_CPU_SIMD_MATH
       if constexpr (std::is_same_v<T, float>) {
-        const __m256 zero = _mm256_setzero_ps();
-        float total;
         if (add) {  // the row of x + add, stored to sum and read back from cache below
           const float* ar = add + r * N;
           float* sr = sum + r * N;
-          __m256 acc = zero;
           for (std::int64_t j = 0; j < N; j += 8) {
-            const __m256 v = _mm256_add_ps(lanes::load(xr + j, N - j, zero),
-                                           lanes::load(ar + j, N - j, zero));
-            lanes::store(sr + j, N - j, v);
-            acc = _mm256_add_ps(acc, v);
+            const __m256 zero = _mm256_setzero_ps();
+            lanes::store(sr + j, N - j, _mm256_add_ps(lanes::load(xr + j, N - j, zero),
+                                                      lanes::load(ar + j, N - j, zero)));
           }
-          total = simd::sum(acc);
           xr = sr;
-        } else {
-          total = lanes::sum(N, xr);
         }
-        const float mu = total / static_cast<float>(N);
-        const __m256 m = _mm256_set1_ps(mu);
-        __m256 acc = zero;
-        for (std::int64_t j = 0; j < N; j += 8) {
-          // Padding lanes load mu: their deviation is 0.
-          const __m256 d = _mm256_sub_ps(lanes::load(xr + j, N - j, m), m);
-          acc = _mm256_fmadd_ps(d, d, acc);
+        lanes::layer_norm_row(N, xr, gamma, beta, static_cast<float>(eps), yr, mean[r], rstd[r]);
+        continue;
+      } else if constexpr (std::is_same_v<T, bf16>) {
+        // The row (x + add rounded to bf16 first, as stored) and y in float; gamma and beta
+        // were widened once for all rows.
+        float* xf = lanes::scratch<0>(static_cast<std::size_t>(2 * N));
+        float* yf = xf + N;
+        widen_bf16(N, xr, xf);
+        if (add) {
+          widen_bf16(N, add + r * N, yf);
+          for (std::int64_t j = 0; j < N; ++j) xf[j] = xf[j] + yf[j];
+          narrow_to_bf16(N, xf, sum + r * N);
+          widen_bf16(N, sum + r * N, xf);
         }
-        const float is = 1.0f / std::sqrt(simd::sum(acc) / static_cast<float>(N) +
-                                          static_cast<float>(eps));
-        const __m256 vis = _mm256_set1_ps(is), one = _mm256_set1_ps(1.0f);
-        for (std::int64_t j = 0; j < N; j += 8) {
-          __m256 v = _mm256_mul_ps(_mm256_sub_ps(lanes::load(xr + j, N - j, m), m), vis);
-          if (gamma) v = _mm256_mul_ps(v, lanes::load(gamma + j, N - j, one));
-          if (beta) v = _mm256_add_ps(v, lanes::load(beta + j, N - j, zero));
-          lanes::store(yr + j, N - j, v);
-        }
+        float mu, is;
+        lanes::layer_norm_row(N, xf, gamma_f, beta_f, static_cast<float>(eps), yf, mu, is);
+        narrow_to_bf16(N, yf, yr);
         mean[r] = mu;
         rstd[r] = is;
         continue;
@@ -330,6 +407,11 @@ void layer_norm_backward(std::int64_t M, std::int64_t N, const T* x, const T* ga
   if (params && static_cast<std::int64_t>(partials.size()) < blocks * 2 * N)
     partials.resize(static_cast<std::size_t>(blocks * 2 * N));
   acc_t<T>* part = partials.data();
+  [[maybe_unused]] const float* gamma_f = nullptr;
+#ifdef MOCA_CPU_SIMD_MATH
+  if constexpr (std::is_same_v<T, bf16>)
+    gamma_f = lanes::widened(gamma, N, lanes::scratch<1>(static_cast<std::size_t>(N)));
+#endif
   parallel_for(blocks, 8 * M * N, [&](std::int64_t b0, std::int64_t b1) {
     for (std::int64_t blk = b0; blk < b1; ++blk) {
       acc_t<T>* pg = params ? part + blk * 2 * N : nullptr;
@@ -344,33 +426,16 @@ void layer_norm_backward(std::int64_t M, std::int64_t N, const T* x, const T* ga
         const acc_t<T> m = mean[r], is = rstd[r];
 #ifdef MOCA_CPU_SIMD_MATH
         if constexpr (std::is_same_v<T, float>) {
-          const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
-          const __m256 vm = _mm256_set1_ps(m), vis = _mm256_set1_ps(is);
-          __m256 acc_g = zero, acc_gx = zero;
-          for (std::int64_t j = 0; j < N; j += 8) {
-            __m256 g = lanes::load(gr + j, N - j, zero);  // padding lanes: g = 0
-            if (gamma) g = _mm256_mul_ps(g, lanes::load(gamma + j, N - j, one));
-            const __m256 xhat =
-                _mm256_mul_ps(_mm256_sub_ps(lanes::load(xr + j, N - j, vm), vm), vis);
-            acc_g = _mm256_add_ps(acc_g, g);
-            acc_gx = _mm256_fmadd_ps(g, xhat, acc_gx);
-          }
-          const __m256 mg = _mm256_set1_ps(simd::sum(acc_g) / static_cast<float>(N));
-          const __m256 mgx = _mm256_set1_ps(simd::sum(acc_gx) / static_cast<float>(N));
-          for (std::int64_t j = 0; j < N; j += 8) {
-            const __m256 g0 = lanes::load(gr + j, N - j, zero);
-            const __m256 g = gamma ? _mm256_mul_ps(g0, lanes::load(gamma + j, N - j, one)) : g0;
-            const __m256 xhat =
-                _mm256_mul_ps(_mm256_sub_ps(lanes::load(xr + j, N - j, vm), vm), vis);
-            if (pg) {  // before dx is stored: dx may alias dy
-              lanes::store(pg + j, N - j, _mm256_fmadd_ps(g0, xhat, lanes::load(pg + j, N - j, zero)));
-              lanes::store(pb + j, N - j, _mm256_add_ps(g0, lanes::load(pb + j, N - j, zero)));
-            }
-            // dx = rstd · (g - mean(g) - xhat · mean(g · xhat)) (+ residual)
-            __m256 d = _mm256_mul_ps(vis, _mm256_fnmadd_ps(xhat, mgx, _mm256_sub_ps(g, mg)));
-            if (rr) d = _mm256_add_ps(d, lanes::load(rr + j, N - j, zero));
-            lanes::store(dr + j, N - j, d);
-          }
+          lanes::layer_norm_backward_row(N, xr, gamma, m, is, gr, rr, dr, pg, pb);
+          continue;
+        } else if constexpr (std::is_same_v<T, bf16>) {
+          float* xf = lanes::scratch<0>(static_cast<std::size_t>(3 * N));
+          float *gf = xf + N, *rf = gf + N;
+          widen_bf16(N, xr, xf);
+          widen_bf16(N, gr, gf);
+          lanes::layer_norm_backward_row(N, xf, gamma_f, m, is, gf, lanes::widened(rr, N, rf), gf,
+                                         pg, pb);
+          narrow_to_bf16(N, gf, dr);
           continue;
         }
 #endif
