@@ -19,6 +19,7 @@
 #include <moca/optim/ema.hpp>
 #include <sstream>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include <unistd.h>
@@ -308,6 +309,30 @@ TEST_CASE("bf16 rows, GELU and sums compute in float: within one rounding of the
     ops::sum(dy.h, 0, sh);
     check_close_scaled("column sums", TensorView<bf16>(sh), to_vec<float>(s), tol,
                        Vec{max_abs(to_vec<float>(s))});
+  }
+}
+
+TEST_CASE("bf16 attention computes in float: within a rounding of the float attention") {
+  // Heads the small-head path takes (hd a multiple of 8: widened per head, scores and softmax in
+  // float) and one it does not (hd 12: the widened GEMMs and the bf16 softmax rows). The bf16
+  // op rounds the probabilities, ctx and dqkv as it stores them; the float op on the same
+  // (bf16-exact) inputs is the reference, normwise.
+  for (const auto& [S, hd, tol] : {std::tuple{17, 16, 2 * kHalfUlp}, std::tuple{40, 32, 2 * kHalfUlp},
+                                   std::tuple{9, 12, 4 * kHalfUlp}}) {
+    CAPTURE(S);
+    CAPTURE(hd);
+    const std::int64_t B = 2, H = 3, dim = H * hd;
+    const Pair qkv = random_pair({B, S, 3 * dim}, 71, -2, 2), dctx = random_pair({B, S, dim}, 72);
+    const float scale = 0.25f;
+    Tensor<float> p({B, H, S, S}), ctx({B, S, dim}), dp({B, H, S, S}), dqkv({B, S, 3 * dim});
+    Tensor<bf16> ph({B, H, S, S}), ctxh({B, S, dim}), dph({B, H, S, S}), dqkvh({B, S, 3 * dim});
+    ops::attention_forward(qkv.f, H, scale, p, ctx);
+    ops::attention_forward(qkv.h, H, bf16(scale), ph, ctxh);
+    check_close("attention probabilities", TensorView<bf16>(ph), to_vec<float>(p), tol);
+    check_close("attention ctx", TensorView<bf16>(ctxh), to_vec<float>(ctx), tol);
+    ops::attention_backward(qkv.f, p, ctx, dctx.f, H, scale, dp, dqkv);
+    ops::attention_backward(qkv.h, ph, ctxh, dctx.h, H, bf16(scale), dph, dqkvh);
+    check_close("attention dqkv", TensorView<bf16>(dqkvh), to_vec<float>(dqkv), 2 * tol);
   }
 }
 

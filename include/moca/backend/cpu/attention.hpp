@@ -6,8 +6,9 @@
 // Float heads of up to kSmallHeadTokens tokens with hd a multiple of 8 (every preset) run the
 // register-tiled products of small_gemm.hpp (A read in place, B copied per column block): K
 // and V are transposed once per head into a buffer padded to 8 tokens, and the scores go to a
-// padded buffer whose rows the softmax reads in place. Other shapes and double run the packed
-// cpu::gemm.
+// padded buffer whose rows the softmax reads in place. bf16 heads of those shapes are widened
+// into float buffers per head and run the same code (scores and softmax in float; probabilities,
+// ctx and gradients rounded once as stored). Other shapes and double run the packed cpu::gemm.
 #pragma once
 
 #include <algorithm>
@@ -117,6 +118,61 @@ inline void backward(std::int64_t S, std::int64_t hd, std::int64_t dim, float sc
   small_gemm::gemm(S, hd, S, scale, ds, 1, Sp, q, ld, dk, ld, panel);
 }
 
+/// Per-thread float copies of one bf16 head: q | k | v (or their gradients) [S, 3·hd], the
+/// probabilities [S, S], and ctx or do [S, hd].
+struct WidenedHead {
+  sgemm_avx2::PackBuffer qkv, probs, rows, grads;
+};
+
+inline WidenedHead& widened_head() {
+  thread_local WidenedHead buffers;
+  return buffers;
+}
+
+/// rows × width values of x (row stride ldx) widened to y (row stride ldy), or narrowed.
+inline void widen_rows(std::int64_t rows, std::int64_t width, const bf16* x, std::int64_t ldx,
+                       float* y, std::int64_t ldy) {
+  for (std::int64_t r = 0; r < rows; ++r) widen_bf16(width, x + r * ldx, y + r * ldy);
+}
+inline void narrow_rows(std::int64_t rows, std::int64_t width, const float* x, std::int64_t ldx,
+                        bf16* y, std::int64_t ldy) {
+  for (std::int64_t r = 0; r < rows; ++r) narrow_to_bf16(width, x + r * ldx, y + r * ldy);
+}
+
+/// A bf16 head through the float head above: its q, k and v widened into one [S, 3·hd] buffer
+/// (a head of width hd whose "dim" is hd), scores, softmax and products in float, and the
+/// probabilities and ctx rounded once as they are stored (ctx from the unrounded p).
+inline void forward_bf16(std::int64_t S, std::int64_t hd, std::int64_t dim, float scale,
+                         const bf16* q, bf16* P, bf16* ctx) {
+  WidenedHead& w = widened_head();
+  float* qf = w.qkv.reserve(3 * S * hd);
+  float* pf = w.probs.reserve(S * S);
+  float* cf = w.rows.reserve(S * hd);
+  for (std::int64_t part = 0; part < 3; ++part)
+    widen_rows(S, hd, q + part * dim, 3 * dim, qf + part * hd, 3 * hd);
+  forward(S, hd, hd, scale, qf, pf, cf);
+  narrow_to_bf16(S * S, pf, P);
+  narrow_rows(S, hd, cf, hd, ctx, dim);
+}
+
+/// The backward of a bf16 head the same way: q, k, v, the stored probabilities and do widened,
+/// dq, dk and dv rounded once as they are stored.
+inline void backward_bf16(std::int64_t S, std::int64_t hd, std::int64_t dim, float scale,
+                          const bf16* q, const bf16* P, const bf16* dout, bf16* dq) {
+  WidenedHead& w = widened_head();
+  float* qf = w.qkv.reserve(3 * S * hd);
+  float* pf = w.probs.reserve(S * S);
+  float* of = w.rows.reserve(S * hd);
+  float* gf = w.grads.reserve(3 * S * hd);
+  for (std::int64_t part = 0; part < 3; ++part)
+    widen_rows(S, hd, q + part * dim, 3 * dim, qf + part * hd, 3 * hd);
+  widen_bf16(S * S, P, pf);
+  widen_rows(S, hd, dout, dim, of, hd);
+  backward(S, hd, hd, scale, qf, pf, of, gf);
+  for (std::int64_t part = 0; part < 3; ++part)
+    narrow_rows(S, hd, gf + part * hd, 3 * hd, dq + part * dim, 3 * dim);
+}
+
 }  // namespace small_head
 #endif
 
@@ -139,6 +195,11 @@ void attention_forward(std::int64_t B, std::int64_t H, std::int64_t S, std::int6
             small_head::prefetch_rows(S, hd, ctx + nb * S * dim + nh * hd, dim);
           }
           small_head::forward(S, hd, dim, scale, q, P, ctx + b * S * dim + h * hd);
+          continue;
+        }
+      } else if constexpr (std::is_same_v<T, bf16>) {
+        if (small_head::applies(S, hd)) {
+          small_head::forward_bf16(S, hd, dim, scale, q, P, ctx + b * S * dim + h * hd);
           continue;
         }
       }
@@ -180,6 +241,11 @@ void attention_backward(std::int64_t B, std::int64_t H, std::int64_t S, std::int
             small_head::prefetch_rows(S, S, probs + (p + 1) * S * S, S);
           }
           small_head::backward(S, hd, dim, scale, q, P, dout, dq);
+          continue;
+        }
+      } else if constexpr (std::is_same_v<T, bf16>) {
+        if (small_head::applies(S, hd)) {
+          small_head::backward_bf16(S, hd, dim, scale, q, P, dout, dq);
           continue;
         }
       }
