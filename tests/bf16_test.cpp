@@ -297,6 +297,26 @@ TEST_CASE("bf16 rows, GELU and sums compute in float: within one rounding of the
                        row_scale(to_vec<float>(dx), N));
   }
   {
+    Tensor<float> lp({M, N}), dx({M, N});
+    Tensor<bf16> lph({M, N}), dxh({M, N});
+    ops::log_softmax(x.f, lp);
+    ops::log_softmax(x.h, lph);
+    check_close_scaled("log_softmax", TensorView<bf16>(lph), to_vec<float>(lp), tol, Vec{1e-6});
+    for (std::int64_t i = 0; i < lp.numel(); ++i) lp.data()[i] = lph.data()[i];
+    ops::log_softmax_backward(lp, dy.f, dx);
+    ops::log_softmax_backward(lph, dy.h, dxh);
+    check_close_scaled("log_softmax backward", TensorView<bf16>(dxh), to_vec<float>(dx), tol,
+                       row_scale(to_vec<float>(dx), N));
+    // The codebook's codes: softmax(scale · x) in place, with each row's max − mean.
+    Tensor<float> codes = x.f.clone(), spread({M}), work;
+    Tensor<bf16> codesh = x.h.clone(), spreadh({M}), workh;
+    ops::softmax_with_spread(TensorView<float>(codes), 2.0f, TensorView<float>(spread), work);
+    ops::softmax_with_spread(TensorView<bf16>(codesh), bf16(2.0f), TensorView<bf16>(spreadh), workh);
+    check_close_scaled("softmax with spread", TensorView<bf16>(codesh), to_vec<float>(codes), tol,
+                       Vec{0.0});
+    check_close_scaled("spread", TensorView<bf16>(spreadh), to_vec<float>(spread), tol, Vec{1e-6});
+  }
+  {
     Tensor<float> g({M, N}), dg({M, N}), s({N});
     Tensor<bf16> gh({M, N}), dgh({M, N}), sh({N});
     ops::gelu(x.f, g);
@@ -310,6 +330,32 @@ TEST_CASE("bf16 rows, GELU and sums compute in float: within one rounding of the
     check_close_scaled("column sums", TensorView<bf16>(sh), to_vec<float>(s), tol,
                        Vec{max_abs(to_vec<float>(s))});
   }
+}
+
+TEST_CASE("bf16 elementwise ops compute in float and round once") {
+  // 1000 elements: several of the 256-element chunks the CPU widens at a time, and a ragged
+  // end; outputs written over an input, as the layers use them. The float op on the same
+  // (bf16-exact) values and scalars, rounded once, is within half a bf16 step of every element.
+  const std::int64_t n = 1000;
+  const Pair a = random_pair({n}, 81, -4, 4), b = random_pair({n}, 82, -4, 4);
+  const double tol = kHalfUlp;
+  auto check = [&](const char* what, auto&& float_op, auto&& bf16_op) {
+    Tensor<float> y = b.f.clone();
+    Tensor<bf16> yh = b.h.clone();
+    float_op(y);
+    bf16_op(yh);
+    check_close_scaled(what, TensorView<bf16>(yh), to_vec<float>(y), tol, Vec{1e-30});
+  };
+  check("add", [&](Tensor<float>& y) { ops::add(a.f, y, y); },
+        [&](Tensor<bf16>& y) { ops::add(a.h, y, y); });
+  check("mul", [&](Tensor<float>& y) { ops::mul(a.f, y, y); },
+        [&](Tensor<bf16>& y) { ops::mul(a.h, y, y); });
+  check("axpby", [&](Tensor<float>& y) { ops::axpby(0.75f, a.f, -1.5f, y); },
+        [&](Tensor<bf16>& y) { ops::axpby(bf16(0.75f), a.h, bf16(-1.5f), y); });
+  check("axpby, beta 0", [&](Tensor<float>& y) { ops::axpby(0.75f, a.f, 0.0f, y); },
+        [&](Tensor<bf16>& y) { ops::axpby(bf16(0.75f), a.h, bf16(0.0f), y); });
+  check("scale", [&](Tensor<float>& y) { ops::scale(y, 0.375f); },
+        [&](Tensor<bf16>& y) { ops::scale(y, bf16(0.375f)); });
 }
 
 TEST_CASE("bf16 attention computes in float: within a rounding of the float attention") {

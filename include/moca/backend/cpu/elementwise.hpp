@@ -14,6 +14,27 @@
 
 namespace moca::cpu {
 
+/// y[i] = f(a[i]) or f(a[i], b[i]) over [s, e) of bf16 arrays, in float: 256 elements at a time
+/// widened on the stack, the float loop (which the compiler vectorises), the results rounded
+/// once as they are stored (y may alias a or b: a chunk is read before it is written).
+template <class F>
+inline void bf16_map(std::int64_t s, std::int64_t e, F f, bf16* y, const bf16* a,
+                     const bf16* b = nullptr) {
+  constexpr std::int64_t kChunk = 256;
+  alignas(32) float af[kChunk], bf[kChunk], yf[kChunk];
+  for (std::int64_t c = s; c < e; c += kChunk) {
+    const std::int64_t n = std::min(kChunk, e - c);
+    widen_bf16(n, a + c, af);
+    if (b != nullptr) {
+      widen_bf16(n, b + c, bf);
+      for (std::int64_t i = 0; i < n; ++i) yf[i] = f(af[i], bf[i]);
+    } else {
+      for (std::int64_t i = 0; i < n; ++i) yf[i] = f(af[i], 0.0f);
+    }
+    narrow_to_bf16(n, yf, y + c);
+  }
+}
+
 template <class T>
 void fill(std::int64_t n, T value, T* x) {
   parallel_for(n, n, [&](std::int64_t b, std::int64_t e) {
@@ -25,6 +46,14 @@ void fill(std::int64_t n, T value, T* x) {
 template <class T>
 void axpby(std::int64_t n, T alpha, const T* x, T beta, T* y) {
   parallel_for(n, n, [&](std::int64_t b, std::int64_t e) {
+    if constexpr (std::is_same_v<T, bf16>) {
+      const float a = alpha, c = beta;
+      if (beta == T(0))
+        bf16_map(b, e, [a](float u, float) { return a * u; }, y, x);
+      else
+        bf16_map(b, e, [a, c](float u, float v) { return a * u + c * v; }, y, x, y);
+      return;
+    }
     if (beta == T(0)) {
 #pragma omp simd
       for (std::int64_t i = b; i < e; ++i) y[i] = alpha * x[i];
@@ -39,6 +68,11 @@ void axpby(std::int64_t n, T alpha, const T* x, T beta, T* y) {
 template <class T>
 void scale(std::int64_t n, T alpha, T* x) {
   parallel_for(n, n, [&](std::int64_t b, std::int64_t e) {
+    if constexpr (std::is_same_v<T, bf16>) {
+      const float a = alpha;
+      bf16_map(b, e, [a](float u, float) { return u * a; }, x, x);
+      return;
+    }
 #pragma omp simd
     for (std::int64_t i = b; i < e; ++i) x[i] *= alpha;
   });
@@ -48,6 +82,10 @@ void scale(std::int64_t n, T alpha, T* x) {
 template <class T>
 void add(std::int64_t n, const T* a, const T* b, T* y) {
   parallel_for(n, n, [&](std::int64_t s, std::int64_t e) {
+    if constexpr (std::is_same_v<T, bf16>) {
+      bf16_map(s, e, [](float u, float v) { return u + v; }, y, a, b);
+      return;
+    }
 #pragma omp simd
     for (std::int64_t i = s; i < e; ++i) y[i] = a[i] + b[i];
   });
@@ -57,6 +95,10 @@ void add(std::int64_t n, const T* a, const T* b, T* y) {
 template <class T>
 void mul(std::int64_t n, const T* a, const T* b, T* y) {
   parallel_for(n, n, [&](std::int64_t s, std::int64_t e) {
+    if constexpr (std::is_same_v<T, bf16>) {
+      bf16_map(s, e, [](float u, float v) { return u * v; }, y, a, b);
+      return;
+    }
 #pragma omp simd
     for (std::int64_t i = s; i < e; ++i) y[i] = a[i] * b[i];
   });

@@ -30,6 +30,7 @@ inline std::vector<double>& row_loss_buffer(std::int64_t rows) {
 
 // One row: returns Σ_k t_k·(lse − z_k) [+ Σ_k t_k log t_k], writes dz = s·(softmax(z) − t) when
 // dz is not null (dz may alias z: z is read only before dz is written, element by element).
+// Float rows run 8 lanes at a time, bf16 rows through them in float.
 template <class T>
 double soft_target_row(std::int64_t K, const T* z, const T* t, bool entropy, T s, T* dz) {
 #ifdef MOCA_CPU_SIMD_MATH
@@ -65,6 +66,17 @@ double soft_target_row(std::int64_t K, const T* z, const T* t, bool entropy, T s
         lanes::store(dz + j, left, v);
       }
     }
+    return loss;
+  } else if constexpr (std::is_same_v<T, bf16>) {
+    // The row and its target widened into the thread's buffer, the float row above, and dz
+    // rounded once as it is stored.
+    float* zf = lanes::scratch<0>(static_cast<std::size_t>(3 * K));
+    float *tf = zf + K, *df = tf + K;
+    widen_bf16(K, z, zf);
+    widen_bf16(K, t, tf);
+    const double loss = soft_target_row<float>(K, zf, tf, entropy, static_cast<float>(s),
+                                               dz ? df : nullptr);
+    if (dz) narrow_to_bf16(K, df, dz);
     return loss;
   }
 #endif

@@ -3,9 +3,11 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -143,6 +145,32 @@ float* scratch(std::size_t floats) {
   return buffer.data();
 }
 
+/// Rows the float lanes run: float rows as they are, bf16 rows through float_row.
+template <class T>
+inline constexpr bool kFloatRows = std::is_same_v<T, float> || std::is_same_v<T, bf16>;
+
+/// Runs f(out, in...) on one row of N elements in float: float rows in place; bf16 rows widened
+/// into the thread's buffer, with the output rounded once as it is stored. out may alias an
+/// input (the inputs are widened before f runs).
+template <class T, class F, class... In>
+void float_row(std::int64_t N, F&& f, T* out, const In*... in) {
+  if constexpr (std::is_same_v<T, float>) {
+    f(out, in...);
+  } else {
+    float* buffer = scratch<0>(static_cast<std::size_t>((1 + sizeof...(In)) * N));
+    std::int64_t slot = 1;
+    auto widen = [&](const bf16* x) {
+      float* w = buffer + slot++ * N;
+      widen_bf16(N, x, w);
+      return static_cast<const float*>(w);
+    };
+    // Braced initialisation evaluates the widening in order, before f runs.
+    const std::array<const float*, sizeof...(In)> widened_in{widen(in)...};
+    std::apply([&](auto... w) { f(buffer, w...); }, widened_in);
+    narrow_to_bf16(N, buffer, out);
+  }
+}
+
 /// x widened, or null for null x.
 inline const float* widened(const bf16* x, std::int64_t n, float* buffer) {
   if (x == nullptr) return nullptr;
@@ -160,11 +188,13 @@ void softmax_rows(std::int64_t M, std::int64_t N, const T* x, T* y) {
       const T* xr = x + r * N;
       T* yr = y + r * N;
 #ifdef MOCA_CPU_SIMD_MATH
-      if constexpr (std::is_same_v<T, float>) {
-        const float mx = lanes::row_max(N, xr);
-        const __m256 inv = _mm256_set1_ps(1.0f / lanes::sum_exp(N, xr, mx, yr));
-        for (std::int64_t j = 0; j < N; j += 8)
-          lanes::store(yr + j, N - j, _mm256_mul_ps(lanes::load(yr + j, N - j, inv), inv));
+      if constexpr (lanes::kFloatRows<T>) {
+        lanes::float_row(N, [N](float* yf, const float* xf) {
+          const float mx = lanes::row_max(N, xf);
+          const __m256 inv = _mm256_set1_ps(1.0f / lanes::sum_exp(N, xf, mx, yf));
+          for (std::int64_t j = 0; j < N; j += 8)
+            lanes::store(yf + j, N - j, _mm256_mul_ps(lanes::load(yf + j, N - j, inv), inv));
+        }, yr, xr);
         continue;
       }
 #endif
@@ -188,11 +218,13 @@ void log_softmax_rows(std::int64_t M, std::int64_t N, const T* x, T* y) {
       const T* xr = x + r * N;
       T* yr = y + r * N;
 #ifdef MOCA_CPU_SIMD_MATH
-      if constexpr (std::is_same_v<T, float>) {
-        const float mx = lanes::row_max(N, xr);
-        const __m256 lse = _mm256_set1_ps(mx + std::log(lanes::sum_exp(N, xr, mx, nullptr)));
-        for (std::int64_t j = 0; j < N; j += 8)
-          lanes::store(yr + j, N - j, _mm256_sub_ps(lanes::load(xr + j, N - j, lse), lse));
+      if constexpr (lanes::kFloatRows<T>) {
+        lanes::float_row(N, [N](float* yf, const float* xf) {
+          const float mx = lanes::row_max(N, xf);
+          const __m256 lse = _mm256_set1_ps(mx + std::log(lanes::sum_exp(N, xf, mx, nullptr)));
+          for (std::int64_t j = 0; j < N; j += 8)
+            lanes::store(yf + j, N - j, _mm256_sub_ps(lanes::load(xf + j, N - j, lse), lse));
+        }, yr, xr);
         continue;
       }
 #endif
@@ -215,24 +247,26 @@ void softmax_spread_rows(std::int64_t M, std::int64_t N, T scale, T* x, T* sprea
     for (std::int64_t r = r0; r < r1; ++r) {
       T* xr = x + r * N;
 #ifdef MOCA_CPU_SIMD_MATH
-      if constexpr (std::is_same_v<T, float>) {
-        const float mx = lanes::row_max(N, xr);
-        spread[r] = mx - lanes::sum(N, xr) / static_cast<float>(N);
-        const __m256 a = _mm256_set1_ps(scale), shift = _mm256_set1_ps(mx);
-        const __m256 zero = _mm256_setzero_ps();
-        __m256 acc = zero;
-        for (std::int64_t j = 0; j < N; j += 8) {
-          // Padding lanes: x = max, e^0 = 1 would count, so they are masked out of the sum.
-          const std::int64_t left = N - j;
-          const __m256 x_shifted = _mm256_sub_ps(lanes::load(xr + j, left, shift), shift);
-          __m256 e = simd::exp(_mm256_mul_ps(a, x_shifted));
-          if (left < 8) e = _mm256_and_ps(e, _mm256_castsi256_ps(simd::first_lanes(left)));
-          acc = _mm256_add_ps(acc, e);
-          lanes::store(xr + j, left, e);
-        }
-        const __m256 inv = _mm256_set1_ps(1.0f / simd::sum(acc));
-        for (std::int64_t j = 0; j < N; j += 8)
-          lanes::store(xr + j, N - j, _mm256_mul_ps(lanes::load(xr + j, N - j, zero), inv));
+      if constexpr (lanes::kFloatRows<T>) {
+        lanes::float_row(N, [&](float* yf, const float* xf) {
+          const float mx = lanes::row_max(N, xf);
+          spread[r] = mx - lanes::sum(N, xf) / static_cast<float>(N);
+          const __m256 a = _mm256_set1_ps(static_cast<float>(scale)), shift = _mm256_set1_ps(mx);
+          const __m256 zero = _mm256_setzero_ps();
+          __m256 acc = zero;
+          for (std::int64_t j = 0; j < N; j += 8) {
+            // Padding lanes: x = max, e^0 = 1 would count, so they are masked out of the sum.
+            const std::int64_t left = N - j;
+            const __m256 x_shifted = _mm256_sub_ps(lanes::load(xf + j, left, shift), shift);
+            __m256 e = simd::exp(_mm256_mul_ps(a, x_shifted));
+            if (left < 8) e = _mm256_and_ps(e, _mm256_castsi256_ps(simd::first_lanes(left)));
+            acc = _mm256_add_ps(acc, e);
+            lanes::store(yf + j, left, e);
+          }
+          const __m256 inv = _mm256_set1_ps(1.0f / simd::sum(acc));
+          for (std::int64_t j = 0; j < N; j += 8)
+            lanes::store(yf + j, N - j, _mm256_mul_ps(lanes::load(yf + j, N - j, zero), inv));
+        }, xr, static_cast<const T*>(xr));
         continue;
       }
 #endif
@@ -260,13 +294,15 @@ void softmax_rows_backward(std::int64_t M, std::int64_t N, const T* y, const T* 
       const T *yr = y + r * N, *gr = dy + r * N;
       T* dr = dx + r * N;
 #ifdef MOCA_CPU_SIMD_MATH
-      if constexpr (std::is_same_v<T, float>) {
-        const __m256 d = _mm256_set1_ps(lanes::dot(N, gr, yr)), zero = _mm256_setzero_ps();
-        for (std::int64_t j = 0; j < N; j += 8) {
-          const __m256 g = lanes::load(gr + j, N - j, zero);
-          lanes::store(dr + j, N - j, _mm256_mul_ps(lanes::load(yr + j, N - j, zero),
-                                                    _mm256_sub_ps(g, d)));
-        }
+      if constexpr (lanes::kFloatRows<T>) {
+        lanes::float_row(N, [N](float* df, const float* yf, const float* gf) {
+          const __m256 d = _mm256_set1_ps(lanes::dot(N, gf, yf)), zero = _mm256_setzero_ps();
+          for (std::int64_t j = 0; j < N; j += 8) {
+            const __m256 g = lanes::load(gf + j, N - j, zero);
+            lanes::store(df + j, N - j, _mm256_mul_ps(lanes::load(yf + j, N - j, zero),
+                                                      _mm256_sub_ps(g, d)));
+          }
+        }, dr, yr, gr);
         continue;
       }
 #endif
@@ -285,12 +321,14 @@ void log_softmax_rows_backward(std::int64_t M, std::int64_t N, const T* y, const
       const T *yr = y + r * N, *gr = dy + r * N;
       T* dr = dx + r * N;
 #ifdef MOCA_CPU_SIMD_MATH
-      if constexpr (std::is_same_v<T, float>) {
-        const __m256 s = _mm256_set1_ps(lanes::sum(N, gr)), zero = _mm256_setzero_ps();
-        for (std::int64_t j = 0; j < N; j += 8) {
-          const __m256 p = simd::exp(lanes::load(yr + j, N - j, zero));
-          lanes::store(dr + j, N - j, _mm256_fnmadd_ps(p, s, lanes::load(gr + j, N - j, zero)));
-        }
+      if constexpr (lanes::kFloatRows<T>) {
+        lanes::float_row(N, [N](float* df, const float* yf, const float* gf) {
+          const __m256 s = _mm256_set1_ps(lanes::sum(N, gf)), zero = _mm256_setzero_ps();
+          for (std::int64_t j = 0; j < N; j += 8) {
+            const __m256 p = simd::exp(lanes::load(yf + j, N - j, zero));
+            lanes::store(df + j, N - j, _mm256_fnmadd_ps(p, s, lanes::load(gf + j, N - j, zero)));
+          }
+        }, dr, yr, gr);
         continue;
       }
 #endif
