@@ -200,6 +200,15 @@ inline constexpr std::int64_t kWarpRowMax = 1024;
 /// Threads per block of the warp-per-row kernels: eight rows at a time.
 inline constexpr int kWarpRowThreads = 256;
 
+/// The first row of this thread's warp, and the distance to its next (one warp per row, blocks
+/// of whole warps, more rows than warps loop).
+__device__ inline std::int64_t first_warp_row() {
+  return static_cast<std::int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+}
+__device__ inline std::int64_t warp_row_stride() {
+  return static_cast<std::int64_t>(gridDim.x) * (blockDim.x / 32);
+}
+
 template <class T, int E>
 __global__ void __launch_bounds__(kWarpRowThreads)
     layer_norm_forward_warp_kernel(std::int64_t M, std::int64_t N, const T* x, const T* gamma,
@@ -208,9 +217,7 @@ __global__ void __launch_bounds__(kWarpRowThreads)
   using A = acc_t<T>;
   constexpr int V = kChunk<T>, C = E / V;
   const int lane = static_cast<int>(threadIdx.x % 32);
-  const std::int64_t per_block = blockDim.x / 32;
-  for (std::int64_t r = blockIdx.x * per_block + threadIdx.x / 32; r < M;
-       r += gridDim.x * per_block) {
+  for (std::int64_t r = first_warp_row(); r < M; r += warp_row_stride()) {
     A v[C][V];
     A s = 0;
 #pragma unroll
@@ -277,9 +284,7 @@ __global__ void __launch_bounds__(kWarpRowThreads)
   using A = acc_t<T>;
   constexpr int V = kChunk<T>, C = E / V;
   const int lane = static_cast<int>(threadIdx.x % 32);
-  const std::int64_t per_block = blockDim.x / 32;
-  for (std::int64_t r = blockIdx.x * per_block + threadIdx.x / 32; r < M;
-       r += gridDim.x * per_block) {
+  for (std::int64_t r = first_warp_row(); r < M; r += warp_row_stride()) {
     const A m = mean[r], is = rstd[r];
     A g[C][V], xh[C][V];
     A sum_g = 0, sum_gx = 0;
