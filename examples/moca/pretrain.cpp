@@ -462,8 +462,8 @@ int pretrain_on(const PretrainOptions& given, const CLI::App& cmd) {
                float_products_mode ? ", matrix products in " : "",
                float_products_mode ? o.matmul.c_str() : "", data.description.c_str());
   if (std::is_same_v<D, Cpu> && !std::is_same_v<T, float>)
-    std::fprintf(stderr, "  note      bf16 on the CPU about halves the memory of a step but runs "
-                         "slower than fp32 (its kernels widen to float); bf16 pays on a GPU\n");
+    std::fprintf(stderr, "  note      bf16 on the CPU about halves the memory of a step at "
+                         "about fp32's speed (its kernels compute in float)\n");
   std::fprintf(stderr,
                "  encoder   %lldx%lld patch %lld, %lld channels, width %lld, depth %lld, %lld heads\n"
                "  decoder   width %lld, depth %lld, %lld heads; early_layer %lld\n"

@@ -1,7 +1,8 @@
 // GEMM on the host: float runs the packed AVX2/FMA kernel of sgemm_avx2.hpp where the compiler
 // targets it; double (the gradient checks) and other targets run Eigen, with row-major maps over
-// the caller's buffers (no copies, no transposes). bf16 widens its operands to float, runs the
-// float product and rounds the result once, as tensor cores do: a reference, not a fast path.
+// the caller's buffers (no copies, no transposes). bf16 multiplies its operands' exact values in
+// float and rounds the result once, as tensor cores do: the packed kernel widens the operands as
+// it packs them (elsewhere they are widened into float buffers first).
 #pragma once
 
 #include <Eigen/Core>
@@ -62,6 +63,18 @@ template <class T>
 void gemm(bool trans_a, bool trans_b, std::int64_t M, std::int64_t N, std::int64_t K, T alpha,
           const T* A, std::int64_t lda, const T* B, std::int64_t ldb, T beta, T* C,
           std::int64_t ldc, const T* bias) {
+#ifdef MOCA_CPU_SGEMM_AVX2
+  if (K > 0 && alpha != T(0)) {  // the packed kernel widens the operands as it packs them
+    float* c = beta == T(0) ? buffer(2, M * N) : widen(2, M, N, C, ldc);
+    const float* f_bias = bias ? widen(3, 1, N, bias, N) : nullptr;
+    sgemm_avx2::gemm(trans_a, trans_b, M, N, K, float(alpha), A, lda, B, ldb, float(beta), c, N,
+                     f_bias);
+    parallel_for(M, M * N, [&](std::int64_t r0, std::int64_t r1) {
+      for (std::int64_t r = r0; r < r1; ++r) narrow_to_bf16(N, c + r * N, C + r * ldc);
+    });
+    return;
+  }
+#endif
   const float* a = widen(0, trans_a ? K : M, trans_a ? M : K, A, lda);
   const float* b = widen(1, trans_b ? N : K, trans_b ? K : N, B, ldb);
   float* c = beta == T(0) ? buffer(2, M * N) : widen(2, M, N, C, ldc);

@@ -16,6 +16,10 @@
 // barrier, and since an element's sum runs in the same order whatever its rectangle, the result
 // is identical for every thread count.
 //
+// The operands A and B may also be bf16 (both): packing widens them to float as it copies them
+// (exact), so a bf16 product is the float product of the same values with no conversion pass
+// over the operands; C stays float.
+//
 // Only compiled where the compiler targets AVX2 and FMA (-march=native on such a CPU); gemm.hpp
 // falls back to Eigen elsewhere and for double.
 #pragma once
@@ -30,8 +34,10 @@
 #include <cstdint>
 #include <cstdlib>
 #include <new>
+#include <type_traits>
 
 #include "moca/backend/cpu/parallel.hpp"
+#include "moca/core/bf16.hpp"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -102,13 +108,32 @@ inline void transpose8(__m256 r[8]) {
   r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
 }
 
+/// 8 values from p as floats (bf16 widened: its 16 bits above 16 zero bits, exact).
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const bf16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+/// The lanes of `mask` (a prefix of n lanes) from p, zeros in the others; nothing past them is
+/// read.
+inline __m256 load_prefix(const float* p, __m256i mask, std::int64_t) {
+  return _mm256_maskload_ps(p, mask);
+}
+inline __m256 load_prefix(const bf16* p, __m256i, std::int64_t n) {
+  alignas(32) float v[8] = {};
+  for (std::int64_t i = 0; i < n; ++i) v[i] = p[i];
+  return _mm256_load_ps(v);
+}
+
 /// Floats a packed A buffer needs past its panels: pack_a's 8-wide stores overrun by 2.
 inline constexpr std::int64_t kPackSlack = 8;
 
 /// Packs rows [i0, i0+mc) × inner [k0, k0+kc) of op(A) into 6-row panels: panel p holds, for
 /// each k, the 6 values op(A)(i0+6p+r, k0+k) contiguously; rows past mc are zero.
-inline void pack_a(const float* A, std::int64_t lda, bool trans, std::int64_t i0,
-                   std::int64_t mc, std::int64_t k0, std::int64_t kc, float* out) {
+template <class S>
+void pack_a(const S* A, std::int64_t lda, bool trans, std::int64_t i0, std::int64_t mc,
+            std::int64_t k0, std::int64_t kc, float* out) {
   if (trans) {  // A is stored [K, M]: the 6 values of one k are contiguous
     // Row by row of the stored A, so that each row's mc values are read once and in order
     // (panel by panel, every k would be a new cache line, and a panel's lines would be evicted
@@ -124,14 +149,16 @@ inline void pack_a(const float* A, std::int64_t lda, bool trans, std::int64_t i0
         _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     // Panels whose 8-wide load stays inside the block's mc values read without a mask.
     const std::int64_t plain = mc >= 8 ? (mc - 8) / kMR + 1 : 0;
+    const std::int64_t ragged_rows = mc - (panels - 1) * kMR;
     for (std::int64_t k = 0; k < kc; ++k) {
-      const float* src = A + (k0 + k) * lda + i0;
+      const S* src = A + (k0 + k) * lda + i0;
       float* dst = out + k * kMR;
       const bool last_k = k + 1 == kc;
       for (std::int64_t p = 0; p < panels; ++p) {
-        const __m256i mask = p + 1 == panels ? ragged : six;
-        const __m256 v = p < plain ? _mm256_loadu_ps(src + p * kMR)
-                                   : _mm256_maskload_ps(src + p * kMR, mask);
+        const bool last = p + 1 == panels;
+        const __m256 v = p < plain ? load8(src + p * kMR)
+                                   : load_prefix(src + p * kMR, last ? ragged : six,
+                                                 last ? ragged_rows : kMR);
         float* d = dst + p * kMR * kc;
         if (last_k && p + 1 < panels) {
           _mm256_maskstore_ps(d, six, v);
@@ -149,35 +176,36 @@ inline void pack_a(const float* A, std::int64_t lda, bool trans, std::int64_t i0
     // transposed in registers (two zero rows pad the 8×8 block). Each k's 8-wide store spills 2
     // values into the next k's slot, which the next store overwrites; the last spills into the
     // slack past the panel (kPackSlack), or into the next panel, which is written afterwards.
-    const float* src[kMR];
+    const S* src[kMR];
     for (std::int64_t r = 0; r < kMR; ++r) src[r] = A + (i0 + p + std::min(r, rows - 1)) * lda + k0;
     std::int64_t k = 0;
     for (; k + 8 <= kc; k += 8) {
       __m256 v[8];
       for (std::int64_t r = 0; r < kMR; ++r)
-        v[r] = r < rows ? _mm256_loadu_ps(src[r] + k) : _mm256_setzero_ps();
+        v[r] = r < rows ? load8(src[r] + k) : _mm256_setzero_ps();
       v[6] = v[7] = _mm256_setzero_ps();
       transpose8(v);
       for (std::int64_t j = 0; j < 8; ++j) _mm256_storeu_ps(dst + (k + j) * kMR, v[j]);
     }
     for (; k < kc; ++k)
-      for (std::int64_t r = 0; r < kMR; ++r) dst[k * kMR + r] = r < rows ? src[r][k] : 0.0f;
+      for (std::int64_t r = 0; r < kMR; ++r) dst[k * kMR + r] = r < rows ? float(src[r][k]) : 0.0f;
   }
 }
 
 /// Packs inner [k0, k0+kc) × columns [j0, j0+nc) of op(B) into 16-column panels: panel q holds,
 /// for each k, the 16 values op(B)(k0+k, j0+16q+c) contiguously; columns past nc are zero.
-inline void pack_b(const float* B, std::int64_t ldb, bool trans, std::int64_t k0,
-                   std::int64_t kc, std::int64_t j0, std::int64_t nc, float* out) {
+template <class S>
+void pack_b(const S* B, std::int64_t ldb, bool trans, std::int64_t k0, std::int64_t kc,
+            std::int64_t j0, std::int64_t nc, float* out) {
   if (!trans) {  // B is stored [K, N]: the 16 values of one k are contiguous
     // Row by row of the stored B, each row's nc values read once and in order (as pack_a).
     const std::int64_t full = nc / kNR, cols = nc - full * kNR;
     for (std::int64_t k = 0; k < kc; ++k) {
-      const float* src = B + (k0 + k) * ldb + j0;
+      const S* src = B + (k0 + k) * ldb + j0;
       float* dst = out + k * kNR;
       for (std::int64_t q = 0; q < full; ++q) {
-        _mm256_store_ps(dst + q * kNR * kc, _mm256_loadu_ps(src + q * kNR));
-        _mm256_store_ps(dst + q * kNR * kc + 8, _mm256_loadu_ps(src + q * kNR + 8));
+        _mm256_store_ps(dst + q * kNR * kc, load8(src + q * kNR));
+        _mm256_store_ps(dst + q * kNR * kc + 8, load8(src + q * kNR + 8));
       }
       if (cols > 0) {
         float* d = dst + full * kNR * kc;
@@ -195,20 +223,20 @@ inline void pack_b(const float* B, std::int64_t ldb, bool trans, std::int64_t k0
       // Two groups of 8 columns, read 8 values of k at a time and transposed in registers.
       for (std::int64_t half = 0; half < 2; ++half) {
         const std::int64_t c0 = half * 8;
-        const float* src[8];
+        const S* src[8];
         for (std::int64_t c = 0; c < 8; ++c)
           src[c] = B + (j0 + q + std::min(c0 + c, cols - 1)) * ldb + k0;
         std::int64_t k = 0;
         for (; k + 8 <= kc; k += 8) {
           __m256 v[8];
           for (std::int64_t c = 0; c < 8; ++c)
-            v[c] = c0 + c < cols ? _mm256_loadu_ps(src[c] + k) : _mm256_setzero_ps();
+            v[c] = c0 + c < cols ? load8(src[c] + k) : _mm256_setzero_ps();
           transpose8(v);
           for (std::int64_t j = 0; j < 8; ++j) _mm256_store_ps(dst + (k + j) * kNR + c0, v[j]);
         }
         for (; k < kc; ++k)
           for (std::int64_t c = 0; c < 8; ++c)
-            dst[k * kNR + c0 + c] = c0 + c < cols ? src[c][k] : 0.0f;
+            dst[k * kNR + c0 + c] = c0 + c < cols ? float(src[c][k]) : 0.0f;
       }
     }
   }
@@ -313,10 +341,11 @@ inline std::int64_t balanced_block(std::int64_t n, std::int64_t target, std::int
 
 /// The serial algorithm on the rectangle [m0, m1) × [n0, n1) of C; `bias` (indexed by column
 /// of C, or null) is added with the first inner slice.
-inline void gemm_block(bool trans_a, bool trans_b, std::int64_t m0, std::int64_t m1,
-                       std::int64_t n0, std::int64_t n1, std::int64_t K, float alpha,
-                       const float* A, std::int64_t lda, const float* B, std::int64_t ldb,
-                       float beta, float* C, std::int64_t ldc, const float* bias) {
+template <class S>
+void gemm_block(bool trans_a, bool trans_b, std::int64_t m0, std::int64_t m1, std::int64_t n0,
+                std::int64_t n1, std::int64_t K, float alpha, const S* A, std::int64_t lda,
+                const S* B, std::int64_t ldb, float beta, float* C, std::int64_t ldc,
+                const float* bias) {
   if (m0 >= m1 || n0 >= n1) return;
   const std::int64_t kc_block = balanced_block(K, kKC, 8);
   const std::int64_t nc_block = balanced_block(n1 - n0, kNC, kNR);
@@ -377,10 +406,12 @@ inline Split choose_split(std::int64_t M, std::int64_t N, int threads) {
 inline constexpr std::int64_t kParallelMacs = 1 << 18;
 
 /// C[M,N] = α·op(A)·op(B) + β·C (+ bias[N] on every row when `bias` is not null), row-major, as
-/// cpu::gemm documents; K > 0 and α != 0.
-inline void gemm(bool trans_a, bool trans_b, std::int64_t M, std::int64_t N, std::int64_t K,
-                 float alpha, const float* A, std::int64_t lda, const float* B, std::int64_t ldb,
-                 float beta, float* C, std::int64_t ldc, const float* bias = nullptr) {
+/// cpu::gemm documents; K > 0 and α != 0. A and B are float, or both bf16 (widened as packed).
+template <class S>
+void gemm(bool trans_a, bool trans_b, std::int64_t M, std::int64_t N, std::int64_t K,
+          float alpha, const S* A, std::int64_t lda, const S* B, std::int64_t ldb, float beta,
+          float* C, std::int64_t ldc, const float* bias = nullptr) {
+  static_assert(std::is_same_v<S, float> || std::is_same_v<S, bf16>);
   int threads = 1;
   if (!in_parallel() && M * N * K >= kParallelMacs) threads = max_threads();
   Split split = choose_split(M, N, threads);
