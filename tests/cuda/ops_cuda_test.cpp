@@ -426,6 +426,23 @@ TEST_CASE_TEMPLATE("cuda parity: fill, axpby, scale, add, mul", T, float, double
     ops::mul(gx, gp.view(), gp.view());
     check_parity<T>("mul in place", p, gp, tolerance<T>());
   }
+  // Views that start one element past an aligned address take the element-by-element kernel
+  // (aligned ones move 16-byte chunks). Element 0 stays zero on both sides.
+  const std::int64_t n = 1001;
+  const Tensor<T> x = random_tensor<T>({n + 1}), y0 = random_tensor<T>({n + 1});
+  const Tensor<T, Cuda> gx = to_device<T>(x), gy0 = to_device<T>(y0);
+  Tensor<T> s = full<T>({n + 1}, T(0));
+  Guarded<T> gs(s);
+  auto past_first = [n](auto* p) {
+    using E = std::remove_const_t<std::remove_pointer_t<decltype(p)>>;
+    return const_cast<E*>(p) + 1;
+  };
+  ops::add(TensorView<T>(past_first(x.data()), Shape{n}), TensorView<T>(past_first(y0.data()), Shape{n}),
+           TensorView<T>(past_first(s.data()), Shape{n}));
+  ops::add(TensorView<T, Cuda>(past_first(gx.data()), Shape{n}),
+           TensorView<T, Cuda>(past_first(gy0.data()), Shape{n}),
+           TensorView<T, Cuda>(past_first(gs.view().data()), Shape{n}));
+  check_parity<T>("add, unaligned views", s, gs, tolerance<T>());
 }
 
 TEST_CASE_TEMPLATE("cuda parity: add_bias", T, float, double) {
