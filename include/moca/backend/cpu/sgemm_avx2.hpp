@@ -219,25 +219,24 @@ void pack_b(const S* B, std::int64_t ldb, bool trans, std::int64_t k0, std::int6
   for (std::int64_t q = 0; q < nc; q += kNR) {
     const std::int64_t cols = std::min(kNR, nc - q);
     float* dst = out + q * kc;
-    {  // B is stored [N, K]: each column of op(B) is contiguous along k
-      // Two groups of 8 columns, read 8 values of k at a time and transposed in registers.
-      for (std::int64_t half = 0; half < 2; ++half) {
-        const std::int64_t c0 = half * 8;
-        const S* src[8];
+    // B is stored [N, K]: each column of op(B) is contiguous along k. Two groups of 8 columns,
+    // read 8 values of k at a time and transposed in registers.
+    for (std::int64_t half = 0; half < 2; ++half) {
+      const std::int64_t c0 = half * 8;
+      const S* src[8];
+      for (std::int64_t c = 0; c < 8; ++c)
+        src[c] = B + (j0 + q + std::min(c0 + c, cols - 1)) * ldb + k0;
+      std::int64_t k = 0;
+      for (; k + 8 <= kc; k += 8) {
+        __m256 v[8];
         for (std::int64_t c = 0; c < 8; ++c)
-          src[c] = B + (j0 + q + std::min(c0 + c, cols - 1)) * ldb + k0;
-        std::int64_t k = 0;
-        for (; k + 8 <= kc; k += 8) {
-          __m256 v[8];
-          for (std::int64_t c = 0; c < 8; ++c)
-            v[c] = c0 + c < cols ? load8(src[c] + k) : _mm256_setzero_ps();
-          transpose8(v);
-          for (std::int64_t j = 0; j < 8; ++j) _mm256_store_ps(dst + (k + j) * kNR + c0, v[j]);
-        }
-        for (; k < kc; ++k)
-          for (std::int64_t c = 0; c < 8; ++c)
-            dst[k * kNR + c0 + c] = c0 + c < cols ? float(src[c][k]) : 0.0f;
+          v[c] = c0 + c < cols ? load8(src[c] + k) : _mm256_setzero_ps();
+        transpose8(v);
+        for (std::int64_t j = 0; j < 8; ++j) _mm256_store_ps(dst + (k + j) * kNR + c0, v[j]);
       }
+      for (; k < kc; ++k)
+        for (std::int64_t c = 0; c < 8; ++c)
+          dst[k * kNR + c0 + c] = c0 + c < cols ? float(src[c][k]) : 0.0f;
     }
   }
 }
