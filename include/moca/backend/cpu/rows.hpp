@@ -77,7 +77,6 @@ inline float dot(std::int64_t N, const float* a, const float* b) {
   return simd::sum(acc);
 }
 
-
 /// One LayerNorm row of N floats: y = (x − mean) · rstd (· gamma + beta, either may be null);
 /// returns mean and rstd. The mean, then the squared deviations from it, in two passes.
 inline void layer_norm_row(std::int64_t N, const float* x, const float* gamma, const float* beta,
