@@ -1270,6 +1270,8 @@ Tensor<bf16, Cuda> bf16_to_device(const Tensor<bf16>& h) {
 
 /// A guarded bf16 device output, NaN until a kernel writes it.
 Guarded<bf16> bf16_output(Shape shape) { return Guarded<bf16>(nan_tensor<bf16>(shape)); }
+/// The same for the float statistics of bf16 ops (LayerNorm's mean and rstd, norms, ...).
+Guarded<float> float_output(Shape shape) { return Guarded<float>(nan_tensor<float>(shape)); }
 
 }  // namespace
 
@@ -1317,6 +1319,9 @@ TEST_CASE("cuda parity: bf16 products (plain, batched, with bias) within one ulp
 /// ulp away. Normwise that stays far below one rounding (2^-8), which any broken kernel exceeds
 /// by orders of magnitude.
 constexpr double kBf16OpBudget = 1.0 / 256;
+/// The float statistics those ops save (mean, rstd, var, norms): the same float sums of the same
+/// bf16 inputs in other orders, so a few float roundings apart, far below one bf16 rounding.
+constexpr double kBf16StatBudget = 1e-5;
 
 /// The residual + LayerNorm forward and the LayerNorm backward of M rows of N in bf16 storage,
 /// against the CPU's bf16 ops.
@@ -1328,18 +1333,22 @@ void check_bf16_layer_norm(std::int64_t M, std::int64_t N) {
   const Tensor<bf16> x = random_bf16({M, N}), dy = random_bf16({M, N}), r = random_bf16({M, N});
   const Tensor<bf16> gamma = random_bf16({N}), beta = random_bf16({N});
   const Tensor<bf16, Cuda> gx = up(x), gdy = up(dy), gr = up(r), ggamma = up(gamma), gbeta = up(beta);
-  Tensor<bf16> y({M, N}), mean({M}), rstd({M}), sum({M, N});
-  Guarded<bf16> gy = out({M, N}), gmean = out({M}), grstd = out({M}), gsum = out({M, N});
+  Tensor<bf16> y({M, N}), sum({M, N});
+  Tensor<float> mean({M}), rstd({M});
+  Guarded<bf16> gy = out({M, N}), gsum = out({M, N});
+  Guarded<float> gmean = float_output({M}), grstd = float_output({M});
   ops::add_layer_norm(x, r, gamma, beta, 1e-6, sum, y, mean, rstd);
   ops::add_layer_norm(gx, gr, ggamma, gbeta, 1e-6, gsum.view(), gy.view(), gmean.view(),
                       grstd.view());
   check_parity<bf16>("residual sum", sum, gsum, 0.0);  // one rounding of the same float sum
   check_parity<bf16>("layer_norm", y, gy, kBudget);
-  check_parity<bf16>("layer_norm rstd", rstd, grstd, kBudget);
+  check_parity<float>("layer_norm mean", mean, gmean, kBf16StatBudget);
+  check_parity<float>("layer_norm rstd", rstd, grstd, kBf16StatBudget);
   Tensor<bf16> dx({M, N}), dg({N}), db({N});
   Guarded<bf16> gdx = out({M, N}), gdg(full<bf16>({N}, bf16(0.0f))),
                 gdb(full<bf16>({N}, bf16(0.0f)));
-  const Tensor<bf16, Cuda> gmean_cpu = up(mean), grstd_cpu = up(rstd), gs = up(sum);
+  const Tensor<float, Cuda> gmean_cpu = to_device<float>(mean), grstd_cpu = to_device<float>(rstd);
+  const Tensor<bf16, Cuda> gs = up(sum);
   ops::layer_norm_backward(sum, gamma, mean, rstd, dy, dx, dg, db);
   ops::layer_norm_backward(gs, ggamma, gmean_cpu, grstd_cpu, gdy, gdx.view(), gdg.view(),
                            gdb.view());
@@ -1374,8 +1383,10 @@ TEST_CASE("cuda parity: elementwise and row ops in bf16 storage against the CPU'
     check_parity<bf16>("softmax backward", dp, gdp, kBudget);
   }
   {
-    Tensor<bf16> g({M, N}), dg({M, N}), a = dy.clone(), l2({M, N}), nrm({M});
-    Guarded<bf16> gg = out({M, N}), gdg = out({M, N}), ga(dy), gl2 = out({M, N}), gnrm = out({M});
+    Tensor<bf16> g({M, N}), dg({M, N}), a = dy.clone(), l2({M, N});
+    Tensor<float> nrm({M});
+    Guarded<bf16> gg = out({M, N}), gdg = out({M, N}), ga(dy), gl2 = out({M, N});
+    Guarded<float> gnrm = float_output({M});
     ops::gelu(x, g);
     ops::gelu(gx, gg.view());
     check_parity<bf16>("gelu", g, gg, kBudget);
@@ -1389,7 +1400,7 @@ TEST_CASE("cuda parity: elementwise and row ops in bf16 storage against the CPU'
     ops::l2_normalize(x, 1e-12, l2, nrm);
     ops::l2_normalize(gx, 1e-12, gl2.view(), gnrm.view());
     check_parity<bf16>("l2_normalize", l2, gl2, kBudget);
-    check_parity<bf16>("l2_normalize norms", nrm, gnrm, kBudget);
+    check_parity<float>("l2_normalize norms", nrm, gnrm, kBf16StatBudget);
     Tensor<bf16> l1 = x.clone();
     Guarded<bf16> gl1(x);
     ops::l1_normalize(TensorView<bf16>(l1), 1e-5);
@@ -1469,21 +1480,23 @@ TEST_CASE("cuda parity: soft-target loss, BatchNorm and scatter-add in bf16 stor
     const std::int64_t M = 64, N = 256;
     const Tensor<bf16> x = random_bf16({M, N}, -2.0, 4.0), dy = random_bf16({M, N});
     const Tensor<bf16> gamma = random_bf16({N}, 0.5, 1.5), beta = random_bf16({N});
-    Tensor<bf16> y({M, N}), mean({N}), var({N});
-    Guarded<bf16> gy = bf16_output({M, N}), gmean = bf16_output({N}), gvar = bf16_output({N});
+    Tensor<bf16> y({M, N});
+    Tensor<float> mean({N}), var({N});
+    Guarded<bf16> gy = bf16_output({M, N});
+    Guarded<float> gmean = float_output({N}), gvar = float_output({N});
     const Tensor<bf16, Cuda> gx = bf16_to_device(x), g_gamma = bf16_to_device(gamma),
                              g_beta = bf16_to_device(beta);
     ops::batch_norm(x, gamma, beta, 1e-5, y, mean, var);
     ops::batch_norm(gx, g_gamma, g_beta, 1e-5, gy.view(), gmean.view(), gvar.view());
     check_parity<bf16>("batch_norm y", y, gy, kBudget);
-    check_parity<bf16>("batch_norm mean", mean, gmean, kBudget);
-    check_parity<bf16>("batch_norm var", var, gvar, kBudget);
+    check_parity<float>("batch_norm mean", mean, gmean, kBf16StatBudget);
+    check_parity<float>("batch_norm var", var, gvar, kBf16StatBudget);
     // Backward from the CPU's statistics; dgamma and dbeta accumulate into what they hold.
     const Tensor<bf16> dgamma0 = random_bf16({N}), dbeta0 = random_bf16({N});
     Tensor<bf16> dx({M, N}), dgamma = dgamma0.clone(), dbeta = dbeta0.clone();
     Guarded<bf16> gdx = bf16_output({M, N}), g_dgamma(dgamma0), g_dbeta(dbeta0);
     ops::batch_norm_backward(x, gamma, mean, var, 1e-5, dy, dx, dgamma, dbeta);
-    ops::batch_norm_backward(gx, g_gamma, bf16_to_device(mean), bf16_to_device(var), 1e-5,
+    ops::batch_norm_backward(gx, g_gamma, to_device<float>(mean), to_device<float>(var), 1e-5,
                              bf16_to_device(dy), gdx.view(), g_dgamma.view(), g_dbeta.view());
     check_parity<bf16>("batch_norm dx", dx, gdx, kBudget);
     check_parity<bf16>("batch_norm dgamma", dgamma, g_dgamma, kBudget);

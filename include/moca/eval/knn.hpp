@@ -117,7 +117,8 @@ Neighbours<T> knn_search(const TensorView<T, Cpu>& bank, const TensorView<T, Cpu
 
   const std::int64_t qb_max = std::min(options.query_block, std::max<std::int64_t>(M, 1));
   const std::int64_t bb_max = std::min(options.bank_block, N);
-  Tensor<T> q({qb_max, D}), qnorm({qb_max}), sims({qb_max, bb_max});
+  Tensor<T> q({qb_max, D}), sims({qb_max, bb_max});
+  Tensor<compute_t<T>> qnorm({qb_max});
   std::vector<std::vector<detail::Candidate<T>>> cand(static_cast<std::size_t>(qb_max));
   for (auto& c : cand) c.reserve(static_cast<std::size_t>(2 * k + bb_max));
   std::vector<T> worst(static_cast<std::size_t>(qb_max));
@@ -130,7 +131,7 @@ Neighbours<T> knn_search(const TensorView<T, Cpu>& bank, const TensorView<T, Cpu
     copy(queries.rows(q0, q0 + qb), static_cast<const TensorView<T, Cpu>&>(q));
     ops::l2_normalize(static_cast<const TensorView<T, Cpu>&>(q), options.eps,
                       static_cast<const TensorView<T, Cpu>&>(q),
-                      static_cast<const TensorView<T, Cpu>&>(qnorm));
+                      static_cast<const TensorView<compute_t<T>, Cpu>&>(qnorm));
     for (std::int64_t r = 0; r < qb; ++r) cand[static_cast<std::size_t>(r)].clear();
 
     for (std::int64_t b0 = 0; b0 < N; b0 += bb_max) {

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "moca/core/profiler.hpp"
 #include "moca/nn/parameter.hpp"
@@ -44,9 +45,8 @@ class BatchNorm1d {
     ops::batch_norm(x, weight.value, bias.value, eps_, y, mean_, var_);
     if (update_running) {
       const auto M = static_cast<double>(x.shape().leading());
-      ops::axpby(T(momentum_), TensorView<T, D>(mean_), T(1 - momentum_), running_mean.value);
-      ops::axpby(T(momentum_ * M / (M > 1 ? M - 1 : 1)), TensorView<T, D>(var_), T(1 - momentum_),
-                 running_var.value);
+      track(mean_, momentum_, running_mean.value);
+      track(var_, momentum_ * M / (M > 1 ? M - 1 : 1), running_var.value);
       ++num_batches_tracked;
     }
   }
@@ -54,14 +54,28 @@ class BatchNorm1d {
   /// x is the input of the last forward; writes dx, accumulates weight and bias gradients.
   void backward(const TensorView<T, D>& x, const TensorView<T, D>& dy, const TensorView<T, D>& dx) {
     MOCA_PROFILE_SCOPE("batch_norm");
-    ops::batch_norm_backward(x, weight.value, TensorView<T, D>(mean_), TensorView<T, D>(var_), eps_,
+    ops::batch_norm_backward(x, weight.value, TensorView<S, D>(mean_), TensorView<S, D>(var_), eps_,
                              dy, dx, weight.grad, bias.grad);
   }
 
  private:
+  using S = compute_t<T>;  // the batch statistics' type: float for bf16 x
+
+  /// running ← (1 − momentum) · running + a · batch, the batch statistic rounded to T first.
+  void track(const Tensor<S, D>& batch, double a, const TensorView<T, D>& running) {
+    if constexpr (std::is_same_v<S, T>) {
+      ops::axpby(T(a), TensorView<T, D>(batch), T(1 - momentum_), running);
+    } else {
+      rounded_.resize(batch.shape());
+      ops::convert(TensorView<S, D>(batch), TensorView<T, D>(rounded_));
+      ops::axpby(T(a), TensorView<T, D>(rounded_), T(1 - momentum_), running);
+    }
+  }
+
   std::int64_t features_ = 0;
   double eps_ = 1e-5, momentum_ = 0.1;
-  Tensor<T, D> mean_, var_;
+  Tensor<S, D> mean_, var_;
+  Tensor<T, D> rounded_;  // a bf16 model's batch statistic in T, for the running update
 };
 
 }  // namespace moca

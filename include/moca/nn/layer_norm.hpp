@@ -11,7 +11,8 @@
 namespace moca {
 
 /// Normalises each row of x [..., dim]. The ViT presets use eps = 1e-6 (spec §1.4).
-/// Saves the per-row mean and 1/std of the last forward for backward.
+/// Saves the per-row mean and 1/std of the last forward for backward, in compute_t<T> (float for
+/// bf16 x, as under PyTorch's autocast).
 template <class T, class D = Cpu>
 class LayerNorm {
  public:
@@ -75,7 +76,7 @@ class LayerNorm {
  private:
   std::int64_t dim_ = 0;
   double eps_ = 1e-6;
-  Tensor<T, D> mean_, rstd_;
+  Tensor<compute_t<T>, D> mean_, rstd_;
 };
 
 }  // namespace moca

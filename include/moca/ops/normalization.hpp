@@ -13,7 +13,8 @@ namespace norm_impl {
 template <class T, class D>
 void check_forward(const char* what, const TensorView<T, D>& x, const TensorView<T, D>& gamma,
                    const TensorView<T, D>& beta, const TensorView<T, D>& y,
-                   const TensorView<T, D>& mean, const TensorView<T, D>& rstd) {
+                   const TensorView<compute_t<T>, D>& mean,
+                   const TensorView<compute_t<T>, D>& rstd) {
   const std::int64_t M = x.shape().leading(), N = x.shape().last();
   detail::check_same_shape(what, x, y);
   MOCA_CHECK(gamma.empty() || gamma.numel() == N, what, ": weight ", gamma.shape(),
@@ -27,9 +28,10 @@ void check_forward(const char* what, const TensorView<T, D>& x, const TensorView
 /// The shape checks of a LayerNorm backward named `what`.
 template <class T, class D>
 void check_backward(const char* what, const TensorView<T, D>& x, const TensorView<T, D>& gamma,
-                    const TensorView<T, D>& mean, const TensorView<T, D>& rstd,
-                    const TensorView<T, D>& dy, const TensorView<T, D>& dx,
-                    const TensorView<T, D>& dgamma, const TensorView<T, D>& dbeta) {
+                    const TensorView<compute_t<T>, D>& mean,
+                    const TensorView<compute_t<T>, D>& rstd, const TensorView<T, D>& dy,
+                    const TensorView<T, D>& dx, const TensorView<T, D>& dgamma,
+                    const TensorView<T, D>& dbeta) {
   const std::int64_t M = x.shape().leading(), N = x.shape().last();
   detail::check_same_shape(what, x, dy);
   detail::check_same_shape(what, x, dx);
@@ -52,12 +54,14 @@ concept ResidualNormBackend = requires(std::int64_t n, double e, const T* c, T* 
 }  // namespace norm_impl
 
 /// y = (x - mean) / sqrt(var + eps) · gamma + beta over the last dimension (biased variance).
-/// Saves mean and rstd (one value per row) for the backward pass. gamma and beta may be empty
-/// views (no affine transform).
+/// Saves mean and rstd (one value per row) for the backward pass, in compute_t<T>: float for a
+/// bf16 x, as PyTorch's autocast keeps them, since a mean rounded to bf16 would shift every x̂ of
+/// its row by up to half a bf16 step of the mean. gamma and beta may be empty views (no affine
+/// transform).
 template <class T, class D>
 void layer_norm(const TensorView<T, D>& x, const TensorView<T, D>& gamma,
                 const TensorView<T, D>& beta, double eps, const TensorView<T, D>& y,
-                const TensorView<T, D>& mean, const TensorView<T, D>& rstd) {
+                const TensorView<compute_t<T>, D>& mean, const TensorView<compute_t<T>, D>& rstd) {
   norm_impl::check_forward("layer_norm", x, gamma, beta, y, mean, rstd);
   const std::int64_t M = x.shape().leading(), N = x.shape().last();
   Backend<D>::layer_norm_forward(M, N, x.data(), gamma.empty() ? nullptr : gamma.data(),
@@ -69,9 +73,10 @@ void layer_norm(const TensorView<T, D>& x, const TensorView<T, D>& gamma,
 /// an empty view to skip it).
 template <class T, class D>
 void layer_norm_backward(const TensorView<T, D>& x, const TensorView<T, D>& gamma,
-                         const TensorView<T, D>& mean, const TensorView<T, D>& rstd,
-                         const TensorView<T, D>& dy, const TensorView<T, D>& dx,
-                         const TensorView<T, D>& dgamma, const TensorView<T, D>& dbeta) {
+                         const TensorView<compute_t<T>, D>& mean,
+                         const TensorView<compute_t<T>, D>& rstd, const TensorView<T, D>& dy,
+                         const TensorView<T, D>& dx, const TensorView<T, D>& dgamma,
+                         const TensorView<T, D>& dbeta) {
   norm_impl::check_backward("layer_norm_backward", x, gamma, mean, rstd, dy, dx, dgamma, dbeta);
   const std::int64_t M = x.shape().leading(), N = x.shape().last();
   Backend<D>::layer_norm_backward(M, N, x.data(), gamma.empty() ? nullptr : gamma.data(),
@@ -87,7 +92,8 @@ template <class T, class D>
 void add_layer_norm(const TensorView<T, D>& x, const TensorView<T, D>& add,
                     const TensorView<T, D>& gamma, const TensorView<T, D>& beta, double eps,
                     const TensorView<T, D>& sum, const TensorView<T, D>& y,
-                    const TensorView<T, D>& mean, const TensorView<T, D>& rstd) {
+                    const TensorView<compute_t<T>, D>& mean,
+                    const TensorView<compute_t<T>, D>& rstd) {
   detail::check_same_shape("add_layer_norm", x, add);
   detail::check_same_shape("add_layer_norm", x, sum);
   if constexpr (norm_impl::ResidualNormBackend<T, D>) {
@@ -108,10 +114,10 @@ void add_layer_norm(const TensorView<T, D>& x, const TensorView<T, D>& add,
 /// not residual; dgamma and dbeta accumulate as in layer_norm_backward.
 template <class T, class D>
 void layer_norm_backward_add(const TensorView<T, D>& x, const TensorView<T, D>& gamma,
-                             const TensorView<T, D>& mean, const TensorView<T, D>& rstd,
-                             const TensorView<T, D>& dy, const TensorView<T, D>& residual,
-                             const TensorView<T, D>& dx, const TensorView<T, D>& dgamma,
-                             const TensorView<T, D>& dbeta) {
+                             const TensorView<compute_t<T>, D>& mean,
+                             const TensorView<compute_t<T>, D>& rstd, const TensorView<T, D>& dy,
+                             const TensorView<T, D>& residual, const TensorView<T, D>& dx,
+                             const TensorView<T, D>& dgamma, const TensorView<T, D>& dbeta) {
   detail::check_same_shape("layer_norm_backward_add", x, residual);
   MOCA_CHECK(dx.data() != residual.data(),
              "layer_norm_backward_add: dx must not alias residual (it may alias dy)");
@@ -129,11 +135,12 @@ void layer_norm_backward_add(const TensorView<T, D>& x, const TensorView<T, D>& 
   }
 }
 
-/// y = x / max(||x||₂, eps) over the last dimension; saves norm (one ||x||₂ per row).
+/// y = x / max(||x||₂, eps) over the last dimension; saves norm (one ||x||₂ per row, in
+/// compute_t<T> as LayerNorm's statistics).
 /// The MOCA codebook and prototype generators use eps = 1e-5.
 template <class T, class D>
 void l2_normalize(const TensorView<T, D>& x, double eps, const TensorView<T, D>& y,
-                  const TensorView<T, D>& norm) {
+                  const TensorView<compute_t<T>, D>& norm) {
   detail::check_same_shape("l2_normalize", x, y);
   MOCA_CHECK(norm.numel() == x.shape().leading(), "l2_normalize: norm ", norm.shape(),
              " must hold one value per row of ", x.shape());
@@ -150,8 +157,8 @@ void l1_normalize(const TensorView<T, D>& x, double eps) {
 
 /// Backward of l2_normalize from its output y and saved norm; dx may alias dy.
 template <class T, class D>
-void l2_normalize_backward(const TensorView<T, D>& y, const TensorView<T, D>& norm, double eps,
-                           const TensorView<T, D>& dy, const TensorView<T, D>& dx) {
+void l2_normalize_backward(const TensorView<T, D>& y, const TensorView<compute_t<T>, D>& norm,
+                           double eps, const TensorView<T, D>& dy, const TensorView<T, D>& dx) {
   detail::check_same_shape("l2_normalize_backward", y, dy);
   detail::check_same_shape("l2_normalize_backward", y, dx);
   MOCA_CHECK(norm.numel() == y.shape().leading(), "l2_normalize_backward: norm ", norm.shape(),

@@ -14,11 +14,12 @@ void row_max(const TensorView<T, D>& x, const TensorView<T, D>& y) {
 }
 
 /// BatchNorm1d in training mode over the rows of x [M, N]: batch statistics per column (biased
-/// variance), y = x̂ · gamma + beta. Saves mean [N] and var [N]. gamma/beta may be empty views.
+/// variance), y = x̂ · gamma + beta. Saves mean [N] and var [N] in compute_t<T> (float for bf16).
+/// gamma/beta may be empty views.
 template <class T, class D>
 void batch_norm(const TensorView<T, D>& x, const TensorView<T, D>& gamma,
                 const TensorView<T, D>& beta, double eps, const TensorView<T, D>& y,
-                const TensorView<T, D>& mean, const TensorView<T, D>& var) {
+                const TensorView<compute_t<T>, D>& mean, const TensorView<compute_t<T>, D>& var) {
   const std::int64_t M = x.shape().leading(), N = x.shape().last();
   detail::check_same_shape("batch_norm", x, y);
   MOCA_CHECK(M > 0, "batch_norm: no rows in ", x.shape());
@@ -36,7 +37,8 @@ void batch_norm(const TensorView<T, D>& x, const TensorView<T, D>& gamma,
 /// into dgamma and dbeta (empty views skip them).
 template <class T, class D>
 void batch_norm_backward(const TensorView<T, D>& x, const TensorView<T, D>& gamma,
-                         const TensorView<T, D>& mean, const TensorView<T, D>& var, double eps,
+                         const TensorView<compute_t<T>, D>& mean,
+                         const TensorView<compute_t<T>, D>& var, double eps,
                          const TensorView<T, D>& dy, const TensorView<T, D>& dx,
                          const TensorView<T, D>& dgamma, const TensorView<T, D>& dbeta) {
   const std::int64_t M = x.shape().leading(), N = x.shape().last();

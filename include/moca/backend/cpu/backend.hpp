@@ -107,13 +107,14 @@ struct Backend<Cpu> {
   }
   template <class T>
   static void layer_norm_forward(std::int64_t M, std::int64_t N, const T* x, const T* gamma,
-                                 const T* beta, double eps, T* y, T* mean, T* rstd) {
+                                 const T* beta, double eps, T* y, compute_t<T>* mean,
+                                 compute_t<T>* rstd) {
     cpu::layer_norm_forward(M, N, x, gamma, beta, eps, y, mean, rstd);
   }
   template <class T>
   static void layer_norm_backward(std::int64_t M, std::int64_t N, const T* x, const T* gamma,
-                                  const T* mean, const T* rstd, const T* dy, T* dx, T* dgamma,
-                                  T* dbeta) {
+                                  const compute_t<T>* mean, const compute_t<T>* rstd, const T* dy,
+                                  T* dx, T* dgamma, T* dbeta) {
     cpu::layer_norm_backward(M, N, x, gamma, mean, rstd, dy, dx, dgamma, dbeta);
   }
   /// LayerNorm of x + add (written to sum) and its backward joined to a residual gradient: the
@@ -121,18 +122,18 @@ struct Backend<Cpu> {
   template <class T>
   static void add_layer_norm_forward(std::int64_t M, std::int64_t N, const T* x, const T* add,
                                      const T* gamma, const T* beta, double eps, T* sum, T* y,
-                                     T* mean, T* rstd) {
+                                     compute_t<T>* mean, compute_t<T>* rstd) {
     cpu::layer_norm_forward(M, N, x, gamma, beta, eps, y, mean, rstd, add, sum);
   }
   template <class T>
   static void layer_norm_backward_add(std::int64_t M, std::int64_t N, const T* x, const T* gamma,
-                                      const T* mean, const T* rstd, const T* dy,
-                                      const T* residual, T* dx, T* dgamma, T* dbeta) {
+                                      const compute_t<T>* mean, const compute_t<T>* rstd,
+                                      const T* dy, const T* residual, T* dx, T* dgamma, T* dbeta) {
     cpu::layer_norm_backward(M, N, x, gamma, mean, rstd, dy, dx, dgamma, dbeta, residual);
   }
   template <class T>
   static void l2_normalize_rows_forward(std::int64_t M, std::int64_t N, const T* x, double eps,
-                                        T* y, T* norm) {
+                                        T* y, compute_t<T>* norm) {
     cpu::l2_normalize_rows_forward(M, N, x, eps, y, norm);
   }
   template <class T>
@@ -141,7 +142,7 @@ struct Backend<Cpu> {
   }
   template <class T>
   static void l2_normalize_rows_backward(std::int64_t M, std::int64_t N, const T* y,
-                                         const T* norm, double eps, const T* dy, T* dx) {
+                                         const compute_t<T>* norm, double eps, const T* dy, T* dx) {
     cpu::l2_normalize_rows_backward(M, N, y, norm, eps, dy, dx);
   }
   template <class T>
@@ -184,13 +185,14 @@ struct Backend<Cpu> {
   }
   template <class T>
   static void batch_norm_forward(std::int64_t M, std::int64_t N, const T* x, const T* gamma,
-                                 const T* beta, double eps, T* y, T* mean, T* var) {
+                                 const T* beta, double eps, T* y, compute_t<T>* mean,
+                                 compute_t<T>* var) {
     cpu::batch_norm_forward(M, N, x, gamma, beta, eps, y, mean, var);
   }
   template <class T>
   static void batch_norm_backward(std::int64_t M, std::int64_t N, const T* x, const T* gamma,
-                                  const T* mean, const T* var, double eps, const T* dy, T* dx,
-                                  T* dgamma, T* dbeta) {
+                                  const compute_t<T>* mean, const compute_t<T>* var, double eps,
+                                  const T* dy, T* dx, T* dgamma, T* dbeta) {
     cpu::batch_norm_backward(M, N, x, gamma, mean, var, eps, dy, dx, dgamma, dbeta);
   }
   template <class T>

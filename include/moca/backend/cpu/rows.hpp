@@ -345,7 +345,7 @@ void log_softmax_rows_backward(std::int64_t M, std::int64_t N, const T* y, const
 /// may alias x or add).
 template <class T>
 void layer_norm_forward(std::int64_t M, std::int64_t N, const T* x, const T* gamma, const T* beta,
-                        double eps, T* y, T* mean, T* rstd, const T* add = nullptr,
+                        double eps, T* y, acc_t<T>* mean, acc_t<T>* rstd, const T* add = nullptr,
                         T* sum = nullptr) {
   [[maybe_unused]] const float *gamma_f = nullptr, *beta_f = nullptr;
 #ifdef MOCA_CPU_SIMD_MATH
@@ -435,8 +435,8 @@ inline constexpr std::int64_t kNormGradRows = 64;
 /// to its block's partial parameter gradients.
 template <class T>
 void layer_norm_backward(std::int64_t M, std::int64_t N, const T* x, const T* gamma,
-                         const T* mean, const T* rstd, const T* dy, T* dx, T* dgamma, T* dbeta,
-                         const T* residual = nullptr) {
+                         const acc_t<T>* mean, const acc_t<T>* rstd, const T* dy, T* dx, T* dgamma,
+                         T* dbeta, const T* residual = nullptr) {
   const bool params = dgamma != nullptr || dbeta != nullptr;
   const std::int64_t blocks = (M + kNormGradRows - 1) / kNormGradRows;
   // [blocks][2][N]: Σ dy·x̂ and Σ dy of each block; the calling thread's, grown once.
@@ -516,7 +516,7 @@ void layer_norm_backward(std::int64_t M, std::int64_t N, const T* x, const T* ga
 /// y = x / max(||x||_2, eps) per row; saves norm[M] = ||x||_2 (before the clamp).
 template <class T>
 void l2_normalize_rows_forward(std::int64_t M, std::int64_t N, const T* x, double eps, T* y,
-                               T* norm) {
+                               acc_t<T>* norm) {
   parallel_for(M, 2 * M * N, [&](std::int64_t r0, std::int64_t r1) {
     for (std::int64_t r = r0; r < r1; ++r) {
       const T* xr = x + r * N;
@@ -548,7 +548,7 @@ void l1_normalize_rows(std::int64_t M, std::int64_t N, double eps, T* x) {
 /// Backward of l2_normalize_rows. Where ||x|| > eps: dx = (dy - y <y, dy>) / ||x||;
 /// where clamped: dx = dy / eps. dx may alias dy.
 template <class T>
-void l2_normalize_rows_backward(std::int64_t M, std::int64_t N, const T* y, const T* norm,
+void l2_normalize_rows_backward(std::int64_t M, std::int64_t N, const T* y, const acc_t<T>* norm,
                                 double eps, const T* dy, T* dx) {
   parallel_for(M, 3 * M * N, [&](std::int64_t r0, std::int64_t r1) {
     for (std::int64_t r = r0; r < r1; ++r) {

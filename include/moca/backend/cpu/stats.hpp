@@ -29,10 +29,10 @@ void row_max(std::int64_t M, std::int64_t N, const T* x, T* y) {
 /// BatchNorm1d in training mode on x [M, N] (M samples, N features): per column j,
 /// y = (x − mean_j) / sqrt(var_j + eps) · gamma_j + beta_j with the biased batch variance.
 /// Saves mean[N] and var[N] (biased) for backward and for the running statistics. The sums and
-/// the normalisation run in acc_t<T> (float for bf16); mean and var are rounded once as stored.
+/// the normalisation run in acc_t<T> (float for bf16), and mean and var are kept in it.
 template <class T>
 void batch_norm_forward(std::int64_t M, std::int64_t N, const T* x, const T* gamma, const T* beta,
-                        double eps, T* y, T* mean, T* var) {
+                        double eps, T* y, acc_t<T>* mean, acc_t<T>* var) {
   using A = acc_t<T>;
   parallel_for(N, 3 * M * N, [&](std::int64_t c0, std::int64_t c1) {
     // Column blocks, rows in order: fixed summation order whatever the thread count.
@@ -50,8 +50,8 @@ void batch_norm_forward(std::int64_t M, std::int64_t N, const T* x, const T* gam
         }
       for (std::int64_t j = b0; j < b1; ++j) {
         v[j - b0] /= static_cast<A>(M);
-        mean[j] = static_cast<T>(mu[j - b0]);
-        var[j] = static_cast<T>(v[j - b0]);
+        mean[j] = mu[j - b0];
+        var[j] = v[j - b0];
       }
       for (std::int64_t r = 0; r < M; ++r)
         for (std::int64_t j = b0; j < b1; ++j) {
@@ -70,8 +70,8 @@ void batch_norm_forward(std::int64_t M, std::int64_t N, const T* x, const T* gam
 ///   dx = rstd · (dxhat − mean_r(dxhat) − xhat · mean_r(dxhat · xhat)),  dxhat = dy · gamma
 template <class T>
 void batch_norm_backward(std::int64_t M, std::int64_t N, const T* x, const T* gamma,
-                         const T* mean, const T* var, double eps, const T* dy, T* dx, T* dgamma,
-                         T* dbeta) {
+                         const acc_t<T>* mean, const acc_t<T>* var, double eps, const T* dy, T* dx,
+                         T* dgamma, T* dbeta) {
   using A = acc_t<T>;
   parallel_for(N, 4 * M * N, [&](std::int64_t c0, std::int64_t c1) {
     constexpr std::int64_t kBlock = 64;

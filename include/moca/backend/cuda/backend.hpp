@@ -68,24 +68,25 @@ template <class T>
 void log_softmax_rows_backward(std::int64_t M, std::int64_t N, const T* y, const T* dy, T* dx);
 template <class T>
 void layer_norm_forward(std::int64_t M, std::int64_t N, const T* x, const T* gamma, const T* beta,
-                        double eps, T* y, T* mean, T* rstd);
+                        double eps, T* y, compute_t<T>* mean, compute_t<T>* rstd);
 template <class T>
 void layer_norm_backward(std::int64_t M, std::int64_t N, const T* x, const T* gamma,
-                         const T* mean, const T* rstd, const T* dy, T* dx, T* dgamma, T* dbeta);
+                         const compute_t<T>* mean, const compute_t<T>* rstd, const T* dy, T* dx,
+                         T* dgamma, T* dbeta);
 template <class T>
 void add_layer_norm_forward(std::int64_t M, std::int64_t N, const T* x, const T* add,
-                            const T* gamma, const T* beta, double eps, T* sum, T* y, T* mean,
-                            T* rstd);
+                            const T* gamma, const T* beta, double eps, T* sum, T* y,
+                            compute_t<T>* mean, compute_t<T>* rstd);
 template <class T>
 void layer_norm_backward_add(std::int64_t M, std::int64_t N, const T* x, const T* gamma,
-                             const T* mean, const T* rstd, const T* dy, const T* residual, T* dx,
-                             T* dgamma, T* dbeta);
+                             const compute_t<T>* mean, const compute_t<T>* rstd, const T* dy,
+                             const T* residual, T* dx, T* dgamma, T* dbeta);
 template <class T>
 void l2_normalize_rows_forward(std::int64_t M, std::int64_t N, const T* x, double eps, T* y,
-                               T* norm);
+                               compute_t<T>* norm);
 template <class T>
-void l2_normalize_rows_backward(std::int64_t M, std::int64_t N, const T* y, const T* norm,
-                                double eps, const T* dy, T* dx);
+void l2_normalize_rows_backward(std::int64_t M, std::int64_t N, const T* y,
+                                const compute_t<T>* norm, double eps, const T* dy, T* dx);
 template <class T>
 void l1_normalize_rows(std::int64_t M, std::int64_t N, double eps, T* x);
 
@@ -117,11 +118,11 @@ template <class T>
 void row_max(std::int64_t M, std::int64_t N, const T* x, T* y);
 template <class T>
 void batch_norm_forward(std::int64_t M, std::int64_t N, const T* x, const T* gamma, const T* beta,
-                        double eps, T* y, T* mean, T* var);
+                        double eps, T* y, compute_t<T>* mean, compute_t<T>* var);
 template <class T>
 void batch_norm_backward(std::int64_t M, std::int64_t N, const T* x, const T* gamma,
-                         const T* mean, const T* var, double eps, const T* dy, T* dx, T* dgamma,
-                         T* dbeta);
+                         const compute_t<T>* mean, const compute_t<T>* var, double eps, const T* dy,
+                         T* dx, T* dgamma, T* dbeta);
 template <class T>
 double xlogy_sum(std::int64_t n, const T* x, const T* y);
 template <class T>
@@ -426,36 +427,37 @@ struct Backend<Cuda> {
   }
   template <class T>
   static void layer_norm_forward(std::int64_t M, std::int64_t N, const T* x, const T* gamma,
-                                 const T* beta, double eps, T* y, T* mean, T* rstd) {
+                                 const T* beta, double eps, T* y, compute_t<T>* mean,
+                                 compute_t<T>* rstd) {
     cuda::layer_norm_forward(M, N, x, gamma, beta, eps, y, mean, rstd);
   }
   template <class T>
   static void layer_norm_backward(std::int64_t M, std::int64_t N, const T* x, const T* gamma,
-                                  const T* mean, const T* rstd, const T* dy, T* dx, T* dgamma,
-                                  T* dbeta) {
+                                  const compute_t<T>* mean, const compute_t<T>* rstd, const T* dy,
+                                  T* dx, T* dgamma, T* dbeta) {
     cuda::layer_norm_backward(M, N, x, gamma, mean, rstd, dy, dx, dgamma, dbeta);
   }
   /// Fused forms of ops::add_layer_norm and ops::layer_norm_backward_add.
   template <class T>
   static void add_layer_norm_forward(std::int64_t M, std::int64_t N, const T* x, const T* add,
                                      const T* gamma, const T* beta, double eps, T* sum, T* y,
-                                     T* mean, T* rstd) {
+                                     compute_t<T>* mean, compute_t<T>* rstd) {
     cuda::add_layer_norm_forward(M, N, x, add, gamma, beta, eps, sum, y, mean, rstd);
   }
   template <class T>
   static void layer_norm_backward_add(std::int64_t M, std::int64_t N, const T* x, const T* gamma,
-                                      const T* mean, const T* rstd, const T* dy,
-                                      const T* residual, T* dx, T* dgamma, T* dbeta) {
+                                      const compute_t<T>* mean, const compute_t<T>* rstd,
+                                      const T* dy, const T* residual, T* dx, T* dgamma, T* dbeta) {
     cuda::layer_norm_backward_add(M, N, x, gamma, mean, rstd, dy, residual, dx, dgamma, dbeta);
   }
   template <class T>
   static void l2_normalize_rows_forward(std::int64_t M, std::int64_t N, const T* x, double eps,
-                                        T* y, T* norm) {
+                                        T* y, compute_t<T>* norm) {
     cuda::l2_normalize_rows_forward(M, N, x, eps, y, norm);
   }
   template <class T>
   static void l2_normalize_rows_backward(std::int64_t M, std::int64_t N, const T* y,
-                                         const T* norm, double eps, const T* dy, T* dx) {
+                                         const compute_t<T>* norm, double eps, const T* dy, T* dx) {
     cuda::l2_normalize_rows_backward(M, N, y, norm, eps, dy, dx);
   }
   template <class T>
@@ -507,13 +509,14 @@ struct Backend<Cuda> {
   }
   template <class T>
   static void batch_norm_forward(std::int64_t M, std::int64_t N, const T* x, const T* gamma,
-                                 const T* beta, double eps, T* y, T* mean, T* var) {
+                                 const T* beta, double eps, T* y, compute_t<T>* mean,
+                                 compute_t<T>* var) {
     cuda::batch_norm_forward(M, N, x, gamma, beta, eps, y, mean, var);
   }
   template <class T>
   static void batch_norm_backward(std::int64_t M, std::int64_t N, const T* x, const T* gamma,
-                                  const T* mean, const T* var, double eps, const T* dy, T* dx,
-                                  T* dgamma, T* dbeta) {
+                                  const compute_t<T>* mean, const compute_t<T>* var, double eps,
+                                  const T* dy, T* dx, T* dgamma, T* dbeta) {
     cuda::batch_norm_backward(M, N, x, gamma, mean, var, eps, dy, dx, dgamma, dbeta);
   }
   /// Waits for the stream: the sum is returned to the host.

@@ -111,21 +111,22 @@ template void softmax_rows_backward<bf16>(std::int64_t, std::int64_t, const bf16
                                           bf16*);
 template void log_softmax_rows_backward<bf16>(std::int64_t, std::int64_t, const bf16*,
                                               const bf16*, bf16*);
+// Row and column statistics (mean, rstd, var, norm) of bf16 tensors are kept in float.
 template void layer_norm_forward<bf16>(std::int64_t, std::int64_t, const bf16*, const bf16*,
-                                       const bf16*, double, bf16*, bf16*, bf16*);
+                                       const bf16*, double, bf16*, float*, float*);
 template void layer_norm_backward<bf16>(std::int64_t, std::int64_t, const bf16*, const bf16*,
-                                        const bf16*, const bf16*, const bf16*, bf16*, bf16*,
+                                        const float*, const float*, const bf16*, bf16*, bf16*,
                                         bf16*);
 template void add_layer_norm_forward<bf16>(std::int64_t, std::int64_t, const bf16*, const bf16*,
-                                           const bf16*, const bf16*, double, bf16*, bf16*, bf16*,
-                                           bf16*);
+                                           const bf16*, const bf16*, double, bf16*, bf16*, float*,
+                                           float*);
 template void layer_norm_backward_add<bf16>(std::int64_t, std::int64_t, const bf16*, const bf16*,
-                                            const bf16*, const bf16*, const bf16*, const bf16*,
+                                            const float*, const float*, const bf16*, const bf16*,
                                             bf16*, bf16*, bf16*);
 template void l2_normalize_rows_forward<bf16>(std::int64_t, std::int64_t, const bf16*, double,
-                                              bf16*, bf16*);
+                                              bf16*, float*);
 template void l2_normalize_rows_backward<bf16>(std::int64_t, std::int64_t, const bf16*,
-                                               const bf16*, double, const bf16*, bf16*);
+                                               const float*, double, const bf16*, bf16*);
 template void l1_normalize_rows<bf16>(std::int64_t, std::int64_t, double, bf16*);
 template void sum_middle<bf16>(std::int64_t, std::int64_t, std::int64_t, bf16, const bf16*, bf16,
                                bf16*);
@@ -144,9 +145,9 @@ template double xlogy_sum<bf16>(std::int64_t, const bf16*, const bf16*);
 template void scatter_add_rows<bf16>(std::int64_t, std::int64_t, const bf16*, const std::int32_t*,
                                      std::int64_t, bf16*);
 template void batch_norm_forward<bf16>(std::int64_t, std::int64_t, const bf16*, const bf16*,
-                                       const bf16*, double, bf16*, bf16*, bf16*);
+                                       const bf16*, double, bf16*, float*, float*);
 template void batch_norm_backward<bf16>(std::int64_t, std::int64_t, const bf16*, const bf16*,
-                                        const bf16*, const bf16*, double, const bf16*, bf16*,
+                                        const float*, const float*, double, const bf16*, bf16*,
                                         bf16*, bf16*);
 template double soft_target_rows<bf16>(std::int64_t, std::int64_t, const bf16*, const bf16*,
                                        std::int64_t, const std::int32_t*, bool, bf16, bf16*);

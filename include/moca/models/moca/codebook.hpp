@@ -79,11 +79,12 @@ class Codebook {
 
   /// Spec §4.1: standard normal entries clamped at 0, each row L2-normalised (eps 1e-5).
   void initialize(const Philox& rng) {
-    Tensor<T, Cpu> host(embedding.shape), norms({cfg_.num_words});
+    Tensor<T, Cpu> host(embedding.shape);
+    Tensor<compute_t<T>, Cpu> norms({cfg_.num_words});
     fill_normal(TensorView<T, Cpu>(host), rng, name_stream("bow_extractor._embedding"), 0.0, 1.0);
     ops::relu(TensorView<T, Cpu>(host), TensorView<T, Cpu>(host));
     ops::l2_normalize(TensorView<T, Cpu>(host), kNormalizeEps, TensorView<T, Cpu>(host),
-                      TensorView<T, Cpu>(norms));
+                      TensorView<compute_t<T>, Cpu>(norms));
     copy(TensorView<T, Cpu>(host), embedding.value);
     ptr = 0;
     dist_norm = dist_norm_prev = cfg_.dist_norm_init;
@@ -115,11 +116,11 @@ class Codebook {
     MOCA_CHECK(!snapshot_.empty(), "codebook: assign() before snapshot()");
     // Cosine similarity of the L2-normalised patch tokens to every word.
     tokens_.resize({N, L, C});
-    rows_.resize({N * L});
+    token_norm_.resize({N * L});
     ops::copy_strided(ops::strided_batch(teacher_out, C, L, C, C, S * C, N),
                       ops::strided_batch(TensorView<T, D>(tokens_), 0, L, C, C, L * C, N));
     ops::l2_normalize(TensorView<T, D>(tokens_), kNormalizeEps, TensorView<T, D>(tokens_),
-                      TensorView<T, D>(rows_));
+                      TensorView<compute_t<T>, D>(token_norm_));
     TensorView<T, D> cos = q.reshape({N * L, K});
     ops::gemm(TensorView<T, D>(tokens_).reshape({N * L, C}), Trans::N, TensorView<T, D>(snapshot_),
               Trans::T, cos);
@@ -188,7 +189,7 @@ class Codebook {
     ops::gather_rows(teacher_out.reshape({N * S, C}), TensorView<Index, D>(rows_index_),
                      TensorView<T, D>(fresh_));
     ops::l2_normalize(TensorView<T, D>(fresh_), kNormalizeEps, TensorView<T, D>(fresh_),
-                      TensorView<T, D>(fresh_norm_));
+                      TensorView<compute_t<T>, D>(fresh_norm_));
     copy(TensorView<T, D>(fresh_), embedding.value.rows(ptr, ptr + n_new));
     ptr = (ptr + n_new) % cfg_.num_words;
     dist_norm_prev = dist_norm;
@@ -215,8 +216,8 @@ class Codebook {
 
   CodebookConfig cfg_;
   std::vector<Index> inner_;
-  Tensor<T, D> snapshot_, tokens_, rows_, stat_, total_, inner_codes_, fresh_, fresh_norm_,
-      spread_workspace_;
+  Tensor<T, D> snapshot_, tokens_, stat_, total_, inner_codes_, fresh_, spread_workspace_;
+  Tensor<compute_t<T>, D> token_norm_, fresh_norm_;  // l2_normalize's saved norms (no backward reads them)
   Tensor<Index, D> inner_rows_, rows_index_;
   Tensor<Index, Cpu> host_rows_;
 };

@@ -83,7 +83,7 @@ class WeightGenerator {
     sum_.resize({K, out_});
     w_.resize({K, out_});
     wnorm_.resize({K});
-    ops::l2_normalize(E, kNormalizeEps, TensorView<T, D>(z_), TensorView<T, D>(znorm_));
+    ops::l2_normalize(E, kNormalizeEps, TensorView<T, D>(z_), TensorView<S, D>(znorm_));
     g.b0_fc.forward(z_, pre_);
     g.b0_bn.forward(pre_, bn_);
     ops::relu(TensorView<T, D>(bn_), TensorView<T, D>(h_));
@@ -95,7 +95,7 @@ class WeightGenerator {
       ops::add(TensorView<T, D>(sum_), TensorView<T, D>(z_), TensorView<T, D>(sum_));
     }
     ops::l2_normalize(TensorView<T, D>(sum_), kNormalizeEps, TensorView<T, D>(w_),
-                      TensorView<T, D>(wnorm_));
+                      TensorView<S, D>(wnorm_));
     return w_;
   }
 
@@ -104,7 +104,7 @@ class WeightGenerator {
   void backward(const TensorView<T, D>& dW) {
     MOCA_PROFILE_SCOPE("weight_generator");
     Generator& g = layers_w[0].generator;
-    ops::l2_normalize_backward(TensorView<T, D>(w_), TensorView<T, D>(wnorm_), kNormalizeEps, dW,
+    ops::l2_normalize_backward(TensorView<T, D>(w_), TensorView<S, D>(wnorm_), kNormalizeEps, dW,
                                dW);  // dW now holds d(R + S)
     if (layers_w[0].has_skip) layers_w[0].skip.backward(z_, dW, TensorView<T, D>());
     dh_.resize(h_.shape());
@@ -115,8 +115,10 @@ class WeightGenerator {
   }
 
  private:
+  using S = compute_t<T>;  // the rows' saved norms
   std::int64_t in_ = 0, hidden_ = 0, out_ = 0;
-  Tensor<T, D> z_, znorm_, pre_, bn_, h_, sum_, w_, wnorm_, dh_;
+  Tensor<T, D> z_, pre_, bn_, h_, sum_, w_, dh_;
+  Tensor<S, D> znorm_, wnorm_;
 };
 
 }  // namespace moca

@@ -26,9 +26,10 @@
 
 namespace moca::cuda::kernels {
 
-/// Accumulator type: float rows accumulate in float (as the CPU backend and PyTorch do).
+/// Accumulator type: float and bf16 rows accumulate in float (as the CPU backend and PyTorch
+/// do); also the type of saved row statistics (LayerNorm's mean and rstd, ...).
 template <class T>
-using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+using acc_t = compute_t<T>;
 
 /// Threads per block of elementwise and column kernels.
 inline constexpr int kThreads = 256;

@@ -118,7 +118,7 @@ __global__ void log_softmax_rows_backward_kernel(std::int64_t M, std::int64_t N,
 template <class T>
 __global__ void layer_norm_forward_kernel(std::int64_t M, std::int64_t N, const T* x,
                                           const T* gamma, const T* beta, acc_t<T> eps, T* y,
-                                          T* mean, T* rstd, const T* add, T* sum) {
+                                          acc_t<T>* mean, acc_t<T>* rstd, const T* add, T* sum) {
   using A = acc_t<T>;
   __shared__ A shared[32];
   for (std::int64_t r = blockIdx.x; r < M; r += gridDim.x) {
@@ -162,8 +162,9 @@ __global__ void layer_norm_forward_kernel(std::int64_t M, std::int64_t N, const 
 // without gamma).
 template <class T>
 __global__ void layer_norm_backward_kernel(std::int64_t M, std::int64_t N, const T* x,
-                                           const T* gamma, const T* mean, const T* rstd,
-                                           const T* dy, T* dx, const T* residual) {
+                                           const T* gamma, const acc_t<T>* mean,
+                                           const acc_t<T>* rstd, const T* dy, T* dx,
+                                           const T* residual) {
   using A = acc_t<T>;
   __shared__ A shared[32];
   for (std::int64_t r = blockIdx.x; r < M; r += gridDim.x) {
@@ -212,8 +213,8 @@ __device__ inline std::int64_t warp_row_stride() {
 template <class T, int E>
 __global__ void __launch_bounds__(kWarpRowThreads)
     layer_norm_forward_warp_kernel(std::int64_t M, std::int64_t N, const T* x, const T* gamma,
-                                   const T* beta, acc_t<T> eps, T* y, T* mean, T* rstd,
-                                   const T* add, T* sum) {
+                                   const T* beta, acc_t<T> eps, T* y, acc_t<T>* mean,
+                                   acc_t<T>* rstd, const T* add, T* sum) {
   using A = acc_t<T>;
   constexpr int V = kChunk<T>, C = E / V;
   const int lane = static_cast<int>(threadIdx.x % 32);
@@ -279,7 +280,7 @@ __global__ void __launch_bounds__(kWarpRowThreads)
 template <class T, int E>
 __global__ void __launch_bounds__(kWarpRowThreads)
     layer_norm_backward_warp_kernel(std::int64_t M, std::int64_t N, const T* x, const T* gamma,
-                                    const T* mean, const T* rstd, const T* dy, T* dx,
+                                    const acc_t<T>* mean, const acc_t<T>* rstd, const T* dy, T* dx,
                                     const T* residual) {
   using A = acc_t<T>;
   constexpr int V = kChunk<T>, C = E / V;
@@ -356,7 +357,10 @@ void with_warp_row_elements(int e, F&& f) {
 // (reduce_columns in common.cuh), one writer per column, so accumulating needs no atomics.
 template <class T>
 struct LayerNormParamLoad {
-  const T *x, *mean, *rstd, *dy;
+  const T* x;
+  const acc_t<T>* mean;
+  const acc_t<T>* rstd;
+  const T* dy;
   std::int64_t N;
   __device__ void operator()(std::int64_t r, std::int64_t j, acc_t<T>* acc) const {
     const acc_t<T> g = dy[r * N + j];
@@ -377,7 +381,7 @@ struct LayerNormParamFinish {
 // y = x / max(||x||, eps); norm = ||x|| before the clamp.
 template <class T>
 __global__ void l2_normalize_rows_forward_kernel(std::int64_t M, std::int64_t N, const T* x,
-                                                 T eps, T* y, T* norm) {
+                                                 acc_t<T> eps, T* y, acc_t<T>* norm) {
   using A = acc_t<T>;
   __shared__ A shared[32];
   for (std::int64_t r = blockIdx.x; r < M; r += gridDim.x) {
@@ -416,7 +420,8 @@ __global__ void l1_normalize_rows_kernel(std::int64_t M, std::int64_t N, acc_t<T
 // Where ||x|| > eps: dx = (dy − y <y, dy>) / ||x||; where clamped: dx = dy / eps.
 template <class T>
 __global__ void l2_normalize_rows_backward_kernel(std::int64_t M, std::int64_t N, const T* y,
-                                                  const T* norm, T eps, const T* dy, T* dx) {
+                                                  const acc_t<T>* norm, acc_t<T> eps, const T* dy,
+                                                  T* dx) {
   using A = acc_t<T>;
   __shared__ A shared[32];
   for (std::int64_t r = blockIdx.x; r < M; r += gridDim.x) {
@@ -481,7 +486,7 @@ namespace kernels {
 
 template <class T>
 void layer_norm_forward(std::int64_t M, std::int64_t N, const T* x, const T* gamma, const T* beta,
-                        double eps, T* y, T* mean, T* rstd, const T* add, T* sum) {
+                        double eps, T* y, acc_t<T>* mean, acc_t<T>* rstd, const T* add, T* sum) {
   if (M <= 0) return;  // N == 0 still writes mean and rstd (NaN), as on the CPU
   const acc_t<T> e = static_cast<acc_t<T>>(eps);
   if (const int per_lane = warp_row_elements<T>(N, {x, gamma, beta, y, add, sum})) {
@@ -499,8 +504,8 @@ void layer_norm_forward(std::int64_t M, std::int64_t N, const T* x, const T* gam
 
 template <class T>
 void layer_norm_backward(std::int64_t M, std::int64_t N, const T* x, const T* gamma,
-                         const T* mean, const T* rstd, const T* dy, T* dx, T* dgamma, T* dbeta,
-                         const T* residual) {
+                         const acc_t<T>* mean, const acc_t<T>* rstd, const T* dy, T* dx, T* dgamma,
+                         T* dbeta, const T* residual) {
   if (M <= 0 || N <= 0) return;
   // Parameter gradients first: dx may overwrite dy, and the stream runs the kernels in order.
   if (dgamma || dbeta) {
@@ -525,36 +530,38 @@ void layer_norm_backward(std::int64_t M, std::int64_t N, const T* x, const T* ga
 
 template <class T>
 void layer_norm_forward(std::int64_t M, std::int64_t N, const T* x, const T* gamma, const T* beta,
-                        double eps, T* y, T* mean, T* rstd) {
+                        double eps, T* y, compute_t<T>* mean, compute_t<T>* rstd) {
   kernels::layer_norm_forward<T>(M, N, x, gamma, beta, eps, y, mean, rstd, nullptr, nullptr);
 }
 
 template <class T>
 void add_layer_norm_forward(std::int64_t M, std::int64_t N, const T* x, const T* add,
-                            const T* gamma, const T* beta, double eps, T* sum, T* y, T* mean,
-                            T* rstd) {
+                            const T* gamma, const T* beta, double eps, T* sum, T* y,
+                            compute_t<T>* mean, compute_t<T>* rstd) {
   kernels::layer_norm_forward<T>(M, N, x, gamma, beta, eps, y, mean, rstd, add, sum);
 }
 
 template <class T>
 void layer_norm_backward(std::int64_t M, std::int64_t N, const T* x, const T* gamma,
-                         const T* mean, const T* rstd, const T* dy, T* dx, T* dgamma, T* dbeta) {
+                         const compute_t<T>* mean, const compute_t<T>* rstd, const T* dy, T* dx,
+                         T* dgamma, T* dbeta) {
   kernels::layer_norm_backward<T>(M, N, x, gamma, mean, rstd, dy, dx, dgamma, dbeta, nullptr);
 }
 
 template <class T>
 void layer_norm_backward_add(std::int64_t M, std::int64_t N, const T* x, const T* gamma,
-                             const T* mean, const T* rstd, const T* dy, const T* residual, T* dx,
-                             T* dgamma, T* dbeta) {
+                             const compute_t<T>* mean, const compute_t<T>* rstd, const T* dy,
+                             const T* residual, T* dx, T* dgamma, T* dbeta) {
   kernels::layer_norm_backward<T>(M, N, x, gamma, mean, rstd, dy, dx, dgamma, dbeta, residual);
 }
 
 template <class T>
 void l2_normalize_rows_forward(std::int64_t M, std::int64_t N, const T* x, double eps, T* y,
-                               T* norm) {
+                               compute_t<T>* norm) {
   if (M <= 0) return;  // N == 0 still writes norm = 0, as on the CPU
   kernels::l2_normalize_rows_forward_kernel<<<kernels::row_blocks(M), kernels::row_threads(N), 0,
-                                              stream()>>>(M, N, x, static_cast<T>(eps), y, norm);
+                                              stream()>>>(
+      M, N, x, static_cast<kernels::acc_t<T>>(eps), y, norm);
   kernels::check_launch("l2_normalize_rows_forward_kernel");
 }
 
@@ -567,12 +574,12 @@ void l1_normalize_rows(std::int64_t M, std::int64_t N, double eps, T* x) {
 }
 
 template <class T>
-void l2_normalize_rows_backward(std::int64_t M, std::int64_t N, const T* y, const T* norm,
-                                double eps, const T* dy, T* dx) {
+void l2_normalize_rows_backward(std::int64_t M, std::int64_t N, const T* y,
+                                const compute_t<T>* norm, double eps, const T* dy, T* dx) {
   if (M <= 0 || N <= 0) return;
   kernels::l2_normalize_rows_backward_kernel<<<kernels::row_blocks(M), kernels::row_threads(N), 0,
-                                               stream()>>>(M, N, y, norm, static_cast<T>(eps), dy,
-                                                           dx);
+                                               stream()>>>(
+      M, N, y, norm, static_cast<kernels::acc_t<T>>(eps), dy, dx);
   kernels::check_launch("l2_normalize_rows_backward_kernel");
 }
 

@@ -25,12 +25,12 @@ __global__ void row_max_kernel(std::int64_t M, std::int64_t N, const T* x, T* y)
   }
 }
 
-// The sums and the normalisation run in acc_t<T> (float for bf16); mean and var are rounded once
-// as stored, as on the CPU.
+// The sums and the normalisation run in acc_t<T> (float for bf16), and mean and var are kept in
+// it, as on the CPU.
 template <class T, class A = acc_t<T>>
 __global__ void batch_norm_forward_kernel(std::int64_t M, std::int64_t N, const T* x,
-                                          const T* gamma, const T* beta, A eps, T* y, T* mean,
-                                          T* var) {
+                                          const T* gamma, const T* beta, A eps, T* y, A* mean,
+                                          A* var) {
   __shared__ A part[kColumnRows][kColumns + 1];
   const std::int64_t j = static_cast<std::int64_t>(blockIdx.x) * kColumns + threadIdx.x;
   const bool active = j < N;
@@ -55,8 +55,8 @@ __global__ void batch_norm_forward_kernel(std::int64_t M, std::int64_t N, const 
     y[r * N + j] = static_cast<T>(out);
   }
   if (threadIdx.y == 0) {
-    mean[j] = static_cast<T>(mu);
-    var[j] = static_cast<T>(v);
+    mean[j] = mu;
+    var[j] = v;
   }
 }
 
@@ -64,7 +64,7 @@ __global__ void batch_norm_forward_kernel(std::int64_t M, std::int64_t N, const 
 // dbeta += Σ dy.
 template <class T, class A = acc_t<T>>
 __global__ void batch_norm_backward_kernel(std::int64_t M, std::int64_t N, const T* x,
-                                           const T* gamma, const T* mean, const T* var, A eps,
+                                           const T* gamma, const A* mean, const A* var, A eps,
                                            const T* dy, T* dx, T* dgamma, T* dbeta) {
   __shared__ A part[kColumnRows][kColumns + 1];
   const std::int64_t j = static_cast<std::int64_t>(blockIdx.x) * kColumns + threadIdx.x;
@@ -118,7 +118,7 @@ void row_max(std::int64_t M, std::int64_t N, const T* x, T* y) {
 
 template <class T>
 void batch_norm_forward(std::int64_t M, std::int64_t N, const T* x, const T* gamma, const T* beta,
-                        double eps, T* y, T* mean, T* var) {
+                        double eps, T* y, compute_t<T>* mean, compute_t<T>* var) {
   if (M <= 0 || N <= 0) return;
   const dim3 block(kernels::kColumns, kernels::kColumnRows);
   const unsigned blocks = static_cast<unsigned>((N + kernels::kColumns - 1) / kernels::kColumns);
@@ -129,8 +129,8 @@ void batch_norm_forward(std::int64_t M, std::int64_t N, const T* x, const T* gam
 
 template <class T>
 void batch_norm_backward(std::int64_t M, std::int64_t N, const T* x, const T* gamma,
-                         const T* mean, const T* var, double eps, const T* dy, T* dx, T* dgamma,
-                         T* dbeta) {
+                         const compute_t<T>* mean, const compute_t<T>* var, double eps, const T* dy,
+                         T* dx, T* dgamma, T* dbeta) {
   if (M <= 0 || N <= 0) return;
   const dim3 block(kernels::kColumns, kernels::kColumnRows);
   const unsigned blocks = static_cast<unsigned>((N + kernels::kColumns - 1) / kernels::kColumns);
