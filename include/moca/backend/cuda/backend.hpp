@@ -342,7 +342,10 @@ void gemm_bias(bool trans_a, bool trans_b, std::int64_t M, std::int64_t N, std::
     }
   }
   gemm(trans_a, trans_b, M, N, K, T(1), A, lda, 0, B, ldb, 0, T(0), C, ldc, 0, 1);
-  add_bias(M, N, bias, C);
+  if (ldc == N)
+    add_bias(M, N, bias, C);
+  else  // rows of C wider than N: the bias row broadcast (ld 0) and added row by row
+    copy_strided<T>(1, M, N, bias, 0, 0, C, ldc, 0, /*accumulate=*/true);
 }
 
 }  // namespace detail

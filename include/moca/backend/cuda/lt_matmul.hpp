@@ -142,7 +142,17 @@ class LtMatmul {
 
   Plan& plan_for(const LtProblem& p) {
     if (auto it = plans_.find(p); it != plans_.end()) return it->second;
-    Plan& plan = plans_.try_emplace(p).first->second;
+    const auto it = plans_.try_emplace(p).first;
+    try {
+      build(p, it->second);
+    } catch (...) {
+      plans_.erase(it);  // a plan that failed to build is not kept: the next call tries again
+      throw;
+    }
+    return it->second;
+  }
+
+  void build(const LtProblem& p, Plan& plan) {
     MOCA_CUBLAS_CHECK(cublasLtMatmulDescCreate(&plan.desc, p.compute, p.scale_type));
     MOCA_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSA,
                                                      &p.op_a, sizeof(p.op_a)));
@@ -174,7 +184,6 @@ class LtMatmul {
     if (status != CUBLAS_STATUS_NOT_SUPPORTED) MOCA_CUBLAS_CHECK(status);
     plan.found = status == CUBLAS_STATUS_SUCCESS && count > 0 && result.state == CUBLAS_STATUS_SUCCESS;
     if (plan.found) plan.algo = result.algo;
-    return plan;
   }
 
   cublasLtHandle_t handle_ = nullptr;

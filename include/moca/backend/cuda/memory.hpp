@@ -91,13 +91,16 @@ struct Memory<Cuda> {
     if (bytes == 0) return nullptr;
     cuda::Context& ctx = cuda::Context::get();  // a clear error when there is no device
     void* p = nullptr;
-    cudaError_t err = cuda::detail::pool_allocate(ctx, &p, bytes);
+    // Whole 32-bit words: the bf16 atomic addition swaps the aligned word holding its element,
+    // which for the last element of an odd-length buffer reaches past the bytes asked for.
+    const std::size_t words = (bytes + 3) & ~std::size_t{3};
+    cudaError_t err = cuda::detail::pool_allocate(ctx, &p, words);
     if (err == cudaErrorMemoryAllocation && ctx.memory_pool() != nullptr) {
       // Blocks freed on another stream may not be reusable on this one yet, and the cache may
       // hold memory another allocation (cuBLAS's, a workspace) needs: wait, trim, and try again.
       (void)cudaGetLastError();
       cuda::release_cached_memory();
-      err = cuda::detail::pool_allocate(ctx, &p, bytes);
+      err = cuda::detail::pool_allocate(ctx, &p, words);
     }
     if (err != cudaSuccess) {
       (void)cudaGetLastError();

@@ -209,6 +209,8 @@ void launch_flash(Kernel kernel, int threads, const char* name, flash::Program p
                   std::int64_t S, Args... args) {
   MOCA_CHECK(H <= 65535 && B <= 65535, "attention (CUDA): ", B, " images × ", H,
              " heads exceed the grid's 65535 per dimension");
+  MOCA_CHECK((S + g.tile - 1) / g.tile <= 0x7fffffff, "attention (CUDA): ", S,
+             " tokens exceed the grid's tiles");
   const std::size_t bytes = flash::shared_bytes(p, g);
   // Above 48 KB a kernel must opt in; the attribute is per kernel, so set it before each launch
   // (a host-side call).
@@ -258,14 +260,19 @@ void with_flash_threads(F&& f) {
 }
 
 /// The lse / δ buffer of a T head as its arithmetic type (see the top: for bf16 the op set sizes
-/// it in bf16 elements, two per float).
-template <class T>
-flash::flash_acc_t<T>* row_terms(T* p) {
-  return reinterpret_cast<flash::flash_acc_t<T>*>(p);
-}
+/// it in bf16 elements, two per float), which must then be aligned as that type: a view starting
+/// at an odd bf16 element would fault on the device.
 template <class T>
 const flash::flash_acc_t<T>* row_terms(const T* p) {
-  return reinterpret_cast<const flash::flash_acc_t<T>*>(p);
+  using A = flash::flash_acc_t<T>;
+  MOCA_CHECK(reinterpret_cast<std::uintptr_t>(p) % alignof(A) == 0,
+             "attention (CUDA): the saved log-sum-exp / δ buffer must be aligned to ", alignof(A),
+             " bytes (a view starting at an odd element?)");
+  return reinterpret_cast<const A*>(p);
+}
+template <class T>
+flash::flash_acc_t<T>* row_terms(T* p) {
+  return const_cast<flash::flash_acc_t<T>*>(row_terms(static_cast<const T*>(p)));
 }
 
 }  // namespace kernels

@@ -23,14 +23,13 @@ __global__ void softmax_rows_kernel(std::int64_t M, std::int64_t N, const T* x, 
     A mx = neg_infinity<A>();
     for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x) mx = MaxOp{}(mx, A(xr[j]));
     const A m = block_reduce(mx, MaxOp{}, shared);
+    // The exponentials are summed, then computed again for the output: y (which may alias x)
+    // is written once, rounded once, as the CPU's bf16 rows are.
     A sum = 0;
-    for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x) {
-      const T e = static_cast<T>(dexp(xr[j] - m));
-      yr[j] = e;
-      sum += e;
-    }
+    for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x) sum += dexp(xr[j] - m);
     const A inv = A(1) / block_reduce(sum, SumOp{}, shared);
-    for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x) yr[j] *= inv;
+    for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x)
+      yr[j] = static_cast<T>(dexp(xr[j] - m) * inv);
   }
 }
 
@@ -52,7 +51,7 @@ __global__ void log_softmax_rows_kernel(std::int64_t M, std::int64_t N, const T*
 }
 
 // spread = max − mean of the row, then the row ← softmax(scale · row), in place: MOCA's codebook
-// codes and their temperature statistic in three reads and two writes of the row.
+// codes and their temperature statistic in three reads and one write of the row.
 template <class T>
 __global__ void softmax_spread_rows_kernel(std::int64_t M, std::int64_t N, T scale, T* x,
                                            T* spread) {
@@ -69,14 +68,11 @@ __global__ void softmax_spread_rows_kernel(std::int64_t M, std::int64_t N, T sca
     const A m = block_reduce(mx, MaxOp{}, shared);
     const A t = block_reduce(total, SumOp{}, shared);
     if (threadIdx.x == 0) spread[r] = m - t / static_cast<A>(N);
-    A sum = 0;
-    for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x) {
-      const T e = static_cast<T>(dexp(scale * (xr[j] - m)));
-      xr[j] = e;
-      sum += e;
-    }
+    A sum = 0;  // as in softmax_rows_kernel: the row written once, rounded once
+    for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x) sum += dexp(scale * (xr[j] - m));
     const A inv = A(1) / block_reduce(sum, SumOp{}, shared);
-    for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x) xr[j] *= inv;
+    for (std::int64_t j = threadIdx.x; j < N; j += blockDim.x)
+      xr[j] = static_cast<T>(dexp(scale * (xr[j] - m)) * inv);
   }
 }
 
@@ -373,8 +369,9 @@ template <class T>
 struct LayerNormParamFinish {
   T *dgamma, *dbeta;
   __device__ void operator()(std::int64_t j, const acc_t<T>* total) const {
-    if (dgamma) dgamma[j] += static_cast<T>(total[0]);
-    if (dbeta) dbeta[j] += static_cast<T>(total[1]);
+    // Added in acc_t and rounded once (a bf16 gradient is not rounded twice).
+    if (dgamma) dgamma[j] = static_cast<T>(acc_t<T>(dgamma[j]) + total[0]);
+    if (dbeta) dbeta[j] = static_cast<T>(acc_t<T>(dbeta[j]) + total[1]);
   }
 };
 
