@@ -95,10 +95,34 @@ def ours(bench, cfg, precision, steps, warmup):
     cmd = [bench, "--preset", cfg["preset"], "--batch", str(cfg["batch"]), "--steps", str(steps),
            "--warmup", str(warmup)]
     cmd += ["--precision", "bf16"] if precision == "bf16-mixed" else ["--matmul", precision]
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     if out.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed: {out.stderr.strip()}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def set_tf32(on):
+    """TF32 for float matrix products and convolutions, through the API this PyTorch has (the
+    fp32_precision settings replace allow_tf32 from 2.9 on; the two must not be mixed)."""
+    matmul = torch.backends.cuda.matmul
+    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+    if (major, minor) >= (2, 9):
+        matmul.fp32_precision = "tf32" if on else "ieee"
+        torch.backends.cudnn.conv.fp32_precision = "tf32" if on else "ieee"
+    else:
+        matmul.allow_tf32 = on
+        torch.backends.cudnn.allow_tf32 = on
+
+
+def report(row, name, card, sink):
+    """Prints one result as soon as it is measured and appends it to the JSONL file, so a run
+    stopped part-way keeps what it finished."""
+    row["config"], row["card"] = name, card
+    print(f"{name}: {row['side']} {row['precision']}: {row['ms_per_step']:.2f} ms/step, "
+          f"{row['pairs_per_s']:.1f} pairs/s", flush=True)
+    if sink:
+        sink.write(json.dumps(row) + "\n")
+        sink.flush()
 
 
 def main():
@@ -130,7 +154,7 @@ def main():
     print(f"card: {card}; PyTorch {torch.__version__}; attention: "
           f"{'explicit' if args.plain_attention else 'scaled_dot_product_attention'}", flush=True)
 
-    results = []
+    sink = open(args.json, "w") if args.json else None
     for name in args.configs.split(","):
         cfg = CONFIGS[name]
         rows, flops = [], None
@@ -140,17 +164,18 @@ def main():
                     r = ours(args.bench, cfg, precision, args.steps, args.warmup)
                     flops = r["gflop_per_step"] * 1e9
                     rows.append(r)
+                    report(r, name, card, sink)
                 except Exception as e:  # noqa: BLE001 - report and go on with the other runs
                     print(f"{name} moca {precision}: {e}", flush=True)
         for mode in args.modes.split(","):
-            torch.backends.cuda.matmul.allow_tf32 = mode == "tf32"
-            torch.backends.cudnn.allow_tf32 = mode == "tf32"
             try:
+                set_tf32(mode == "tf32")
                 torch.manual_seed(0)
                 r = TorchSide(cfg, mode, args.device).measure(args.warmup, args.steps)
                 if flops:
                     r["tflops"] = flops / (r["ms_per_step"] * 1e-3) / 1e12
                 rows.append(r)
+                report(r, name, card, sink)
             except Exception as e:  # noqa: BLE001
                 print(f"{name} pytorch {mode}: {type(e).__name__}: {e}", flush=True)
             if args.device == "cuda":
@@ -158,26 +183,20 @@ def main():
         print(f"\n{name} (batch {cfg['batch']} pairs"
               + (f", {flops / 1e9:.0f} GFLOP per step" if flops else "") + ")")
         print(f"  {'side':8} {'precision':10} {'ms/step':>9} {'pairs/s':>9} {'TFLOP/s':>8} "
-              f"{'peak MiB':>9}")
+              f"{'peak MiB':>9}", flush=True)
         for r in rows:
             peak = r.get("peak_MiB", r.get("peak_tensor_MiB", 0.0))
             tfl = r.get("tflops", float("nan"))
             print(f"  {r['side']:8} {r['precision']:10} {r['ms_per_step']:9.2f} "
-                  f"{r['pairs_per_s']:9.1f} {tfl:8.1f} {peak:9.0f}")
+                  f"{r['pairs_per_s']:9.1f} {tfl:8.1f} {peak:9.0f}", flush=True)
         by = {(r["side"], r["precision"]): r for r in rows}
         for a, b in (("fp32", "fp32"), ("tf32", "tf32"), ("tf32", "amp"), ("bf16", "amp"),
                      ("bf16-mixed", "amp")):
             if ("moca", a) in by and ("pytorch", b) in by:
                 ratio = by[("moca", a)]["pairs_per_s"] / by[("pytorch", b)]["pairs_per_s"]
-                print(f"  ratio moca {a} / pytorch {b}: {ratio:.2f}")
-        for r in rows:
-            r["config"] = name
-            r["card"] = card
-        results += rows
-    if args.json:
-        with open(args.json, "w") as f:
-            for r in results:
-                f.write(json.dumps(r) + "\n")
+                print(f"  ratio moca {a} / pytorch {b}: {ratio:.2f}", flush=True)
+    if sink:
+        sink.close()
 
 
 if __name__ == "__main__":

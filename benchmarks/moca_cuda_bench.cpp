@@ -22,6 +22,7 @@
 #include <cuda_runtime_api.h>
 
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <moca/core/profiler.hpp>
@@ -32,6 +33,15 @@
 #include <vector>
 
 namespace {
+
+// A JSON number, or null where the value is not finite (a diverged loss still reports its
+// timing; JSON has no NaN).
+std::string json_number(double v) {
+  if (!std::isfinite(v)) return "null";
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.6f", v);
+  return buf;
+}
 
 using namespace moca;
 
@@ -131,7 +141,7 @@ void bench(const Options& o, const MocaConfig& cfg) {
       "\"images_per_s\": %.2f, \"gflop_per_step\": %.2f, \"tflops\": %.2f, \"mfu\": %.4f, "
       "\"peak_tensor_MiB\": %.1f, \"pool_reserved_peak_MiB\": %.1f, \"device_used_MiB\": %.1f, "
       "\"step_allocations\": %lld, "
-      "\"loss\": %.6f}\n",
+      "\"loss\": %s}\n",
       prop.name, o.preset.c_str(), static_cast<long long>(batch), label.c_str(), o.flash_tile,
       o.flash_threads,
       static_cast<long long>(steps), 1e3 * per_step, static_cast<double>(batch) / per_step,
@@ -140,7 +150,8 @@ void bench(const Options& o, const MocaConfig& cfg) {
       static_cast<double>(memory_stats<Cuda>().peak_bytes) / mib,
       static_cast<double>(cuda::pool_stats().reserved_peak) / mib,
       static_cast<double>(total_bytes - free_bytes) / mib,
-      static_cast<long long>(memory_stats<Cuda>().allocations - allocations), loss);
+      static_cast<long long>(memory_stats<Cuda>().allocations - allocations),
+      json_number(loss).c_str());
 }
 
 }  // namespace

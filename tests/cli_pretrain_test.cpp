@@ -299,6 +299,7 @@ TEST_CASE("moca pretrain: --device chooses the CPU or the GPU, with clear errors
     for (const json& rec : rm) CHECK(std::isfinite(rec["loss"].get<double>()));
   } else {
     CAPTURE(r.err);
+    CHECK(std::getenv("MOCA_REQUIRE_CUDA") == nullptr);  // a run that asks for the GPU fails here
     CHECK((r.err.find("--device cuda: no CUDA device is available") != std::string::npos ||
            r.err.find("--device cuda: this moca was built without the CUDA backend") !=
                std::string::npos));

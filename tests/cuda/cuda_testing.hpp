@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <string>
 #include <moca/core/random.hpp>
@@ -16,13 +17,24 @@
 
 namespace moca::testing {
 
-// Leaves the current test case, with a message saying why, where no device is available.
-#define SKIP_WITHOUT_CUDA_DEVICE()             \
-  do {                                         \
-    if (!::moca::cuda::available()) {          \
-      MESSAGE("skipped: no CUDA device");      \
-      return;                                  \
-    }                                          \
+/// Whether the environment asks for a GPU (MOCA_REQUIRE_CUDA set and not 0, as
+/// scripts/gpu-check.sh sets it): then a missing device fails the GPU tests instead of skipping
+/// them, so a run on a GPU machine whose driver or runtime does not work cannot pass.
+inline bool cuda_required() {
+  const char* v = std::getenv("MOCA_REQUIRE_CUDA");
+  return v != nullptr && *v != '\0' && std::string(v) != "0";
+}
+
+// Leaves the current test case, with a message saying why, where no device is available (fails
+// it where one is required).
+#define SKIP_WITHOUT_CUDA_DEVICE()                                               \
+  do {                                                                           \
+    if (!::moca::cuda::available()) {                                            \
+      if (::moca::testing::cuda_required())                                      \
+        FAIL("no usable CUDA device, and MOCA_REQUIRE_CUDA asks for one");       \
+      MESSAGE("skipped: no CUDA device");                                        \
+      return;                                                                    \
+    }                                                                            \
   } while (0)
 
 /// Allowed normalised error for results that sum `terms` values: the summation order differs

@@ -101,15 +101,15 @@ class Context {
   }
 
   /// The cuBLAS handle, bound to stream(). Default math mode: float GEMMs compute in full fp32
-  /// (no TF32), so results match the CPU backend.
+  /// (no TF32), so results match the CPU backend; in every mode split-K partial sums are added in
+  /// fp32, never in a bf16 output's precision (math_mode).
   cublasHandle_t cublas() const noexcept { return cublas_; }
 
   /// How float matrix products compute (see FloatMatmul); fp32 by default, as PyTorch's
   /// matmuls are. Not meant to be called while ops are running.
   void set_float_matmul(FloatMatmul mode) {
     std::lock_guard<std::mutex> lock(mutex_);
-    MOCA_CUBLAS_CHECK(cublasSetMathMode(
-        cublas_, mode == FloatMatmul::Fp32 ? CUBLAS_DEFAULT_MATH : CUBLAS_TF32_TENSOR_OP_MATH));
+    MOCA_CUBLAS_CHECK(cublasSetMathMode(cublas_, math_mode(mode)));
     float_matmul_ = mode;
   }
   FloatMatmul float_matmul() const noexcept { return float_matmul_; }
@@ -185,11 +185,20 @@ class Context {
       MOCA_CUBLAS_CHECK(status);
     }
     try {
+      MOCA_CUBLAS_CHECK(cublasSetMathMode(cublas_, math_mode(float_matmul_)));
       pool_ = create_memory_pool(device_);
     } catch (...) {
       (void)cublasDestroy(cublas_);
       throw;
     }
+  }
+
+  // The cuBLAS math mode of a float-matmul mode. Reduced-precision reductions are disallowed:
+  // with bf16 outputs cuBLAS may otherwise add split-K partial sums in bf16, rounding a product
+  // several times where one fp32 accumulation rounds it once.
+  static cublasMath_t math_mode(FloatMatmul mode) {
+    const int base = mode == FloatMatmul::Fp32 ? CUBLAS_DEFAULT_MATH : CUBLAS_TF32_TENSOR_OP_MATH;
+    return static_cast<cublasMath_t>(base | CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION);
   }
 
   // A pool of this device's memory that keeps what is freed (release threshold: unlimited), so

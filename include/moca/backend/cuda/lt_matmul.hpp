@@ -174,6 +174,12 @@ class LtMatmul {
     pref.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, p.align_b);
     pref.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, p.align_c);
     pref.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, p.align_c);
+    // Split-K partial sums in fp32 only: the in-place and output-type schemes add them in the
+    // output's type, which for bf16 outputs rounds a product several times.
+    if (p.out_type != CUDA_R_32F && p.out_type != CUDA_R_64F) {
+      pref.set(CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
+               static_cast<std::uint32_t>(CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE));
+    }
     cublasLtMatmulHeuristicResult_t result{};
     int count = 0;
     const cublasStatus_t status =
