@@ -151,14 +151,24 @@ TEST_CASE_TEMPLATE("cuda: the tiny preset learns on the device, and a step alloc
   h.lr = 5e-4;
   std::vector<double> losses;
   long long allocations_after_first = 0;
+  std::uint64_t reserved_after_second = 0;
+  std::size_t plans_after_second = 0;
   for (std::uint64_t s = 0; s < 20; ++s) {
     const MocaPlan plan = moca.draw_plan(Philox(0), s, B);
     const MocaStepResult r = moca.train_step(x1, x2, plan, h);
     REQUIRE(std::isfinite(r.loss));
     losses.push_back(r.loss);
     if (s == 0) allocations_after_first = memory_stats<Cuda>().allocations;
+    if (s == 1) {
+      reserved_after_second = cuda::pool_stats().reserved;
+      plans_after_second = cuda::LtMatmul::get().plans();
+    }
   }
+  // No tensor allocated after the first step; and nothing beside tensors grows either: the
+  // pool maps no more memory (workspaces included) and cuBLASLt plans no new problem.
   CHECK(memory_stats<Cuda>().allocations == allocations_after_first);
+  CHECK(cuda::pool_stats().reserved == reserved_after_second);
+  CHECK(cuda::LtMatmul::get().plans() == plans_after_second);
   const std::size_t n = losses.size();
   const double first = (losses[0] + losses[1] + losses[2]) / 3;
   const double last = (losses[n - 3] + losses[n - 2] + losses[n - 1]) / 3;
