@@ -292,9 +292,10 @@ CLI::App* add_pretrain_command(CLI::App& app, PretrainOptions& o) {
                   "inputs, fp32 accumulation)")
       ->capture_default_str()->group(g);
   cmd->add_option("--precision", o.precision,
-                  "fp32, or bf16: values, activations and gradients in bf16 with fp32 master "
+                  "fp32, or bf16: values and activations in bf16 with fp32 gradients, master "
                   "weights, moments and accumulation (checkpoints hold fp32 either way)")
-      ->capture_default_str()->group(g);
+      ->capture_default_str()
+      ->group(g);
   cmd->add_option("--threads", o.threads, "compute threads (0: all cores)")
       ->capture_default_str()->group(g);
   cmd->add_option("--workers", o.workers, "data loading threads")->capture_default_str()->group(g);

@@ -82,8 +82,8 @@ TEST_CASE("cuda: device queries never throw, and failures name the call") {
   // A broadcast row (leading dimension 0) is a valid copy source but no layout cuBLAS reads: the
   // GEMM refuses it before touching the device.
   auto broadcast_gemm = [] {
-    Backend<Cuda>::gemm<float>(false, false, 4, 3, 2, 1.0f, nullptr, 0, nullptr, 3, 0.0f, nullptr,
-                               3);
+    Backend<Cuda>::gemm<float, float>(false, false, 4, 3, 2, 1.0f, nullptr, 0, nullptr, 3, 0.0f,
+                                      nullptr, 3);
   };
   CHECK_THROWS_AS(broadcast_gemm(), Error);
 }
@@ -1321,12 +1321,53 @@ TEST_CASE("cuda parity: bf16 products (plain, batched, with bias) within one ulp
 /// ulp away. Normwise that stays far below one rounding (2^-8), which any broken kernel exceeds
 /// by orders of magnitude.
 constexpr double kBf16OpBudget = 1.0 / 256;
-/// The float statistics those ops save (mean, rstd, var, norms): the same float sums of the same
-/// bf16 inputs in other orders, so a few float roundings apart, far below one bf16 rounding.
+/// The float statistics those ops save (mean, rstd, var, norms) and the float parameter
+/// gradients they accumulate (grad_t<bf16>): the same float sums of the same bf16 inputs in other
+/// orders, so a few float roundings apart, far below one bf16 rounding.
 constexpr double kBf16StatBudget = 1e-5;
 
 /// The residual + LayerNorm forward and the LayerNorm backward of M rows of N in bf16 storage,
 /// against the CPU's bf16 ops.
+// Every storage type takes the CUDA backend's fused kernels. The op set picks them by concept
+// checks, and a backend signature that drifts from a check (a statistic's or a gradient's type)
+// would silently select the composed form.
+static_assert(ops::norm_impl::ResidualNormBackend<bf16, Cuda>);
+static_assert(ops::norm_impl::ResidualNormBackend<float, Cuda>);
+static_assert(ops::gemm_impl::BiasGemmBackend<bf16, Cuda>);
+static_assert(ops::gemm_impl::BiasGemmBackend<float, Cuda>);
+static_assert(ops::softmax_impl::SpreadBackend<bf16, Cuda>);
+static_assert(ops::softmax_impl::SpreadBackend<float, Cuda>);
+static_assert(ops::soft_target_impl::FusedBackend<bf16, Cuda>);
+static_assert(ops::soft_target_impl::FusedBackend<float, Cuda>);
+static_assert(ops::attention_impl::FusedAttentionBackend<bf16, Cuda>);
+static_assert(ops::attention_impl::FusedAttentionBackend<float, Cuda>);
+
+TEST_CASE("cuda parity: bf16 products and column sums into float gradients, accumulated") {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  // grad_t<bf16> is float: a Linear's dW += dyᵀ·x and db += Σ dy read bf16 and accumulate into
+  // float without rounding. Both sides sum the same exact products in fp32, in other orders.
+  const std::int64_t M = 150, N = 48, K = 40;
+  const Tensor<bf16> dy = random_bf16({M, N}), x = random_bf16({M, K});
+  const Tensor<float> dw0 = random_tensor<float>({N, K}), db0 = random_tensor<float>({N});
+  Tensor<float> dw = dw0.clone(), db = db0.clone();
+  Guarded<float> gdw(dw0), gdb(db0);
+  const Tensor<bf16, Cuda> gdy = bf16_to_device(dy), gx = bf16_to_device(x);
+  ops::gemm(TensorView<bf16>(dy), Trans::T, TensorView<bf16>(x), Trans::N, TensorView<float>(dw),
+            1.0f, 1.0f);
+  ops::gemm(TensorView<bf16, Cuda>(gdy), Trans::T, TensorView<bf16, Cuda>(gx), Trans::N, gdw.view(),
+            1.0f, 1.0f);
+  check_parity<float>("bf16 weight gradient into float", dw, gdw, kBf16StatBudget);
+  ops::sum(TensorView<bf16>(dy), 0, TensorView<float>(db), 1.0f, 1.0f);
+  ops::sum(TensorView<bf16, Cuda>(gdy), 0, gdb.view(), 1.0f, 1.0f);
+  check_parity<float>("bf16 bias gradient into float", db, gdb, kBf16StatBudget);
+  // The accumulated results are not bf16 values: nothing rounded them.
+  const Tensor<float> got = gdw.result();
+  std::int64_t not_bf16 = 0;
+  for (std::int64_t i = 0; i < got.numel(); ++i)
+    not_bf16 += float(bf16(got.data()[i])) != got.data()[i];
+  CHECK(not_bf16 > got.numel() / 2);
+}
+
 void check_bf16_layer_norm(std::int64_t M, std::int64_t N) {
   CAPTURE(N);
   constexpr double kBudget = kBf16OpBudget;
@@ -1346,17 +1387,20 @@ void check_bf16_layer_norm(std::int64_t M, std::int64_t N) {
   check_parity<bf16>("layer_norm", y, gy, kBudget);
   check_parity<float>("layer_norm mean", mean, gmean, kBf16StatBudget);
   check_parity<float>("layer_norm rstd", rstd, grstd, kBf16StatBudget);
-  Tensor<bf16> dx({M, N}), dg({N}), db({N});
-  Guarded<bf16> gdx = out({M, N}), gdg(full<bf16>({N}, bf16(0.0f))),
-                gdb(full<bf16>({N}, bf16(0.0f)));
+  // The parameter gradients are float and accumulate into what they hold.
+  const Tensor<float> dg0 = random_tensor<float>({N}), db0 = random_tensor<float>({N});
+  Tensor<bf16> dx({M, N});
+  Tensor<float> dg = dg0.clone(), db = db0.clone();
+  Guarded<bf16> gdx = out({M, N});
+  Guarded<float> gdg(dg0), gdb(db0);
   const Tensor<float, Cuda> gmean_cpu = to_device<float>(mean), grstd_cpu = to_device<float>(rstd);
   const Tensor<bf16, Cuda> gs = up(sum);
   ops::layer_norm_backward(sum, gamma, mean, rstd, dy, dx, dg, db);
   ops::layer_norm_backward(gs, ggamma, gmean_cpu, grstd_cpu, gdy, gdx.view(), gdg.view(),
                            gdb.view());
   check_parity<bf16>("layer_norm dx", dx, gdx, kBudget);
-  check_parity<bf16>("layer_norm dgamma", dg, gdg, kBudget);
-  check_parity<bf16>("layer_norm dbeta", db, gdb, kBudget);
+  check_parity<float>("layer_norm dgamma", dg, gdg, kBf16StatBudget);
+  check_parity<float>("layer_norm dbeta", db, gdb, kBf16StatBudget);
 }
 
 TEST_CASE("cuda parity: elementwise and row ops in bf16 storage against the CPU's bf16 ops") {
@@ -1494,15 +1538,17 @@ TEST_CASE("cuda parity: soft-target loss, BatchNorm and scatter-add in bf16 stor
     check_parity<float>("batch_norm mean", mean, gmean, kBf16StatBudget);
     check_parity<float>("batch_norm var", var, gvar, kBf16StatBudget);
     // Backward from the CPU's statistics; dgamma and dbeta accumulate into what they hold.
-    const Tensor<bf16> dgamma0 = random_bf16({N}), dbeta0 = random_bf16({N});
-    Tensor<bf16> dx({M, N}), dgamma = dgamma0.clone(), dbeta = dbeta0.clone();
-    Guarded<bf16> gdx = bf16_output({M, N}), g_dgamma(dgamma0), g_dbeta(dbeta0);
+    const Tensor<float> dgamma0 = random_tensor<float>({N}), dbeta0 = random_tensor<float>({N});
+    Tensor<bf16> dx({M, N});
+    Tensor<float> dgamma = dgamma0.clone(), dbeta = dbeta0.clone();
+    Guarded<bf16> gdx = bf16_output({M, N});
+    Guarded<float> g_dgamma(dgamma0), g_dbeta(dbeta0);
     ops::batch_norm_backward(x, gamma, mean, var, 1e-5, dy, dx, dgamma, dbeta);
     ops::batch_norm_backward(gx, g_gamma, to_device<float>(mean), to_device<float>(var), 1e-5,
                              bf16_to_device(dy), gdx.view(), g_dgamma.view(), g_dbeta.view());
     check_parity<bf16>("batch_norm dx", dx, gdx, kBudget);
-    check_parity<bf16>("batch_norm dgamma", dgamma, g_dgamma, kBudget);
-    check_parity<bf16>("batch_norm dbeta", dbeta, g_dbeta, kBudget);
+    check_parity<float>("batch_norm dgamma", dgamma, g_dgamma, kBf16StatBudget);
+    check_parity<float>("batch_norm dbeta", dbeta, g_dbeta, kBf16StatBudget);
   }
   {
     // Scatter-add with repeated indices (the atomic bf16 addition): each of the 17 rows gets

@@ -4,7 +4,8 @@
 // in one `visit` method:
 //
 //   template <class V> void visit(V&& v) { v("weight", weight); v("bias", bias); }
-//   template <class V> void visit(V&& v) { v("norm1", norm1); v("attn", attn); v("blocks", blocks); }
+//   template <class V> void visit(V&& v) { v("norm1", norm1); v("attn", attn); v("blocks", blocks);
+//   }
 //
 // `for_each_param(module, fn)` walks that tree and calls fn(dotted_name, param) with the official
 // PyTorch state-dict names ("blocks.3.attn.qkv.weight"); std::vector children get indices.
@@ -21,7 +22,11 @@
 // values (master(), aligned with values()). Optimisers and the EMA update the master, and
 // round_master_to_values() rounds it into the bf16 values that forward and backward read, so
 // updates far below bf16's resolution (a 1e-4 learning rate, a 0.996 momentum) still
-// accumulate. Float and double stores have no master: master() is empty.
+// accumulate. Float and double stores have no master: master() is empty. The gradients of bf16
+// parameters are float (grad_t), as PyTorch's AMP keeps them: backward writes its products and
+// column sums into them unrounded, so each accumulation (weight sharing, masking rounds,
+// gradient accumulation) adds in float, and the clipping, the norm and the optimiser read
+// what was computed.
 #pragma once
 
 #include <cmath>
@@ -65,6 +70,10 @@ struct Init {
   static Init external() { return {Kind::External}; }
 };
 
+/// The type of a parameter's gradient: float for bf16 parameters, the parameter's own otherwise.
+template <class T>
+using grad_t = compute_t<T>;
+
 /// One named tensor of a module: its shape, whether it trains, how it starts, and — once a
 /// ParameterStore has bound it — views of its value and gradient in the arena.
 template <class T, class D = Cpu>
@@ -73,7 +82,7 @@ struct Param {
   bool trainable = true;
   Init init;
   TensorView<T, D> value;  ///< bound by ParameterStore
-  TensorView<T, D> grad;   ///< bound by ParameterStore; empty if frozen or the store has no grads
+  TensorView<grad_t<T>, D> grad;  ///< bound by ParameterStore; empty if frozen or no grads
 
   void declare(Shape s, Init how, bool is_trainable = true) {
     shape = s;
@@ -216,7 +225,7 @@ class ParameterStore {
         prefix);
     values_ = Tensor<T, D>({n_train});
     if constexpr (kHasMaster) master_ = Tensor<Master, D>({n_train});
-    if (with_grads) grads_ = Tensor<T, D>({n_train});
+    if (with_grads) grads_ = Tensor<Grad, D>({n_train});
     frozen_ = Tensor<T, D>({n_frozen});
     std::size_t k = 0;
     for_each_param(
@@ -226,8 +235,8 @@ class ParameterStore {
           const Tensor<T, D>& base = e.trainable ? values_ : frozen_;
           p.value = TensorView<T, D>(base.data() + e.offset, e.shape);
           p.grad = (e.trainable && with_grads)
-                       ? TensorView<T, D>(grads_.data() + e.offset, e.shape)
-                       : TensorView<T, D>();
+                       ? TensorView<Grad, D>(grads_.data() + e.offset, e.shape)
+                       : TensorView<Grad, D>();
         },
         prefix);
   }
@@ -262,6 +271,8 @@ class ParameterStore {
   /// True where the store keeps a float master copy of bf16 values.
   static constexpr bool kHasMaster = !std::is_same_v<T, compute_t<T>>;
   using Master = compute_t<T>;
+  /// The gradients' type (grad_t<T>).
+  using Grad = grad_t<T>;
 
   /// The float master copy of all trainable values (empty without one).
   TensorView<Master, D> master() const { return master_; }
@@ -287,15 +298,15 @@ class ParameterStore {
     return TensorView<T, D>(base.data() + e.offset, e.shape);
   }
   /// The gradient of one trainable entry (empty if frozen or no gradient buffer).
-  TensorView<T, D> grad_view(const Entry& e) const {
+  TensorView<Grad, D> grad_view(const Entry& e) const {
     if (!e.trainable || grads_.empty()) return {};
-    return TensorView<T, D>(grads_.data() + e.offset, e.shape);
+    return TensorView<Grad, D>(grads_.data() + e.offset, e.shape);
   }
 
   /// All trainable values, flat, in declaration order.
   TensorView<T, D> values() const { return values_; }
   /// All gradients, flat, aligned with values().
-  TensorView<T, D> grads() const { return grads_; }
+  TensorView<Grad, D> grads() const { return grads_; }
   /// All frozen tensors, flat.
   TensorView<T, D> frozen() const { return frozen_; }
 
@@ -309,7 +320,8 @@ class ParameterStore {
 
  private:
   std::vector<Entry> entries_;
-  Tensor<T, D> values_, grads_, frozen_;
+  Tensor<T, D> values_, frozen_;
+  Tensor<Grad, D> grads_;
   Tensor<Master, D> master_;  // empty unless kHasMaster
 };
 

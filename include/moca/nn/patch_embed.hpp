@@ -72,7 +72,8 @@ class PatchEmbed {
   }
 
  private:
-  TensorView<T, D> weight_matrix(const TensorView<T, D>& w) const {
+  template <class E>
+  TensorView<E, D> weight_matrix(const TensorView<E, D>& w) const {
     return w.reshape({dim_, features()});
   }
 

@@ -16,9 +16,12 @@ enum class Trans { N, T };
 namespace ops {
 
 /// C = alpha · op(A) · op(B) + beta · C. beta = 0 overwrites C (NaN in C is not propagated).
-template <class T, class D>
+/// C may be float where A and B are bf16 (a bf16 parameter's float gradient): the products are
+/// summed in float as always, and C is then neither rounded nor read back rounded.
+template <class T, class G, class D>
+requires std::is_same_v<G, T> || std::is_same_v<G, compute_t<T>>
 void gemm(const TensorView<T, D>& A, Trans ta, const TensorView<T, D>& B, Trans tb,
-          const TensorView<T, D>& C, Scalar<T> alpha = 1, Scalar<T> beta = 0) {
+          const TensorView<G, D>& C, Scalar<G> alpha = 1, Scalar<G> beta = 0) {
   const auto a = A.matrix(), b = B.matrix(), c = C.matrix();
   const bool tA = ta == Trans::T, tB = tb == Trans::T;
   const std::int64_t M = tA ? a.size(1) : a.size(0), K = tA ? a.size(0) : a.size(1);
@@ -26,7 +29,7 @@ void gemm(const TensorView<T, D>& A, Trans ta, const TensorView<T, D>& B, Trans 
   MOCA_CHECK(K == Kb && c.size(0) == M && c.size(1) == N, "gemm: incompatible shapes: A ",
              A.shape(), tA ? "ᵀ" : "", " · B ", B.shape(), tB ? "ᵀ" : "", " -> C ", C.shape());
   profiler::count_flops(2.0 * double(M) * double(N) * double(K));
-  Backend<D>::gemm(tA, tB, M, N, K, T(alpha), a.data(), a.size(1), b.data(), b.size(1), T(beta),
+  Backend<D>::gemm(tA, tB, M, N, K, G(alpha), a.data(), a.size(1), b.data(), b.size(1), G(beta),
                    c.data(), c.size(1));
 }
 

@@ -30,8 +30,8 @@ template <class T, class D>
 void check_backward(const char* what, const TensorView<T, D>& x, const TensorView<T, D>& gamma,
                     const TensorView<compute_t<T>, D>& mean,
                     const TensorView<compute_t<T>, D>& rstd, const TensorView<T, D>& dy,
-                    const TensorView<T, D>& dx, const TensorView<T, D>& dgamma,
-                    const TensorView<T, D>& dbeta) {
+                    const TensorView<T, D>& dx, const TensorView<compute_t<T>, D>& dgamma,
+                    const TensorView<compute_t<T>, D>& dbeta) {
   const std::int64_t M = x.shape().leading(), N = x.shape().last();
   detail::check_same_shape(what, x, dy);
   detail::check_same_shape(what, x, dx);
@@ -45,10 +45,13 @@ void check_backward(const char* what, const TensorView<T, D>& x, const TensorVie
              rstd.shape(), " must hold one value per row of ", x.shape());
 }
 
+/// A backend with the fused residual + LayerNorm kernels. The statistics and the parameter
+/// gradients are compute_t<T>, as in the unfused calls.
 template <class T, class D>
-concept ResidualNormBackend = requires(std::int64_t n, double e, const T* c, T* p) {
-  Backend<D>::add_layer_norm_forward(n, n, c, c, c, c, e, p, p, p, p);
-  Backend<D>::layer_norm_backward_add(n, n, c, c, c, c, c, c, p, p, p);
+concept ResidualNormBackend = requires(std::int64_t n, double e, const T* c, T* p,
+                                       const compute_t<T>* cs, compute_t<T>* ps) {
+  Backend<D>::add_layer_norm_forward(n, n, c, c, c, c, e, p, p, ps, ps);
+  Backend<D>::layer_norm_backward_add(n, n, c, c, cs, cs, c, c, p, ps, ps);
 };
 
 }  // namespace norm_impl
@@ -70,13 +73,13 @@ void layer_norm(const TensorView<T, D>& x, const TensorView<T, D>& gamma,
 }
 
 /// LayerNorm backward: writes dx (may alias dy), accumulates into dgamma and dbeta (either may be
-/// an empty view to skip it).
+/// an empty view to skip it), which are compute_t<T> like the parameters' gradients (grad_t).
 template <class T, class D>
 void layer_norm_backward(const TensorView<T, D>& x, const TensorView<T, D>& gamma,
                          const TensorView<compute_t<T>, D>& mean,
                          const TensorView<compute_t<T>, D>& rstd, const TensorView<T, D>& dy,
-                         const TensorView<T, D>& dx, const TensorView<T, D>& dgamma,
-                         const TensorView<T, D>& dbeta) {
+                         const TensorView<T, D>& dx, const TensorView<compute_t<T>, D>& dgamma,
+                         const TensorView<compute_t<T>, D>& dbeta) {
   norm_impl::check_backward("layer_norm_backward", x, gamma, mean, rstd, dy, dx, dgamma, dbeta);
   const std::int64_t M = x.shape().leading(), N = x.shape().last();
   Backend<D>::layer_norm_backward(M, N, x.data(), gamma.empty() ? nullptr : gamma.data(),
@@ -117,7 +120,8 @@ void layer_norm_backward_add(const TensorView<T, D>& x, const TensorView<T, D>& 
                              const TensorView<compute_t<T>, D>& mean,
                              const TensorView<compute_t<T>, D>& rstd, const TensorView<T, D>& dy,
                              const TensorView<T, D>& residual, const TensorView<T, D>& dx,
-                             const TensorView<T, D>& dgamma, const TensorView<T, D>& dbeta) {
+                             const TensorView<compute_t<T>, D>& dgamma,
+                             const TensorView<compute_t<T>, D>& dbeta) {
   detail::check_same_shape("layer_norm_backward_add", x, residual);
   MOCA_CHECK(dx.data() != residual.data(),
              "layer_norm_backward_add: dx must not alias residual (it may alias dy)");

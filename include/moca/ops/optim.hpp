@@ -17,7 +17,7 @@ struct AdamWStep {
 
 /// One AdamW update of p from g with moments m, v (torch.optim.AdamW semantics: decoupled
 /// decay p ← p·(1 − lr·wd) before the Adam step, bias-corrected moments). The gradient may be
-/// narrower than the parameters (bf16 gradients of float master weights); it is widened exactly.
+/// narrower than the parameters (bf16 gradients of float weights); it is widened exactly.
 template <class T, class G, class D>
 void adamw(const TensorView<T, D>& p, const TensorView<G, D>& g, const TensorView<T, D>& m,
            const TensorView<T, D>& v, const AdamWStep& s) {

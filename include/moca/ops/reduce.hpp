@@ -7,16 +7,19 @@ namespace moca::ops {
 
 /// y = alpha · Σ_axis x + beta · y. y holds x's shape without `axis` (any shape of that size:
 /// [N] and [1, N] both serve for a [M, N] → axis 0 reduction). Order of summation is fixed.
-template <class T, class D>
-void sum(const TensorView<T, D>& x, int axis, const TensorView<T, D>& y, Scalar<T> alpha = 1,
-         Scalar<T> beta = 0) {
+/// y may be float where x is bf16 (a bf16 parameter's float gradient): the sum is then stored
+/// unrounded.
+template <class T, class Y, class D>
+requires std::is_same_v<Y, T> || std::is_same_v<Y, compute_t<T>>
+void sum(const TensorView<T, D>& x, int axis, const TensorView<Y, D>& y, Scalar<Y> alpha = 1,
+         Scalar<Y> beta = 0) {
   MOCA_CHECK(axis >= 0 && axis < x.rank(), "sum: axis ", axis, " out of range for ", x.shape());
   std::int64_t outer = 1, inner = 1;
   for (int d = 0; d < axis; ++d) outer *= x.size(d);
   for (int d = axis + 1; d < x.rank(); ++d) inner *= x.size(d);
   MOCA_CHECK(y.numel() == outer * inner, "sum: output ", y.shape(), " does not match ", x.shape(),
              " reduced over axis ", axis);
-  Backend<D>::sum_middle(outer, x.size(axis), inner, T(alpha), x.data(), T(beta), y.data());
+  Backend<D>::sum_middle(outer, x.size(axis), inner, Y(alpha), x.data(), Y(beta), y.data());
 }
 
 /// y = mean over `axis` of x (+ beta · y).

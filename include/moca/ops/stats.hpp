@@ -40,7 +40,8 @@ void batch_norm_backward(const TensorView<T, D>& x, const TensorView<T, D>& gamm
                          const TensorView<compute_t<T>, D>& mean,
                          const TensorView<compute_t<T>, D>& var, double eps,
                          const TensorView<T, D>& dy, const TensorView<T, D>& dx,
-                         const TensorView<T, D>& dgamma, const TensorView<T, D>& dbeta) {
+                         const TensorView<compute_t<T>, D>& dgamma,
+                         const TensorView<compute_t<T>, D>& dbeta) {
   const std::int64_t M = x.shape().leading(), N = x.shape().last();
   detail::check_same_shape("batch_norm_backward", x, dy);
   detail::check_same_shape("batch_norm_backward", x, dx);

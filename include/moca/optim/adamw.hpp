@@ -13,7 +13,7 @@
 // A group with lr 0 still updates its moments, as torch does. Elements in no group are not
 // touched. The store must keep its buffers while the optimiser lives (moving the store is fine:
 // the buffers move with it). For a store with a float master copy (bf16 parameters), the step
-// updates the master from the bf16 gradients with float moments, then rounds each updated
+// updates the master from the (float) gradients with float moments, then rounds each updated
 // segment into the bf16 values: AdamW<bf16> follows AdamW<float> given the same gradients.
 #pragma once
 
@@ -127,7 +127,7 @@ class AdamW {
   AdamWConfig config_;
   TensorView<T, D> values_;
   TensorView<M, D> master_;  // empty unless the store keeps one
-  TensorView<T, D> grads_;
+  TensorView<grad_t<T>, D> grads_;
   std::vector<ArenaEntry> entries_;
   Tensor<M, D> m_, v_;
   std::int64_t step_ = 0;

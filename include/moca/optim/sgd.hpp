@@ -10,7 +10,9 @@
 //   d = d + μ·buf if nesterov, else buf                           (only when μ ≠ 0)
 //   p ← p − lr·d
 // The gradient buffer is left unchanged. The update is written with axpby/axpy only, so it runs
-// on any device that has the elementwise ops.
+// on any device that has the elementwise ops. For bf16 parameters the update runs on the store's
+// float master copy with a float buffer, from the float gradients, and each updated segment is
+// then rounded into the values, as in AdamW.
 #pragma once
 
 #include <cstdint>
@@ -68,6 +70,7 @@ class Sgd {
   explicit Sgd(const ParameterStore<T, D>& store, const SgdConfig& config = {})
       : config_(config),
         values_(store.values()),
+        master_(store.master()),
         grads_(store.grads()),
         entries_(trainable_entries(store)) {
     MOCA_CHECK(store.has_grads() || store.num_trainable() == 0,
@@ -76,7 +79,7 @@ class Sgd {
     MOCA_CHECK(!config.nesterov || (config.momentum > 0.0 && config.dampening == 0.0),
                "SGD: Nesterov momentum requires a momentum and zero dampening (momentum ",
                config.momentum, ", dampening ", config.dampening, ")");
-    if (config.momentum != 0.0) buf_ = Tensor<T, D>({store.num_trainable()});
+    if (config.momentum != 0.0) buf_ = Tensor<M, D>({store.num_trainable()});
   }
 
   /// One step: updates every group with its own lr and weight decay, then advances the counter.
@@ -88,9 +91,15 @@ class Sgd {
     const bool first = step_ == 0;
     for (const ParamGroup& g : groups)
       for (const ParamSegment& s : g.segments) {
-        const TensorView<T, D> b = buf_.empty() ? TensorView<T, D>() : buf_.rows(s.offset, s.end());
-        sgd_update(values_.rows(s.offset, s.end()), grads_.rows(s.offset, s.end()), b, g.lr,
-                   g.weight_decay, config_, first);
+        const TensorView<M, D> b = buf_.empty() ? TensorView<M, D>() : buf_.rows(s.offset, s.end());
+        if constexpr (ParameterStore<T, D>::kHasMaster) {
+          const TensorView<M, D> p = master_.rows(s.offset, s.end());
+          sgd_update(p, grads_.rows(s.offset, s.end()), b, g.lr, g.weight_decay, config_, first);
+          ops::convert(p, values_.rows(s.offset, s.end()));
+        } else {
+          sgd_update(values_.rows(s.offset, s.end()), grads_.rows(s.offset, s.end()), b, g.lr,
+                     g.weight_decay, config_, first);
+        }
       }
     ++step_;
   }
@@ -104,17 +113,20 @@ class Sgd {
   }
   /// Zero buffer and step counter.
   void reset() {
-    if (!buf_.empty()) ops::zero(TensorView<T, D>(buf_));
+    if (!buf_.empty()) ops::zero(TensorView<M, D>(buf_));
     step_ = 0;
   }
 
+  /// The buffer's type: float for bf16 parameters, else the parameters' own.
+  using M = compute_t<T>;
+
   /// The momentum buffer, flat and aligned with values() (empty when momentum is 0).
-  TensorView<T, D> momentum_buffer() const { return buf_; }
+  TensorView<M, D> momentum_buffer() const { return buf_; }
   /// The momentum buffer of one trainable entry, in its shape.
-  TensorView<T, D> momentum_buffer(std::string_view entry) const {
+  TensorView<M, D> momentum_buffer(std::string_view entry) const {
     MOCA_CHECK(!buf_.empty(), "SGD: no momentum buffer (momentum is 0)");
     const ArenaEntry& e = detail::find_arena_entry("SGD", entries_, entry);
-    return TensorView<T, D>(buf_.data() + e.offset, e.shape);
+    return TensorView<M, D>(buf_.data() + e.offset, e.shape);
   }
   /// The trainable entries the buffer is laid out by.
   const std::vector<ArenaEntry>& entries() const { return entries_; }
@@ -123,9 +135,11 @@ class Sgd {
 
  private:
   SgdConfig config_;
-  TensorView<T, D> values_, grads_;
+  TensorView<T, D> values_;
+  TensorView<M, D> master_;  // empty unless the store keeps one
+  TensorView<grad_t<T>, D> grads_;
   std::vector<ArenaEntry> entries_;
-  Tensor<T, D> buf_;
+  Tensor<M, D> buf_;
   std::int64_t step_ = 0;
 };
 

@@ -22,11 +22,15 @@ namespace moca {
 
 template <>
 struct Backend<Cpu> {
-  template <class T>
-  static void gemm(bool ta, bool tb, std::int64_t M, std::int64_t N, std::int64_t K, T alpha,
-                   const T* A, std::int64_t lda, const T* B, std::int64_t ldb, T beta, T* C,
+  /// C of type G: T, or float for bf16 operands (see ops::gemm).
+  template <class T, class G>
+  static void gemm(bool ta, bool tb, std::int64_t M, std::int64_t N, std::int64_t K, G alpha,
+                   const T* A, std::int64_t lda, const T* B, std::int64_t ldb, G beta, G* C,
                    std::int64_t ldc) {
-    cpu::gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    if constexpr (std::is_same_v<T, G>)
+      cpu::gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    else
+      cpu::widened::gemm_into_float(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
   }
   /// C = op(A)·op(B) + bias on every row (one pass over C).
   template <class T>
@@ -114,7 +118,7 @@ struct Backend<Cpu> {
   template <class T>
   static void layer_norm_backward(std::int64_t M, std::int64_t N, const T* x, const T* gamma,
                                   const compute_t<T>* mean, const compute_t<T>* rstd, const T* dy,
-                                  T* dx, T* dgamma, T* dbeta) {
+                                  T* dx, compute_t<T>* dgamma, compute_t<T>* dbeta) {
     cpu::layer_norm_backward(M, N, x, gamma, mean, rstd, dy, dx, dgamma, dbeta);
   }
   /// LayerNorm of x + add (written to sum) and its backward joined to a residual gradient: the
@@ -128,7 +132,8 @@ struct Backend<Cpu> {
   template <class T>
   static void layer_norm_backward_add(std::int64_t M, std::int64_t N, const T* x, const T* gamma,
                                       const compute_t<T>* mean, const compute_t<T>* rstd,
-                                      const T* dy, const T* residual, T* dx, T* dgamma, T* dbeta) {
+                                      const T* dy, const T* residual, T* dx, compute_t<T>* dgamma,
+                                      compute_t<T>* dbeta) {
     cpu::layer_norm_backward(M, N, x, gamma, mean, rstd, dy, dx, dgamma, dbeta, residual);
   }
   template <class T>
@@ -145,9 +150,9 @@ struct Backend<Cpu> {
                                          const compute_t<T>* norm, double eps, const T* dy, T* dx) {
     cpu::l2_normalize_rows_backward(M, N, y, norm, eps, dy, dx);
   }
-  template <class T>
-  static void sum_middle(std::int64_t outer, std::int64_t n, std::int64_t inner, T alpha,
-                         const T* x, T beta, T* y) {
+  template <class T, class Y>
+  static void sum_middle(std::int64_t outer, std::int64_t n, std::int64_t inner, Y alpha,
+                         const T* x, Y beta, Y* y) {
     cpu::sum_middle(outer, n, inner, alpha, x, beta, y);
   }
   template <class T>
@@ -192,7 +197,7 @@ struct Backend<Cpu> {
   template <class T>
   static void batch_norm_backward(std::int64_t M, std::int64_t N, const T* x, const T* gamma,
                                   const compute_t<T>* mean, const compute_t<T>* var, double eps,
-                                  const T* dy, T* dx, T* dgamma, T* dbeta) {
+                                  const T* dy, T* dx, compute_t<T>* dgamma, compute_t<T>* dbeta) {
     cpu::batch_norm_backward(M, N, x, gamma, mean, var, eps, dy, dx, dgamma, dbeta);
   }
   template <class T>

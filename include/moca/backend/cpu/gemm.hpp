@@ -82,6 +82,25 @@ void gemm(bool trans_a, bool trans_b, std::int64_t M, std::int64_t N, std::int64
   });
 }
 
+/// A bf16 product written in float (a bf16 parameter's float gradient): the operands' exact
+/// values, products summed in float, C read and written in float.
+inline void gemm_into_float(bool trans_a, bool trans_b, std::int64_t M, std::int64_t N,
+                            std::int64_t K, float alpha, const bf16* A, std::int64_t lda,
+                            const bf16* B, std::int64_t ldb, float beta, float* C,
+                            std::int64_t ldc) {
+  if (M == 0 || N == 0) return;
+#ifdef MOCA_CPU_SGEMM_AVX2
+  if (K > 0 && alpha != 0.0f) {
+    sgemm_avx2::gemm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, nullptr);
+    return;
+  }
+#endif
+  const float* a = widen(0, trans_a ? K : M, trans_a ? M : K, A, lda);
+  const float* b = widen(1, trans_b ? N : K, trans_b ? K : N, B, ldb);
+  cpu::gemm<float>(trans_a, trans_b, M, N, K, alpha, a, trans_a ? M : K, b, trans_b ? K : N, beta,
+                   C, ldc);
+}
+
 }  // namespace widened
 
 template <class T>

@@ -429,14 +429,15 @@ inline constexpr std::int64_t kNormGradRows = 64;
 
 /// LayerNorm backward. dx is overwritten, or with `residual` set to residual + the LayerNorm
 /// gradient (a residual branch's gradient joined in the same pass); dgamma and dbeta (either may
-/// be null) are accumulated (+=), as parameter gradients are. dx may alias dy or residual.
+/// be null) are accumulated (+=) in acc_t, as parameter gradients are (float for bf16 x). dx may
+/// alias dy or residual.
 ///
 /// One pass over the rows: each row's two sums, then dx, while the row's dy·x̂ and dy are added
 /// to its block's partial parameter gradients.
 template <class T>
 void layer_norm_backward(std::int64_t M, std::int64_t N, const T* x, const T* gamma,
-                         const acc_t<T>* mean, const acc_t<T>* rstd, const T* dy, T* dx, T* dgamma,
-                         T* dbeta, const T* residual = nullptr) {
+                         const acc_t<T>* mean, const acc_t<T>* rstd, const T* dy, T* dx,
+                         acc_t<T>* dgamma, acc_t<T>* dbeta, const T* residual = nullptr) {
   const bool params = dgamma != nullptr || dbeta != nullptr;
   const std::int64_t blocks = (M + kNormGradRows - 1) / kNormGradRows;
   // [blocks][2][N]: Σ dy·x̂ and Σ dy of each block; the calling thread's, grown once.

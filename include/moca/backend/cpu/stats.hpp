@@ -66,12 +66,12 @@ void batch_norm_forward(std::int64_t M, std::int64_t N, const T* x, const T* gam
 }
 
 /// Backward of batch_norm_forward through the batch statistics: writes dx (may alias dy),
-/// accumulates dgamma and dbeta (either may be null).
+/// accumulates dgamma and dbeta (either may be null; acc_t, float for bf16 x).
 ///   dx = rstd · (dxhat − mean_r(dxhat) − xhat · mean_r(dxhat · xhat)),  dxhat = dy · gamma
 template <class T>
 void batch_norm_backward(std::int64_t M, std::int64_t N, const T* x, const T* gamma,
                          const acc_t<T>* mean, const acc_t<T>* var, double eps, const T* dy, T* dx,
-                         T* dgamma, T* dbeta) {
+                         acc_t<T>* dgamma, acc_t<T>* dbeta) {
   using A = acc_t<T>;
   parallel_for(N, 4 * M * N, [&](std::int64_t c0, std::int64_t c1) {
     constexpr std::int64_t kBlock = 64;

@@ -72,7 +72,7 @@ void layer_norm_forward(std::int64_t M, std::int64_t N, const T* x, const T* gam
 template <class T>
 void layer_norm_backward(std::int64_t M, std::int64_t N, const T* x, const T* gamma,
                          const compute_t<T>* mean, const compute_t<T>* rstd, const T* dy, T* dx,
-                         T* dgamma, T* dbeta);
+                         compute_t<T>* dgamma, compute_t<T>* dbeta);
 template <class T>
 void add_layer_norm_forward(std::int64_t M, std::int64_t N, const T* x, const T* add,
                             const T* gamma, const T* beta, double eps, T* sum, T* y,
@@ -80,7 +80,7 @@ void add_layer_norm_forward(std::int64_t M, std::int64_t N, const T* x, const T*
 template <class T>
 void layer_norm_backward_add(std::int64_t M, std::int64_t N, const T* x, const T* gamma,
                              const compute_t<T>* mean, const compute_t<T>* rstd, const T* dy,
-                             const T* residual, T* dx, T* dgamma, T* dbeta);
+                             const T* residual, T* dx, compute_t<T>* dgamma, compute_t<T>* dbeta);
 template <class T>
 void l2_normalize_rows_forward(std::int64_t M, std::int64_t N, const T* x, double eps, T* y,
                                compute_t<T>* norm);
@@ -90,9 +90,10 @@ void l2_normalize_rows_backward(std::int64_t M, std::int64_t N, const T* y,
 template <class T>
 void l1_normalize_rows(std::int64_t M, std::int64_t N, double eps, T* x);
 
-template <class T>
-void sum_middle(std::int64_t outer, std::int64_t n, std::int64_t inner, T alpha, const T* x,
-                T beta, T* y);
+/// y of x's type, or float for bf16 x (a parameter's float gradient).
+template <class T, class Y>
+void sum_middle(std::int64_t outer, std::int64_t n, std::int64_t inner, Y alpha, const T* x, Y beta,
+                Y* y);
 template <class T>
 double sum_squares(std::int64_t n, const T* x);
 
@@ -122,7 +123,7 @@ void batch_norm_forward(std::int64_t M, std::int64_t N, const T* x, const T* gam
 template <class T>
 void batch_norm_backward(std::int64_t M, std::int64_t N, const T* x, const T* gamma,
                          const compute_t<T>* mean, const compute_t<T>* var, double eps, const T* dy,
-                         T* dx, T* dgamma, T* dbeta);
+                         T* dx, compute_t<T>* dgamma, compute_t<T>* dbeta);
 template <class T>
 double xlogy_sum(std::int64_t n, const T* x, const T* y);
 template <class T>
@@ -223,13 +224,16 @@ inline Bf16Operands round_operands_to_bf16(const ColumnMajorProduct& p, const fl
 }
 
 /// Row-major, batched C = alpha · op(A) · op(B) + beta · C on cuBLAS (see ColumnMajorProduct).
-template <class T>
-void gemm(bool trans_a, bool trans_b, std::int64_t M, std::int64_t N, std::int64_t K, T alpha,
+/// C is of the operands' type G = T, or float for bf16 operands (a parameter's float gradient).
+template <class T, class G>
+void gemm(bool trans_a, bool trans_b, std::int64_t M, std::int64_t N, std::int64_t K, G alpha,
           const T* A, std::int64_t lda, std::int64_t stride_a, const T* B, std::int64_t ldb,
-          std::int64_t stride_b, T beta, T* C, std::int64_t ldc, std::int64_t stride_c,
+          std::int64_t stride_b, G beta, G* C, std::int64_t ldc, std::int64_t stride_c,
           std::int64_t batch) {
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, double> || std::is_same_v<T, bf16>,
                 "THE_CUDA_GEMM_SUPPORTS_FLOAT_DOUBLE_AND_BF16");
+  static_assert(std::is_same_v<G, T> || (std::is_same_v<T, bf16> && std::is_same_v<G, float>),
+                "THE_CUDA_GEMM_WRITES_THE_OPERANDS_TYPE_OR_FLOAT_FOR_BF16");
   if (M == 0 || N == 0 || batch == 0) return;
   if (K == 0 || alpha == T(0)) {
     // No product to add: C = beta · C, and beta == 0 overwrites C (NaN included), as in BLAS.
@@ -240,17 +244,19 @@ void gemm(bool trans_a, bool trans_b, std::int64_t M, std::int64_t N, std::int64
   Context& ctx = Context::get();
   cublasHandle_t handle = ctx.cublas();
   if constexpr (std::is_same_v<T, bf16>) {
-    // bf16 storage: bf16 × bf16 on the tensor cores, accumulated in fp32, rounded once to bf16.
+    // bf16 storage: bf16 × bf16 on the tensor cores, accumulated in fp32, and C either rounded
+    // once to bf16 or (a float gradient) kept in fp32.
     const float a = alpha, b = beta;
+    const cudaDataType_t c_type = std::is_same_v<G, float> ? CUDA_R_32F : CUDA_R_16BF;
     if (batch == 1) {
       MOCA_CUBLAS_CHECK(cublasGemmEx(handle, p.op_a, p.op_b, p.m, p.n, p.k, &a, B, CUDA_R_16BF,
-                                     p.lda, A, CUDA_R_16BF, p.ldb, &b, C, CUDA_R_16BF, p.ldc,
+                                     p.lda, A, CUDA_R_16BF, p.ldb, &b, C, c_type, p.ldc,
                                      CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
     } else {
       MOCA_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
           handle, p.op_a, p.op_b, p.m, p.n, p.k, &a, B, CUDA_R_16BF, p.lda, stride_b, A,
-          CUDA_R_16BF, p.ldb, stride_a, &b, C, CUDA_R_16BF, p.ldc, stride_c,
-          blas_int(batch, "batch"), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+          CUDA_R_16BF, p.ldb, stride_a, &b, C, c_type, p.ldc, stride_c, blas_int(batch, "batch"),
+          CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
     }
     return;
   }
@@ -355,9 +361,10 @@ namespace moca {
 
 template <>
 struct Backend<Cuda> {
-  template <class T>
-  static void gemm(bool ta, bool tb, std::int64_t M, std::int64_t N, std::int64_t K, T alpha,
-                   const T* A, std::int64_t lda, const T* B, std::int64_t ldb, T beta, T* C,
+  /// C of type G: T, or float for bf16 operands (see ops::gemm).
+  template <class T, class G>
+  static void gemm(bool ta, bool tb, std::int64_t M, std::int64_t N, std::int64_t K, G alpha,
+                   const T* A, std::int64_t lda, const T* B, std::int64_t ldb, G beta, G* C,
                    std::int64_t ldc) {
     cuda::detail::gemm(ta, tb, M, N, K, alpha, A, lda, 0, B, ldb, 0, beta, C, ldc, 0, 1);
   }
@@ -437,7 +444,7 @@ struct Backend<Cuda> {
   template <class T>
   static void layer_norm_backward(std::int64_t M, std::int64_t N, const T* x, const T* gamma,
                                   const compute_t<T>* mean, const compute_t<T>* rstd, const T* dy,
-                                  T* dx, T* dgamma, T* dbeta) {
+                                  T* dx, compute_t<T>* dgamma, compute_t<T>* dbeta) {
     cuda::layer_norm_backward(M, N, x, gamma, mean, rstd, dy, dx, dgamma, dbeta);
   }
   /// Fused forms of ops::add_layer_norm and ops::layer_norm_backward_add.
@@ -450,7 +457,8 @@ struct Backend<Cuda> {
   template <class T>
   static void layer_norm_backward_add(std::int64_t M, std::int64_t N, const T* x, const T* gamma,
                                       const compute_t<T>* mean, const compute_t<T>* rstd,
-                                      const T* dy, const T* residual, T* dx, T* dgamma, T* dbeta) {
+                                      const T* dy, const T* residual, T* dx, compute_t<T>* dgamma,
+                                      compute_t<T>* dbeta) {
     cuda::layer_norm_backward_add(M, N, x, gamma, mean, rstd, dy, residual, dx, dgamma, dbeta);
   }
   template <class T>
@@ -467,9 +475,9 @@ struct Backend<Cuda> {
   static void l1_normalize_rows(std::int64_t M, std::int64_t N, double eps, T* x) {
     cuda::l1_normalize_rows(M, N, eps, x);
   }
-  template <class T>
-  static void sum_middle(std::int64_t outer, std::int64_t n, std::int64_t inner, T alpha,
-                         const T* x, T beta, T* y) {
+  template <class T, class Y>
+  static void sum_middle(std::int64_t outer, std::int64_t n, std::int64_t inner, Y alpha,
+                         const T* x, Y beta, Y* y) {
     cuda::sum_middle(outer, n, inner, alpha, x, beta, y);
   }
   /// Waits for the stream: the sum is returned to the host.
@@ -519,7 +527,7 @@ struct Backend<Cuda> {
   template <class T>
   static void batch_norm_backward(std::int64_t M, std::int64_t N, const T* x, const T* gamma,
                                   const compute_t<T>* mean, const compute_t<T>* var, double eps,
-                                  const T* dy, T* dx, T* dgamma, T* dbeta) {
+                                  const T* dy, T* dx, compute_t<T>* dgamma, compute_t<T>* dbeta) {
     cuda::batch_norm_backward(M, N, x, gamma, mean, var, eps, dy, dx, dgamma, dbeta);
   }
   /// Waits for the stream: the sum is returned to the host.

@@ -13,7 +13,7 @@ namespace kernels {
 // The constants are computed once on the host, in double, exactly as the CPU backend computes
 // them (1 − β included: rounding β to float first would be off by 1.3e-5 for β = 0.999), and
 // enter the kernel rounded to T. The gradient may be narrower than T (bf16 gradients of float
-// master weights): it is widened exactly.
+// weights): it is widened exactly.
 template <class T, class G>
 struct AdamWOp {
   T *p, *m, *v;

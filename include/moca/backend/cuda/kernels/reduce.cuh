@@ -10,10 +10,11 @@
 namespace moca::cuda {
 namespace kernels {
 
-// inner == 1: y[o] = alpha · Σ_j x[o, j] + beta · y[o], one block per o.
-template <class T>
-__global__ void sum_rows_kernel(std::int64_t outer, std::int64_t n, T alpha, const T* x, T beta,
-                                T* y) {
+// inner == 1: y[o] = alpha · Σ_j x[o, j] + beta · y[o], one block per o. y is of x's type T, or
+// float for bf16 x (a parameter's float gradient), in these kernels and the ones below.
+template <class T, class Y>
+__global__ void sum_rows_kernel(std::int64_t outer, std::int64_t n, Y alpha, const T* x, Y beta,
+                                Y* y) {
   using A = acc_t<T>;
   __shared__ A shared[32];
   for (std::int64_t o = blockIdx.x; o < outer; o += gridDim.x) {
@@ -22,8 +23,8 @@ __global__ void sum_rows_kernel(std::int64_t outer, std::int64_t n, T alpha, con
     for (std::int64_t j = threadIdx.x; j < n; j += blockDim.x) s += xo[j];
     const A total = block_reduce(s, SumOp{}, shared);
     if (threadIdx.x == 0) {
-      const A prev = beta == T(0) ? A(0) : beta * y[o];
-      y[o] = alpha * total + prev;
+      const A prev = beta == Y(0) ? A(0) : A(beta) * A(y[o]);
+      y[o] = static_cast<Y>(A(alpha) * total + prev);
     }
   }
 }
@@ -44,15 +45,15 @@ __global__ void sum_row_chunks_kernel(std::int64_t n, std::int64_t chunk, std::i
   if (threadIdx.x == 0) partial[o * chunks + c] = s;
 }
 
-template <class T>
-__global__ void sum_row_chunks_finish(std::int64_t outer, std::int64_t chunks,
-                                      const acc_t<T>* partial, T alpha, T beta, T* y) {
+template <class A, class Y>
+__global__ void sum_row_chunks_finish(std::int64_t outer, std::int64_t chunks, const A* partial,
+                                      Y alpha, Y beta, Y* y) {
   const std::int64_t o = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (o >= outer) return;
-  acc_t<T> s = 0;
+  A s = 0;
   for (std::int64_t c = 0; c < chunks; ++c) s += partial[o * chunks + c];
-  const acc_t<T> prev = beta == T(0) ? acc_t<T>(0) : beta * y[o];
-  y[o] = alpha * s + prev;
+  const A prev = beta == Y(0) ? A(0) : A(beta) * A(y[o]);
+  y[o] = static_cast<Y>(A(alpha) * s + prev);
 }
 
 /// Rows at least this long, when there are fewer than kManyRows of them, are summed in chunks.
@@ -62,9 +63,9 @@ inline constexpr std::int64_t kRowChunk = 1 << 13;
 
 // inner > 1: y[o, c] = alpha · Σ_j x[o, j, c] + beta · y[o, c]. A block owns kColumns adjacent
 // columns c of one o; its kColumnRows thread rows sum j ≡ threadIdx.y and combine in order.
-template <class T>
-__global__ void sum_columns_kernel(std::int64_t outer, std::int64_t n, std::int64_t inner,
-                                   T alpha, const T* x, T beta, T* y) {
+template <class T, class Y>
+__global__ void sum_columns_kernel(std::int64_t outer, std::int64_t n, std::int64_t inner, Y alpha,
+                                   const T* x, Y beta, Y* y) {
   using A = acc_t<T>;
   __shared__ A part[kColumnRows][kColumns + 1];
   const std::int64_t c = static_cast<std::int64_t>(blockIdx.x) * kColumns + threadIdx.x;
@@ -76,9 +77,9 @@ __global__ void sum_columns_kernel(std::int64_t outer, std::int64_t n, std::int6
     }
     const A total = column_reduce(acc, part);
     if (threadIdx.y == 0 && c < inner) {
-      T& out = y[o * inner + c];
-      const A prev = beta == T(0) ? A(0) : beta * out;
-      out = alpha * total + prev;
+      Y& out = y[o * inner + c];
+      const A prev = beta == Y(0) ? A(0) : A(beta) * A(out);
+      out = static_cast<Y>(A(alpha) * total + prev);
     }
   }
 }
@@ -94,13 +95,13 @@ struct SumColumnLoad {
   }
 };
 
-template <class T>
+template <class A, class Y>
 struct SumColumnFinish {
-  T alpha, beta;
-  T* y;
-  __device__ void operator()(std::int64_t c, const acc_t<T>* total) const {
-    const acc_t<T> prev = beta == T(0) ? acc_t<T>(0) : beta * y[c];
-    y[c] = alpha * total[0] + prev;
+  Y alpha, beta;
+  Y* y;
+  __device__ void operator()(std::int64_t c, const A* total) const {
+    const A prev = beta == Y(0) ? A(0) : A(beta) * A(y[c]);
+    y[c] = static_cast<Y>(A(alpha) * total[0] + prev);
   }
 };
 
@@ -157,9 +158,9 @@ struct SquareTerm {
 
 }  // namespace kernels
 
-template <class T>
-void sum_middle(std::int64_t outer, std::int64_t n, std::int64_t inner, T alpha, const T* x,
-                T beta, T* y) {
+template <class T, class Y>
+void sum_middle(std::int64_t outer, std::int64_t n, std::int64_t inner, Y alpha, const T* x, Y beta,
+                Y* y) {
   if (outer <= 0 || inner <= 0) return;
   const cudaStream_t s = stream();
   if (inner == 1 && n >= kernels::kLongRow && outer < kernels::kManyRows) {
@@ -186,9 +187,9 @@ void sum_middle(std::int64_t outer, std::int64_t n, std::int64_t inner, T alpha,
     return;
   }
   if (outer == 1) {
-    kernels::reduce_columns<1, kernels::acc_t<T>>(n, inner, kernels::SumColumnLoad<T>{x, inner},
-                                                   kernels::SumColumnFinish<T>{alpha, beta, y},
-                                                   "sum over rows");
+    using A = kernels::acc_t<T>;
+    kernels::reduce_columns<1, A>(n, inner, kernels::SumColumnLoad<T>{x, inner},
+                                  kernels::SumColumnFinish<A, Y>{alpha, beta, y}, "sum over rows");
     return;
   }
   const dim3 block(kernels::kColumns, kernels::kColumnRows);

@@ -367,11 +367,12 @@ struct LayerNormParamLoad {
 
 template <class T>
 struct LayerNormParamFinish {
-  T *dgamma, *dbeta;
+  // The parameters' gradients: acc_t, float for bf16 rows.
+  acc_t<T>* dgamma;
+  acc_t<T>* dbeta;
   __device__ void operator()(std::int64_t j, const acc_t<T>* total) const {
-    // Added in acc_t and rounded once (a bf16 gradient is not rounded twice).
-    if (dgamma) dgamma[j] = static_cast<T>(acc_t<T>(dgamma[j]) + total[0]);
-    if (dbeta) dbeta[j] = static_cast<T>(acc_t<T>(dbeta[j]) + total[1]);
+    if (dgamma) dgamma[j] += total[0];
+    if (dbeta) dbeta[j] += total[1];
   }
 };
 
@@ -501,8 +502,8 @@ void layer_norm_forward(std::int64_t M, std::int64_t N, const T* x, const T* gam
 
 template <class T>
 void layer_norm_backward(std::int64_t M, std::int64_t N, const T* x, const T* gamma,
-                         const acc_t<T>* mean, const acc_t<T>* rstd, const T* dy, T* dx, T* dgamma,
-                         T* dbeta, const T* residual) {
+                         const acc_t<T>* mean, const acc_t<T>* rstd, const T* dy, T* dx,
+                         acc_t<T>* dgamma, acc_t<T>* dbeta, const T* residual) {
   if (M <= 0 || N <= 0) return;
   // Parameter gradients first: dx may overwrite dy, and the stream runs the kernels in order.
   if (dgamma || dbeta) {
@@ -541,14 +542,14 @@ void add_layer_norm_forward(std::int64_t M, std::int64_t N, const T* x, const T*
 template <class T>
 void layer_norm_backward(std::int64_t M, std::int64_t N, const T* x, const T* gamma,
                          const compute_t<T>* mean, const compute_t<T>* rstd, const T* dy, T* dx,
-                         T* dgamma, T* dbeta) {
+                         compute_t<T>* dgamma, compute_t<T>* dbeta) {
   kernels::layer_norm_backward<T>(M, N, x, gamma, mean, rstd, dy, dx, dgamma, dbeta, nullptr);
 }
 
 template <class T>
 void layer_norm_backward_add(std::int64_t M, std::int64_t N, const T* x, const T* gamma,
                              const compute_t<T>* mean, const compute_t<T>* rstd, const T* dy,
-                             const T* residual, T* dx, T* dgamma, T* dbeta) {
+                             const T* residual, T* dx, compute_t<T>* dgamma, compute_t<T>* dbeta) {
   kernels::layer_norm_backward<T>(M, N, x, gamma, mean, rstd, dy, dx, dgamma, dbeta, residual);
 }
 

@@ -61,11 +61,11 @@ __global__ void batch_norm_forward_kernel(std::int64_t M, std::int64_t N, const 
 }
 
 // dx = rstd · (g − mean_r(g) − xhat · mean_r(g · xhat)), g = dy · gamma; dgamma += Σ dy · xhat,
-// dbeta += Σ dy.
+// dbeta += Σ dy (the parameters' gradients, in A).
 template <class T, class A = acc_t<T>>
 __global__ void batch_norm_backward_kernel(std::int64_t M, std::int64_t N, const T* x,
                                            const T* gamma, const A* mean, const A* var, A eps,
-                                           const T* dy, T* dx, T* dgamma, T* dbeta) {
+                                           const T* dy, T* dx, A* dgamma, A* dbeta) {
   __shared__ A part[kColumnRows][kColumns + 1];
   const std::int64_t j = static_cast<std::int64_t>(blockIdx.x) * kColumns + threadIdx.x;
   const bool active = j < N;
@@ -86,8 +86,8 @@ __global__ void batch_norm_backward_kernel(std::int64_t M, std::int64_t N, const
   const A sum_dyx = column_reduce(s_dyx, part);
   if (!active) return;  // no barrier follows
   if (threadIdx.y == 0) {
-    if (dgamma) dgamma[j] = static_cast<T>(A(dgamma[j]) + sum_dyx);
-    if (dbeta) dbeta[j] = static_cast<T>(A(dbeta[j]) + sum_dy);
+    if (dgamma) dgamma[j] += sum_dyx;
+    if (dbeta) dbeta[j] += sum_dy;
   }
   const A sum_g = sum_dy * gm, sum_gx = sum_dyx * gm;
   for (std::int64_t r = threadIdx.y; r < M; r += kColumnRows) {
@@ -130,7 +130,7 @@ void batch_norm_forward(std::int64_t M, std::int64_t N, const T* x, const T* gam
 template <class T>
 void batch_norm_backward(std::int64_t M, std::int64_t N, const T* x, const T* gamma,
                          const compute_t<T>* mean, const compute_t<T>* var, double eps, const T* dy,
-                         T* dx, T* dgamma, T* dbeta) {
+                         T* dx, compute_t<T>* dgamma, compute_t<T>* dbeta) {
   if (M <= 0 || N <= 0) return;
   const dim3 block(kernels::kColumns, kernels::kColumnRows);
   const unsigned blocks = static_cast<unsigned>((N + kernels::kColumns - 1) / kernels::kColumns);
