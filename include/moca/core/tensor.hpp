@@ -103,13 +103,17 @@ class TensorView {
   Shape shape_{0};  // an empty view holds no element
 };
 
-/// Copies src into dst (same number of elements; any pair of devices).
+/// Copies src into dst (same number of elements; any pair of devices). A copy that involves the
+/// host has finished when it returns; one within a device is ordered with that device's work.
 template <class T, class Dd, class Ds>
 void copy(const TensorView<T, Ds>& src, const TensorView<T, Dd>& dst) {
   MOCA_CHECK(src.numel() == dst.numel(), "copy: source ", src.shape(), " and destination ",
              dst.shape(), " differ in size");
   if constexpr (std::is_same_v<Dd, Cpu> && std::is_same_v<Ds, Cpu>) {
     Memory<Cpu>::copy(dst.data(), src.data(), src.bytes());
+  } else if constexpr (std::is_same_v<Dd, Ds>) {
+    // Within one device: ordered with its kernels, and like them not waited for.
+    Memory<Dd>::copy_within(dst.data(), src.data(), src.bytes());
   } else {
     // The non-host side's Memory copies in any direction (unified addressing).
     using Device = std::conditional_t<std::is_same_v<Dd, Cpu>, Ds, Dd>;

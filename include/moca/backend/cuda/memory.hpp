@@ -146,6 +146,14 @@ struct Memory<Cuda> {
     MOCA_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, s));
     MOCA_CUDA_CHECK(cudaStreamSynchronize(s));
   }
+
+  /// Copies between two device buffers, queued on the backend's stream like a kernel: ordered
+  /// after the work before it and before the work after it, without waiting for it (a wait
+  /// would empty the device's queue at every copy of a step).
+  static void copy_within(void* dst, const void* src, std::size_t bytes) {
+    if (bytes == 0) return;
+    MOCA_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, cuda::stream()));
+  }
 };
 
 }  // namespace moca

@@ -19,7 +19,9 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <mutex>
 #include <type_traits>
+#include <unordered_map>
 
 #include "moca/backend/cuda/kernels/common.cuh"
 #include "moca/backend/cuda/kernels/flash_attention.hpp"
@@ -202,6 +204,21 @@ flash::Geometry flash_geometry(flash::Program p, std::int64_t hd) {
   return g;
 }
 
+/// Lets `kernel` launch with `bytes` of dynamic shared memory. Above 48 KB a kernel must opt in
+/// with an attribute of the kernel; the attribute is raised only when a launch needs more than
+/// it allows, so repeated launches (every block of every step) make no host call. The library
+/// drives one device, whose kernels these are.
+inline void allow_dynamic_shared(const void* kernel, std::size_t bytes) {
+  static std::mutex mutex;
+  static std::unordered_map<const void*, std::size_t> allowed;
+  const std::lock_guard<std::mutex> lock(mutex);
+  std::size_t& current = allowed[kernel];  // 0 until set: the first launch always sets it
+  if (bytes <= current && current != 0) return;
+  MOCA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       static_cast<int>(bytes)));
+  current = bytes;
+}
+
 /// Launches kernel over (tiles, H, B) blocks of `threads` with the shared memory of program p.
 template <class Kernel, class... Args>
 void launch_flash(Kernel kernel, int threads, const char* name, flash::Program p,
@@ -212,10 +229,7 @@ void launch_flash(Kernel kernel, int threads, const char* name, flash::Program p
   MOCA_CHECK((S + g.tile - 1) / g.tile <= 0x7fffffff, "attention (CUDA): ", S,
              " tokens exceed the grid's tiles");
   const std::size_t bytes = flash::shared_bytes(p, g);
-  // Above 48 KB a kernel must opt in; the attribute is per kernel, so set it before each launch
-  // (a host-side call).
-  MOCA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       static_cast<int>(bytes)));
+  allow_dynamic_shared(reinterpret_cast<const void*>(kernel), bytes);
   const dim3 grid(static_cast<unsigned>((S + g.tile - 1) / g.tile), static_cast<unsigned>(H),
                   static_cast<unsigned>(B));
   kernel<<<grid, static_cast<unsigned>(threads), bytes, stream()>>>(g, H, S, args...);
