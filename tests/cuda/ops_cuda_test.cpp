@@ -129,6 +129,18 @@ TEST_CASE("cuda: tensors round-trip between host and device, zero-filled and cou
   // Views of device tensors address the same storage as on the host.
   const Tensor<double> row = to_host(g.row(3));
   CHECK(std::equal(row.begin(), row.end(), x.data() + 3 * 33));
+  // Copies within the device are queued, not waited for: each reads what the kernels before it
+  // wrote, and the kernels after it read what it wrote, with no wait in between.
+  Tensor<float, Cuda> a({1 << 20}), b({1 << 20});
+  ops::fill(TensorView<float, Cuda>(a), 2.0f);
+  moca::copy(TensorView<float, Cuda>(a), TensorView<float, Cuda>(b));
+  ops::fill(TensorView<float, Cuda>(a), 5.0f);
+  ops::add(TensorView<float, Cuda>(a), TensorView<float, Cuda>(b), TensorView<float, Cuda>(b));
+  moca::copy(TensorView<float, Cuda>(b), TensorView<float, Cuda>(a));
+  ops::scale(TensorView<float, Cuda>(b), 0.5f);
+  const Tensor<float> ha = a.to<Cpu>(), hb = b.to<Cpu>();
+  CHECK(std::all_of(ha.begin(), ha.end(), [](float v) { return v == 7.0f; }));
+  CHECK(std::all_of(hb.begin(), hb.end(), [](float v) { return v == 3.5f; }));
   cuda::synchronize();
 }
 
