@@ -8,8 +8,8 @@ Usage: benchmarks/compare_moca_cuda.py [--bench build/benchmarks/moca_cuda_bench
 
 Our side is moca_cuda_bench: Moca<float, Cuda> in fp32, with TF32 tensor-core GEMMs, and with
 bf16 Linear GEMMs (fp32 accumulation; attention's batched GEMMs in TF32); and Moca<bf16, Cuda>
-("bf16-mixed": bf16 values, activations and gradients with fp32 master weights, moments and
-accumulation, the counterpart of AMP). The
+("bf16-mixed": bf16 values and activations with fp32 parameter gradients, master weights,
+moments and accumulation, the counterpart of AMP). The
 PyTorch side is the project's PyTorch implementation of the same recipe
 (tests/python/reference_moca.py: teacher EMA, codebook targets and refresh, both masking rounds
 with the condenser decoder, L_IMG + L_LOC, backward, clipping, AdamW with the four groups) at the

@@ -7,10 +7,10 @@
 //                   [--flash-threads 128|256] [--peak-tflops P] [--profile]
 //
 // --precision fp32 trains Moca<float, Cuda> with its products in --matmul's mode; --precision
-// bf16 trains Moca<bf16, Cuda> (bf16 values, activations and gradients, fp32 master weights,
-// moments and accumulation: PyTorch AMP's counterpart), reported as "bf16-mixed". --flash-tile
-// fixes the fused attention's tile (0: the launcher's choice) and --flash-threads its block size,
-// to time one against another.
+// bf16 trains Moca<bf16, Cuda> (bf16 values and activations, fp32 parameter gradients, master
+// weights, moments and accumulation: PyTorch AMP's counterpart), reported as "bf16-mixed".
+// --flash-tile fixes the fused attention's tile (0: the launcher's choice) and --flash-threads its
+// block size, to time one against another.
 //
 // Prints one JSON object; with --profile, first a table of where the step's device time goes
 // (the profiler's scopes, each waiting for the device at its start and end, over `--steps`

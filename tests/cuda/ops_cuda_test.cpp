@@ -1338,8 +1338,6 @@ constexpr double kBf16OpBudget = 1.0 / 256;
 /// orders, so a few float roundings apart, far below one bf16 rounding.
 constexpr double kBf16StatBudget = 1e-5;
 
-/// The residual + LayerNorm forward and the LayerNorm backward of M rows of N in bf16 storage,
-/// against the CPU's bf16 ops.
 // Every storage type takes the CUDA backend's fused kernels. The op set picks them by concept
 // checks, and a backend signature that drifts from a check (a statistic's or a gradient's type)
 // would silently select the composed form.
@@ -1380,6 +1378,8 @@ TEST_CASE("cuda parity: bf16 products and column sums into float gradients, accu
   CHECK(not_bf16 > got.numel() / 2);
 }
 
+/// The residual + LayerNorm forward and the LayerNorm backward, plain and joined to a residual
+/// gradient, of M rows of N in bf16 storage, against the CPU's bf16 ops.
 void check_bf16_layer_norm(std::int64_t M, std::int64_t N) {
   CAPTURE(N);
   constexpr double kBudget = kBf16OpBudget;
@@ -1413,6 +1413,22 @@ void check_bf16_layer_norm(std::int64_t M, std::int64_t N) {
   check_parity<bf16>("layer_norm dx", dx, gdx, kBudget);
   check_parity<float>("layer_norm dgamma", dg, gdg, kBf16StatBudget);
   check_parity<float>("layer_norm dbeta", db, gdb, kBf16StatBudget);
+  // The fused form the ViT blocks run: dx = residual + the LayerNorm gradient, in place over dy.
+  Tensor<bf16> dxr = dy.clone();
+  Tensor<float> dgr = dg0.clone(), dbr = db0.clone();
+  Guarded<bf16> gdxr(dy);
+  Guarded<float> gdgr(dg0), gdbr(db0);
+  ops::layer_norm_backward_add(TensorView<bf16>(sum), TensorView<bf16>(gamma),
+                               TensorView<float>(mean), TensorView<float>(rstd),
+                               TensorView<bf16>(dxr), TensorView<bf16>(r), TensorView<bf16>(dxr),
+                               TensorView<float>(dgr), TensorView<float>(dbr));
+  ops::layer_norm_backward_add(TensorView<bf16, Cuda>(gs), TensorView<bf16, Cuda>(ggamma),
+                               TensorView<float, Cuda>(gmean_cpu),
+                               TensorView<float, Cuda>(grstd_cpu), gdxr.view(),
+                               TensorView<bf16, Cuda>(gr), gdxr.view(), gdgr.view(), gdbr.view());
+  check_parity<bf16>("layer_norm_backward_add dx", dxr, gdxr, kBudget);
+  check_parity<float>("layer_norm_backward_add dgamma", dgr, gdgr, kBf16StatBudget);
+  check_parity<float>("layer_norm_backward_add dbeta", dbr, gdbr, kBf16StatBudget);
 }
 
 TEST_CASE("cuda parity: elementwise and row ops in bf16 storage against the CPU's bf16 ops") {

@@ -4,8 +4,7 @@
 // in one `visit` method:
 //
 //   template <class V> void visit(V&& v) { v("weight", weight); v("bias", bias); }
-//   template <class V> void visit(V&& v) { v("norm1", norm1); v("attn", attn); v("blocks", blocks);
-//   }
+//   template <class V> void visit(V&& v) { v("norm1", norm1); v("blocks", blocks); }
 //
 // `for_each_param(module, fn)` walks that tree and calls fn(dotted_name, param) with the official
 // PyTorch state-dict names ("blocks.3.attn.qkv.weight"); std::vector children get indices.

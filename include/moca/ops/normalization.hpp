@@ -89,8 +89,8 @@ void layer_norm_backward(const TensorView<T, D>& x, const TensorView<T, D>& gamm
 }
 
 /// sum = x + add, y = layer_norm(sum): a residual stream and the LayerNorm that reads it, in one
-/// pass where the backend fuses them (the CPU), else as ops::add then ops::layer_norm. sum may
-/// alias x or add; y must not alias any of them.
+/// pass where the backend fuses them (the CPU and CUDA), else as ops::add then ops::layer_norm. sum
+/// may alias x or add; y must not alias any of them.
 template <class T, class D>
 void add_layer_norm(const TensorView<T, D>& x, const TensorView<T, D>& add,
                     const TensorView<T, D>& gamma, const TensorView<T, D>& beta, double eps,

@@ -130,7 +130,8 @@ template <class T>
 double soft_target_rows(std::int64_t M, std::int64_t K, const T* z, const T* t, std::int64_t R,
                         const std::int32_t* idx, bool entropy, T s, T* dz);
 
-/// AdamW with the gradient's type G: T for float and double, bf16 for float master weights.
+/// AdamW with the gradient's type G: T, or bf16 for float weights (models keep float gradients;
+/// ops::adamw allows a narrower one).
 template <class T, class G>
 void adamw(std::int64_t n, T* p, const G* g, T* m, T* v, double lr, double beta1, double beta2,
            double eps, double weight_decay, std::int64_t step);

@@ -152,7 +152,7 @@ struct Memory<Cuda> {
   /// would empty the device's queue at every copy of a step).
   static void copy_within(void* dst, const void* src, std::size_t bytes) {
     if (bytes == 0) return;
-    MOCA_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, cuda::stream()));
+    MOCA_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, cuda::stream()));
   }
 };
 
