@@ -630,24 +630,46 @@ TEST_CASE("a bf16 store keeps a float master: the float model's initial values, 
     CHECK(ph.frozen().data()[i].bits() == bf16(pf.frozen().data()[i]).bits());
 }
 
+namespace {
+
+/// A bf16 ViT and a float ViT whose stores start from the same seed, for optimisers run side by
+/// side on the same gradients.
+struct StorePair {
+  VisionTransformer<bf16> vh{tiny_vit()};
+  VisionTransformer<float> vf{tiny_vit()};
+  ParameterStore<bf16> ph{vh};
+  ParameterStore<float> pf{vf};
+
+  explicit StorePair(std::uint64_t seed) {
+    ph.initialize(seed);
+    pf.initialize(seed);
+  }
+
+  /// `steps` steps of oh on the bf16 store and of on the float one, each step from the same
+  /// random gradients (bf16-exact values, streams from `stream` on).
+  template <class OptH, class OptF>
+  void step_both(OptH& oh, OptF& of, double lr, double wd, int steps, std::uint64_t stream) {
+    const ParamGroups gh = moca_param_groups(ph, lr, wd), gf = moca_param_groups(pf, lr, wd);
+    for (int step = 0; step < steps; ++step) {
+      const Pair g = random_pair({ph.values().numel()}, stream + static_cast<std::uint64_t>(step));
+      copy(TensorView<float>(g.f), ph.grads());
+      copy(TensorView<float>(g.f), pf.grads());
+      oh.step(gh);
+      of.step(gf);
+    }
+  }
+};
+
+}  // namespace
+
 TEST_CASE("AdamW on a bf16 store follows AdamW on floats given the same gradients") {
-  VisionTransformer<bf16> vh(tiny_vit());
-  VisionTransformer<float> vf(tiny_vit());
-  ParameterStore<bf16> ph(vh);
-  ParameterStore<float> pf(vf);
-  ph.initialize(5);
-  pf.initialize(5);
+  StorePair stores(5);
+  ParameterStore<bf16>& ph = stores.ph;
+  ParameterStore<float>& pf = stores.pf;
   AdamW<bf16> oh(ph);
   AdamW<float> of(pf);
   static_assert(std::is_same_v<AdamW<bf16>::M, float>);
-  ParamGroups gh = moca_param_groups(ph, 1e-3, 0.05), gf = moca_param_groups(pf, 1e-3, 0.05);
-  for (int step = 0; step < 5; ++step) {
-    const Pair g = random_pair({ph.values().numel()}, 60 + step);
-    copy(TensorView<float>(g.f), ph.grads());
-    copy(TensorView<float>(g.f), pf.grads());
-    oh.step(gh);
-    of.step(gf);
-  }
+  stores.step_both(oh, of, 1e-3, 0.05, 5, 60);
   // The master is the float run exactly (same float arithmetic on the same values)...
   CHECK(std::equal(pf.values().begin(), pf.values().end(), ph.master().begin()));
   // ...the values its rounding, and the moments float.
@@ -665,24 +687,14 @@ TEST_CASE("AdamW on a bf16 store follows AdamW on floats given the same gradient
 }
 
 TEST_CASE("SGD on a bf16 store follows SGD on floats given the same gradients") {
-  VisionTransformer<bf16> vh(tiny_vit());
-  VisionTransformer<float> vf(tiny_vit());
-  ParameterStore<bf16> ph(vh);
-  ParameterStore<float> pf(vf);
-  ph.initialize(6);
-  pf.initialize(6);
+  StorePair stores(6);
+  ParameterStore<bf16>& ph = stores.ph;
+  ParameterStore<float>& pf = stores.pf;
   const SgdConfig config{0.9, 0.0, true};
   Sgd<bf16> oh(ph, config);
   Sgd<float> of(pf, config);
   static_assert(std::is_same_v<Sgd<bf16>::M, float>);
-  ParamGroups gh = moca_param_groups(ph, 0.1, 0.05), gf = moca_param_groups(pf, 0.1, 0.05);
-  for (int step = 0; step < 4; ++step) {
-    const Pair g = random_pair({ph.values().numel()}, 70 + step);
-    copy(TensorView<float>(g.f), ph.grads());
-    copy(TensorView<float>(g.f), pf.grads());
-    oh.step(gh);
-    of.step(gf);
-  }
+  stores.step_both(oh, of, 0.1, 0.05, 4, 70);
   // The master and the float buffer are the float run exactly; the values the master rounded.
   CHECK(std::equal(pf.values().begin(), pf.values().end(), ph.master().begin()));
   CHECK(std::equal(of.momentum_buffer().begin(), of.momentum_buffer().end(),
