@@ -39,7 +39,7 @@ double max_abs_diff(const TensorView<float>& a, const TensorView<float>& b) {
 }  // namespace
 
 TEST_CASE("moca extract from a checkpoint and a data set") {
-  CliTempDir tmp("cli_extract_data");
+  TempDir tmp("cli_extract_data");
   const fs::path& dir = tmp.path;
   const TinyImages train = tiny_images(12, 4, 1), test = tiny_images(10, 4, 2);
   write_idx_folder(dir / "idx", train, test);
@@ -106,31 +106,31 @@ TEST_CASE("moca extract from a checkpoint and a data set") {
     const std::string in = " --input " + (dir / "idx").string();
     CliRun r = run_cli("extract" + run + in + out + " --img-size 32", dir);
     CHECK(r.status != 0);
-    CHECK(has(r.err, "--img-size"));
+    CHECK(contains(r.err, "--img-size"));
     r = run_cli("extract" + run + " --weights " + weights.string() + in + out, dir);
     CHECK(r.status != 0);
-    CHECK(has(r.err, "--weights"));
-    CHECK(has(r.err, "--checkpoint"));
+    CHECK(contains(r.err, "--weights"));
+    CHECK(contains(r.err, "--checkpoint"));
     r = run_cli("extract" + run + " --prefix encoder." + in + out, dir);
     CHECK(r.status != 0);
-    CHECK(has(r.err, "--prefix"));
+    CHECK(contains(r.err, "--prefix"));
     r = run_cli("extract --weights " + weights.string() + in + out +
                     " --img-size 32 --patch 8 --in-chans 1 --embed-dim 16 --depth 2 --heads 2 "
                     "--student",
                 dir);
     CHECK(r.status != 0);
-    CHECK(has(r.err, "--student"));
-    CHECK(has(r.err, "--prefix"));
+    CHECK(contains(r.err, "--student"));
+    CHECK(contains(r.err, "--prefix"));
     r = run_cli("extract" + in + out, dir);
     CHECK(r.status != 0);
-    CHECK(has(r.err, "--checkpoint"));
+    CHECK(contains(r.err, "--checkpoint"));
     r = run_cli("extract" + run + " --input " + (dir / "nothing").string() + out, dir);
     CHECK(r.status != 0);
-    CHECK(has(r.err, "nothing"));
-    CHECK(has(r.err, "does not exist"));
+    CHECK(contains(r.err, "nothing"));
+    CHECK(contains(r.err, "does not exist"));
     r = run_cli("extract" + run + " --input " + (dir / "idx").string() + ":val" + out, dir);
     CHECK(r.status != 0);
-    CHECK(has(r.err, "idx:val"));
+    CHECK(contains(r.err, "idx:val"));
     CHECK_FALSE(fs::exists(dir / "f.safetensors"));
   }
 

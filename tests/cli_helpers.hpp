@@ -20,27 +20,11 @@
 #include <vector>
 
 #include "cli_program.hpp"
+#include "temp_files.hpp"
 
 namespace moca::testing {
 
 namespace fs = std::filesystem;
-
-struct CliTempDir {
-  fs::path path;
-  explicit CliTempDir(const std::string& tag) {
-    path = fs::temp_directory_path() / ("moca_" + tag + "_" + std::to_string(::getpid()));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~CliTempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-};
-
-inline bool has(const std::string& s, const std::string& what) {
-  return s.find(what) != std::string::npos;
-}
 
 inline void put_be32(std::vector<std::uint8_t>& v, std::uint32_t x) {
   for (int s = 24; s >= 0; s -= 8) v.push_back(static_cast<std::uint8_t>(x >> s));

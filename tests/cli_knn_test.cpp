@@ -67,7 +67,7 @@ void write_png_folder(const fs::path& root) {
 }  // namespace
 
 TEST_CASE("moca knn reports the accuracies of the in-process protocol") {
-  CliTempDir tmp("cli_knn");
+  TempDir tmp("cli_knn");
   const fs::path& dir = tmp.path;
   const TinyImages train = tiny_images(40, 4, 1), test = tiny_images(20, 4, 2);
   write_idx_folder(dir / "idx", train, test);
@@ -83,14 +83,14 @@ TEST_CASE("moca knn reports the accuracies of the in-process protocol") {
                                  " --json " + (dir / "knn.json").string(),
                              dir);
     REQUIRE_MESSAGE(r.status == 0, r.err);
-    CHECK(has(r.out, "top-1 %"));
+    CHECK(contains(r.out, "top-1 %"));
     const nlohmann::json j = nlohmann::json::parse(read_file_text(dir / "knn.json"));
     CHECK(j["encoder"] == "teacher");
     CHECK(j["pooling"] == "avg");
     CHECK(j["bank"] == 40);
     CHECK(j["queries"] == 20);
     CHECK(j["classes"] == 10);  // a folder of IDX files is read as Fashion-MNIST: ten classes
-    CHECK(has(j["weights"].get<std::string>(), "step-0000007"));
+    CHECK(contains(j["weights"].get<std::string>(), "step-0000007"));
     const auto ref = reference_knn(weights, "encoder_teacher.", train, test, 40, 20);
     REQUIRE(j["results"].size() == 2);
     for (std::size_t i = 0; i < 2; ++i) {
@@ -123,8 +123,8 @@ TEST_CASE("moca knn reports the accuracies of the in-process protocol") {
     } else {
       CAPTURE(r.err);
       CHECK(std::getenv("MOCA_REQUIRE_CUDA") == nullptr);  // a run asking for the GPU fails here
-      CHECK((has(r.err, "--device cuda: no CUDA device is available") ||
-             has(r.err, "--device cuda: this moca was built without the CUDA backend")));
+      CHECK((contains(r.err, "--device cuda: no CUDA device is available") ||
+             contains(r.err, "--device cuda: this moca was built without the CUDA backend")));
       CHECK(!fs::exists(dir / "knn_cuda.json"));
     }
   }
@@ -174,7 +174,7 @@ TEST_CASE("moca knn reports the accuracies of the in-process protocol") {
 }
 
 TEST_CASE("moca knn: bad checkpoints, flags and data sets") {
-  CliTempDir tmp("cli_knn_bad");
+  TempDir tmp("cli_knn_bad");
   const fs::path& dir = tmp.path;
   const TinyImages train = tiny_images(12, 4, 1), test = tiny_images(8, 4, 2);
   write_idx_folder(dir / "idx", train, test);
@@ -188,33 +188,33 @@ TEST_CASE("moca knn: bad checkpoints, flags and data sets") {
   SUBCASE("an unknown device, and a device for the raw-pixel baseline") {
     CliRun r = knn("--checkpoint " + good.string() + data + " --device gpu");
     CHECK(r.status != 0);
-    CHECK(has(r.err, "--device must be cpu or cuda, got 'gpu'"));
+    CHECK(contains(r.err, "--device must be cpu or cuda, got 'gpu'"));
     r = knn("--pixels" + data + " --device cuda");
     CHECK(r.status != 0);
-    CHECK(has(r.err, "--pixels reads no encoder"));
+    CHECK(contains(r.err, "--pixels reads no encoder"));
   }
 
   SUBCASE("a checkpoint path that does not exist") {
     const CliRun r = knn("--checkpoint " + (dir / "nope").string() + data);
     CHECK(r.status != 0);
-    CHECK(has(r.err, "nope"));
-    CHECK(has(r.err, "does not exist"));
+    CHECK(contains(r.err, "nope"));
+    CHECK(contains(r.err, "does not exist"));
   }
 
   SUBCASE("a folder that is no checkpoint") {
     fs::create_directories(dir / "empty");
     const CliRun r = knn("--checkpoint " + (dir / "empty").string() + data);
     CHECK(r.status != 0);
-    CHECK(has(r.err, "empty"));
-    CHECK(has(r.err, "checkpoints/latest"));
+    CHECK(contains(r.err, "empty"));
+    CHECK(contains(r.err, "checkpoints/latest"));
   }
 
   SUBCASE("weights without the moca_config metadata") {
     save_moca_weights(m, dir / "plain.safetensors");
     const CliRun r = knn("--checkpoint " + (dir / "plain.safetensors").string() + data);
     CHECK(r.status != 0);
-    CHECK(has(r.err, "plain.safetensors"));
-    CHECK(has(r.err, "moca_config"));
+    CHECK(contains(r.err, "plain.safetensors"));
+    CHECK(contains(r.err, "moca_config"));
   }
 
   SUBCASE("a recorded configuration that does not match the tensors") {
@@ -223,51 +223,51 @@ TEST_CASE("moca knn: bad checkpoints, flags and data sets") {
     const fs::path lying = write_checkpoint(m, dir / "lying", wider) / "weights.safetensors";
     const CliRun r = knn("--checkpoint " + lying.string() + data);
     CHECK(r.status != 0);
-    CHECK(has(r.err, lying.string()));
-    CHECK(has(r.err, "do not fit"));
-    CHECK(has(r.err, "encoder_teacher."));
+    CHECK(contains(r.err, lying.string()));
+    CHECK(contains(r.err, "do not fit"));
+    CHECK(contains(r.err, "encoder_teacher."));
   }
 
   SUBCASE("a file that is not safetensors") {
     write_bytes(dir / "junk.safetensors", {1, 2, 3});
     const CliRun r = knn("--checkpoint " + (dir / "junk.safetensors").string() + data);
     CHECK(r.status != 0);
-    CHECK(has(r.err, "junk.safetensors"));
+    CHECK(contains(r.err, "junk.safetensors"));
   }
 
   SUBCASE("unknown and invalid flags") {
     CliRun r = knn("--checkpoint " + good.string() + data + " --frobnicate 3");
     CHECK(r.status != 0);
-    CHECK(has(r.err, "frobnicate"));
+    CHECK(contains(r.err, "frobnicate"));
     r = knn("--checkpoint " + good.string() + data + " --pool max");
     CHECK(r.status != 0);
-    CHECK(has(r.err, "--pool"));
+    CHECK(contains(r.err, "--pool"));
     r = knn("--checkpoint " + good.string() + data + " -k 10,0");
     CHECK(r.status != 0);
-    CHECK(has(r.err, "-k: must be positive, got 0"));
+    CHECK(contains(r.err, "-k: must be positive, got 0"));
     r = knn("--checkpoint " + good.string() + data + " --temperature abc");
     CHECK(r.status != 0);
-    CHECK(has(r.err, "--temperature"));
+    CHECK(contains(r.err, "--temperature"));
     r = knn("--checkpoint " + good.string() + data + " --teacher --student");
     CHECK(r.status != 0);
-    CHECK(has(r.err, "--student"));
+    CHECK(contains(r.err, "--student"));
     r = knn(data);
     CHECK(r.status != 0);
-    CHECK(has(r.err, "--checkpoint"));
+    CHECK(contains(r.err, "--checkpoint"));
   }
 
   SUBCASE("a data folder that does not exist") {
     const CliRun r = knn("--checkpoint " + good.string() + " --data " + (dir / "nodata").string());
     CHECK(r.status != 0);
-    CHECK(has(r.err, "nodata"));
-    CHECK(has(r.err, "does not exist"));
+    CHECK(contains(r.err, "nodata"));
+    CHECK(contains(r.err, "does not exist"));
   }
 
   SUBCASE("data without a test split") {
     const CliRun r = knn("--checkpoint " + good.string() + " --data " +
                          (dir / "idx" / "train-images-idx3-ubyte").string());
     CHECK(r.status != 0);
-    CHECK(has(r.err, "test split"));
+    CHECK(contains(r.err, "test split"));
   }
 
   SUBCASE("an IDX file with the wrong magic") {
@@ -277,8 +277,8 @@ TEST_CASE("moca knn: bad checkpoints, flags and data sets") {
     { std::ofstream(f, std::ios::binary | std::ios::trunc) << bytes; }
     const CliRun r = knn("--checkpoint " + good.string() + data);
     CHECK(r.status != 0);
-    CHECK(has(r.err, "train-images-idx3-ubyte"));
-    CHECK(has(r.err, "magic"));
+    CHECK(contains(r.err, "train-images-idx3-ubyte"));
+    CHECK(contains(r.err, "magic"));
   }
 
   SUBCASE("a truncated IDX file") {
@@ -286,8 +286,8 @@ TEST_CASE("moca knn: bad checkpoints, flags and data sets") {
     fs::resize_file(f, fs::file_size(f) - 100);
     const CliRun r = knn("--checkpoint " + good.string() + data);
     CHECK(r.status != 0);
-    CHECK(has(r.err, "t10k-images-idx3-ubyte"));
-    CHECK(has(r.err, "truncated"));
+    CHECK(contains(r.err, "t10k-images-idx3-ubyte"));
+    CHECK(contains(r.err, "truncated"));
   }
 
   SUBCASE("an image folder with an empty class folder") {
@@ -295,8 +295,8 @@ TEST_CASE("moca knn: bad checkpoints, flags and data sets") {
     fs::create_directories(dir / "png" / "train" / "c");
     const CliRun r = knn("--checkpoint " + good.string() + " --data " + (dir / "png").string());
     CHECK(r.status != 0);
-    CHECK(has(r.err, (dir / "png" / "train" / "c").string()));
-    CHECK(has(r.err, "no images"));
+    CHECK(contains(r.err, (dir / "png" / "train" / "c").string()));
+    CHECK(contains(r.err, "no images"));
   }
 
   SUBCASE("a truncated PNG: skipped with a warning, or an error with --strict") {
@@ -307,11 +307,11 @@ TEST_CASE("moca knn: bad checkpoints, flags and data sets") {
                              (dir / "png").string() + " -k 1 --workers 0";
     CliRun r = knn(args);
     CHECK_MESSAGE(r.status == 0, r.err);
-    CHECK(has(r.err, "skipping unreadable image"));
-    CHECK(has(r.err, bad.string()));
+    CHECK(contains(r.err, "skipping unreadable image"));
+    CHECK(contains(r.err, bad.string()));
     r = knn(args + " --strict");
     CHECK(r.status != 0);
-    CHECK(has(r.err, bad.string()));
-    CHECK(has(r.err, "truncated PNG"));
+    CHECK(contains(r.err, bad.string()));
+    CHECK(contains(r.err, "truncated PNG"));
   }
 }

@@ -11,30 +11,17 @@
 #include <string>
 #include <vector>
 
+#include "temp_files.hpp"
+
 using namespace moca;
 using namespace moca::data;
 namespace fs = std::filesystem;
 
 namespace {
 
-// A fresh folder under the system temporary directory, removed with its contents at the end.
-struct TempDir {
-  fs::path path;
-  explicit TempDir(const std::string& tag) {
-    path = fs::temp_directory_path() /
-           ("moca_" + tag + "_" + std::to_string(::getpid()) + "_" + std::to_string(counter()++));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  static int& counter() {
-    static int n = 0;
-    return n;
-  }
-};
+using testing::contains;
+using testing::error_of;
+using testing::TempDir;
 
 std::vector<std::uint8_t> idx_bytes(std::uint32_t magic, const std::vector<std::uint32_t>& dims,
                                     const std::vector<std::uint8_t>& data) {
@@ -69,22 +56,6 @@ std::vector<std::uint8_t> ramp(std::size_t n) {
   std::vector<std::uint8_t> v(n);
   for (std::size_t i = 0; i < n; ++i) v[i] = static_cast<std::uint8_t>(i * 7 + 3);
   return v;
-}
-
-// The message of the moca::Error thrown by f (fails the test if none is thrown).
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  FAIL("no moca::Error was thrown");
-  return {};
-}
-
-bool contains(const std::string& s, const std::string& part) {
-  return s.find(part) != std::string::npos;
 }
 
 }  // namespace

@@ -23,26 +23,17 @@
 #include <string>
 #include <vector>
 
+#include "temp_files.hpp"
+
 using namespace moca;
 using namespace moca::data;
 namespace fs = std::filesystem;
 
 namespace {
 
-struct TempDir {
-  fs::path path;
-  explicit TempDir(const std::string& tag) {
-    static int counter = 0;
-    path = fs::temp_directory_path() /
-           ("moca_" + tag + "_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-};
+using testing::contains;
+using testing::error_of;
+using testing::TempDir;
 
 // A smooth test picture (JPEG-friendly): value 40 + 3x + 5y + 30c.
 Image picture(int h, int w, int c) {
@@ -113,21 +104,6 @@ void truncate_file(const fs::path& p, std::size_t keep) {
   REQUIRE(keep < b.size());
   b.resize(keep);
   write_bytes(p, b);
-}
-
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  FAIL("no moca::Error was thrown");
-  return {};
-}
-
-bool contains(const std::string& s, const std::string& part) {
-  return s.find(part) != std::string::npos;
 }
 
 double mean_abs_diff(const Image& a, const Image& b) {

@@ -1,5 +1,6 @@
 // safetensors reading and writing, atomic writes, and name-based loading of parameter stores.
 #include <doctest/doctest.h>
+#include <unistd.h>
 
 #include <bit>
 #include <cmath>
@@ -8,37 +9,24 @@
 #include <filesystem>
 #include <fstream>
 #include <limits>
-#include <numbers>
 #include <moca/io/safetensors.hpp>
 #include <moca/io/state_dict.hpp>
 #include <moca/models/vit.hpp>
 #include <moca/nn/parameter.hpp>
+#include <numbers>
 #include <string>
 #include <vector>
 
-#include <unistd.h>
+#include "temp_files.hpp"
 
 using namespace moca;
 namespace fs = std::filesystem;
 
 namespace {
 
-// A fresh directory under the system temp dir, removed with everything in it at scope exit.
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    static int counter = 0;
-    path = fs::temp_directory_path() /
-           ("moca_io_test_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string file(const std::string& name) const { return (path / name).string(); }
-};
+using testing::contains;
+using testing::error_of;
+using testing::TempDir;
 
 std::vector<std::byte> read_bytes(const fs::path& p) {
   std::ifstream in(p, std::ios::binary);
@@ -60,21 +48,6 @@ std::string make_file(std::string json, std::size_t data_bytes, std::uint64_t de
   std::string out(8, '\0');
   std::memcpy(out.data(), &n, 8);
   return out + json + std::string(data_bytes, '\x01');
-}
-
-// The message of the moca::Error that f throws ("" if it throws none).
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
-
-bool contains(const std::string& s, const std::string& part) {
-  return s.find(part) != std::string::npos;
 }
 
 template <class T>
@@ -200,7 +173,7 @@ TEST_CASE("BF16 conversion: exact values, rounding to nearest even, overflow, su
 }
 
 TEST_CASE("safetensors round trip of every dtype, with conversions on read") {
-  TempDir dir;
+  TempDir dir("io");
   const std::string path = dir.file("all.safetensors");
   const std::vector<float> fv = {1.0f, -2.5f, 65504.0f, 0.1f, std::ldexp(1.0f, -24), -0.0f};
   const std::vector<double> dv = {1.0 / 3.0, -1e300, 5e-324, 0.1};
@@ -468,7 +441,7 @@ TEST_CASE("safetensors: reads a file written by PyTorch and writes it back byte 
 }
 
 TEST_CASE("safetensors: a tiny ViT saved and loaded into a fresh store bit-exactly") {
-  TempDir dir;
+  TempDir dir("io");
   const std::string path = dir.file("vit.safetensors");
   VisionTransformer<float> vit(tiny_vit());
   ParameterStore<float> ps(vit);
@@ -526,7 +499,7 @@ TEST_CASE("safetensors: a tiny ViT saved and loaded into a fresh store bit-exact
 }
 
 TEST_CASE("load_parameters: strict mode lists every missing, unexpected and mis-shaped name") {
-  TempDir dir;
+  TempDir dir("io");
   VisionTransformer<float> vit(tiny_vit());
   ParameterStore<float> ps(vit);
   ps.initialize(1);
@@ -579,7 +552,7 @@ TEST_CASE("load_parameters: strict mode lists every missing, unexpected and mis-
 }
 
 TEST_CASE("load_parameters: prefixes select one model of a full checkpoint") {
-  TempDir dir;
+  TempDir dir("io");
   VisionTransformer<float> student(tiny_vit()), teacher(tiny_vit());
   ParameterStore<float> ps(student), pt(teacher, /*with_grads=*/false);
   ps.initialize(1);
@@ -619,7 +592,7 @@ TEST_CASE("load_parameters: prefixes select one model of a full checkpoint") {
 }
 
 TEST_CASE("safetensors: malformed files throw moca::Error naming the file, never crash") {
-  TempDir dir;
+  TempDir dir("io");
   const std::string good_json =
       R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"I64","shape":[1],"data_offsets":[8,16]}})";
   write_bytes(dir.file("ok.safetensors"), make_file(good_json, 16));
@@ -704,7 +677,7 @@ TEST_CASE("safetensors: malformed files throw moca::Error naming the file, never
 }
 
 TEST_CASE("safetensors: writes are atomic") {
-  TempDir dir;
+  TempDir dir("io");
   const std::string path = dir.file("model.safetensors");
   Tensor<float> a({4});
   a.data()[0] = 1.0f;

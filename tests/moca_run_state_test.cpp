@@ -13,11 +13,15 @@
 #include <vector>
 
 #include "moca_small.hpp"
+#include "temp_files.hpp"
 
 using namespace moca;
 namespace fs = std::filesystem;
 
 namespace {
+
+using testing::contains;
+using testing::TempDir;
 
 using testing::random_images;
 
@@ -31,10 +35,6 @@ std::string read_error(const nlohmann::json& j) {
     return e.what();
   }
   return {};
-}
-
-bool contains(const std::string& s, const std::string& what) {
-  return s.find(what) != std::string::npos;
 }
 
 template <class T>
@@ -151,10 +151,8 @@ TEST_CASE("config_differences lists the keys that changed") {
 }
 
 TEST_CASE("Training state: a reloaded run continues bit for bit") {
-  const fs::path dir =
-      fs::temp_directory_path() / ("moca_run_state_test_" + std::to_string(::getpid()));
-  fs::remove_all(dir);
-  fs::create_directories(dir);
+  const TempDir tmp("run_state");
+  const fs::path& dir = tmp.path;
   const MocaConfig cfg = small_config();
   const std::int64_t B = 4;
   auto x1 = random_images<double>(B, cfg.encoder, 1);
@@ -222,5 +220,4 @@ TEST_CASE("Training state: a reloaded run continues bit for bit") {
       CHECK(contains(e.what(), "missing optimizer.exp_avg."));
     }
   }
-  fs::remove_all(dir);
 }

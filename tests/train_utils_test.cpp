@@ -21,26 +21,15 @@
 #include <string>
 #include <vector>
 
+#include "temp_files.hpp"
+
 using namespace moca;
 using namespace moca::train;
 namespace fs = std::filesystem;
 
 namespace {
 
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    static int counter = 0;
-    path = fs::temp_directory_path() /
-           ("moca_train_utils_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-};
+using testing::TempDir;
 
 std::string read_text(const fs::path& p) {
   std::ifstream in(p, std::ios::binary);
@@ -146,7 +135,7 @@ TEST_CASE("format_duration and the progress bar's text") {
 }
 
 TEST_CASE("JsonlLog: create, write, read, and resume at a step") {
-  TempDir tmp;
+  TempDir tmp("train_utils");
   const fs::path path = tmp.path / "log.jsonl";
   append_text(path, "old content\n");
   {
@@ -213,7 +202,7 @@ TEST_CASE("svg_plot: one polyline per series with several points, escaped names"
   CHECK(svg.find("nan") == std::string::npos);
   CHECK(svg.find("inf") == std::string::npos);
 
-  TempDir tmp;
+  TempDir tmp("train_utils");
   write_svg_plot(tmp.path / "curves.svg", {loss, knn});
   CHECK(read_text(tmp.path / "curves.svg") == svg_plot({loss, knn}));
 }
@@ -228,7 +217,7 @@ TEST_CASE("CheckpointDir: numbered folders, the latest pointer, pruning") {
   CHECK(CheckpointDir::step_of("latest") == -1);
   CHECK_THROWS_AS(CheckpointDir("x", 0), Error);
 
-  TempDir tmp;
+  TempDir tmp("train_utils");
   const fs::path root = tmp.path / "checkpoints";
   CheckpointDir ckpts(root, /*keep=*/2);
   CHECK_FALSE(ckpts.latest().has_value());  // nothing saved yet (the folder does not exist)
@@ -276,7 +265,7 @@ TEST_CASE("CheckpointDir: numbered folders, the latest pointer, pruning") {
 }
 
 TEST_CASE("CheckpointDir: a process killed in the middle of a checkpoint file") {
-  TempDir tmp;
+  TempDir tmp("train_utils");
   const fs::path root = tmp.path / "checkpoints";
   CheckpointDir ckpts(root, 3);
   ckpts.save(100, [&](const fs::path& d) { write_weights(d, 100); });
