@@ -163,8 +163,9 @@ sanitize() {  # sanitize <name> <seconds> <command...>, as stage
 }
 # memcheck: out-of-bounds and misaligned accesses, and CUDA API errors, in every kernel the tests
 # launch (leak checking off: the context's scratch buffer and cuBLAS live until exit by design).
+# The test that fills the device on purpose is left out: its first cudaMalloc fails by design.
 sanitize memcheck-ops 90 compute-sanitizer --tool memcheck --error-exitcode 9 \
-  "$build_dir/tests/test_ops_cuda"
+  "$build_dir/tests/test_ops_cuda" --test-case-exclude="*pool has cached*"
 sanitize memcheck-moca 90 compute-sanitizer --tool memcheck --error-exitcode 9 \
   "$build_dir/tests/test_moca_cuda" --test-case="*three MOCA steps*"
 # Shared-memory hazards (a missing __syncthreads) in the fused attention's tile programs, float

@@ -205,3 +205,48 @@ TEST_CASE("profiler: nested scopes are charged their own time only") {
   profiler::reset();
   CHECK(profiler::report().empty());
 }
+
+namespace {
+// A device whose next wait reports a failure (as a CUDA stream does after a faulting kernel).
+bool g_device_failed = false;
+void failing_synchronize() {
+  if (g_device_failed) {
+    g_device_failed = false;
+    MOCA_CHECK(false, "device failure");
+  }
+}
+}  // namespace
+
+TEST_CASE("profiler: a failure the synchronizer reports at a scope's end is thrown, not fatal") {
+  profiler::reset();
+  profiler::enable();
+  profiler::set_synchronizer(&failing_synchronize);
+  std::string caught;
+  try {
+    MOCA_PROFILE_SCOPE("outer");
+    try {
+      MOCA_PROFILE_SCOPE("failing");
+      g_device_failed = true;  // the work queued in this scope failed
+    } catch (const Error& e) {
+      caught = e.what();
+    }
+    // Leaving by an exception: the scope's own failure must not end the program; the first
+    // exception goes on.
+    MOCA_PROFILE_SCOPE("unwound");
+    g_device_failed = true;
+    throw std::runtime_error("first");
+  } catch (const std::runtime_error& e) {
+    CHECK(std::string(e.what()) == "first");
+  }
+  CHECK(caught.find("device failure") != std::string::npos);
+  // The scopes were closed: a new one nests at the top level and everything was counted.
+  { MOCA_PROFILE_SCOPE("after"); }
+  profiler::set_synchronizer(nullptr);
+  profiler::enable(false);
+  std::int64_t calls = 0;
+  for (const char* name : {"outer", "failing", "unwound", "after"}) {
+    CHECK_MESSAGE(seconds_of(profiler::report(), name, &calls) >= 0, name);
+    CHECK_MESSAGE(calls == 1, name);
+  }
+  profiler::reset();
+}

@@ -23,6 +23,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstring>
+#include <exception>
 #include <vector>
 
 namespace moca::profiler {
@@ -116,16 +117,27 @@ class Scope {
   explicit Scope(const char* name) {
     detail::State& s = detail::state();
     if (!s.enabled || s.depth == detail::kMaxDepth) return;
+    if (s.synchronize) s.synchronize();  // a failure here opens no scope
     active_ = true;
-    if (s.synchronize) s.synchronize();
+    exceptions_ = std::uncaught_exceptions();
     s.stack[s.depth++] = {detail::entry_of(s, name), detail::Clock::now(), 0.0};
   }
   Scope(const Scope&) = delete;
   Scope& operator=(const Scope&) = delete;
-  ~Scope() {
+  /// The synchronizer may report a failure of the work the scope queued (a CUDA error): it is
+  /// thrown from here, after the scope is closed, unless the scope is being left by an exception
+  /// already, which then goes on (a second one would end the program).
+  ~Scope() noexcept(false) {
     if (!active_) return;
     detail::State& s = detail::state();
-    if (s.synchronize) s.synchronize();
+    std::exception_ptr failure;
+    if (s.synchronize) {
+      try {
+        s.synchronize();
+      } catch (...) {
+        failure = std::current_exception();
+      }
+    }
     const detail::Frame f = s.stack[--s.depth];
     const double elapsed =
         std::chrono::duration<double>(detail::Clock::now() - f.start).count();
@@ -133,10 +145,12 @@ class Scope {
     e.seconds += elapsed - f.child_seconds;
     ++e.calls;
     if (s.depth > 0) s.stack[s.depth - 1].child_seconds += elapsed;
+    if (failure && std::uncaught_exceptions() == exceptions_) std::rethrow_exception(failure);
   }
 
  private:
   bool active_ = false;
+  int exceptions_ = 0;  // in flight when the scope opened
 };
 
 }  // namespace moca::profiler

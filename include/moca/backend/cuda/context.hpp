@@ -148,23 +148,52 @@ class Context {
   /// apart, so it needs no lock and no synchronisation, as long as every op is queued from one
   /// host thread. It only grows (cudaFree waits for the device first); the first training step
   /// sizes it.
-  void* workspace(std::size_t bytes) { return grow(workspace_, workspace_bytes_, bytes); }
+  void* workspace(std::size_t bytes) {
+    return grow(workspace_, workspace_bytes_, bytes, "the workspace");
+  }
 
   /// The lock a user of scratch() holds until the stream has finished with the buffer.
   std::mutex& scratch_mutex() noexcept { return scratch_mutex_; }
 
   /// A device buffer of at least `bytes`, reused across calls (it only grows). The caller must
   /// hold scratch_mutex() and must synchronise the stream before releasing it.
-  void* scratch(std::size_t bytes) { return grow(scratch_, scratch_bytes_, bytes); }
+  void* scratch(std::size_t bytes) { return grow(scratch_, scratch_bytes_, bytes, "the scratch"); }
+
+  /// Waits for the stream, then hands the pool's cached (unused) blocks back to the driver.
+  void trim_memory_pool() {
+    if (pool_ == nullptr) return;
+    synchronize();
+    MOCA_CUDA_CHECK(cudaMemPoolTrimTo(pool_, 0));
+  }
+
+  /// cudaMalloc for the backend's own long-lived buffers (`what` names one in errors). The pool
+  /// keeps every block tensors free, so when the device seems full it is trimmed and the
+  /// allocation tried again, as tensor allocations do.
+  void* device_malloc(std::size_t bytes, const char* what) {
+    void* p = nullptr;
+    cudaError_t err = cudaMalloc(&p, bytes);
+    if (err == cudaErrorMemoryAllocation && pool_ != nullptr) {
+      (void)cudaGetLastError();
+      trim_memory_pool();
+      err = cudaMalloc(&p, bytes);
+    }
+    if (err != cudaSuccess) {
+      (void)cudaGetLastError();
+      ::moca::detail::throw_check_failure(
+          __FILE__, __LINE__, "cudaMalloc", "CUDA backend: ", "allocating ", bytes, " bytes for ",
+          what, " failed: ", cudaGetErrorName(err), " (", cudaGetErrorString(err), ")");
+    }
+    return p;
+  }
 
  private:
   // Replaces `buffer` (`size` bytes) by one of `bytes` when it is smaller; never shrinks.
-  static void* grow(void*& buffer, std::size_t& size, std::size_t bytes) {
+  void* grow(void*& buffer, std::size_t& size, std::size_t bytes, const char* what) {
     if (bytes > size) {
       if (buffer != nullptr) MOCA_CUDA_CHECK(cudaFree(buffer));
       buffer = nullptr;
       size = 0;
-      MOCA_CUDA_CHECK(cudaMalloc(&buffer, bytes));
+      buffer = device_malloc(bytes, what);
       size = bytes;
     }
     return buffer;

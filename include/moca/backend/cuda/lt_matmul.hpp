@@ -123,10 +123,11 @@ class LtMatmul {
   LtMatmul() {
     Context::get();  // a clear error when there is no device
     MOCA_CUBLAS_CHECK(cublasLtCreate(&handle_));
-    const cudaError_t err = cudaMalloc(&workspace_, kWorkspaceBytes);
-    if (err != cudaSuccess) {
+    try {
+      workspace_ = Context::get().device_malloc(kWorkspaceBytes, "cuBLASLt's workspace");
+    } catch (...) {
       (void)cublasLtDestroy(handle_);
-      MOCA_CUDA_CHECK(err);
+      throw;
     }
   }
 

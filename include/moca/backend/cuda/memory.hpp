@@ -65,12 +65,7 @@ inline void reset_pool_peaks() {
 
 /// Waits for the stream, then returns the pool's cached (unused) memory to the driver, e.g. for
 /// another library or process. Tensors still alive keep theirs.
-inline void release_cached_memory() {
-  Context& ctx = Context::get();
-  if (ctx.memory_pool() == nullptr) return;
-  ctx.synchronize();
-  MOCA_CUDA_CHECK(cudaMemPoolTrimTo(ctx.memory_pool(), 0));
-}
+inline void release_cached_memory() { Context::get().trim_memory_pool(); }
 
 namespace detail {
 inline cudaError_t pool_allocate(Context& ctx, void** p, std::size_t bytes) {
