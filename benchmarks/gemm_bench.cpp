@@ -135,9 +135,9 @@ BENCHMARK(BM_attention_core)
     ->UseRealTime()->Unit(benchmark::kMillisecond);
 
 #if defined(__AVX2__) && defined(__FMA__)
-// The FMA peak of the cores: every thread runs 10 independent chains of 8-wide fused
-// multiply-adds (enough to cover the FMA latency on two pipes), nothing else. The MFU figures of
-// docs/performance.md divide by this.
+// The FMA peak of the cores: every thread runs 10 independent chains of fused multiply-adds as
+// wide as the packed GEMM's (16 lanes with AVX-512, 8 otherwise), enough to cover the FMA latency
+// on two pipes, and nothing else. The MFU figures of docs/performance.md divide by this.
 void BM_fma_peak(benchmark::State& state) {
   constexpr std::int64_t kIterations = 20'000'000;
   int threads = 1;
@@ -150,6 +150,17 @@ void BM_fma_peak(benchmark::State& state) {
       threads = omp_get_num_threads();
 #endif
       // Distinct starting values: identical chains could be merged into one by the compiler.
+      // The widest vectors the packed GEMM uses: zmm with AVX-512, ymm otherwise.
+#ifdef MOCA_CPU_SGEMM_AVX512
+      __m512 a[10];
+      for (int j = 0; j < 10; ++j) a[j] = _mm512_set1_ps(1.0f + 0.01f * static_cast<float>(j));
+      const __m512 m = _mm512_set1_ps(0.9999999f), c = _mm512_set1_ps(1e-7f);
+      for (std::int64_t i = 0; i < kIterations; ++i)
+        for (auto& v : a) v = _mm512_fmadd_ps(v, m, c);
+      __m512 s = a[0];
+      for (int j = 1; j < 10; ++j) s = _mm512_add_ps(s, a[j]);
+      sink += _mm512_cvtss_f32(s);
+#else
       __m256 a[10];
       for (int j = 0; j < 10; ++j) a[j] = _mm256_set1_ps(1.0f + 0.01f * static_cast<float>(j));
       const __m256 m = _mm256_set1_ps(0.9999999f), c = _mm256_set1_ps(1e-7f);
@@ -158,11 +169,17 @@ void BM_fma_peak(benchmark::State& state) {
       __m256 s = a[0];
       for (int j = 1; j < 10; ++j) s = _mm256_add_ps(s, a[j]);
       sink += _mm256_cvtss_f32(s);
+#endif
     }
     benchmark::DoNotOptimize(sink);
   }
-  // 10 chains × 8 lanes × 2 FLOP per FMA, per thread.
-  state.counters["flops"] = benchmark::Counter(160.0 * double(kIterations) * threads,
+  // 10 chains × (16 or 8) lanes × 2 FLOP per FMA, per thread.
+#ifdef MOCA_CPU_SGEMM_AVX512
+  constexpr double kLanes = 16;
+#else
+  constexpr double kLanes = 8;
+#endif
+  state.counters["flops"] = benchmark::Counter(20.0 * kLanes * double(kIterations) * threads,
                                                benchmark::Counter::kIsIterationInvariantRate,
                                                benchmark::Counter::kIs1000);
   state.counters["threads"] = threads;

@@ -30,6 +30,10 @@
 using namespace moca;
 using namespace moca::test;
 
+#if defined(MOCA_TEST_NO_AVX512) && defined(MOCA_CPU_SGEMM_AVX512)
+#error "test_bf16_avx2 was compiled with the AVX-512 GEMM kernel"
+#endif
+
 namespace {
 
 std::uint32_t bits_of(float f) { return std::bit_cast<std::uint32_t>(f); }

@@ -14,6 +14,12 @@
 using namespace moca;
 using namespace moca::test;
 
+// The build this file is compiled in takes the kernel it means to test (test_ops_gemm_avx2
+// switches AVX-512 off; see tests/CMakeLists.txt).
+#if defined(MOCA_TEST_NO_AVX512) && defined(MOCA_CPU_SGEMM_AVX512)
+#error "test_ops_gemm_avx2 was compiled with the AVX-512 kernel"
+#endif
+
 namespace {
 
 struct Dims {
@@ -75,9 +81,10 @@ TEST_CASE_TEMPLATE("gemm: integer inputs give the exact product for every transp
 }
 
 TEST_CASE_TEMPLATE("gemm: shapes that cross every cache block are exact", T, float, double) {
-  // The packed float kernel cuts C into 168-row and 4080-column blocks and the inner dimension
-  // into 256-long slices (balanced), accumulating into C slice by slice; these shapes make 2-3
-  // blocks of each kind with ragged tiles. |values| <= 3 and K <= 800 keep sums exact in float.
+  // The packed float kernel cuts C into 168-row and 4080-column (4096 with AVX-512) blocks and
+  // the inner dimension into 256-long slices (balanced), accumulating into C slice by slice; these
+  // shapes make 2-3 blocks of each kind with ragged tiles. |values| <= 3 and K <= 800 keep sums
+  // exact in float.
   const std::array<Dims, 4> dims = {{{400, 37, 700}, {13, 6200, 20}, {253, 70, 385}, {7, 9, 800}}};
   const std::array<std::array<double, 2>, 3> scalars = {{{1, 0}, {1, 1}, {2, -1}}};
   std::uint64_t stream = 500;
