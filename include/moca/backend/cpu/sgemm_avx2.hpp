@@ -138,6 +138,9 @@ inline __m256 load_prefix(const bf16* p, __m256i, std::int64_t n) {
   return _mm256_load_ps(v);
 }
 
+/// How many rows ahead the transposed packing of A prefetches the stored rows it reads next.
+inline constexpr std::int64_t kPrefetchRows = 4;
+
 /// Floats a packed A buffer needs past its panels: pack_a's 8-wide stores overrun by 2.
 inline constexpr std::int64_t kPackSlack = 8;
 
@@ -166,6 +169,11 @@ void pack_a(const S* A, std::int64_t lda, bool trans, std::int64_t i0, std::int6
       const S* src = A + (k0 + k) * lda + i0;
       float* dst = out + k * kMR;
       const bool last_k = k + 1 == kc;
+      if (k + kPrefetchRows < kc) {
+        const char* ahead = reinterpret_cast<const char*>(src + kPrefetchRows * lda);
+        for (std::int64_t b = 0; b < mc * std::int64_t(sizeof(S)); b += 64)
+          _mm_prefetch(ahead + b, _MM_HINT_T0);
+      }
       for (std::int64_t p = 0; p < panels; ++p) {
         const bool last = p + 1 == panels;
         const __m256 v = p < plain ? load8(src + p * kMR)
