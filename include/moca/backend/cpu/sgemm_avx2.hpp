@@ -51,9 +51,19 @@
 
 namespace moca::cpu::sgemm_avx2 {
 
-inline constexpr std::int64_t kMR = 6;     // rows of the micro-tile
+// The panel width, and with it the packed layout, depends on the instruction set the compiler
+// targets. The inline namespace gives each build of these functions its own linker names, so
+// that a program whose files are compiled for different targets links each file's GEMM whole
+// (one file's packing can never feed another file's micro-kernel).
 #ifdef __AVX512F__
 #define MOCA_CPU_SGEMM_AVX512 1
+inline namespace zmm {
+#else
+inline namespace ymm {
+#endif
+
+inline constexpr std::int64_t kMR = 6;  // rows of the micro-tile
+#ifdef MOCA_CPU_SGEMM_AVX512
 inline constexpr std::int64_t kNR = 32;    // columns of the micro-tile: two zmm registers
 inline constexpr std::int64_t kNC = 4096;  // columns of a packed B block
 #else
@@ -346,18 +356,26 @@ enum class Update { Overwrite, Accumulate, Scale };  // C = αP, C += αP, C = �
     }
     return;
   }
-  // A ragged tile: C is never touched outside [0, m) × [0, n).
-  alignas(32) float tile[kNR];
+  // A ragged tile: the same operations on masked lanes, so that its elements round exactly as a
+  // full tile's (and as the zmm kernel's); C is never touched outside [0, m) × [0, n).
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i lo_mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), lanes);
+  const __m256i hi_mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n - 8)), lanes);
+  const __m256 bias_lo = bias ? _mm256_maskload_ps(bias, lo_mask) : _mm256_setzero_ps();
+  const __m256 bias_hi = bias ? _mm256_maskload_ps(bias + 8, hi_mask) : _mm256_setzero_ps();
   for (std::int64_t r = 0; r < m; ++r) {
-    _mm256_store_ps(tile, acc[r][0]);
-    _mm256_store_ps(tile + 8, acc[r][1]);
     float* row = c + r * ldc;
-    for (std::int64_t j = 0; j < n; ++j) {
-      const float p = bias ? alpha * tile[j] + bias[j] : alpha * tile[j];
-      row[j] = update == Update::Overwrite    ? p
-               : update == Update::Accumulate ? row[j] + p
-                                              : beta * row[j] + p;
+    __m256 lo = _mm256_fmadd_ps(acc[r][0], va, bias_lo);
+    __m256 hi = _mm256_fmadd_ps(acc[r][1], va, bias_hi);
+    if (update == Update::Accumulate) {
+      lo = _mm256_add_ps(lo, _mm256_maskload_ps(row, lo_mask));
+      hi = _mm256_add_ps(hi, _mm256_maskload_ps(row + 8, hi_mask));
+    } else if (update == Update::Scale) {
+      lo = _mm256_fmadd_ps(vb, _mm256_maskload_ps(row, lo_mask), lo);
+      hi = _mm256_fmadd_ps(vb, _mm256_maskload_ps(row + 8, hi_mask), hi);
     }
+    _mm256_maskstore_ps(row, lo_mask, lo);
+    _mm256_maskstore_ps(row + 8, hi_mask, hi);
   }
 }
 
@@ -516,6 +534,7 @@ void gemm(bool trans_a, bool trans_b, std::int64_t M, std::int64_t N, std::int64
   }
 }
 
+}  // namespace zmm or ymm
 }  // namespace moca::cpu::sgemm_avx2
 
 #endif

@@ -1,0 +1,71 @@
+// The packed GEMM built for two instruction-set targets in one program: the ymm kernel (from a
+// file compiled without AVX-512) and the kernel of the default flags (zmm where the compiler
+// targets AVX-512). Each build has its own linker names, so both run side by side, and both sum
+// every element in the same order: their results must agree to the bit.
+#include <doctest/doctest.h>
+
+#include <cstring>
+#include <vector>
+
+#define MOCA_GEMM_TARGETS_DEFINE
+#include "gemm_targets.hpp"
+#include "reference.hpp"
+
+using namespace moca;
+using namespace moca::test;
+
+bool moca::test::gemm_native(const GemmCall& call) { return run_packed_gemm(call); }
+
+TEST_CASE("packed GEMM: the ymm and native kernels give the same bits, side by side") {
+  struct Dims {
+    std::int64_t M, N, K;
+  };
+  // Ragged tiles in both directions, several column panels, inner slices and row blocks.
+  const Dims dims[] = {{7, 9, 5}, {61, 70, 300}, {400, 37, 700}, {13, 4200, 20}, {200, 96, 1100}};
+  std::uint64_t stream = 3;
+  int compared = 0;
+  for (const Dims& d : dims)
+    for (int ta = 0; ta < 2; ++ta)
+      for (int tb = 0; tb < 2; ++tb)
+        for (int mode = 0; mode < 4; ++mode) {
+          const Tensor<float> A = uniform<float>({d.M * d.K}, stream++);
+          const Tensor<float> B = uniform<float>({d.K * d.N}, stream++);
+          const Tensor<float> C0 = uniform<float>({d.M * d.N}, stream++);
+          const Tensor<float> bias = uniform<float>({d.N}, stream++);
+          std::vector<bf16> A16(A.data(), A.data() + A.numel());
+          std::vector<bf16> B16(B.data(), B.data() + B.numel());
+          const bool half = mode == 3;
+          GemmCall call{ta == 1,
+                        tb == 1,
+                        d.M,
+                        d.N,
+                        d.K,
+                        mode == 2 ? 0.7f : 1.0f,
+                        mode == 0   ? 0.0f
+                        : mode == 1 ? 1.0f
+                                    : -0.3f,
+                        A.data(),
+                        B.data(),
+                        half ? A16.data() : nullptr,
+                        half ? B16.data() : nullptr,
+                        mode == 0 ? bias.data() : nullptr,
+                        nullptr};
+          std::vector<float> ymm(C0.data(), C0.data() + C0.numel()), native = ymm;
+          call.C = ymm.data();
+          if (!gemm_ymm(call)) {
+            MESSAGE("skipped: the compiler does not target AVX2 + FMA");
+            return;
+          }
+          call.C = native.data();
+          REQUIRE(gemm_native(call));
+          CHECK_MESSAGE(std::memcmp(ymm.data(), native.data(), ymm.size() * sizeof(float)) == 0,
+                        d.M, "x", d.N, "x", d.K, " trans ", ta, tb, " mode ", mode);
+          ++compared;
+        }
+  CHECK(compared == 5 * 4 * 4);
+#ifdef MOCA_CPU_SGEMM_AVX512
+  MESSAGE("compared the ymm kernel with the zmm kernel");
+#else
+  MESSAGE("compared the ymm kernel with itself: this compiler does not target AVX-512");
+#endif
+}
