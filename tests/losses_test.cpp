@@ -284,3 +284,47 @@ TEST_CASE("simd::log: relative error below 2e-7 from FLT_MIN to FLT_MAX; log 0 =
   CHECK(0.0f * y[0] == 0.0f);  // x · log x = 0 at x = 0
 }
 #endif
+
+#ifdef MOCA_CPU_SIMD_MATH_512
+TEST_CASE("simd: the 16-lane exp and normal CDF give the 8-lane forms' bits") {
+  // Every power of two from 2^-30 to 2^7 with 64 mantissas, both signs, plus the edges of exp's
+  // range and the special values: each lane of the 16-lane form must equal the 8-lane one.
+  std::vector<float> xs = {0.0f,
+                           -0.0f,
+                           -87.4f,
+                           -88.0f,
+                           -200.0f,
+                           88.3f,
+                           100.0f,
+                           1e-40f,
+                           std::numeric_limits<float>::infinity(),
+                           -std::numeric_limits<float>::infinity()};
+  for (int e = -30; e <= 7; ++e)
+    for (int m = 0; m < 64; ++m) {
+      const float v = std::ldexp(1.0f + static_cast<float>(m) / 64.0f, e);
+      xs.push_back(v);
+      xs.push_back(-v);
+    }
+  while (xs.size() % 16 != 0) xs.push_back(1.0f);
+  std::int64_t differ = 0;
+  for (std::size_t i = 0; i < xs.size(); i += 16) {
+    alignas(64) float e16[16], c16[16], p16[16], e8[16], c8[16], p8[16];
+    const __m512 x16 = _mm512_loadu_ps(xs.data() + i);
+    __m512 pdf16;
+    _mm512_store_ps(e16, cpu::simd::exp(_mm512_min_ps(x16, _mm512_set1_ps(88.0f))));
+    _mm512_store_ps(c16, cpu::simd::normal_cdf(x16, &pdf16));
+    _mm512_store_ps(p16, pdf16);
+    for (int h = 0; h < 2; ++h) {
+      const __m256 x8 = _mm256_loadu_ps(xs.data() + i + 8 * h);
+      __m256 pdf8;
+      _mm256_store_ps(e8 + 8 * h, cpu::simd::exp(_mm256_min_ps(x8, _mm256_set1_ps(88.0f))));
+      _mm256_store_ps(c8 + 8 * h, cpu::simd::normal_cdf(x8, &pdf8));
+      _mm256_store_ps(p8 + 8 * h, pdf8);
+    }
+    differ += std::memcmp(e16, e8, sizeof e16) != 0;
+    differ += std::memcmp(c16, c8, sizeof c16) != 0;
+    differ += std::memcmp(p16, p8, sizeof p16) != 0;
+  }
+  CHECK(differ == 0);
+}
+#endif
