@@ -1,6 +1,6 @@
-// One packed GEMM call, compiled once per instruction-set target (see gemm_targets_test.cpp):
-// each translation unit that includes this defines its own entry point over its own build of
-// cpu::sgemm_avx2.
+// One packed GEMM call and one attention head, compiled once per instruction-set target (see
+// gemm_targets_test.cpp): each translation unit that includes this defines its own entry points
+// over its own build of cpu::sgemm_avx2, cpu::small_gemm and cpu::small_head.
 #pragma once
 
 #include <cstdint>
@@ -26,9 +26,27 @@ bool gemm_ymm(const GemmCall& call);
 /// The same call through whichever kernel this project's default flags select.
 bool gemm_native(const GemmCall& call);
 
+/// One float attention head, forward then backward: qkv [S, 3·dim] holds the head's q, k and v
+/// (hd wide) at columns 0, dim and 2·dim; probs [S, S]; ctx and dout [S, dim]; dqkv [S, 3·dim].
+struct HeadCall {
+  std::int64_t S, hd, dim;
+  float scale;
+  const float* qkv;
+  const float* dout;
+  float* probs;
+  float* ctx;
+  float* dqkv;
+};
+
+/// The head through the ymm register tiles; false where the compiler does not target AVX2 + FMA.
+bool head_ymm(const HeadCall& call);
+/// The head through the tiles of the default flags.
+bool head_native(const HeadCall& call);
+
 }  // namespace moca::test
 
 #ifdef MOCA_GEMM_TARGETS_DEFINE
+#include <moca/backend/cpu/attention.hpp>
 #include <moca/backend/cpu/sgemm_avx2.hpp>
 
 namespace moca::test {
@@ -45,6 +63,18 @@ inline bool run_packed_gemm(const GemmCall& c) {
   return true;
 #else
   (void)c;
+  return false;
+#endif
+}
+
+inline bool run_head(const HeadCall& h) {
+#ifdef MOCA_CPU_SGEMM_AVX2
+  if (!cpu::small_head::applies(h.S, h.hd)) return false;
+  cpu::small_head::forward(h.S, h.hd, h.dim, h.scale, h.qkv, h.probs, h.ctx);
+  cpu::small_head::backward(h.S, h.hd, h.dim, h.scale, h.qkv, h.probs, h.dout, h.dqkv);
+  return true;
+#else
+  (void)h;
   return false;
 #endif
 }

@@ -15,6 +15,7 @@ using namespace moca;
 using namespace moca::test;
 
 bool moca::test::gemm_native(const GemmCall& call) { return run_packed_gemm(call); }
+bool moca::test::head_native(const HeadCall& call) { return run_head(call); }
 
 TEST_CASE("packed GEMM: the ymm and native kernels give the same bits, side by side") {
   struct Dims {
@@ -68,4 +69,47 @@ TEST_CASE("packed GEMM: the ymm and native kernels give the same bits, side by s
 #else
   MESSAGE("compared the ymm kernel with itself: this compiler does not target AVX-512");
 #endif
+}
+
+TEST_CASE("attention head: the ymm and native register tiles give the same bits, side by side") {
+  // Head widths of one, one and a half and four zmm vectors; token counts from one to past a
+  // ViT-S/16 sequence, padded to 8 (half a zmm vector) or to 16. The head is one of two, so
+  // that its rows are strided like a real qkv row.
+  struct Dims {
+    std::int64_t S, hd;
+  };
+  const Dims dims[] = {{1, 8}, {5, 24}, {17, 64}, {65, 64}, {49, 24}, {200, 64}, {197, 32}};
+  std::uint64_t stream = 40;
+  for (const Dims& d : dims) {
+    const std::int64_t dim = 2 * d.hd, S = d.S;
+    const Tensor<float> qkv = uniform<float>({S * 3 * dim}, stream++, -2, 2);
+    const Tensor<float> dout = uniform<float>({S * dim}, stream++);
+    struct Outputs {
+      std::vector<float> probs, ctx, dqkv;
+    };
+    const auto run = [&](bool ymm, Outputs& o) {
+      // Filled with a sentinel: each output element must be written by both builds alike.
+      o.probs.assign(S * S, 3.0f);
+      o.ctx.assign(S * dim, 3.0f);
+      o.dqkv.assign(S * 3 * dim, 3.0f);
+      const HeadCall call{S,           d.hd,           dim,          0.125f,       qkv.data(),
+                          dout.data(), o.probs.data(), o.ctx.data(), o.dqkv.data()};
+      return ymm ? head_ymm(call) : head_native(call);
+    };
+    Outputs ymm, native;
+    if (!run(true, ymm)) {
+      MESSAGE("skipped: the compiler does not target AVX2 + FMA");
+      return;
+    }
+    REQUIRE(run(false, native));
+    const auto same = [](const std::vector<float>& x, const std::vector<float>& y) {
+      return std::memcmp(x.data(), y.data(), x.size() * sizeof(float)) == 0;
+    };
+    CHECK_MESSAGE(same(ymm.probs, native.probs), "probabilities S=", S, " hd=", d.hd);
+    CHECK_MESSAGE(same(ymm.ctx, native.ctx), "ctx S=", S, " hd=", d.hd);
+    CHECK_MESSAGE(same(ymm.dqkv, native.dqkv), "dqkv S=", S, " hd=", d.hd);
+    // Not vacuous: the head wrote its outputs (the sentinel is gone from the head's columns).
+    CHECK(native.ctx[0] != 3.0f);
+    CHECK(native.dqkv[2 * dim + d.hd - 1] != 3.0f);
+  }
 }

@@ -1,4 +1,5 @@
-// Compiled with AVX-512 switched off (tests/CMakeLists.txt): the ymm build of the packed GEMM.
+// Compiled with AVX-512 switched off (tests/CMakeLists.txt): the ymm build of the packed GEMM
+// and of the attention head's register tiles.
 #define MOCA_GEMM_TARGETS_DEFINE
 #include "gemm_targets.hpp"
 
@@ -7,3 +8,4 @@
 #endif
 
 bool moca::test::gemm_ymm(const GemmCall& call) { return run_packed_gemm(call); }
+bool moca::test::head_ymm(const HeadCall& call) { return run_head(call); }

@@ -358,12 +358,13 @@ TEST_CASE_TEMPLATE("attention: the fused op matches the composed batched form", 
 #ifdef MOCA_CPU_SGEMM_AVX2
 TEST_CASE("small_gemm: every tile height and width, A stored either way, matches double") {
   // C = α·A·B with A read through (row, column) strides: row-major A (the scores, dQ) and A
-  // stored transposed (dV = Pᵀ·dO, dK = dSᵀ·Q). M up to 13 crosses every tile height (4, 6, 8
-  // and their ragged ends); N from 8 to 72 every split of the vectors into blocks of 3, 2, 1.
-  // Padding columns of B and C past N (guards) must stay as they were.
+  // stored transposed (dV = Pᵀ·dO, dK = dSᵀ·Q). M up to 13 crosses every tile height (ymm 4, 6,
+  // 8; zmm 6, 8, 12) and their ragged ends; N from 8 to 200 every split of the vectors into
+  // blocks (ymm 3, 2, 1; zmm 4, 3, 2, 1 with a half vector last where N mod 16 = 8). Padding
+  // columns of B and C past N (guards) must stay as they were.
   std::uint64_t stream = 1300;
   for (const i64 M : {1, 2, 3, 4, 5, 6, 7, 9, 13, 65})
-    for (const i64 N : {8, 16, 24, 32, 40, 64, 72})
+    for (const i64 N : {8, 16, 24, 32, 40, 64, 72, 136, 200})
       for (const i64 K : {1, 17, 64})
         for (const bool a_transposed : {false, true}) {
           const i64 lda = (a_transposed ? M : K) + 3, ldb = N + 5, ldc = N + 7;

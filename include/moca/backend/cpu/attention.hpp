@@ -25,6 +25,13 @@ namespace moca::cpu {
 #ifdef MOCA_CPU_SGEMM_AVX2
 namespace small_head {
 
+// Per-target linker names, as small_gemm's: a file's heads run that file's products.
+#ifdef MOCA_CPU_SGEMM_AVX512
+inline namespace zmm {
+#else
+inline namespace ymm {
+#endif
+
 /// Longest token sequence run unpacked: its [S, S] scores (256 KiB) still fit in L2.
 inline constexpr std::int64_t kSmallHeadTokens = 256;
 
@@ -173,6 +180,7 @@ inline void backward_bf16(std::int64_t S, std::int64_t hd, std::int64_t dim, flo
     narrow_rows(S, hd, gf + part * hd, 3 * hd, dq + part * dim, 3 * dim);
 }
 
+}  // namespace zmm or ymm
 }  // namespace small_head
 #endif
 

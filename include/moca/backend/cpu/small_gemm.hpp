@@ -6,12 +6,15 @@
 //   C[M, N] = α · A · B,   A(i, k) = a[i·ars + k·acs]   (any strides: A or Aᵀ stored row-major)
 //                          B row-major [K, N] (ldb),    C row-major [M, N] (ldc),  N % 8 == 0
 //
-// The register tile is MR rows × NV ymm vectors (4 × 3 or 6 × 2: 12 accumulators); each k
-// loads NV vectors of B's row k and broadcasts MR values of A straight from memory. Tiles run
-// column block by column block; each block's K × 8·NV panel of B is first copied contiguous
-// (K·N floats per product, against M·N·K multiply-adds), so that it stays in L1 across every
-// row tile. A is never copied: its rows are read once per column block.
-// Each element's sum runs over k in order, on the calling thread.
+// The register tile is MR rows × NV vectors; each k loads NV vectors of B's row k and
+// broadcasts MR values of A straight from memory. With AVX2 the vectors are ymm (4 × 3 or 6 × 2:
+// 12 accumulators); where the compiler targets AVX-512 they are zmm (6 × 4, 8 × 3 or 12 × 2: 24
+// of the 32 registers), and a column count that ends half way through a zmm vector is stored
+// through a mask. Tiles run column block by column block; each block's K × NV-vector panel of B
+// is first copied contiguous (K·N floats per product, against M·N·K multiply-adds), so that it
+// stays in L1 across every row tile. A is never copied: its rows are read once per column block.
+// Each element's sum runs over k in order, one FMA per k from zero, then × α, on the calling
+// thread: the ymm and zmm builds give the same bits.
 #pragma once
 
 #include "moca/backend/cpu/sgemm_avx2.hpp"
@@ -25,6 +28,13 @@
 #include <utility>
 
 namespace moca::cpu::small_gemm {
+
+// Per-target linker names, as in sgemm_avx2.hpp: the panel layout depends on the target.
+#ifdef MOCA_CPU_SGEMM_AVX512
+inline namespace zmm {
+#else
+inline namespace ymm {
+#endif
 
 template <int MR, int NV>
 [[gnu::noinline]] void tile(std::int64_t K, const float* __restrict a, std::int64_t ars,
@@ -92,6 +102,108 @@ void column_block(std::int64_t M, std::int64_t K, float alpha, const float* a, s
                   panel, 8 * NV, c + i * ldc, ldc, alpha);
 }
 
+#ifdef MOCA_CPU_SGEMM_AVX512
+/// The 16-lane tile: MR rows × NV zmm vectors of a contiguous panel b (row stride 16·NV); the
+/// last vector's columns are stored through `last`.
+template <int MR, int NV>
+[[gnu::noinline]] void tile16(std::int64_t K, const float* __restrict a, std::int64_t ars,
+                              std::int64_t acs, const float* __restrict b, float* __restrict c,
+                              std::int64_t ldc, float alpha, __mmask16 last) {
+  __m512 acc[MR][NV];
+#pragma GCC unroll 12
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (std::int64_t k = 0; k < K; ++k, a += acs, b += 16 * NV) {
+    __m512 bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      bv[v] = _mm512_load_ps(b + 16 * v);
+      asm("" : "+v"(bv[v]));  // as in tile: one load of the row, not MR
+    }
+#pragma GCC unroll 12
+    for (int r = 0; r < MR; ++r) {
+      const __m512 ak = _mm512_set1_ps(a[r * ars]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(ak, bv[v], acc[r][v]);
+    }
+  }
+  const __m512 va = _mm512_set1_ps(alpha);
+#pragma GCC unroll 12
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v + 1 < NV; ++v)
+      _mm512_storeu_ps(c + r * ldc + 16 * v, _mm512_mul_ps(va, acc[r][v]));
+    _mm512_mask_storeu_ps(c + r * ldc + 16 * (NV - 1), last, _mm512_mul_ps(va, acc[r][NV - 1]));
+  }
+}
+
+/// The 16-lane tile height used with NV vectors: 24 accumulators (12 with one vector).
+template <int NV>
+inline constexpr int rows_for16 = NV == 4   ? 6
+                                  : NV == 3 ? 8
+                                            : 12;
+
+template <int NV, int... R>
+void tile16_rows(std::integer_sequence<int, R...>, int rows, std::int64_t K, const float* a,
+                 std::int64_t ars, std::int64_t acs, const float* b, float* c, std::int64_t ldc,
+                 float alpha, __mmask16 last) {
+  ((rows == R + 1 ? tile16<R + 1, NV>(K, a, ars, acs, b, c, ldc, alpha, last) : void()), ...);
+}
+
+/// copy_panel for zmm vectors; the columns of the last vector outside `last` are zero (never
+/// read from B).
+template <int NV>
+void copy_panel16(std::int64_t K, const float* b, std::int64_t ldb, float* panel, __mmask16 last) {
+  for (std::int64_t k = 0; k < K; ++k, b += ldb, panel += 16 * NV) {
+#pragma GCC unroll 4
+    for (int v = 0; v + 1 < NV; ++v) _mm512_store_ps(panel + 16 * v, _mm512_loadu_ps(b + 16 * v));
+    _mm512_store_ps(panel + 16 * (NV - 1), _mm512_maskz_loadu_ps(last, b + 16 * (NV - 1)));
+  }
+}
+
+template <int NV>
+void column_block16(std::int64_t M, std::int64_t K, float alpha, const float* a, std::int64_t ars,
+                    std::int64_t acs, const float* b, std::int64_t ldb, float* c, std::int64_t ldc,
+                    float* panel, __mmask16 last) {
+  constexpr int MR = rows_for16<NV>;
+  copy_panel16<NV>(K, b, ldb, panel, last);
+  for (std::int64_t i = 0; i < M; i += MR)
+    tile16_rows<NV>(std::make_integer_sequence<int, MR>{},
+                    static_cast<int>(std::min<std::int64_t>(MR, M - i)), K, a + i * ars, ars, acs,
+                    panel, c + i * ldc, ldc, alpha, last);
+}
+
+/// Floats of the `panel` scratch that gemm needs for an inner dimension K (64-byte aligned).
+inline std::int64_t panel_floats(std::int64_t K) { return K * 64; }
+
+/// C = α·A·B as the header describes; N must be a multiple of 8 and K > 0. `panel` is scratch
+/// of panel_floats(K) floats, 64-byte aligned.
+inline void gemm(std::int64_t M, std::int64_t N, std::int64_t K, float alpha, const float* a,
+                 std::int64_t ars, std::int64_t acs, const float* b, std::int64_t ldb, float* c,
+                 std::int64_t ldc, float* panel) {
+  // Column blocks of up to 4 zmm vectors, split evenly (5 vectors run as 3 + 2); the last
+  // vector of the last block holds N mod 16 columns when that is 8.
+  const __mmask16 tail = N % 16 == 0 ? __mmask16(0xFFFF) : __mmask16((1u << (N % 16)) - 1);
+  std::int64_t vectors = (N + 15) / 16;
+  for (std::int64_t j = 0; vectors > 0;) {
+    const std::int64_t blocks = (vectors + 3) / 4;
+    const std::int64_t nv = (vectors + blocks - 1) / blocks;
+    const __mmask16 last = nv == vectors ? tail : __mmask16(0xFFFF);
+    if (nv == 4) {
+      column_block16<4>(M, K, alpha, a, ars, acs, b + j, ldb, c + j, ldc, panel, last);
+    } else if (nv == 3) {
+      column_block16<3>(M, K, alpha, a, ars, acs, b + j, ldb, c + j, ldc, panel, last);
+    } else if (nv == 2) {
+      column_block16<2>(M, K, alpha, a, ars, acs, b + j, ldb, c + j, ldc, panel, last);
+    } else {
+      column_block16<1>(M, K, alpha, a, ars, acs, b + j, ldb, c + j, ldc, panel, last);
+    }
+    j += 16 * nv;
+    vectors -= nv;
+  }
+}
+#else
 /// Floats of the `panel` scratch that gemm needs for an inner dimension K (32-byte aligned).
 inline std::int64_t panel_floats(std::int64_t K) { return K * 24; }
 
@@ -118,6 +230,9 @@ inline void gemm(std::int64_t M, std::int64_t N, std::int64_t K, float alpha, co
   }
 }
 
+#endif
+
+}  // namespace zmm or ymm
 }  // namespace moca::cpu::small_gemm
 
 #endif
