@@ -151,11 +151,22 @@ inline __m256 load_prefix(const bf16* p, __m256i, std::int64_t n) {
 /// How many rows ahead the transposed packing of A prefetches the stored rows it reads next.
 inline constexpr std::int64_t kPrefetchRows = 4;
 
-/// Floats a packed A buffer needs past its panels: pack_a's 8-wide stores overrun by 2.
-inline constexpr std::int64_t kPackSlack = 8;
+/// Floats between the end of one packed panel and the start of the next. Panels kc long would
+/// otherwise start a multiple of 4 KiB apart or nearly (6·256 floats for A, 32·kc for B): the
+/// transposed packing of A stores into every panel of the block at each k, and with that
+/// stride all the lines it writes fall into two of L1's 64 sets and evict one another; `perf`
+/// put a third of a weight-gradient product in that packing. One line of padding spreads them
+/// over every set. It also takes the 2 lanes by which pack_a's 8-wide stores overrun a panel.
+inline constexpr std::int64_t kPanelPad = 16;
 
-/// Packs rows [i0, i0+mc) × inner [k0, k0+kc) of op(A) into 6-row panels: panel p holds, for
-/// each k, the 6 values op(A)(i0+6p+r, k0+k) contiguously; rows past mc are zero.
+/// Floats from one packed A panel (kMR rows, kc long) to the next, and from one B panel (kNR
+/// columns) to the next: multiples of 16, so B's panels stay 64-byte aligned.
+inline std::int64_t a_panel_stride(std::int64_t kc) { return kMR * kc + kPanelPad; }
+inline std::int64_t b_panel_stride(std::int64_t kc) { return kNR * kc + kPanelPad; }
+
+/// Packs rows [i0, i0+mc) × inner [k0, k0+kc) of op(A) into 6-row panels a_panel_stride(kc)
+/// apart: panel p holds, for each k, the 6 values op(A)(i0+6p+r, k0+k) contiguously; rows past
+/// mc are zero.
 template <class S>
 void pack_a(const S* A, std::int64_t lda, bool trans, std::int64_t i0, std::int64_t mc,
             std::int64_t k0, std::int64_t kc, float* out) {
@@ -163,10 +174,9 @@ void pack_a(const S* A, std::int64_t lda, bool trans, std::int64_t i0, std::int6
     // Row by row of the stored A, so that each row's mc values are read once and in order
     // (panel by panel, every k would be a new cache line, and a panel's lines would be evicted
     // before the next panel reads them again). Each panel gets one 8-wide store per k whose 2
-    // extra lanes land in the panel's next k, stored afterwards; the last k stores 6 lanes (its
-    // spill would reach the next panel, already written), except in the last panel, whose
-    // spill goes to the slack.
-    const std::int64_t panels = (mc + kMR - 1) / kMR;
+    // extra lanes land in the panel's next k, stored afterwards, or, at the last k, in the
+    // padding after the panel.
+    const std::int64_t panels = (mc + kMR - 1) / kMR, stride = a_panel_stride(kc);
     const __m256i six = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(kMR)),
                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     const __m256i ragged = _mm256_cmpgt_epi32(
@@ -178,7 +188,6 @@ void pack_a(const S* A, std::int64_t lda, bool trans, std::int64_t i0, std::int6
     for (std::int64_t k = 0; k < kc; ++k) {
       const S* src = A + (k0 + k) * lda + i0;
       float* dst = out + k * kMR;
-      const bool last_k = k + 1 == kc;
       if (k + kPrefetchRows < kc) {
         const char* ahead = reinterpret_cast<const char*>(src + kPrefetchRows * lda);
         for (std::int64_t b = 0; b < mc * std::int64_t(sizeof(S)); b += 64)
@@ -189,27 +198,30 @@ void pack_a(const S* A, std::int64_t lda, bool trans, std::int64_t i0, std::int6
         const __m256 v = p < plain ? load8(src + p * kMR)
                                    : load_prefix(src + p * kMR, last ? ragged : six,
                                                  last ? ragged_rows : kMR);
-        float* d = dst + p * kMR * kc;
-        if (last_k && p + 1 < panels) {
-          _mm256_maskstore_ps(d, six, v);
-        } else {
-          _mm256_storeu_ps(d, v);
-        }
+        _mm256_storeu_ps(dst + p * stride, v);
       }
     }
     return;
   }
   for (std::int64_t p = 0; p < mc; p += kMR) {
     const std::int64_t rows = std::min(kMR, mc - p);
-    float* dst = out + p * kc;
+    float* dst = out + p / kMR * a_panel_stride(kc);
     // A is stored [M, K]: the 6 rows are read side by side, 8 values of k at a time, and
     // transposed in registers (two zero rows pad the 8×8 block). Each k's 8-wide store spills 2
     // values into the next k's slot, which the next store overwrites; the last spills into the
-    // slack past the panel (kPackSlack), or into the next panel, which is written afterwards.
+    // padding past the panel.
     const S* src[kMR];
     for (std::int64_t r = 0; r < kMR; ++r) src[r] = A + (i0 + p + std::min(r, rows - 1)) * lda + k0;
+    // The next panel's rows are asked for while this one is transposed, a line of each per 64
+    // bytes read here: rows only kc long are too short a stream for the hardware prefetcher.
+    const std::int64_t next_rows = std::min(kMR, mc - p - kMR);
+    const S* next = A + (i0 + p + kMR) * lda + k0;
+    constexpr std::int64_t kLine = 64 / sizeof(S);
     std::int64_t k = 0;
     for (; k + 8 <= kc; k += 8) {
+      if (k % kLine == 0)
+        for (std::int64_t r = 0; r < next_rows; ++r)
+          _mm_prefetch(reinterpret_cast<const char*>(next + r * lda + k), _MM_HINT_T0);
       __m256 v[8];
       for (std::int64_t r = 0; r < kMR; ++r)
         v[r] = r < rows ? load8(src[r] + k) : _mm256_setzero_ps();
@@ -222,22 +234,23 @@ void pack_a(const S* A, std::int64_t lda, bool trans, std::int64_t i0, std::int6
   }
 }
 
-/// Packs inner [k0, k0+kc) × columns [j0, j0+nc) of op(B) into kNR-column panels: panel q holds,
-/// for each k, the kNR values op(B)(k0+k, j0+kNR·q+c) contiguously; columns past nc are zero.
+/// Packs inner [k0, k0+kc) × columns [j0, j0+nc) of op(B) into kNR-column panels
+/// b_panel_stride(kc) apart: panel q holds, for each k, the kNR values op(B)(k0+k, j0+kNR·q+c)
+/// contiguously; columns past nc are zero.
 template <class S>
 void pack_b(const S* B, std::int64_t ldb, bool trans, std::int64_t k0, std::int64_t kc,
             std::int64_t j0, std::int64_t nc, float* out) {
   if (!trans) {  // B is stored [K, N]: the kNR values of one k are contiguous
     // Row by row of the stored B, each row's nc values read once and in order (as pack_a).
-    const std::int64_t full = nc / kNR, cols = nc - full * kNR;
+    const std::int64_t full = nc / kNR, cols = nc - full * kNR, stride = b_panel_stride(kc);
     for (std::int64_t k = 0; k < kc; ++k) {
       const S* src = B + (k0 + k) * ldb + j0;
       float* dst = out + k * kNR;
       for (std::int64_t q = 0; q < full; ++q)
         for (std::int64_t c = 0; c < kNR; c += 8)
-          _mm256_store_ps(dst + q * kNR * kc + c, load8(src + q * kNR + c));
+          _mm256_store_ps(dst + q * stride + c, load8(src + q * kNR + c));
       if (cols > 0) {
-        float* d = dst + full * kNR * kc;
+        float* d = dst + full * stride;
         std::int64_t c = 0;
         for (; c < cols; ++c) d[c] = src[full * kNR + c];
         for (; c < kNR; ++c) d[c] = 0.0f;
@@ -247,7 +260,7 @@ void pack_b(const S* B, std::int64_t ldb, bool trans, std::int64_t k0, std::int6
   }
   for (std::int64_t q = 0; q < nc; q += kNR) {
     const std::int64_t cols = std::min(kNR, nc - q);
-    float* dst = out + q * kc;
+    float* dst = out + q / kNR * b_panel_stride(kc);
     // B is stored [N, K]: each column of op(B) is contiguous along k. Groups of 8 columns, read
     // 8 values of k at a time and transposed in registers.
     for (std::int64_t c0 = 0; c0 < kNR; c0 += 8) {
@@ -446,8 +459,8 @@ void gemm_block(bool trans_a, bool trans_b, std::int64_t m0, std::int64_t m1, st
   const std::int64_t nc_block = balanced_block(n1 - n0, kNC, kNR);
   const std::int64_t mc_block = balanced_block(m1 - m0, kMC, kMR);
   ThreadBuffers& buffers = thread_buffers();
-  float* bp = buffers.b.reserve(kc_block * nc_block);
-  float* ap = buffers.a.reserve(kc_block * mc_block + kPackSlack);
+  float* bp = buffers.b.reserve(nc_block / kNR * b_panel_stride(kc_block));
+  float* ap = buffers.a.reserve((mc_block + kMR - 1) / kMR * a_panel_stride(kc_block));
   const Update first = beta == 0.0f ? Update::Overwrite
                        : beta == 1.0f ? Update::Accumulate
                                       : Update::Scale;
@@ -463,9 +476,9 @@ void gemm_block(bool trans_a, bool trans_b, std::int64_t m0, std::int64_t m1, st
         for (std::int64_t jr = 0; jr < nc; jr += kNR) {
           const std::int64_t n = std::min(kNR, nc - jr);
           for (std::int64_t ir = 0; ir < mc; ir += kMR) {
-            micro_kernel(kc, ap + ir * kc, bp + jr * kc, C + (ic + ir) * ldc + jc + jr, ldc,
-                         std::min(kMR, mc - ir), n, alpha, beta, update,
-                         bias && pc == 0 ? bias + jc + jr : nullptr);
+            micro_kernel(kc, ap + ir / kMR * a_panel_stride(kc), bp + jr / kNR * b_panel_stride(kc),
+                         C + (ic + ir) * ldc + jc + jr, ldc, std::min(kMR, mc - ir), n, alpha, beta,
+                         update, bias && pc == 0 ? bias + jc + jr : nullptr);
           }
         }
       }
