@@ -15,6 +15,11 @@ is PyTorch's own build of it, called as `torch._C._nn.mkldnn_linear(x, w, b)` (C
 on operands converted to its blocked layout beforehand, each product's operands given in the
 orientation that call wants (so its transposes are free) and a zero bias; its time includes
 allocating the output, which that call always does.
+
+The Linear products run again on bf16 operands with a bf16 result (rows `bf16_...`): gemm_bench's
+BM_linear_bf16 against torch.mm and oneDNN on bf16 tensors (OpenBLAS has no such call here).
+Where the CPU has AVX-512 BF16, oneDNN and this library both multiply with its dot-product
+instruction.
 """
 import argparse
 import ctypes
@@ -101,7 +106,8 @@ def onednn_operands(ta, tb, a, b):
     """op(A) [M, K] and op(B)ᵀ [N, K] for mkldnn_linear, contiguous and in oneDNN's layout."""
     x = (a.t() if ta else a).contiguous()
     w = (b if tb else b.t()).contiguous()
-    return x.to_mkldnn(), w.to_mkldnn(), torch.zeros(w.shape[0]).to_mkldnn()
+    bias = torch.zeros(w.shape[0], dtype=x.dtype)
+    return x.to_mkldnn(), w.to_mkldnn(), bias.to_mkldnn()
 
 
 def onednn_gflops(m, n, k, x, w, bias):
@@ -122,6 +128,11 @@ def main():
     has_onednn = torch.backends.mkldnn.is_available()
     dnn = {name: onednn_operands(ta, tb, *data[name][:2])
            for name, ta, tb, *_ in shapes} if has_onednn else {}
+    half = [(f"bf16_{name}", ta, tb, m, n, k) for name, ta, tb, m, n, k in shapes
+            if not name.startswith("square")]
+    data16 = {f"bf16_{name}": tuple(t.bfloat16() for t in data[name]) for name, *_ in shapes}
+    dnn16 = {name: onednn_operands(ta, tb, *data16[name][:2])
+             for name, ta, tb, *_ in half} if has_onednn else {}
     b_, t_, d_ = ATTENTION
     q, kk, s = torch.rand(b_, t_, d_), torch.rand(b_, t_, d_), torch.empty(b_, t_, t_)
     att_flops = 2.0 * b_ * t_ * t_ * d_
@@ -135,6 +146,11 @@ def main():
             rounds["torch"].setdefault(name, []).append(torch_gflops(ta, tb, m, n, k, a, b, c))
             if has_onednn:
                 rounds["onednn"].setdefault(name, []).append(onednn_gflops(m, n, k, *dnn[name]))
+        for name, ta, tb, m, n, k in half:
+            a, b, c = data16[name]
+            rounds["torch"].setdefault(name, []).append(torch_gflops(ta, tb, m, n, k, a, b, c))
+            if has_onednn:
+                rounds["onednn"].setdefault(name, []).append(onednn_gflops(m, n, k, *dnn16[name]))
         rounds["torch"].setdefault("qk", []).append(
             timed(lambda: torch.bmm(q, kk.transpose(1, 2), out=s), att_flops))
         rounds["torch"].setdefault("pv", []).append(
@@ -146,6 +162,7 @@ def main():
           f"{'moca/best':>11}")
     rows = [name for name, *_ in shapes]
     rows += [f"qk/batch:{b_}/T:{t_}/hd:{d_}", f"pv/batch:{b_}/T:{t_}/hd:{d_}"]
+    rows += [name for name, *_ in half]
     for name in rows:
         key = name.split("/")[0] if name.startswith(("qk", "pv")) else name
         mine = med["ours"].get(name)

@@ -3,6 +3,7 @@
 
 Usage: benchmarks/compare_moca.py [--bench build/benchmarks/moca_bench] [--threads 2]
                                   [--repeats 3] [--configs tiny_b128,vit_s16_b16]
+                                  [--precision fp32|bf16]
 
 The PyTorch side is the project's float32 PyTorch implementation of the same recipe
 (tests/python/reference_moca.py): teacher EMA, codebook targets and refresh, both masking rounds
@@ -10,7 +11,9 @@ with the condenser decoder, L_IMG + L_LOC, backward, clipping, AdamW with the fo
 the same presets, batch and thread count. The two sides run in turns (ours, then PyTorch, then
 ours again...), each turn a timed run of at least 10 s after warm-up, so that the slow and fast
 spells of a shared machine fall on both; printed are the medians of the turns and the median of
-the per-turn ratios.
+the per-turn ratios. With --precision bf16 our side is Moca<bf16> (bf16 storage, float master
+weights, moments and sums; moca_bench's `_bf16` runs) and PyTorch's runs its forward passes under
+CPU autocast to bfloat16 (its Linear layers then multiply in bf16; its parameters stay float).
 Needs Python with torch (Debian: /usr/bin/python3 with python3-torch) on an optimised BLAS
 (Debian: libopenblas0-pthread; with only the reference libblas3, PyTorch's GEMMs run ~40x slower
 and the ratio means nothing). PyTorch uses threads = cores.
@@ -50,8 +53,9 @@ class TorchSide:
     tables come from NumPy, on the CPU). `autocast()` wraps the forward passes (no-op here;
     compare_moca_cuda.py's AMP mode overrides it)."""
 
-    def __init__(self, cfg, device="cpu", warmup=2):
+    def __init__(self, cfg, device="cpu", warmup=2, bf16=False):
         mcfg, B = cfg["model"], cfg["batch"]
+        self.bf16 = bf16
         self.B = B
         self.model = model = R.Moca(**mcfg).to(device)
         model.init_weights()
@@ -64,6 +68,8 @@ class TorchSide:
             self.step()
 
     def autocast(self):
+        if self.bf16:
+            return torch.autocast("cpu", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def step(self):
@@ -115,18 +121,21 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     args = ap.parse_args()
+    bf16 = args.precision == "bf16"
     names = args.configs.split(",")
     torch.set_num_threads(args.threads)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    print(f"threads {args.threads}, torch {torch.__version__}, {args.repeats} turns per side")
+    print(f"threads {args.threads}, torch {torch.__version__}, {args.repeats} turns per side, "
+          f"{args.precision}" + (" (PyTorch: CPU autocast to bfloat16)" if bf16 else ""))
     print(f"{'config':<14}{'moca pairs/s':>14}{'peak MiB':>10}{'torch pairs/s':>15}"
           f"{'ratio':>8}  per-turn ratios")
     for name in names:
-        theirs_side = TorchSide(CONFIGS[name])
+        theirs_side = TorchSide(CONFIGS[name], bf16=bf16)
         mine, theirs, peaks = [], [], []
         for _ in range(args.repeats):
-            rate, peak = ours(args.bench, name)
+            rate, peak = ours(args.bench, name + ("_bf16" if bf16 else ""))
             mine.append(rate)
             peaks.append(peak)
             theirs.append(theirs_side.pairs_per_s())

@@ -37,8 +37,9 @@ void set_counters(benchmark::State& state, double flops_per_iteration) {
   state.counters["threads"] = moca::cpu::max_threads();
 }
 
-Tensor<float> random_tensor(moca::Shape shape, std::uint64_t stream) {
-  Tensor<float> t(shape);
+template <class T = float>
+Tensor<T> random_tensor(moca::Shape shape, std::uint64_t stream) {
+  Tensor<T> t(shape);
   moca::fill_uniform(t, moca::Philox(1234), stream, -1.0, 1.0);
   return t;
 }
@@ -46,10 +47,12 @@ Tensor<float> random_tensor(moca::Shape shape, std::uint64_t stream) {
 enum class Form { Fwd, Dx, Dw, NN };
 
 // Linear with M token rows, K input and N output features; `form` picks which product runs.
-void BM_linear(benchmark::State& state, Form form) {
+// T = bf16 multiplies bf16 operands into a bf16 result (float sums, one rounding).
+template <class T>
+void linear_product(benchmark::State& state, Form form) {
   const std::int64_t M = state.range(0), K = state.range(1), N = state.range(2);
-  Tensor<float> x = random_tensor({M, K}, 1), w = random_tensor({N, K}, 2);
-  Tensor<float> y = random_tensor({M, N}, 3);
+  Tensor<T> x = random_tensor<T>({M, K}, 1), w = random_tensor<T>({N, K}, 2);
+  Tensor<T> y = random_tensor<T>({M, N}, 3);
   for (auto _ : state) {
     switch (form) {
       case Form::Fwd: moca::ops::gemm(x, Trans::N, w, Trans::T, y); break;
@@ -61,6 +64,9 @@ void BM_linear(benchmark::State& state, Form form) {
   }
   set_counters(state, 2.0 * double(M) * double(N) * double(K));
 }
+
+void BM_linear(benchmark::State& state, Form form) { linear_product<float>(state, form); }
+void BM_linear_bf16(benchmark::State& state, Form form) { linear_product<moca::bf16>(state, form); }
 
 // The ViT step's Linear shapes as {M, K, N}.
 void vit_shapes(benchmark::internal::Benchmark* b) {
@@ -77,6 +83,18 @@ BENCHMARK_CAPTURE(BM_linear, dx, Form::Dx)
     ->Apply(vit_shapes)->UseRealTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_linear, dw, Form::Dw)
     ->Apply(vit_shapes)->UseRealTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_linear_bf16, bf16_fwd, Form::Fwd)
+    ->Apply(vit_shapes)
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_linear_bf16, bf16_dx, Form::Dx)
+    ->Apply(vit_shapes)
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_linear_bf16, bf16_dw, Form::Dw)
+    ->Apply(vit_shapes)
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_linear, square_nn, Form::NN)
     ->ArgNames({"M", "K", "N"})->Args({1024, 1024, 1024})
     ->UseRealTime()->Unit(benchmark::kMillisecond);

@@ -21,8 +21,10 @@ TEST_CASE("packed GEMM: the ymm and native kernels give the same bits, side by s
   struct Dims {
     std::int64_t M, N, K;
   };
-  // Ragged tiles in both directions, several column panels, inner slices and row blocks.
-  const Dims dims[] = {{7, 9, 5}, {61, 70, 300}, {400, 37, 700}, {13, 4200, 20}, {200, 96, 1100}};
+  // Ragged tiles in both directions, several column panels, inner slices and row blocks; odd
+  // inner slices (5, and 264 + 249), which the bf16 pair kernel closes with a zero.
+  const Dims dims[] = {{7, 9, 5},      {61, 70, 300},   {400, 37, 700},
+                       {13, 4200, 20}, {200, 96, 1100}, {9, 40, 513}};
   std::uint64_t stream = 3;
   int compared = 0;
   for (const Dims& d : dims)
@@ -63,8 +65,10 @@ TEST_CASE("packed GEMM: the ymm and native kernels give the same bits, side by s
                         d.M, "x", d.N, "x", d.K, " trans ", ta, tb, " mode ", mode);
           ++compared;
         }
-  CHECK(compared == 5 * 4 * 4);
-#ifdef MOCA_CPU_SGEMM_AVX512
+  CHECK(compared == 6 * 4 * 4);
+#ifdef MOCA_CPU_SGEMM_BF16_PAIRS
+  MESSAGE("compared the ymm kernel with the zmm kernel and its bf16 pair kernel");
+#elif defined(MOCA_CPU_SGEMM_AVX512)
   MESSAGE("compared the ymm kernel with the zmm kernel");
 #else
   MESSAGE("compared the ymm kernel with itself: this compiler does not target AVX-512");

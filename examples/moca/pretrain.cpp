@@ -462,9 +462,17 @@ int pretrain_on(const PretrainOptions& given, const CLI::App& cmd) {
                std::is_same_v<T, float> ? "fp32" : "bf16 values with fp32 master weights",
                float_products_mode ? ", matrix products in " : "",
                float_products_mode ? o.matmul.c_str() : "", data.description.c_str());
-  if (std::is_same_v<D, Cpu> && !std::is_same_v<T, float>)
-    std::fprintf(stderr, "  note      bf16 on the CPU about halves the memory of a step at "
-                         "about fp32's speed (its kernels compute in float)\n");
+  if (std::is_same_v<D, Cpu> && !std::is_same_v<T, float>) {
+#ifdef MOCA_CPU_SGEMM_BF16_PAIRS
+    std::fprintf(stderr,
+                 "  note      bf16 on the CPU about halves the memory of a step; its "
+                 "matrix products run on the CPU's AVX-512 BF16 dot products\n");
+#else
+    std::fprintf(stderr,
+                 "  note      bf16 on the CPU about halves the memory of a step at "
+                 "about fp32's speed (this build's kernels compute bf16 in float)\n");
+#endif
+  }
   std::fprintf(stderr,
                "  encoder   %lldx%lld patch %lld, %lld channels, width %lld, depth %lld, %lld heads\n"
                "  decoder   width %lld, depth %lld, %lld heads; early_layer %lld\n"

@@ -55,7 +55,12 @@ namespace moca::cpu::sgemm_avx2 {
 // targets. The inline namespace gives each build of these functions its own linker names, so
 // that a program whose files are compiled for different targets links each file's GEMM whole
 // (one file's packing can never feed another file's micro-kernel).
-#ifdef __AVX512F__
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
+    defined(__AVX512BF16__)
+#define MOCA_CPU_SGEMM_AVX512 1
+#define MOCA_CPU_SGEMM_BF16_PAIRS 1
+inline namespace zmm_bf16 {
+#elif defined(__AVX512F__)
 #define MOCA_CPU_SGEMM_AVX512 1
 inline namespace zmm {
 #else
@@ -447,6 +452,164 @@ inline std::int64_t balanced_block(std::int64_t n, std::int64_t target, std::int
   return (size + unit - 1) / unit * unit;
 }
 
+#ifdef MOCA_CPU_SGEMM_BF16_PAIRS
+// bf16 operands on the AVX-512 BF16 dot product. vdpbf16ps adds to each float lane the
+// products of two pairs of bf16, the odd (high) element's product first, each step rounded as an
+// FMA rounds (the product of two bf16 is exact in float). So with op(A)(i, k) and op(B)(k, j) in
+// the high halves of a pair and their k + 1 values in the low halves, one instruction is steps k
+// and k + 1 of the widening kernel's FMA chain, in that order: the same bits, at twice the
+// multiply-adds per instruction. (It flushes subnormal inputs and results to zero, which the FMA
+// chain keeps: sums below 2^-126 in magnitude can differ.) Packed pairs are 32-bit words: A's
+// panel holds for each pair j the 6 words (op(A)(i, 2j), op(A)(i, 2j+1)), B's the 32 words
+// (op(B)(2j, c), op(B)(2j+1, c)); an odd kc pairs its last k with zero. Panels are kp = ⌈kc/2⌉
+// words long and a_panel_stride(kp) / b_panel_stride(kp) apart.
+
+/// Each 32-bit word with its two bf16 halves swapped: from memory order (k, k+1) to pair order.
+inline __m256i swap_halves(__m256i v) { return _mm256_ror_epi32(v, 16); }
+
+/// Pair words from n ≤ 8 values of x (high halves) and of y (low halves; zero if y is null);
+/// words past n are zero, and nothing past n is read.
+inline __m256i pair_words8(const bf16* x, const bf16* y, __mmask8 n_mask) {
+  const __m256i hi = _mm256_cvtepu16_epi32(_mm_maskz_loadu_epi16(n_mask, x));
+  const __m256i lo = y != nullptr ? _mm256_cvtepu16_epi32(_mm_maskz_loadu_epi16(n_mask, y))
+                                  : _mm256_setzero_si256();
+  return _mm256_or_si256(_mm256_slli_epi32(hi, 16), lo);
+}
+inline __m512i pair_words16(const bf16* x, const bf16* y, __mmask16 n_mask) {
+  const __m512i hi = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(n_mask, x));
+  const __m512i lo = y != nullptr ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(n_mask, y))
+                                  : _mm512_setzero_si512();
+  return _mm512_or_si512(_mm512_slli_epi32(hi, 16), lo);
+}
+
+/// The first n lanes of a 16- or 8-lane mask.
+inline __mmask16 prefix16(std::int64_t n) {
+  return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
+}
+
+/// Eight vectors, one per stored line (row of A or column of B, contiguous along k; null for
+/// a zero line), each 8 pairs from k: up to 16 values of k, zeros past kc; transposed so that
+/// v[j] holds pair k/2 + j of the 8 lines.
+inline void load_pairs_transposed(const bf16* const (&line)[8], std::int64_t k, std::int64_t kc,
+                                  __m256 (&v)[8]) {
+  const __mmask16 mask = prefix16(kc - k);
+  for (int r = 0; r < 8; ++r)
+    v[r] = line[r] != nullptr
+               ? _mm256_castsi256_ps(swap_halves(_mm256_maskz_loadu_epi16(mask, line[r] + k)))
+               : _mm256_setzero_ps();
+  transpose8(v);
+}
+
+/// pack_a for bf16 pairs: rows [i0, i0+mc) × inner [k0, k0+kc) of op(A).
+inline void pack_a_pairs(const bf16* A, std::int64_t lda, bool trans, std::int64_t i0,
+                         std::int64_t mc, std::int64_t k0, std::int64_t kc, std::uint32_t* out) {
+  const std::int64_t kp = (kc + 1) / 2, stride = a_panel_stride(kp);
+  const std::int64_t panels = (mc + kMR - 1) / kMR;
+  if (trans) {  // A is stored [K, M]: two stored rows give one pair per i
+    // As pack_a: row pair by row pair, each 8-word store's 2 extra words landing in the next
+    // pair's slot (stored afterwards) or in the padding.
+    for (std::int64_t j = 0; j < kp; ++j) {
+      const bf16* x = A + (k0 + 2 * j) * lda + i0;
+      const bf16* y = 2 * j + 1 < kc ? x + lda : nullptr;
+      if (2 * j + 2 * kPrefetchRows < kc) {
+        const char* ahead = reinterpret_cast<const char*>(x + 2 * kPrefetchRows * lda);
+        for (std::int64_t b = 0; b < mc * std::int64_t(sizeof(bf16)); b += 64) {
+          _mm_prefetch(ahead + b, _MM_HINT_T0);
+          _mm_prefetch(ahead + lda * std::int64_t(sizeof(bf16)) + b, _MM_HINT_T0);
+        }
+      }
+      std::uint32_t* dst = out + j * kMR;
+      for (std::int64_t p = 0; p < panels; ++p) {
+        const __mmask8 n = static_cast<__mmask8>(prefix16(std::min(kMR, mc - p * kMR)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + p * stride),
+                            pair_words8(x + p * kMR, y ? y + p * kMR : nullptr, n));
+      }
+    }
+    return;
+  }
+  // A is stored [M, K]: the 6 rows side by side, 16 values of k at a time, transposed in
+  // registers (two null rows pad the 8×8 block of words).
+  for (std::int64_t p = 0; p < panels; ++p) {
+    const std::int64_t rows = std::min(kMR, mc - p * kMR);
+    std::uint32_t* dst = out + p * stride;
+    const bf16* line[8] = {};
+    for (std::int64_t r = 0; r < rows; ++r) line[r] = A + (i0 + p * kMR + r) * lda + k0;
+    for (std::int64_t k = 0; k < kc; k += 16) {
+      __m256 v[8];
+      load_pairs_transposed(line, k, kc, v);
+      const std::int64_t pairs = std::min<std::int64_t>(8, (kc - k + 1) / 2);
+      for (std::int64_t j = 0; j < pairs; ++j)
+        _mm256_storeu_ps(reinterpret_cast<float*>(dst + (k / 2 + j) * kMR), v[j]);
+    }
+  }
+}
+
+/// pack_b for bf16 pairs: inner [k0, k0+kc) × columns [j0, j0+nc) of op(B).
+inline void pack_b_pairs(const bf16* B, std::int64_t ldb, bool trans, std::int64_t k0,
+                         std::int64_t kc, std::int64_t j0, std::int64_t nc, std::uint32_t* out) {
+  const std::int64_t kp = (kc + 1) / 2, stride = b_panel_stride(kp);
+  if (!trans) {  // B is stored [K, N]: two stored rows give one pair per column
+    for (std::int64_t j = 0; j < kp; ++j) {
+      const bf16* x = B + (k0 + 2 * j) * ldb + j0;
+      const bf16* y = 2 * j + 1 < kc ? x + ldb : nullptr;
+      for (std::int64_t c = 0; c < nc; c += 16) {
+        std::uint32_t* d = out + c / kNR * stride + j * kNR + c % kNR;
+        _mm512_store_si512(d, pair_words16(x + c, y ? y + c : nullptr, prefix16(nc - c)));
+      }
+      if (nc % kNR != 0 && nc % kNR <= 16)  // the last panel's second half: zeros
+        _mm512_store_si512(out + nc / kNR * stride + j * kNR + 16, _mm512_setzero_si512());
+    }
+    return;
+  }
+  // B is stored [N, K]: each column of op(B) contiguous along k; groups of 8 columns, 16 values
+  // of k at a time, transposed in registers.
+  for (std::int64_t q = 0; q < nc; q += kNR) {
+    const std::int64_t cols = std::min(kNR, nc - q);
+    std::uint32_t* dst = out + q / kNR * stride;
+    for (std::int64_t c0 = 0; c0 < kNR; c0 += 8) {
+      const bf16* line[8] = {};
+      for (std::int64_t c = 0; c < 8 && c0 + c < cols; ++c)
+        line[c] = B + (j0 + q + c0 + c) * ldb + k0;
+      for (std::int64_t k = 0; k < kc; k += 16) {
+        __m256 v[8];
+        load_pairs_transposed(line, k, kc, v);
+        const std::int64_t pairs = std::min<std::int64_t>(8, (kc - k + 1) / 2);
+        for (std::int64_t j = 0; j < pairs; ++j)
+          _mm256_store_ps(reinterpret_cast<float*>(dst + (k / 2 + j) * kNR + c0), v[j]);
+      }
+    }
+  }
+}
+
+/// micro_kernel over kp packed pairs: 12 zmm accumulators, 2 rows of B pairs and a broadcast
+/// pair of A per two dot-product instructions.
+[[gnu::noinline]] inline void micro_kernel_pairs(std::int64_t kp, const std::uint32_t* __restrict a,
+                                                 const std::uint32_t* __restrict b, float* c,
+                                                 std::int64_t ldc, std::int64_t m, std::int64_t n,
+                                                 float alpha, float beta, Update update,
+                                                 const float* bias) {
+  __m512 acc[kMR][2];
+#pragma GCC unroll 6
+  for (std::int64_t r = 0; r < kMR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (std::int64_t r = 0; r < m; ++r) {
+    _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc + 16), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc + kNR - 1), _MM_HINT_T0);
+  }
+#pragma GCC unroll 4
+  for (std::int64_t j = 0; j < kp; ++j, a += kMR, b += kNR) {
+    const __m512bh b0 = (__m512bh)_mm512_load_si512(b), b1 = (__m512bh)_mm512_load_si512(b + 16);
+#pragma GCC unroll 6
+    for (std::int64_t r = 0; r < kMR; ++r) {
+      const __m512bh ak = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[r]));
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], ak, b0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], ak, b1);
+    }
+  }
+  store_tile(acc, c, ldc, m, n, alpha, beta, update, bias);
+}
+#endif
+
 /// The serial algorithm on the rectangle [m0, m1) × [n0, n1) of C; `bias` (indexed by column
 /// of C, or null) is added with the first inner slice.
 template <class S>
@@ -461,6 +624,11 @@ void gemm_block(bool trans_a, bool trans_b, std::int64_t m0, std::int64_t m1, st
   ThreadBuffers& buffers = thread_buffers();
   float* bp = buffers.b.reserve(nc_block / kNR * b_panel_stride(kc_block));
   float* ap = buffers.a.reserve((mc_block + kMR - 1) / kMR * a_panel_stride(kc_block));
+#ifdef MOCA_CPU_SGEMM_BF16_PAIRS
+  constexpr bool pairs = std::is_same_v<S, bf16>;  // packed as pairs, half as long
+#else
+  constexpr bool pairs = false;
+#endif
   const Update first = beta == 0.0f ? Update::Overwrite
                        : beta == 1.0f ? Update::Accumulate
                                       : Update::Scale;
@@ -468,17 +636,43 @@ void gemm_block(bool trans_a, bool trans_b, std::int64_t m0, std::int64_t m1, st
     const std::int64_t nc = std::min(nc_block, n1 - jc);
     for (std::int64_t pc = 0; pc < K; pc += kc_block) {
       const std::int64_t kc = std::min(kc_block, K - pc);
-      pack_b(B, ldb, trans_b, pc, kc, jc, nc, bp);
+      const std::int64_t kl = pairs ? (kc + 1) / 2 : kc;  // packed length of a panel
+#ifdef MOCA_CPU_SGEMM_BF16_PAIRS
+      if constexpr (pairs) {
+        pack_b_pairs(B, ldb, trans_b, pc, kc, jc, nc, reinterpret_cast<std::uint32_t*>(bp));
+      } else
+#endif
+      {
+        pack_b(B, ldb, trans_b, pc, kc, jc, nc, bp);
+      }
       const Update update = pc == 0 ? first : Update::Accumulate;
       for (std::int64_t ic = m0; ic < m1; ic += mc_block) {
         const std::int64_t mc = std::min(mc_block, m1 - ic);
-        pack_a(A, lda, trans_a, ic, mc, pc, kc, ap);
+#ifdef MOCA_CPU_SGEMM_BF16_PAIRS
+        if constexpr (pairs) {
+          pack_a_pairs(A, lda, trans_a, ic, mc, pc, kc, reinterpret_cast<std::uint32_t*>(ap));
+        } else
+#endif
+        {
+          pack_a(A, lda, trans_a, ic, mc, pc, kc, ap);
+        }
         for (std::int64_t jr = 0; jr < nc; jr += kNR) {
           const std::int64_t n = std::min(kNR, nc - jr);
           for (std::int64_t ir = 0; ir < mc; ir += kMR) {
-            micro_kernel(kc, ap + ir / kMR * a_panel_stride(kc), bp + jr / kNR * b_panel_stride(kc),
-                         C + (ic + ir) * ldc + jc + jr, ldc, std::min(kMR, mc - ir), n, alpha, beta,
-                         update, bias && pc == 0 ? bias + jc + jr : nullptr);
+            const float* a = ap + ir / kMR * a_panel_stride(kl);
+            const float* b = bp + jr / kNR * b_panel_stride(kl);
+            float* c = C + (ic + ir) * ldc + jc + jr;
+            const std::int64_t m = std::min(kMR, mc - ir);
+            const float* panel_bias = bias && pc == 0 ? bias + jc + jr : nullptr;
+#ifdef MOCA_CPU_SGEMM_BF16_PAIRS
+            if constexpr (pairs) {
+              micro_kernel_pairs(kl, reinterpret_cast<const std::uint32_t*>(a),
+                                 reinterpret_cast<const std::uint32_t*>(b), c, ldc, m, n, alpha,
+                                 beta, update, panel_bias);
+              continue;
+            }
+#endif
+            micro_kernel(kc, a, b, c, ldc, m, n, alpha, beta, update, panel_bias);
           }
         }
       }
