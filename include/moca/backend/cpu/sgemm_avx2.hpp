@@ -323,6 +323,16 @@ template <std::int64_t MR>
   }
 }
 
+/// Starts fetching the m rows of a 32-column tile of C, which a kernel reads (or writes) after
+/// its loop.
+inline void prefetch_tile(const float* c, std::int64_t ldc, std::int64_t m) {
+  for (std::int64_t r = 0; r < m; ++r) {
+    _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc + 16), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc + kNR - 1), _MM_HINT_T0);
+  }
+}
+
 /// C[0:m, 0:n] (row stride ldc) ← α · Ap·Bp combined per `update` (+ bias[0:n] when not null),
 /// where Ap is one packed 6-row panel and Bp one packed 32-column panel, both kc long: 12 zmm
 /// accumulators, 2 rows of B and a broadcast of A per multiply-add pair.
@@ -333,12 +343,7 @@ template <std::int64_t MR>
   __m512 acc[kMR][2];
 #pragma GCC unroll 6
   for (std::int64_t r = 0; r < kMR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-  // C's tile is read (or written) after the loop: start fetching its rows now.
-  for (std::int64_t r = 0; r < m; ++r) {
-    _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc + 16), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc + kNR - 1), _MM_HINT_T0);
-  }
+  prefetch_tile(c, ldc, m);
 #pragma GCC unroll 4
   for (std::int64_t k = 0; k < kc; ++k, a += kMR, b += kNR) {
     const __m512 b0 = _mm512_load_ps(b), b1 = _mm512_load_ps(b + 16);
@@ -599,11 +604,7 @@ inline void pack_b_pairs(const bf16* B, std::int64_t ldb, bool trans, std::int64
   __m512 acc[kMRPairs][2];
 #pragma GCC unroll 8
   for (std::int64_t r = 0; r < kMRPairs; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-  for (std::int64_t r = 0; r < m; ++r) {
-    _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc + 16), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc + kNR - 1), _MM_HINT_T0);
-  }
+  prefetch_tile(c, ldc, m);
 #pragma GCC unroll 4
   for (std::int64_t j = 0; j < kp; ++j, a += kMRPairs, b += kNR) {
     const __m512bh b0 = (__m512bh)_mm512_load_si512(b), b1 = (__m512bh)_mm512_load_si512(b + 16);
@@ -617,6 +618,28 @@ inline void pack_b_pairs(const bf16* B, std::int64_t ldb, bool trans, std::int64
   store_tile(acc, c, ldc, m, n, alpha, beta, update, bias);
 }
 #endif
+
+/// pack_a, or pack_a_pairs for bf16 where the pair kernel runs.
+template <class S>
+void pack_a_for_kernel(const S* A, std::int64_t lda, bool trans, std::int64_t i0, std::int64_t mc,
+                       std::int64_t k0, std::int64_t kc, float* out) {
+#ifdef MOCA_CPU_SGEMM_BF16_PAIRS
+  if constexpr (std::is_same_v<S, bf16>)
+    return pack_a_pairs(A, lda, trans, i0, mc, k0, kc, reinterpret_cast<std::uint32_t*>(out));
+#endif
+  pack_a(A, lda, trans, i0, mc, k0, kc, out);
+}
+
+/// pack_b, or pack_b_pairs for bf16 where the pair kernel runs.
+template <class S>
+void pack_b_for_kernel(const S* B, std::int64_t ldb, bool trans, std::int64_t k0, std::int64_t kc,
+                       std::int64_t j0, std::int64_t nc, float* out) {
+#ifdef MOCA_CPU_SGEMM_BF16_PAIRS
+  if constexpr (std::is_same_v<S, bf16>)
+    return pack_b_pairs(B, ldb, trans, k0, kc, j0, nc, reinterpret_cast<std::uint32_t*>(out));
+#endif
+  pack_b(B, ldb, trans, k0, kc, j0, nc, out);
+}
 
 /// The serial algorithm on the rectangle [m0, m1) × [n0, n1) of C; `bias` (indexed by column
 /// of C, or null) is added with the first inner slice.
@@ -647,25 +670,11 @@ void gemm_block(bool trans_a, bool trans_b, std::int64_t m0, std::int64_t m1, st
     for (std::int64_t pc = 0; pc < K; pc += kc_block) {
       const std::int64_t kc = std::min(kc_block, K - pc);
       const std::int64_t kl = pairs ? (kc + 1) / 2 : kc;  // packed length of a panel
-#ifdef MOCA_CPU_SGEMM_BF16_PAIRS
-      if constexpr (pairs) {
-        pack_b_pairs(B, ldb, trans_b, pc, kc, jc, nc, reinterpret_cast<std::uint32_t*>(bp));
-      } else
-#endif
-      {
-        pack_b(B, ldb, trans_b, pc, kc, jc, nc, bp);
-      }
+      pack_b_for_kernel(B, ldb, trans_b, pc, kc, jc, nc, bp);
       const Update update = pc == 0 ? first : Update::Accumulate;
       for (std::int64_t ic = m0; ic < m1; ic += mc_block) {
         const std::int64_t mc = std::min(mc_block, m1 - ic);
-#ifdef MOCA_CPU_SGEMM_BF16_PAIRS
-        if constexpr (pairs) {
-          pack_a_pairs(A, lda, trans_a, ic, mc, pc, kc, reinterpret_cast<std::uint32_t*>(ap));
-        } else
-#endif
-        {
-          pack_a(A, lda, trans_a, ic, mc, pc, kc, ap);
-        }
+        pack_a_for_kernel(A, lda, trans_a, ic, mc, pc, kc, ap);
         for (std::int64_t jr = 0; jr < nc; jr += kNR) {
           const std::int64_t n = std::min(kNR, nc - jr);
           for (std::int64_t ir = 0; ir < mc; ir += mr) {
