@@ -18,6 +18,7 @@ struct GemmCall {
   const bf16* B16;
   const float* bias;
   float* C;
+  bf16* out = nullptr;  // when not null (bf16 operands only), the result rounded into here
 };
 
 /// The call through the ymm (AVX2) kernel, from a file compiled without AVX-512; returns false
@@ -55,7 +56,7 @@ inline bool run_packed_gemm(const GemmCall& c) {
   const std::int64_t lda = c.trans_a ? c.M : c.K, ldb = c.trans_b ? c.K : c.N;
   if (c.A16 != nullptr) {
     cpu::sgemm_avx2::gemm(c.trans_a, c.trans_b, c.M, c.N, c.K, c.alpha, c.A16, lda, c.B16, ldb,
-                          c.beta, c.C, c.N, c.bias);
+                          c.beta, c.C, c.N, c.bias, c.out, c.N);
   } else {
     cpu::sgemm_avx2::gemm(c.trans_a, c.trans_b, c.M, c.N, c.K, c.alpha, c.A, lda, c.B, ldb, c.beta,
                           c.C, c.N, c.bias);

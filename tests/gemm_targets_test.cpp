@@ -26,32 +26,34 @@ TEST_CASE("packed GEMM: the ymm and native kernels give the same bits, side by s
   const Dims dims[] = {{7, 9, 5},      {61, 70, 300},   {400, 37, 700},
                        {13, 4200, 20}, {200, 96, 1100}, {9, 40, 513}};
   std::uint64_t stream = 3;
-  int compared = 0;
+  int compared = 0, rounded = 0;
   for (const Dims& d : dims)
     for (int ta = 0; ta < 2; ++ta)
       for (int tb = 0; tb < 2; ++tb)
-        for (int mode = 0; mode < 4; ++mode) {
+        for (int mode = 0; mode < 5; ++mode) {
           const Tensor<float> A = uniform<float>({d.M * d.K}, stream++);
           const Tensor<float> B = uniform<float>({d.K * d.N}, stream++);
           const Tensor<float> C0 = uniform<float>({d.M * d.N}, stream++);
           const Tensor<float> bias = uniform<float>({d.N}, stream++);
           std::vector<bf16> A16(A.data(), A.data() + A.numel());
           std::vector<bf16> B16(B.data(), B.data() + B.numel());
-          const bool half = mode == 3;
+          // Modes: float with a bias; float accumulating; α and β; bf16 operands with β; bf16
+          // operands with a bias.
+          const bool half = mode >= 3;
           GemmCall call{ta == 1,
                         tb == 1,
                         d.M,
                         d.N,
                         d.K,
                         mode == 2 ? 0.7f : 1.0f,
-                        mode == 0   ? 0.0f
-                        : mode == 1 ? 1.0f
-                                    : -0.3f,
+                        mode == 0 || mode == 4 ? 0.0f
+                        : mode == 1            ? 1.0f
+                                               : -0.3f,
                         A.data(),
                         B.data(),
                         half ? A16.data() : nullptr,
                         half ? B16.data() : nullptr,
-                        mode == 0 ? bias.data() : nullptr,
+                        mode == 0 || mode == 4 ? bias.data() : nullptr,
                         nullptr};
           std::vector<float> ymm(C0.data(), C0.data() + C0.numel()), native = ymm;
           call.C = ymm.data();
@@ -64,8 +66,28 @@ TEST_CASE("packed GEMM: the ymm and native kernels give the same bits, side by s
           CHECK_MESSAGE(std::memcmp(ymm.data(), native.data(), ymm.size() * sizeof(float)) == 0,
                         d.M, "x", d.N, "x", d.K, " trans ", ta, tb, " mode ", mode);
           ++compared;
+          if (!half) continue;
+          // The bf16 result rounded as the last inner slice is stored: the float result above,
+          // rounded, from either build (C then only holds partial sums, and is not compared).
+          std::vector<bf16> expected(ymm.size());
+          for (std::size_t i = 0; i < ymm.size(); ++i) expected[i] = bf16(ymm[i]);
+          // With β = 0 and one inner slice (K ≤ 256) no float C is needed at all.
+          const bool no_c = mode == 4 && d.K <= 256;
+          for (int build = 0; build < 2; ++build) {
+            std::vector<float> partial(C0.data(), C0.data() + C0.numel());
+            std::vector<bf16> out(expected.size(), bf16(1e30f));
+            call.C = no_c ? nullptr : partial.data();
+            call.out = out.data();
+            REQUIRE((build == 0 ? gemm_ymm(call) : gemm_native(call)));
+            call.out = nullptr;
+            CHECK_MESSAGE(std::memcmp(out.data(), expected.data(), out.size() * sizeof(bf16)) == 0,
+                          d.M, "x", d.N, "x", d.K, " trans ", ta, tb, " mode ", mode,
+                          " rounded by the ", build == 0 ? "ymm" : "native", " build");
+            ++rounded;
+          }
         }
-  CHECK(compared == 6 * 4 * 4);
+  CHECK(compared == 6 * 4 * 5);
+  CHECK(rounded == 6 * 4 * 2 * 2);
 #ifdef MOCA_CPU_SGEMM_BF16_PAIRS
   MESSAGE("compared the ymm kernel with the zmm kernel and its bf16 pair kernel");
 #elif defined(MOCA_CPU_SGEMM_AVX512)

@@ -25,6 +25,22 @@ inline void widen_bf16(std::int64_t n, const bf16* x, float* y) {
   for (; i < n; ++i) y[i] = x[i];
 }
 
+#ifdef __AVX512F__
+/// 16 floats rounded to bf16 as narrow_to_bf16 rounds them, each in the low half of its lane
+/// (vpmovdw then stores them as 16-bit values).
+/// (The shifts are the zero-masked forms with every lane selected: GCC 12 warns that the
+/// unmasked forms' undefined merge source may be used uninitialized.)
+inline __m512i bf16_bits16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb =
+      _mm512_and_si512(_mm512_maskz_srli_epi32(0xFFFF, u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_maskz_srli_epi32(
+      0xFFFF, _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
+  return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q),
+                               _mm512_set1_epi32(0x7fc0));
+}
+#endif
+
 /// y[i] = x[i] rounded to bf16.
 inline void narrow_to_bf16(std::int64_t n, const float* x, bf16* y) {
   std::int64_t i = 0;

@@ -63,20 +63,24 @@ template <class T>
 void gemm(bool trans_a, bool trans_b, std::int64_t M, std::int64_t N, std::int64_t K, T alpha,
           const T* A, std::int64_t lda, const T* B, std::int64_t ldb, T beta, T* C,
           std::int64_t ldc, const T* bias) {
-  float* c = beta == T(0) ? buffer(2, M * N) : widen(2, M, N, C, ldc);
   const float* f_bias = bias ? widen(3, 1, N, bias, N) : nullptr;
 #ifdef MOCA_CPU_SGEMM_AVX2
-  if (K > 0 && alpha != T(0)) {  // the packed kernel widens the operands as it packs them
+  if (K > 0 && alpha != T(0)) {  // the packed kernel widens the operands as it packs them,
+    // and rounds the result into C as it stores the last inner slice: a float C only holds β·C
+    // and the partial sums of earlier slices
+    float* c = beta != T(0)                     ? widen(2, M, N, C, ldc)
+               : sgemm_avx2::one_inner_slice(K) ? nullptr
+                                                : buffer(2, M * N);
     sgemm_avx2::gemm(trans_a, trans_b, M, N, K, float(alpha), A, lda, B, ldb, float(beta), c, N,
-                     f_bias);
-  } else
-#endif
-  {
-    const float* a = widen(0, trans_a ? K : M, trans_a ? M : K, A, lda);
-    const float* b = widen(1, trans_b ? N : K, trans_b ? K : N, B, ldb);
-    cpu::gemm<float>(trans_a, trans_b, M, N, K, alpha, a, trans_a ? M : K, b, trans_b ? K : N,
-                     beta, c, N, f_bias);
+                     f_bias, C, ldc);
+    return;
   }
+#endif
+  float* c = beta == T(0) ? buffer(2, M * N) : widen(2, M, N, C, ldc);
+  const float* a = widen(0, trans_a ? K : M, trans_a ? M : K, A, lda);
+  const float* b = widen(1, trans_b ? N : K, trans_b ? K : N, B, ldb);
+  cpu::gemm<float>(trans_a, trans_b, M, N, K, alpha, a, trans_a ? M : K, b, trans_b ? K : N, beta,
+                   c, N, f_bias);
   parallel_for(M, M * N, [&](std::int64_t r0, std::int64_t r1) {
     for (std::int64_t r = r0; r < r1; ++r) narrow_to_bf16(N, c + r * N, C + r * ldc);
   });

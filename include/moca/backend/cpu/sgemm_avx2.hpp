@@ -295,11 +295,12 @@ enum class Update { Overwrite, Accumulate, Scale };  // C = αP, C += αP, C = �
 #ifdef MOCA_CPU_SGEMM_AVX512
 /// C[0:m, 0:n] (row stride ldc) ← α·P combined per `update`, where P's row r is acc[r][0..1]
 /// (m ≤ MR), plus bias[0:n] on every row when `bias` is not null. Masked loads and stores keep a
-/// ragged tile inside [0, m) × [0, n) with the same arithmetic as a full one.
+/// ragged tile inside [0, m) × [0, n) with the same arithmetic as a full one. With `out`, the
+/// result goes there instead, rounded to bf16 (row stride ldo), and C is only read.
 template <std::int64_t MR>
 [[gnu::noinline]] void store_tile(const __m512 (&acc)[MR][2], float* c, std::int64_t ldc,
                                   std::int64_t m, std::int64_t n, float alpha, float beta,
-                                  Update update, const float* bias) {
+                                  Update update, const float* bias, bf16* out, std::int64_t ldo) {
   const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
   const auto prefix = [](std::int64_t k) -> __mmask16 {
     return k >= 16 ? __mmask16(0xFFFF) : k <= 0 ? __mmask16(0) : __mmask16((1u << k) - 1);
@@ -318,14 +319,28 @@ template <std::int64_t MR>
       lo = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(lo_mask, row), lo);
       hi = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(hi_mask, row + 16), hi);
     }
+    if (out != nullptr) {
+      bf16* o = out + r * ldo;
+      _mm512_mask_cvtepi32_storeu_epi16(o, lo_mask, bf16_bits16(lo));
+      _mm512_mask_cvtepi32_storeu_epi16(o + 16, hi_mask, bf16_bits16(hi));
+      continue;
+    }
     _mm512_mask_storeu_ps(row, lo_mask, lo);
     _mm512_mask_storeu_ps(row + 16, hi_mask, hi);
   }
 }
 
-/// Starts fetching the m rows of a 32-column tile of C, which a kernel reads (or writes) after
-/// its loop.
-inline void prefetch_tile(const float* c, std::int64_t ldc, std::int64_t m) {
+/// Starts fetching the m rows of the 32-column tile that a kernel reads or writes after its
+/// loop: C's, unless the tile is only written, rounded, into `out`; then out's.
+inline void prefetch_tile(const float* c, std::int64_t ldc, std::int64_t m, Update update,
+                          const bf16* out, std::int64_t ldo) {
+  if (out != nullptr) {
+    for (std::int64_t r = 0; r < m; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(out + r * ldo), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(out + r * ldo + kNR - 1), _MM_HINT_T0);
+    }
+    if (update == Update::Overwrite) return;
+  }
   for (std::int64_t r = 0; r < m; ++r) {
     _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc + 16), _MM_HINT_T0);
@@ -339,11 +354,12 @@ inline void prefetch_tile(const float* c, std::int64_t ldc, std::int64_t m) {
 [[gnu::noinline]] inline void micro_kernel(std::int64_t kc, const float* __restrict a,
                                            const float* __restrict b, float* c, std::int64_t ldc,
                                            std::int64_t m, std::int64_t n, float alpha, float beta,
-                                           Update update, const float* bias) {
+                                           Update update, const float* bias, bf16* out,
+                                           std::int64_t ldo) {
   __m512 acc[kMR][2];
 #pragma GCC unroll 6
   for (std::int64_t r = 0; r < kMR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-  prefetch_tile(c, ldc, m);
+  prefetch_tile(c, ldc, m, update, out, ldo);
 #pragma GCC unroll 4
   for (std::int64_t k = 0; k < kc; ++k, a += kMR, b += kNR) {
     const __m512 b0 = _mm512_load_ps(b), b1 = _mm512_load_ps(b + 16);
@@ -354,20 +370,23 @@ inline void prefetch_tile(const float* c, std::int64_t ldc, std::int64_t m) {
       acc[r][1] = _mm512_fmadd_ps(ak, b1, acc[r][1]);
     }
   }
-  store_tile(acc, c, ldc, m, n, alpha, beta, update, bias);
+  store_tile(acc, c, ldc, m, n, alpha, beta, update, bias, out, ldo);
 }
 #else
 /// C[0:m, 0:n] (row stride ldc) ← α·P combined per `update`, where P's row r is acc[r][0..1],
-/// plus bias[0:n] on every row when `bias` is not null.
+/// plus bias[0:n] on every row when `bias` is not null; with `out`, each row of the result is
+/// also rounded into out (row stride ldo) as it is stored (C may then be null if not read).
 [[gnu::noinline]] inline void store_tile(const __m256 (&acc)[kMR][2], float* c, std::int64_t ldc,
                                          std::int64_t m, std::int64_t n, float alpha, float beta,
-                                         Update update, const float* bias) {
+                                         Update update, const float* bias, bf16* out,
+                                         std::int64_t ldo) {
   const __m256 va = _mm256_set1_ps(alpha), vb = _mm256_set1_ps(beta);
+  alignas(32) float scratch[kNR];  // the row on its way to `out` when C is null
   if (m == kMR && n == kNR) {
     const __m256 bias_lo = bias ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();
     const __m256 bias_hi = bias ? _mm256_loadu_ps(bias + 8) : _mm256_setzero_ps();
     for (std::int64_t r = 0; r < kMR; ++r) {
-      float* row = c + r * ldc;
+      float* row = c != nullptr ? c + r * ldc : scratch;
       __m256 lo = _mm256_fmadd_ps(acc[r][0], va, bias_lo);
       __m256 hi = _mm256_fmadd_ps(acc[r][1], va, bias_hi);
       if (update == Update::Accumulate) {
@@ -379,6 +398,7 @@ inline void prefetch_tile(const float* c, std::int64_t ldc, std::int64_t m) {
       }
       _mm256_storeu_ps(row, lo);
       _mm256_storeu_ps(row + 8, hi);
+      if (out != nullptr) narrow_to_bf16(kNR, row, out + r * ldo);
     }
     return;
   }
@@ -390,7 +410,7 @@ inline void prefetch_tile(const float* c, std::int64_t ldc, std::int64_t m) {
   const __m256 bias_lo = bias ? _mm256_maskload_ps(bias, lo_mask) : _mm256_setzero_ps();
   const __m256 bias_hi = bias ? _mm256_maskload_ps(bias + 8, hi_mask) : _mm256_setzero_ps();
   for (std::int64_t r = 0; r < m; ++r) {
-    float* row = c + r * ldc;
+    float* row = c != nullptr ? c + r * ldc : scratch;
     __m256 lo = _mm256_fmadd_ps(acc[r][0], va, bias_lo);
     __m256 hi = _mm256_fmadd_ps(acc[r][1], va, bias_hi);
     if (update == Update::Accumulate) {
@@ -402,6 +422,7 @@ inline void prefetch_tile(const float* c, std::int64_t ldc, std::int64_t m) {
     }
     _mm256_maskstore_ps(row, lo_mask, lo);
     _mm256_maskstore_ps(row + 8, hi_mask, hi);
+    if (out != nullptr) narrow_to_bf16(n, row, out + r * ldo);
   }
 }
 
@@ -410,8 +431,9 @@ inline void prefetch_tile(const float* c, std::int64_t ldc, std::int64_t m) {
 /// gets all 16 ymm registers: 12 accumulators, 2 rows of B, 1 broadcast of A.
 [[gnu::noinline]] inline void micro_kernel(std::int64_t kc, const float* __restrict a,
                                            const float* __restrict b, float* c, std::int64_t ldc,
-                                           std::int64_t m, std::int64_t n, float alpha,
-                                           float beta, Update update, const float* bias) {
+                                           std::int64_t m, std::int64_t n, float alpha, float beta,
+                                           Update update, const float* bias, bf16* out,
+                                           std::int64_t ldo) {
   __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps();
   __m256 c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
   __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps();
@@ -447,7 +469,7 @@ inline void prefetch_tile(const float* c, std::int64_t ldc, std::int64_t m) {
   }
   const __m256 acc[kMR][2] = {{c00, c01}, {c10, c11}, {c20, c21},
                               {c30, c31}, {c40, c41}, {c50, c51}};
-  store_tile(acc, c, ldc, m, n, alpha, beta, update, bias);
+  store_tile(acc, c, ldc, m, n, alpha, beta, update, bias, out, ldo);
 }
 #endif
 
@@ -459,6 +481,10 @@ inline std::int64_t balanced_block(std::int64_t n, std::int64_t target, std::int
   const std::int64_t size = (n + blocks - 1) / blocks;
   return (size + unit - 1) / unit * unit;
 }
+
+/// Whether an inner dimension of K is packed as one slice (so a product with a rounded `out`
+/// and β = 0 never touches its float C).
+inline bool one_inner_slice(std::int64_t K) { return balanced_block(K, kKC, 8) >= K; }
 
 #ifdef MOCA_CPU_SGEMM_BF16_PAIRS
 // bf16 operands on the AVX-512 BF16 dot product. vdpbf16ps adds to each float lane the
@@ -489,10 +515,12 @@ inline __m256i pair_words8(const bf16* x, const bf16* y, __mmask8 n_mask) {
   return _mm256_or_si256(_mm256_slli_epi32(hi, 16), lo);
 }
 inline __m512i pair_words16(const bf16* x, const bf16* y, __mmask16 n_mask) {
-  const __m512i hi = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(n_mask, x));
-  const __m512i lo = y != nullptr ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(n_mask, y))
-                                  : _mm512_setzero_si512();
-  return _mm512_or_si512(_mm512_slli_epi32(hi, 16), lo);
+  // Zero-masked forms with every lane selected: see bf16_bits16.
+  const __m512i hi = _mm512_maskz_cvtepu16_epi32(0xFFFF, _mm256_maskz_loadu_epi16(n_mask, x));
+  const __m512i lo = y != nullptr
+                         ? _mm512_maskz_cvtepu16_epi32(0xFFFF, _mm256_maskz_loadu_epi16(n_mask, y))
+                         : _mm512_setzero_si512();
+  return _mm512_or_si512(_mm512_maskz_slli_epi32(0xFFFF, hi, 16), lo);
 }
 
 /// The first n lanes of a 16- or 8-lane mask.
@@ -547,7 +575,13 @@ inline void pack_a_pairs(const bf16* A, std::int64_t lda, bool trans, std::int64
     std::uint32_t* dst = out + p * stride;
     const bf16* line[8] = {};
     for (std::int64_t r = 0; r < rows; ++r) line[r] = A + (i0 + p * kR + r) * lda + k0;
+    // As pack_a: the next panel's rows are asked for, a line of each per 64 bytes read here.
+    const std::int64_t next_rows = std::min(kR, mc - (p + 1) * kR);
+    const bf16* next = A + (i0 + (p + 1) * kR) * lda + k0;
     for (std::int64_t k = 0; k < kc; k += 16) {
+      if (k % 32 == 0)
+        for (std::int64_t r = 0; r < next_rows; ++r)
+          _mm_prefetch(reinterpret_cast<const char*>(next + r * lda + k), _MM_HINT_T0);
       __m256 v[8];
       load_pairs_transposed(line, k, kc, v);
       const std::int64_t pairs = std::min<std::int64_t>(8, (kc - k + 1) / 2);
@@ -565,6 +599,15 @@ inline void pack_b_pairs(const bf16* B, std::int64_t ldb, bool trans, std::int64
     for (std::int64_t j = 0; j < kp; ++j) {
       const bf16* x = B + (k0 + 2 * j) * ldb + j0;
       const bf16* y = 2 * j + 1 < kc ? x + ldb : nullptr;
+      // A weight gradient's B is the activations, kc rows read once: asked for kPrefetchRows
+      // row pairs ahead, as the transposed packing of A does.
+      if (2 * j + 2 * kPrefetchRows + 1 < kc) {
+        const char* ahead = reinterpret_cast<const char*>(x + 2 * kPrefetchRows * ldb);
+        for (std::int64_t b = 0; b < nc * std::int64_t(sizeof(bf16)); b += 64) {
+          _mm_prefetch(ahead + b, _MM_HINT_T0);
+          _mm_prefetch(ahead + ldb * std::int64_t(sizeof(bf16)) + b, _MM_HINT_T0);
+        }
+      }
       for (std::int64_t c = 0; c < nc; c += 16) {
         std::uint32_t* d = out + c / kNR * stride + j * kNR + c % kNR;
         _mm512_store_si512(d, pair_words16(x + c, y ? y + c : nullptr, prefix16(nc - c)));
@@ -600,11 +643,11 @@ inline void pack_b_pairs(const bf16* B, std::int64_t ldb, bool trans, std::int64
                                                  const std::uint32_t* __restrict b, float* c,
                                                  std::int64_t ldc, std::int64_t m, std::int64_t n,
                                                  float alpha, float beta, Update update,
-                                                 const float* bias) {
+                                                 const float* bias, bf16* out, std::int64_t ldo) {
   __m512 acc[kMRPairs][2];
 #pragma GCC unroll 8
   for (std::int64_t r = 0; r < kMRPairs; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-  prefetch_tile(c, ldc, m);
+  prefetch_tile(c, ldc, m, update, out, ldo);
 #pragma GCC unroll 4
   for (std::int64_t j = 0; j < kp; ++j, a += kMRPairs, b += kNR) {
     const __m512bh b0 = (__m512bh)_mm512_load_si512(b), b1 = (__m512bh)_mm512_load_si512(b + 16);
@@ -615,7 +658,7 @@ inline void pack_b_pairs(const bf16* B, std::int64_t ldb, bool trans, std::int64
       acc[r][1] = _mm512_dpbf16_ps(acc[r][1], ak, b1);
     }
   }
-  store_tile(acc, c, ldc, m, n, alpha, beta, update, bias);
+  store_tile(acc, c, ldc, m, n, alpha, beta, update, bias, out, ldo);
 }
 #endif
 
@@ -647,8 +690,9 @@ template <class S>
 void gemm_block(bool trans_a, bool trans_b, std::int64_t m0, std::int64_t m1, std::int64_t n0,
                 std::int64_t n1, std::int64_t K, float alpha, const S* A, std::int64_t lda,
                 const S* B, std::int64_t ldb, float beta, float* C, std::int64_t ldc,
-                const float* bias) {
+                const float* bias, bf16* out, std::int64_t ldo) {
   if (m0 >= m1 || n0 >= n1) return;
+  if (C == nullptr) ldc = 0;  // only rounded into `out`: tiles get a null C
   const std::int64_t kc_block = balanced_block(K, kKC, 8);
   const std::int64_t nc_block = balanced_block(n1 - n0, kNC, kNR);
 #ifdef MOCA_CPU_SGEMM_BF16_PAIRS
@@ -672,6 +716,7 @@ void gemm_block(bool trans_a, bool trans_b, std::int64_t m0, std::int64_t m1, st
       const std::int64_t kl = pairs ? (kc + 1) / 2 : kc;  // packed length of a panel
       pack_b_for_kernel(B, ldb, trans_b, pc, kc, jc, nc, bp);
       const Update update = pc == 0 ? first : Update::Accumulate;
+      const bool last = pc + kc >= K;  // where a bf16 result is rounded into `out`
       for (std::int64_t ic = m0; ic < m1; ic += mc_block) {
         const std::int64_t mc = std::min(mc_block, m1 - ic);
         pack_a_for_kernel(A, lda, trans_a, ic, mc, pc, kc, ap);
@@ -680,18 +725,19 @@ void gemm_block(bool trans_a, bool trans_b, std::int64_t m0, std::int64_t m1, st
           for (std::int64_t ir = 0; ir < mc; ir += mr) {
             const float* a = ap + ir / mr * a_panel_stride(kl, mr);
             const float* b = bp + jr / kNR * b_panel_stride(kl);
-            float* c = C + (ic + ir) * ldc + jc + jr;
+            float* c = C != nullptr ? C + (ic + ir) * ldc + jc + jr : nullptr;
             const std::int64_t m = std::min(mr, mc - ir);
             const float* panel_bias = bias && pc == 0 ? bias + jc + jr : nullptr;
+            bf16* tile_out = out != nullptr && last ? out + (ic + ir) * ldo + jc + jr : nullptr;
 #ifdef MOCA_CPU_SGEMM_BF16_PAIRS
             if constexpr (pairs) {
               micro_kernel_pairs(kl, reinterpret_cast<const std::uint32_t*>(a),
                                  reinterpret_cast<const std::uint32_t*>(b), c, ldc, m, n, alpha,
-                                 beta, update, panel_bias);
+                                 beta, update, panel_bias, tile_out, ldo);
               continue;
             }
 #endif
-            micro_kernel(kc, a, b, c, ldc, m, n, alpha, beta, update, panel_bias);
+            micro_kernel(kc, a, b, c, ldc, m, n, alpha, beta, update, panel_bias, tile_out, ldo);
           }
         }
       }
@@ -728,10 +774,15 @@ inline constexpr std::int64_t kParallelMacs = 1 << 18;
 
 /// C[M,N] = α·op(A)·op(B) + β·C (+ bias[N] on every row when `bias` is not null), row-major, as
 /// cpu::gemm documents; K > 0 and α != 0. A and B are float, or both bf16 (widened as packed).
+/// With `out` (M × N, row stride ldo), the result is rounded to bf16 there as the last inner
+/// slice is stored, and C (still read for β) only holds the earlier slices' partial sums: no
+/// float result is written where K is one slice (C may then be null if β = 0), and no second
+/// pass rounds it.
 template <class S>
-void gemm(bool trans_a, bool trans_b, std::int64_t M, std::int64_t N, std::int64_t K,
-          float alpha, const S* A, std::int64_t lda, const S* B, std::int64_t ldb, float beta,
-          float* C, std::int64_t ldc, const float* bias = nullptr) {
+void gemm(bool trans_a, bool trans_b, std::int64_t M, std::int64_t N, std::int64_t K, float alpha,
+          const S* A, std::int64_t lda, const S* B, std::int64_t ldb, float beta, float* C,
+          std::int64_t ldc, const float* bias = nullptr, bf16* out = nullptr,
+          std::int64_t ldo = 0) {
   static_assert(std::is_same_v<S, float> || std::is_same_v<S, bf16>);
   int threads = 1;
   if (!in_parallel() && M * N * K >= kParallelMacs) threads = max_threads();
@@ -742,7 +793,8 @@ void gemm(bool trans_a, bool trans_b, std::int64_t M, std::int64_t N, std::int64
     split = choose_split(M, N, threads);
   }
   if (threads == 1) {
-    gemm_block(trans_a, trans_b, 0, M, 0, N, K, alpha, A, lda, B, ldb, beta, C, ldc, bias);
+    gemm_block(trans_a, trans_b, 0, M, 0, N, K, alpha, A, lda, B, ldb, beta, C, ldc, bias, out,
+               ldo);
     return;
   }
   const std::int64_t row_tiles = (M + kMR - 1) / kMR, col_tiles = (N + kNR - 1) / kNR;
@@ -756,7 +808,8 @@ void gemm(bool trans_a, bool trans_b, std::int64_t M, std::int64_t N, std::int64
     const std::int64_t m1 = std::min(M, row_tiles * (rp + 1) / split.row_parts * kMR);
     const std::int64_t n0 = std::min(N, col_tiles * cp / split.col_parts * kNR);
     const std::int64_t n1 = std::min(N, col_tiles * (cp + 1) / split.col_parts * kNR);
-    gemm_block(trans_a, trans_b, m0, m1, n0, n1, K, alpha, A, lda, B, ldb, beta, C, ldc, bias);
+    gemm_block(trans_a, trans_b, m0, m1, n0, n1, K, alpha, A, lda, B, ldb, beta, C, ldc, bias, out,
+               ldo);
   }
 }
 
