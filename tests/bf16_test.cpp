@@ -500,10 +500,10 @@ TEST_CASE("the atomic bf16 addition's word update adds to one half and keeps the
   const std::uint32_t low = add_to_bf16_half(word, 0, add);
   const std::uint32_t high = add_to_bf16_half(word, 16, add);
   bf16 after[2];
-  std::memcpy(after, &low, sizeof low);
+  std::memcpy(static_cast<void*>(after), &low, sizeof low);
   CHECK(after[0].bits() == bf16(1.5f + 0.0078125f).bits());
   CHECK(after[1].bits() == pair[1].bits());
-  std::memcpy(after, &high, sizeof high);
+  std::memcpy(static_cast<void*>(after), &high, sizeof high);
   CHECK(after[0].bits() == pair[0].bits());
   CHECK(after[1].bits() == bf16(-3.25f + 0.0078125f).bits());
   // Rounded once, as +=: a sum between two bf16 values lands on the nearer (ties to even).
@@ -512,7 +512,7 @@ TEST_CASE("the atomic bf16 addition's word update adds to one half and keeps the
   CHECK(after[1].bits() == expected.bits());
   // NaN stays the canonical NaN in its half.
   const std::uint32_t nan_word = add_to_bf16_half(word, 16, std::numeric_limits<bf16>::quiet_NaN());
-  std::memcpy(after, &nan_word, sizeof nan_word);
+  std::memcpy(static_cast<void*>(after), &nan_word, sizeof nan_word);
   CHECK(after[1].bits() == 0x7fc0);
   CHECK(after[0].bits() == pair[0].bits());
 }

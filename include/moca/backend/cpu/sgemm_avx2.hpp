@@ -330,19 +330,22 @@ template <std::int64_t MR>
   }
 }
 
-/// Starts fetching the m rows of C's 32-column tile, which a kernel reads (or writes) after its
-/// loop, unless the tile is only written, rounded, into `out`. (Fetching out's rows as well
-/// made no difference.)
-inline void prefetch_tile(const float* c, std::int64_t ldc, std::int64_t m, Update update,
-                          const bf16* out, std::int64_t ldo) {
-  // (A row count of zero, not an early return: with `return` GCC 12 dropped the prefetches
-  // from the kernels altogether.)
-  const std::int64_t rows = out != nullptr && update == Update::Overwrite ? 0 : m;
-  for (std::int64_t r = 0; r < rows; ++r) {
+/// Starts fetching the m rows of a 32-column tile of C, which a kernel reads (or writes) after
+/// its loop.
+inline void prefetch_tile(const float* c, std::int64_t ldc, std::int64_t m) {
+  for (std::int64_t r = 0; r < m; ++r) {
     _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc + 16), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc + kNR - 1), _MM_HINT_T0);
   }
+}
+
+/// How many rows of C's tile a kernel fetches: none where the tile is only written, rounded,
+/// into `out` (fetching out's rows instead made no difference). (A row count, not an early
+/// return in prefetch_tile: with that `return`, GCC 12 dropped the kernels' prefetches of C
+/// altogether.)
+inline std::int64_t rows_read(std::int64_t m, Update update, const bf16* out) {
+  return out != nullptr && update == Update::Overwrite ? 0 : m;
 }
 
 /// C[0:m, 0:n] (row stride ldc) ← α · Ap·Bp combined per `update` (+ bias[0:n] when not null),
@@ -356,7 +359,7 @@ inline void prefetch_tile(const float* c, std::int64_t ldc, std::int64_t m, Upda
   __m512 acc[kMR][2];
 #pragma GCC unroll 6
   for (std::int64_t r = 0; r < kMR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-  prefetch_tile(c, ldc, m, update, out, ldo);
+  prefetch_tile(c, ldc, rows_read(m, update, out));
 #pragma GCC unroll 4
   for (std::int64_t k = 0; k < kc; ++k, a += kMR, b += kNR) {
     const __m512 b0 = _mm512_load_ps(b), b1 = _mm512_load_ps(b + 16);
@@ -378,7 +381,7 @@ inline void prefetch_tile(const float* c, std::int64_t ldc, std::int64_t m, Upda
                                          Update update, const float* bias, bf16* out,
                                          std::int64_t ldo) {
   const __m256 va = _mm256_set1_ps(alpha), vb = _mm256_set1_ps(beta);
-  alignas(32) float scratch[kNR];  // the row on its way to `out` when C is null
+  alignas(32) float scratch[kNR] = {};  // the row on its way to `out` when C is null
   if (m == kMR && n == kNR) {
     const __m256 bias_lo = bias ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();
     const __m256 bias_hi = bias ? _mm256_loadu_ps(bias + 8) : _mm256_setzero_ps();
@@ -644,7 +647,7 @@ inline void pack_b_pairs(const bf16* B, std::int64_t ldb, bool trans, std::int64
   __m512 acc[kMRPairs][2];
 #pragma GCC unroll 8
   for (std::int64_t r = 0; r < kMRPairs; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-  prefetch_tile(c, ldc, m, update, out, ldo);
+  prefetch_tile(c, ldc, rows_read(m, update, out));
 #pragma GCC unroll 4
   for (std::int64_t j = 0; j < kp; ++j, a += kMRPairs, b += kNR) {
     const __m512bh b0 = (__m512bh)_mm512_load_si512(b), b1 = (__m512bh)_mm512_load_si512(b + 16);

@@ -120,15 +120,19 @@ inline __m256 normal_cdf(__m256 x, __m256* pdf = nullptr) {
 // The same functions on 16 lanes, operation for operation, so that every lane rounds exactly as
 // in the 8-lane forms above: a value's result does not depend on which form computed it.
 
-/// e^x lane by lane (see exp(__m256)).
+/// e^x lane by lane (see exp(__m256)). Where an unmasked intrinsic is defined through an
+/// undefined merge source, its zero-masked form with every lane selected is used instead (the
+/// same instruction): GCC 12 warns that the undefined source may be used uninitialized.
 inline __m512 exp(__m512 x) {
+  constexpr __mmask16 all = 0xFFFF;
   const __m512 hi = _mm512_set1_ps(88.3762626647949f);
   const __m512 min_normal_log = _mm512_set1_ps(-87.3365447504f);
   const __mmask16 underflow = _mm512_cmp_ps_mask(x, min_normal_log, _CMP_LT_OQ);
-  x = _mm512_min_ps(hi, x);
-  x = _mm512_max_ps(min_normal_log, x);
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm512_maskz_min_ps(all, hi, x);
+  x = _mm512_maskz_max_ps(all, min_normal_log, x);
+  const __m512 n =
+      _mm512_maskz_roundscale_ps(all, _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
   r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
   __m512 p = _mm512_set1_ps(1.9875691500e-4f);
@@ -138,8 +142,8 @@ inline __m512 exp(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
   p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  const __m512i bits =
-      _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  const __m512i bits = _mm512_maskz_slli_epi32(
+      all, _mm512_add_epi32(_mm512_maskz_cvtps_epi32(all, n), _mm512_set1_epi32(127)), 23);
   const __m512 result = _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
   return _mm512_maskz_mov_ps(static_cast<__mmask16>(~underflow), result);
 }
