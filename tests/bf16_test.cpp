@@ -243,6 +243,49 @@ TEST_CASE("bf16 gemm is the float product of the same values, rounded once") {
   }
 }
 
+TEST_CASE("bf16 GELU is the float GELU rounded, for every bf16 input") {
+  // All 65,536 bit patterns (zeros, subnormals, infinities and NaNs among them) as x, and as dy
+  // in reverse order: the bf16 ops look results up by x's bits, and each must be the float op's
+  // result on the same values rounded once.
+  const std::int64_t n = 65536;
+  Tensor<float> xf({n}), dyf({n}), y({n}), dx({n});
+  Tensor<bf16> xh({n}), dyh({n}), yh({n}), dxh({n});
+  for (std::int64_t i = 0; i < n; ++i) {
+    xh.data()[i] = bf16::from_bits(static_cast<std::uint16_t>(i));
+    dyh.data()[i] = bf16::from_bits(static_cast<std::uint16_t>(n - 1 - i));
+    xf.data()[i] = xh.data()[i];
+    dyf.data()[i] = dyh.data()[i];
+  }
+  ops::gelu(xf, y);
+  ops::gelu(xh, yh);
+  ops::gelu_backward(xf, dyf, dx);
+  ops::gelu_backward(xh, dyh, dxh);
+  std::int64_t forward_differ = 0, backward_differ = 0, finite = 0;
+  for (std::int64_t i = 0; i < n; ++i) {
+    forward_differ += bf16(y.data()[i]).bits() != yh.data()[i].bits();
+    backward_differ += bf16(dx.data()[i]).bits() != dxh.data()[i].bits();
+    finite += std::isfinite(y.data()[i]) && std::isfinite(dx.data()[i]);
+  }
+  CHECK(forward_differ == 0);
+  CHECK(backward_differ == 0);
+  CHECK(finite > n / 2);  // mostly ordinary values: the comparison is not NaN against NaN
+  // Known values through the bf16 path: gelu(0) = 0, gelu(1) = Φ(1) = 0.84134 (0.83984375 in
+  // bf16), gelu'(0) = 1/2, gelu'(1) = Φ(1) + φ(1) = 1.08332.
+  CHECK(float(yh.data()[0]) == 0.0f);
+  CHECK(float(yh.data()[bf16(1.0f).bits()]) == 0.83984375f);
+  Tensor<bf16> x2({2}), dy2({2}), dx2({2});
+  x2.data()[0] = bf16(0.0f);
+  x2.data()[1] = bf16(1.0f);
+  dy2.data()[0] = bf16(3.0f);
+  dy2.data()[1] = bf16(2.0f);
+  ops::gelu_backward(x2, dy2, dx2);
+  CHECK(float(dx2.data()[0]) == 1.5f);
+  CHECK(float(dx2.data()[1]) == 2.171875f);  // 2.16663 rounded to bf16's 2^-6 steps
+  // In place (dx aliasing dy) gives the same bits.
+  ops::gelu_backward(xh, dyh, dyh);
+  CHECK(std::memcmp(dyh.data(), dxh.data(), n * sizeof(bf16)) == 0);
+}
+
 TEST_CASE("bf16 rows, GELU and sums compute in float: within one rounding of the float op") {
   // Inputs exactly representable in bf16, so the float op on them is the reference; the bf16 op
   // stores its result in bf16: one rounding, 2^-8 relative, plus the float ops' own
@@ -439,12 +482,18 @@ TEST_CASE("bf16 elementwise ops compute in float and round once") {
 }
 
 TEST_CASE("bf16 attention computes in float: within a rounding of the float attention") {
-  // Heads the small-head path takes (hd a multiple of 8: widened per head, scores and softmax in
-  // float) and one it does not (hd 12: the widened GEMMs and the bf16 softmax rows). The bf16
-  // op rounds the probabilities, ctx and dqkv as it stores them; the float op on the same
-  // (bf16-exact) inputs is the reference, normwise.
-  for (const auto& [S, hd, tol] : {std::tuple{17, 16, 2 * kHalfUlp}, std::tuple{40, 32, 2 * kHalfUlp},
-                                   std::tuple{9, 12, 4 * kHalfUlp}}) {
+  // Heads the small-head path takes (hd a multiple of 8: on the AVX-512 BF16 dot product where
+  // there is one, the probabilities and dS rounded to bf16 for the products that read them;
+  // elsewhere widened per head) and one it does not (hd 12: the widened GEMMs and the bf16
+  // softmax rows). Odd and even token counts, one to four 16-column vectors per block, and
+  // ViT-S/16's 197 tokens (four column blocks of scores). The bf16 op rounds the probabilities,
+  // ctx and dqkv as it stores them; the float op on the same (bf16-exact) inputs is the
+  // reference, normwise (the pair path's ctx, from rounded probabilities, is 1.4 half-ulps off
+  // at worst over these shapes; the widened path's 0.7).
+  for (const auto& [S, hd, tol] :
+       {std::tuple{17, 16, 2 * kHalfUlp}, std::tuple{40, 32, 2 * kHalfUlp},
+        std::tuple{65, 64, 2 * kHalfUlp}, std::tuple{197, 64, 2 * kHalfUlp},
+        std::tuple{9, 12, 4 * kHalfUlp}}) {
     CAPTURE(S);
     CAPTURE(hd);
     const std::int64_t B = 2, H = 3, dim = H * hd;
@@ -461,6 +510,91 @@ TEST_CASE("bf16 attention computes in float: within a rounding of the float atte
     check_close("attention dqkv", TensorView<bf16>(dqkvh), to_vec<float>(dqkv), 2 * tol);
   }
 }
+
+#ifdef MOCA_CPU_SGEMM_BF16_PAIRS
+TEST_CASE("bf16 pair products of a head: both operand layouts, every edge, both destinations") {
+  // C = α·A·B on the BF16 dot product, against double. A read in place from rows that hold the
+  // inner index, or from the pair words interleaved_rows writes from Aᵀ; B from X transposed
+  // (even K) or X's rows interleaved. Row counts run through every tile height's remainder, column
+  // counts through one to four 16-lane vectors and ragged tails, inner lengths odd and even. The
+  // destinations sit in buffers wider than N filled with a sentinel: nothing past N is written.
+  // Products of bf16 values are exact in float, so only the float sums differ from double.
+  namespace pairs = cpu::small_gemm_pairs;
+  const float alpha = 0.75f;
+  const float sentinel = 777.0f;
+  std::uint64_t stream = 300;
+  std::int64_t products = 0;
+  for (const std::int64_t M : {1, 7, 13, 29})
+    for (const std::int64_t N : {3, 16, 17, 40, 64, 65, 197})
+      for (const std::int64_t K : {8, 17, 64, 65})
+        for (const bool a_words : {false, true})
+          for (const pairs::Source source :
+               {pairs::Source::TransposedWords, pairs::Source::InterleavedRows}) {
+            if (source == pairs::Source::TransposedWords && K % 2 != 0) continue;
+            CAPTURE(M);
+            CAPTURE(N);
+            CAPTURE(K);
+            CAPTURE(a_words);
+            CAPTURE(static_cast<int>(source));
+            const std::int64_t Kw = (K + 1) / 2 * 2;  // A's rows padded to whole pairs
+            const Pair a = random_pair({M, K}, stream++), x = random_pair({K, N}, stream++);
+            // A in place: rows of Kw values, the pad zero.
+            std::vector<bf16> a_rows(M * Kw, bf16(0.0f));
+            for (std::int64_t i = 0; i < M; ++i)
+              for (std::int64_t k = 0; k < K; ++k) a_rows[i * Kw + k] = a.h.data()[i * K + k];
+            // Or Aᵀ [K, M] interleaved into ⌈K/2⌉ rows of Mv words.
+            const std::int64_t Mv = (M + 15) / 16 * 16;
+            std::vector<bf16> at(K * M), a_pairs(Kw * Mv, bf16(sentinel));
+            for (std::int64_t i = 0; i < M; ++i)
+              for (std::int64_t k = 0; k < K; ++k) at[k * M + i] = a.h.data()[i * K + k];
+            pairs::interleaved_rows(K, M, M, at.data(), M, a_pairs.data(), Mv);
+            // X as the source reads it: [N, K] for transposed words, [K, N] for interleaved rows,
+            // with a row stride wider than the row.
+            const bool transposed = source == pairs::Source::TransposedWords;
+            const std::int64_t ldx = (transposed ? K : N) + 6;
+            std::vector<bf16> xs((transposed ? N : K) * ldx, bf16(sentinel));
+            for (std::int64_t k = 0; k < K; ++k)
+              for (std::int64_t j = 0; j < N; ++j)
+                xs[transposed ? j * ldx + k : k * ldx + j] = x.h.data()[k * N + j];
+            cpu::sgemm_avx2::PackBuffer panel_buffer;  // 64-byte aligned, as gemm requires
+            bf16* panel = reinterpret_cast<bf16*>(panel_buffer.reserve(pairs::panel_values(K)));
+            const std::int64_t ldc = N + 5;
+            std::vector<float> c(M * ldc, sentinel);
+            std::vector<bf16> out(M * ldc, bf16(sentinel));
+            const bf16* a_ptr = a_words ? a_pairs.data() : a_rows.data();
+            const std::int64_t ars = a_words ? 2 : Kw, acs = a_words ? 2 * Mv : 2;
+            pairs::gemm(M, N, K, alpha, a_ptr, ars, acs, {source, xs.data(), ldx},
+                        {c.data(), nullptr, ldc}, panel);
+            pairs::gemm(M, N, K, alpha, a_ptr, ars, acs, {source, xs.data(), ldx},
+                        {nullptr, out.data(), ldc}, panel);
+            std::int64_t wrong = 0, rounded_wrong = 0, overwritten = 0;
+            for (std::int64_t i = 0; i < M; ++i) {
+              for (std::int64_t j = 0; j < N; ++j) {
+                double ref = 0, magnitude = 0;
+                for (std::int64_t k = 0; k < K; ++k) {
+                  const double t = double(a.f.data()[i * K + k]) * double(x.f.data()[k * N + j]);
+                  ref += t;
+                  magnitude += std::abs(t);
+                }
+                ref *= alpha;
+                magnitude *= alpha;
+                const double got = c[i * ldc + j];
+                wrong += std::abs(got - ref) > 1e-6 * magnitude + 1e-30;
+                // The rounded store: the float result rounded once, bit for bit.
+                rounded_wrong += out[i * ldc + j].bits() != bf16(c[i * ldc + j]).bits();
+              }
+              for (std::int64_t j = N; j < ldc; ++j)
+                overwritten +=
+                    c[i * ldc + j] != sentinel || out[i * ldc + j].bits() != bf16(sentinel).bits();
+            }
+            CHECK(wrong == 0);
+            CHECK(rounded_wrong == 0);
+            CHECK(overwritten == 0);
+            ++products;
+          }
+  CHECK(products == 4 * 7 * (2 * 2 + 2 * 1) * 2);
+}
+#endif
 
 TEST_CASE("bf16 BatchNorm sums in float and keeps float statistics of 256 samples") {
   // 256 samples around 3: their sum (~770) has a bf16 spacing of 4, so a sum kept in bf16 would

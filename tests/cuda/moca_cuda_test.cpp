@@ -216,10 +216,11 @@ TEST_CASE("cuda: with bf16 Linears the tiny preset starts at the fp32 loss and l
 TEST_CASE("cuda: three MOCA steps in bf16 storage follow the CPU's bf16 steps") {
   SKIP_WITHOUT_CUDA_DEVICE();
   // Both backends store every activation and activation gradient in bf16 (the parameter
-  // gradients float) and compute in float, but round
-  // at different points: the CPU keeps the [B, H, S, S] attention probabilities in bf16, the
-  // fused kernels keep float scores and round p and dS only for the products that read them,
-  // and sums run in other orders, so a value may land one bf16 step (2^-8) apart. The CPU's bf16
+  // gradients float) and compute in float, but round at different points: the fused kernels
+  // round p and dS for the attention products that read them (as the CPU does only where it
+  // targets AVX-512 BF16) and recompute float scores in backward, where the CPU keeps the
+  // [B, H, S, S] probabilities in bf16 and starts its backward from them; and sums run in other
+  // orders, so a value may land one bf16 step (2^-8) apart. The CPU's bf16
   // step is held to its float step by tests/bf16_test.cpp (losses within 2e-2, master weights
   // within 3e-3); here the device's is held to the CPU's:
   //   - losses within 4e-2 and master weights within 6e-3, twice those budgets;

@@ -6,19 +6,26 @@
 // Float heads of up to kSmallHeadTokens tokens with hd a multiple of 8 (every preset) run the
 // register-tiled products of small_gemm.hpp (A read in place, B copied per column block): K
 // and V are transposed once per head into a buffer padded to 8 tokens, and the scores go to a
-// padded buffer whose rows the softmax reads in place. bf16 heads of those shapes are widened
-// into float buffers per head and run the same code (scores and softmax in float; probabilities,
-// ctx and gradients rounded once as stored). Other shapes and double run the packed cpu::gemm.
+// padded buffer whose rows the softmax reads in place. bf16 heads of those shapes run on the
+// AVX-512 BF16 dot product where the compiler targets it (small_gemm_pairs.hpp: the operands'
+// bf16 pairs read in place or interleaved per column block; scores and softmax in float; the
+// probabilities and dS rounded to bf16 for the products that read them, as PyTorch's bf16
+// autocast rounds them); elsewhere they are widened into float buffers per head and run the
+// float code (probabilities, ctx and gradients rounded once as stored). Other shapes and double
+// run the packed cpu::gemm.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <limits>
 #include <type_traits>
 
 #include "moca/backend/cpu/gemm.hpp"
 #include "moca/backend/cpu/parallel.hpp"
 #include "moca/backend/cpu/rows.hpp"
 #include "moca/backend/cpu/small_gemm.hpp"
+#include "moca/backend/cpu/small_gemm_pairs.hpp"
 
 namespace moca::cpu {
 
@@ -54,11 +61,13 @@ inline void transpose_padded(std::int64_t S, std::int64_t hd, const float* x, st
     }
 }
 
-/// Asks for `rows` rows of `width` floats (row stride ld) in L2: the next head's operands
+/// Asks for `rows` rows of `width` values (row stride ld) in L2: the next head's operands
 /// arrive while this head computes.
-inline void prefetch_rows(std::int64_t rows, std::int64_t width, const float* x, std::int64_t ld) {
+template <class T>
+void prefetch_rows(std::int64_t rows, std::int64_t width, const T* x, std::int64_t ld) {
+  constexpr std::int64_t line = 64 / sizeof(T);
   for (std::int64_t r = 0; r < rows; ++r)
-    for (std::int64_t j = 0; j < width; j += 16)
+    for (std::int64_t j = 0; j < width; j += line)
       _mm_prefetch(reinterpret_cast<const char*>(x + r * ld + j), _MM_HINT_T1);
 }
 
@@ -180,6 +189,146 @@ inline void backward_bf16(std::int64_t S, std::int64_t hd, std::int64_t dim, flo
     narrow_rows(S, hd, gf + part * hd, 3 * hd, dq + part * dim, 3 * dim);
 }
 
+#ifdef MOCA_CPU_SGEMM_BF16_PAIRS
+/// Per-thread buffers of one bf16 head on pair products: float scores or dP [S, Sp], bf16
+/// probabilities or dS padded to an even row [S, Sw], a transposed operand's pair words
+/// [Sw/2, Sv], and the B panel.
+struct PairHead {
+  sgemm_avx2::PackBuffer scores, rounded, words, panel;
+};
+
+inline PairHead& pair_head() {
+  thread_local PairHead buffers;
+  return buffers;
+}
+
+/// bf16 values in a PackBuffer of floats.
+inline bf16* bf16_values(sgemm_avx2::PackBuffer& buffer, std::int64_t n) {
+  return reinterpret_cast<bf16*>(buffer.reserve((n + 1) / 2));
+}
+
+/// The sum and the max of 16 lanes, through simd::sum and simd::max of their two halves added or
+/// compared lane by lane: a fixed order. (The masked forms with every lane selected: GCC 12
+/// warns that the unmasked ones' undefined merge source may be used uninitialized.)
+inline float sum16(__m512 v) {
+  return simd::sum(_mm256_add_ps(_mm512_maskz_extractf32x8_ps(0xFF, v, 0),
+                                 _mm512_maskz_extractf32x8_ps(0xFF, v, 1)));
+}
+inline float max16(__m512 v) {
+  return simd::max(_mm256_max_ps(_mm512_maskz_extractf32x8_ps(0xFF, v, 0),
+                                 _mm512_maskz_extractf32x8_ps(0xFF, v, 1)));
+}
+
+/// Stores the lanes of `mask` of v rounded to bf16.
+inline void store_rounded(bf16* p, __mmask16 mask, __m512 v) {
+  _mm512_mask_cvtepi32_storeu_epi16(p, mask, bf16_bits16(v));
+}
+
+/// The softmax of a row of S float scores in 16 lanes (the lanes' partial sums added in a fixed
+/// order), rounded once to bf16 into `rounded`, whose pad value past S (a row padded to Sw) is
+/// zero, and into P's row. The scores row is overwritten.
+inline void softmax_row_rounded(std::int64_t S, std::int64_t Sw, float* row, bf16* rounded,
+                                bf16* P) {
+  const __m512 lowest = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 m = lowest;
+  for (std::int64_t j = 0; j < S; j += 16)
+    m = _mm512_maskz_max_ps(0xFFFF, m,
+                            _mm512_mask_loadu_ps(lowest, sgemm_avx2::prefix16(S - j), row + j));
+  const __m512 mx = _mm512_set1_ps(max16(m));
+  __m512 sum = _mm512_setzero_ps();
+  for (std::int64_t j = 0; j < S; j += 16) {
+    const __mmask16 mask = sgemm_avx2::prefix16(S - j);
+    const __m512 e = simd::exp(_mm512_sub_ps(_mm512_mask_loadu_ps(lowest, mask, row + j), mx));
+    sum = _mm512_add_ps(sum, e);  // e^-inf = 0 in the lanes past S
+    _mm512_mask_storeu_ps(row + j, mask, e);
+  }
+  const __m512 inv = _mm512_set1_ps(1.0f / sum16(sum));
+  for (std::int64_t j = 0; j < S; j += 16) {
+    const __mmask16 mask = sgemm_avx2::prefix16(S - j);
+    const __m512 p = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, row + j), inv);
+    store_rounded(rounded + j, mask, p);
+    store_rounded(P + j, mask, p);
+  }
+  if (Sw > S) rounded[S] = bf16(0.0f);
+}
+
+/// 16 bf16 values of the lanes in `mask` widened, zeros elsewhere.
+inline __m512 widen16(const bf16* p, __mmask16 mask) {
+  return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(
+      0xFFFF, _mm512_maskz_cvtepu16_epi32(0xFFFF, _mm256_maskz_loadu_epi16(mask, p)), 16));
+}
+
+/// dS = P ⊙ (dP − Σ_j P·dP) for one row, from P's bf16 row and dP's float row, rounded once to
+/// bf16 into ds (a zero past S when the row is padded to Sw).
+inline void softmax_grad_row_rounded(std::int64_t S, std::int64_t Sw, const bf16* P,
+                                     const float* dp, bf16* ds) {
+  __m512 dot = _mm512_setzero_ps();
+  for (std::int64_t j = 0; j < S; j += 16) {
+    const __mmask16 mask = sgemm_avx2::prefix16(S - j);
+    dot = _mm512_fmadd_ps(widen16(P + j, mask), _mm512_maskz_loadu_ps(mask, dp + j), dot);
+  }
+  const __m512 d = _mm512_set1_ps(sum16(dot));
+  for (std::int64_t j = 0; j < S; j += 16) {
+    const __mmask16 mask = sgemm_avx2::prefix16(S - j);
+    store_rounded(
+        ds + j, mask,
+        _mm512_mul_ps(widen16(P + j, mask), _mm512_sub_ps(_mm512_maskz_loadu_ps(mask, dp + j), d)));
+  }
+  if (Sw > S) ds[S] = bf16(0.0f);
+}
+
+/// A bf16 head on the AVX-512 BF16 dot product (small_gemm_pairs.hpp), rounding where PyTorch's
+/// bf16 autocast rounds: q·kᵀ from the bf16 operands with float sums; the softmax in float; the
+/// probabilities rounded to bf16 once, for P and for the product p·v alike; ctx rounded as the
+/// product stores it. No operand is widened to float.
+inline void forward_pairs(std::int64_t S, std::int64_t hd, std::int64_t dim, float scale,
+                          const bf16* q, bf16* P, bf16* ctx) {
+  namespace pairs = small_gemm_pairs;
+  const std::int64_t ld = 3 * dim, Sp = padded(S), Sw = (S + 1) / 2 * 2;
+  const bf16 *k = q + dim, *v = q + 2 * dim;
+  PairHead& s = pair_head();
+  float* scores = s.scores.reserve(S * Sp);
+  bf16* rounded = bf16_values(s.rounded, S * Sw);
+  bf16* panel = bf16_values(s.panel, pairs::panel_values(std::max(S, hd)));
+  pairs::gemm(S, S, hd, scale, q, ld, 2, {pairs::Source::TransposedWords, k, ld},
+              {scores, nullptr, Sp}, panel);
+  for (std::int64_t i = 0; i < S; ++i)
+    softmax_row_rounded(S, Sw, scores + i * Sp, rounded + i * Sw, P + i * S);
+  pairs::gemm(S, hd, S, 1.0f, rounded, Sw, 2, {pairs::Source::InterleavedRows, v, ld},
+              {nullptr, ctx, dim}, panel);
+}
+
+/// Its backward: dP and dV from the stored (rounded) probabilities, dS = P ⊙ (dP − Σ P·dP) in
+/// float and rounded to bf16 once for both products that read it; each gradient rounded as the
+/// product stores it.
+inline void backward_pairs(std::int64_t S, std::int64_t hd, std::int64_t dim, float scale,
+                           const bf16* q, const bf16* P, const bf16* dout, bf16* dq) {
+  namespace pairs = small_gemm_pairs;
+  const std::int64_t ld = 3 * dim, Sp = padded(S), Sw = (S + 1) / 2 * 2, Sv = (S + 15) / 16 * 16;
+  const bf16 *k = q + dim, *v = q + 2 * dim;
+  bf16 *dk = dq + dim, *dv = dq + 2 * dim;
+  PairHead& s = pair_head();
+  float* dp = s.scores.reserve(S * Sp);
+  bf16* ds = bf16_values(s.rounded, S * Sw);
+  bf16* words = bf16_values(s.words, Sw * Sv);  // Sw/2 rows of Sv words
+  bf16* panel = bf16_values(s.panel, pairs::panel_values(std::max(S, hd)));
+  // o = P v:  dP = do · vᵀ,  dv = Pᵀ · do
+  pairs::gemm(S, S, hd, 1.0f, dout, dim, 2, {pairs::Source::TransposedWords, v, ld},
+              {dp, nullptr, Sp}, panel);
+  pairs::interleaved_rows(S, S, S, P, S, words, Sv);
+  pairs::gemm(S, hd, S, 1.0f, words, 2, 2 * Sv, {pairs::Source::InterleavedRows, dout, dim},
+              {nullptr, dv, ld}, panel);
+  for (std::int64_t i = 0; i < S; ++i)
+    softmax_grad_row_rounded(S, Sw, P + i * S, dp + i * Sp, ds + i * Sw);
+  // S = q kᵀ · scale:  dq = dS · k · scale,  dk = dSᵀ · q · scale
+  pairs::gemm(S, hd, S, scale, ds, Sw, 2, {pairs::Source::InterleavedRows, k, ld},
+              {nullptr, dq, ld}, panel);
+  pairs::interleaved_rows(S, S, S, ds, Sw, words, Sv);
+  pairs::gemm(S, hd, S, scale, words, 2, 2 * Sv, {pairs::Source::InterleavedRows, q, ld},
+              {nullptr, dk, ld}, panel);
+}
+#endif
+
 }  // namespace zmm or ymm
 }  // namespace small_head
 #endif
@@ -194,7 +343,7 @@ void attention_forward(std::int64_t B, std::int64_t H, std::int64_t S, std::int6
       const T* q = qkv + b * S * ld + h * hd;
       T* P = probs + p * S * S;
 #ifdef MOCA_CPU_SGEMM_AVX2
-      if constexpr (std::is_same_v<T, float>) {
+      if constexpr (std::is_same_v<T, float> || std::is_same_v<T, bf16>) {
         if (small_head::applies(S, hd)) {
           if (p + 1 < p1) {
             const std::int64_t nb = (p + 1) / H, nh = (p + 1) % H;
@@ -202,12 +351,16 @@ void attention_forward(std::int64_t B, std::int64_t H, std::int64_t S, std::int6
               small_head::prefetch_rows(S, hd, qkv + nb * S * ld + part * dim + nh * hd, ld);
             small_head::prefetch_rows(S, hd, ctx + nb * S * dim + nh * hd, dim);
           }
-          small_head::forward(S, hd, dim, scale, q, P, ctx + b * S * dim + h * hd);
-          continue;
-        }
-      } else if constexpr (std::is_same_v<T, bf16>) {
-        if (small_head::applies(S, hd)) {
-          small_head::forward_bf16(S, hd, dim, scale, q, P, ctx + b * S * dim + h * hd);
+          T* c = ctx + b * S * dim + h * hd;
+          if constexpr (std::is_same_v<T, float>) {
+            small_head::forward(S, hd, dim, scale, q, P, c);
+          } else {
+#ifdef MOCA_CPU_SGEMM_BF16_PAIRS
+            small_head::forward_pairs(S, hd, dim, scale, q, P, c);
+#else
+            small_head::forward_bf16(S, hd, dim, scale, q, P, c);
+#endif
+          }
           continue;
         }
       }
@@ -237,7 +390,7 @@ void attention_backward(std::int64_t B, std::int64_t H, std::int64_t S, std::int
       T* dP = dprobs + p * S * S;
       const T* dout = dctx + b * S * dim + h * hd;
 #ifdef MOCA_CPU_SGEMM_AVX2
-      if constexpr (std::is_same_v<T, float>) {
+      if constexpr (std::is_same_v<T, float> || std::is_same_v<T, bf16>) {
         if (small_head::applies(S, hd)) {  // dprobs is not needed: dS stays in the scratch
           if (p + 1 < p1) {
             const std::int64_t nb = (p + 1) / H, nh = (p + 1) % H;
@@ -248,12 +401,15 @@ void attention_backward(std::int64_t B, std::int64_t H, std::int64_t S, std::int
             small_head::prefetch_rows(S, hd, dctx + nb * S * dim + nh * hd, dim);
             small_head::prefetch_rows(S, S, probs + (p + 1) * S * S, S);
           }
-          small_head::backward(S, hd, dim, scale, q, P, dout, dq);
-          continue;
-        }
-      } else if constexpr (std::is_same_v<T, bf16>) {
-        if (small_head::applies(S, hd)) {
-          small_head::backward_bf16(S, hd, dim, scale, q, P, dout, dq);
+          if constexpr (std::is_same_v<T, float>) {
+            small_head::backward(S, hd, dim, scale, q, P, dout, dq);
+          } else {
+#ifdef MOCA_CPU_SGEMM_BF16_PAIRS
+            small_head::backward_pairs(S, hd, dim, scale, q, P, dout, dq);
+#else
+            small_head::backward_bf16(S, hd, dim, scale, q, P, dout, dq);
+#endif
+          }
           continue;
         }
       }

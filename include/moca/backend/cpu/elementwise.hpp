@@ -5,7 +5,9 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <type_traits>
+#include <vector>
 
 #include "moca/backend/cpu/bf16_lanes.hpp"
 #include "moca/backend/cpu/parallel.hpp"
@@ -169,27 +171,73 @@ inline void gelu_lanes(std::int64_t b, std::int64_t e, const float* x, const flo
   }
 }
 
-/// The same on bf16 arrays: 256 elements at a time widened to float on the stack, through the
-/// float lanes, rounded once as they are stored (dx may alias dy: a chunk is read before it is
-/// written).
-inline void gelu_lanes(std::int64_t b, std::int64_t e, const bf16* x, const bf16* dy, bf16* out) {
+#endif
+
+/// GELU of a float array by this build's evaluation: the lanes where there are, else the
+/// scalar form.
+inline void gelu_float(std::int64_t n, const float* x, const float* dy, float* out) {
+#ifdef MOCA_CPU_SIMD_MATH
+  gelu_lanes(0, n, x, dy, out);
+#else
+  for (std::int64_t i = 0; i < n; ++i)
+    out[i] = dy == nullptr ? gelu_value(x[i]) : dy[i] * gelu_derivative(x[i]);
+#endif
+}
+
+/// bf16 GELU by lookup. A bf16 input is one of 65,536 bit patterns, so gelu(x) rounded to bf16
+/// and gelu'(x) in float are read from tables instead of evaluated: the erf is compute-bound
+/// (0.7 Gelem/s per core), a lookup is a load. The tables are filled by gelu_float, the
+/// evaluation the float path runs, so a lookup gives the bits that evaluating x widened to
+/// float and rounding the result gives, NaN and infinities included.
+struct GeluTables {
+  std::array<std::uint16_t, 65536> value;  // bf16 bits of gelu(x), indexed by x's bits
+  std::array<float, 65536> slope;          // gelu'(x)
+};
+
+inline const GeluTables& gelu_tables() {
+  static const std::unique_ptr<const GeluTables> tables = [] {
+    auto t = std::make_unique<GeluTables>();  // 384 KiB: on the heap
+    std::vector<float> x(65536), ones(65536, 1.0f), y(65536);
+    for (std::uint32_t bits = 0; bits < 65536; ++bits)
+      x[bits] = bf16::from_bits(static_cast<std::uint16_t>(bits));
+    gelu_float(65536, x.data(), nullptr, y.data());
+    for (std::uint32_t bits = 0; bits < 65536; ++bits) t->value[bits] = bf16(y[bits]).bits();
+    gelu_float(65536, x.data(), ones.data(), t->slope.data());  // 1·gelu'(x) is gelu'(x)
+    return t;
+  }();
+  return *tables;
+}
+
+/// y = gelu(x) on bf16 by table.
+inline void gelu_lookup(std::int64_t b, std::int64_t e, const GeluTables& t, const bf16* x,
+                        bf16* y) {
+  for (std::int64_t i = b; i < e; ++i) y[i] = bf16::from_bits(t.value[x[i].bits()]);
+}
+
+/// dx = dy · gelu'(x) on bf16 by table, the product in float and rounded once (dx may alias
+/// dy: a chunk is read before it is written).
+inline void gelu_slope_lookup(std::int64_t b, std::int64_t e, const GeluTables& t, const bf16* x,
+                              const bf16* dy, bf16* dx) {
   constexpr std::int64_t kChunk = 256;
-  alignas(32) float xf[kChunk], gf[kChunk], rf[kChunk];
+  alignas(64) float g[kChunk];
   for (std::int64_t c = b; c < e; c += kChunk) {
     const std::int64_t n = std::min(kChunk, e - c);
-    widen_bf16(n, x + c, xf);
-    if (dy != nullptr) widen_bf16(n, dy + c, gf);
-    gelu_lanes(0, n, xf, dy != nullptr ? gf : nullptr, rf);
-    narrow_to_bf16(n, rf, out + c);
+    widen_bf16(n, dy + c, g);
+    for (std::int64_t i = 0; i < n; ++i) g[i] *= t.slope[x[c + i].bits()];
+    narrow_to_bf16(n, g, dx + c);
   }
 }
-#endif
 
 template <class T>
 void gelu_forward(std::int64_t n, const T* x, T* y) {
+  if constexpr (std::is_same_v<T, bf16>) {
+    const GeluTables& t = gelu_tables();
+    parallel_for(n, n, [&](std::int64_t b, std::int64_t e) { gelu_lookup(b, e, t, x, y); });
+    return;
+  }
   parallel_for(n, 8 * n, [&](std::int64_t b, std::int64_t e) {
 #ifdef MOCA_CPU_SIMD_MATH
-    if constexpr (std::is_same_v<T, float> || std::is_same_v<T, bf16>) {
+    if constexpr (std::is_same_v<T, float>) {
       gelu_lanes(b, e, x, nullptr, y);
       return;
     }
@@ -201,9 +249,15 @@ void gelu_forward(std::int64_t n, const T* x, T* y) {
 /// dx = dy * gelu'(x)  (dx may alias dy).
 template <class T>
 void gelu_backward(std::int64_t n, const T* x, const T* dy, T* dx) {
+  if constexpr (std::is_same_v<T, bf16>) {
+    const GeluTables& t = gelu_tables();
+    parallel_for(n, 2 * n,
+                 [&](std::int64_t b, std::int64_t e) { gelu_slope_lookup(b, e, t, x, dy, dx); });
+    return;
+  }
   parallel_for(n, 8 * n, [&](std::int64_t b, std::int64_t e) {
 #ifdef MOCA_CPU_SIMD_MATH
-    if constexpr (std::is_same_v<T, float> || std::is_same_v<T, bf16>) {
+    if constexpr (std::is_same_v<T, float>) {
       gelu_lanes(b, e, x, dy, dx);
       return;
     }
