@@ -1,5 +1,5 @@
 // GEMM throughput at the shapes of one ViT training step (tiny preset: D = 192, 3 heads of 64,
-// MLP 768, batch 128 × 64 patches + cls = 8192 token rows, rounded), in float on the CPU.
+// MLP 768, batch 128 × 64 patches + cls = 8192 token rows, rounded), in float and bf16 on the CPU.
 //
 // A Linear y[M,N] = x[M,K] · w[N,K]ᵀ runs three GEMMs per step:
 //   fwd   y  = x · wᵀ      (N·T)
@@ -126,14 +126,15 @@ BENCHMARK_CAPTURE(BM_attention, pv, false)
 // The attention core op as layers run it, forward and backward, on a [B, S, 3·dim] qkv buffer,
 // at the tiny preset's MOCA step shapes: the teacher's 65 tokens (one view of 128 images), the
 // student's 29 and 17 (both views, 3 heads of 64), the decoder's 42 (4 heads of 32); and
-// ViT-S/16's 197 tokens (6 heads of 64).
+// ViT-S/16's 197 tokens (6 heads of 64). T = bf16 is Moca<bf16>'s attention: bf16 qkv, P, ctx
+// and gradients.
+template <class T>
 void BM_attention_core(benchmark::State& state) {
   const std::int64_t B = state.range(0), S = state.range(1), H = state.range(2),
                      hd = state.range(3), dim = H * hd;
-  Tensor<float> qkv = random_tensor({B, S, 3 * dim}, 7), dctx = random_tensor({B, S, dim}, 8);
-  Tensor<float> probs({B, H, S, S}), ctx({B, S, dim}), dprobs({B, H, S, S}),
-      dqkv({B, S, 3 * dim});
-  const float scale = 1.0f / std::sqrt(float(hd));
+  Tensor<T> qkv = random_tensor<T>({B, S, 3 * dim}, 7), dctx = random_tensor<T>({B, S, dim}, 8);
+  Tensor<T> probs({B, H, S, S}), ctx({B, S, dim}), dprobs({B, H, S, S}), dqkv({B, S, 3 * dim});
+  const T scale = T(1.0f / std::sqrt(float(hd)));
   for (auto _ : state) {
     moca::ops::attention_forward(qkv, H, scale, probs, ctx);
     moca::ops::attention_backward(qkv, probs, ctx, dctx, H, scale, dprobs, dqkv);
@@ -143,14 +144,39 @@ void BM_attention_core(benchmark::State& state) {
   set_counters(state, 6.0 * 2.0 * double(B * H) * double(S * S) * double(hd));
 }
 
-BENCHMARK(BM_attention_core)
-    ->ArgNames({"B", "S", "H", "hd"})
-    ->Args({128, 65, 3, 64})
-    ->Args({256, 29, 3, 64})
-    ->Args({256, 17, 3, 64})
-    ->Args({256, 42, 4, 32})
-    ->Args({16, 197, 6, 64})
-    ->UseRealTime()->Unit(benchmark::kMillisecond);
+#define MOCA_ATTENTION_SHAPES(T)                          \
+  BENCHMARK_TEMPLATE(BM_attention_core, T)                \
+      ->ArgNames({"B", "S", "H", "hd"})                   \
+      ->Args({128, 65, 3, 64})                            \
+      ->Args({256, 29, 3, 64})                            \
+      ->Args({256, 17, 3, 64})                            \
+      ->Args({256, 42, 4, 32})                            \
+      ->Args({16, 197, 6, 64})                            \
+      ->UseRealTime()                                     \
+      ->Unit(benchmark::kMillisecond)
+MOCA_ATTENTION_SHAPES(float);
+MOCA_ATTENTION_SHAPES(moca::bf16);
+
+// GELU forward and backward over the tiny preset's fc1 output (8192 token rows × 768); bf16
+// looks both up by table. Elements per second in "elements".
+template <class T>
+void BM_gelu(benchmark::State& state) {
+  const std::int64_t n = state.range(0);
+  Tensor<T> x = random_tensor<T>({n}, 9), dy = random_tensor<T>({n}, 10), y({n});
+  for (auto _ : state) {
+    moca::ops::gelu(x, y);
+    moca::ops::gelu_backward(x, dy, y);
+    benchmark::ClobberMemory();
+  }
+  state.counters["elements"] = benchmark::Counter(2.0 * double(n),
+                                                  benchmark::Counter::kIsIterationInvariantRate,
+                                                  benchmark::Counter::kIs1000);
+}
+BENCHMARK_TEMPLATE(BM_gelu, float)->Arg(8192 * 768)->UseRealTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_TEMPLATE(BM_gelu, moca::bf16)
+    ->Arg(8192 * 768)
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
 
 #if defined(__AVX2__) && defined(__FMA__)
 // The FMA peak of the cores: every thread runs 10 independent chains of fused multiply-adds as
