@@ -177,13 +177,11 @@ void column_block16(std::int64_t M, std::int64_t K, float alpha, const float* a,
 /// Floats of the `panel` scratch that gemm needs for an inner dimension K (64-byte aligned).
 inline std::int64_t panel_floats(std::int64_t K) { return K * 64; }
 
-/// C = α·A·B as the header describes; N must be a multiple of 8 and K > 0. `panel` is scratch
-/// of panel_floats(K) floats, 64-byte aligned.
-inline void gemm(std::int64_t M, std::int64_t N, std::int64_t K, float alpha, const float* a,
-                 std::int64_t ars, std::int64_t acs, const float* b, std::int64_t ldb, float* c,
-                 std::int64_t ldc, float* panel) {
-  // Column blocks of up to 4 zmm vectors, split evenly (5 vectors run as 3 + 2); the last
-  // vector of the last block holds N mod 16 columns when that is 8.
+/// Cuts N columns into blocks of up to 4 zmm vectors, split evenly (5 vectors run as 3 + 2), and
+/// runs block.template operator()<NV>(j, last) for each: its first column j, its NV vectors, and
+/// the lanes of its last vector that hold columns (N mod 16 of them in the last block).
+template <class F>
+void column_blocks16(std::int64_t N, F&& block) {
   const __mmask16 tail = N % 16 == 0 ? __mmask16(0xFFFF) : __mmask16((1u << (N % 16)) - 1);
   std::int64_t vectors = (N + 15) / 16;
   for (std::int64_t j = 0; vectors > 0;) {
@@ -191,17 +189,27 @@ inline void gemm(std::int64_t M, std::int64_t N, std::int64_t K, float alpha, co
     const std::int64_t nv = (vectors + blocks - 1) / blocks;
     const __mmask16 last = nv == vectors ? tail : __mmask16(0xFFFF);
     if (nv == 4) {
-      column_block16<4>(M, K, alpha, a, ars, acs, b + j, ldb, c + j, ldc, panel, last);
+      block.template operator()<4>(j, last);
     } else if (nv == 3) {
-      column_block16<3>(M, K, alpha, a, ars, acs, b + j, ldb, c + j, ldc, panel, last);
+      block.template operator()<3>(j, last);
     } else if (nv == 2) {
-      column_block16<2>(M, K, alpha, a, ars, acs, b + j, ldb, c + j, ldc, panel, last);
+      block.template operator()<2>(j, last);
     } else {
-      column_block16<1>(M, K, alpha, a, ars, acs, b + j, ldb, c + j, ldc, panel, last);
+      block.template operator()<1>(j, last);
     }
     j += 16 * nv;
     vectors -= nv;
   }
+}
+
+/// C = α·A·B as the header describes; N must be a multiple of 8 and K > 0. `panel` is scratch
+/// of panel_floats(K) floats, 64-byte aligned.
+inline void gemm(std::int64_t M, std::int64_t N, std::int64_t K, float alpha, const float* a,
+                 std::int64_t ars, std::int64_t acs, const float* b, std::int64_t ldb, float* c,
+                 std::int64_t ldc, float* panel) {
+  column_blocks16(N, [&]<int NV>(std::int64_t j, __mmask16 last) {
+    column_block16<NV>(M, K, alpha, a, ars, acs, b + j, ldb, c + j, ldc, panel, last);
+  });
 }
 #else
 /// Floats of the `panel` scratch that gemm needs for an inner dimension K (32-byte aligned).

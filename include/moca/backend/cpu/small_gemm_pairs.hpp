@@ -194,27 +194,12 @@ inline std::int64_t panel_values(std::int64_t K) { return (K + 1) / 2 * 128; }
 inline void gemm(std::int64_t M, std::int64_t N, std::int64_t K, float alpha, const bf16* a,
                  std::int64_t ars, std::int64_t acs, const BMatrix& b, const Destination& d,
                  bf16* panel) {
-  // Column blocks of up to 4 zmm vectors split evenly, as small_gemm splits them.
-  std::int64_t vectors = (N + 15) / 16;
-  for (std::int64_t j = 0; vectors > 0;) {
-    const std::int64_t blocks = (vectors + 3) / 4;
-    const std::int64_t nv = (vectors + blocks - 1) / blocks;
-    const std::int64_t n = std::min<std::int64_t>(16 * nv, N - j);
-    const __mmask16 last = sgemm_avx2::prefix16(n - 16 * (nv - 1));
+  small_gemm::column_blocks16(N, [&]<int NV>(std::int64_t j, __mmask16 last) {
     const BMatrix block{b.source, b.source == Source::TransposedWords ? b.x + j * b.ldx : b.x + j,
                         b.ldx};
-    if (nv == 4) {
-      column_block<4>(M, n, K, alpha, a, ars, acs, block, offset(d, 0, j), panel, last);
-    } else if (nv == 3) {
-      column_block<3>(M, n, K, alpha, a, ars, acs, block, offset(d, 0, j), panel, last);
-    } else if (nv == 2) {
-      column_block<2>(M, n, K, alpha, a, ars, acs, block, offset(d, 0, j), panel, last);
-    } else {
-      column_block<1>(M, n, K, alpha, a, ars, acs, block, offset(d, 0, j), panel, last);
-    }
-    j += 16 * nv;
-    vectors -= nv;
-  }
+    column_block<NV>(M, std::min<std::int64_t>(16 * NV, N - j), K, alpha, a, ars, acs, block,
+                     offset(d, 0, j), panel, last);
+  });
 }
 
 }  // namespace moca::cpu::small_gemm_pairs
