@@ -42,6 +42,11 @@ inline void store(float* p, std::int64_t left, __m256 v) {
   }
 }
 
+/// The same on bf16 rows: widened as loaded, rounded once as stored (bf16_lanes.hpp), so a
+/// bf16 row runs the float arithmetic on exactly the values a widened copy would hold.
+inline __m256 load(const bf16* p, std::int64_t left, __m256 fill) { return widen8(p, left, fill); }
+inline void store(bf16* p, std::int64_t left, __m256 v) { narrow8(v, p, left); }
+
 inline float row_max(std::int64_t N, const float* x) {
   const __m256 lowest = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   __m256 m = lowest;
@@ -62,7 +67,8 @@ inline float sum_exp(std::int64_t N, const float* x, float shift, float* y) {
   return simd::sum(acc);
 }
 
-inline float sum(std::int64_t N, const float* x) {
+template <class X>
+float sum(std::int64_t N, const X* x) {
   const __m256 zero = _mm256_setzero_ps();
   __m256 acc = zero;
   for (std::int64_t j = 0; j < N; j += 8) acc = _mm256_add_ps(acc, load(x + j, N - j, zero));
@@ -77,10 +83,12 @@ inline float dot(std::int64_t N, const float* a, const float* b) {
   return simd::sum(acc);
 }
 
-/// One LayerNorm row of N floats: y = (x − mean) · rstd (· gamma + beta, either may be null);
-/// returns mean and rstd. The mean, then the squared deviations from it, in two passes.
-inline void layer_norm_row(std::int64_t N, const float* x, const float* gamma, const float* beta,
-                           float eps, float* y, float& mean, float& rstd) {
+/// One LayerNorm row of N values (float, or bf16 widened as read and rounded as stored): y =
+/// (x − mean) · rstd (· gamma + beta, float, either may be null); returns mean and rstd. The
+/// mean, then the squared deviations from it, in two passes.
+template <class X, class Y>
+void layer_norm_row(std::int64_t N, const X* x, const float* gamma, const float* beta, float eps,
+                    Y* y, float& mean, float& rstd) {
   const __m256 zero = _mm256_setzero_ps();
   const float mu = sum(N, x) / static_cast<float>(N);
   const __m256 m = _mm256_set1_ps(mu);
@@ -102,12 +110,13 @@ inline void layer_norm_row(std::int64_t N, const float* x, const float* gamma, c
   rstd = is;
 }
 
-/// The LayerNorm backward of one row of N floats with its saved mean m and rstd is:
-/// dx = is · (g − mean(g) − x̂ · mean(g · x̂)) (+ residual), g = dy · gamma, and the row's
-/// dy · x̂ and dy added to pg and pb when pg is not null. dx may alias dy or residual.
-inline void layer_norm_backward_row(std::int64_t N, const float* x, const float* gamma, float m,
-                                    float is, const float* dy, const float* residual, float* dx,
-                                    float* pg, float* pb) {
+/// The LayerNorm backward of one row of N values (as layer_norm_row reads and writes them)
+/// with its saved mean m and rstd is: dx = is · (g − mean(g) − x̂ · mean(g · x̂)) (+ residual),
+/// g = dy · gamma, and the row's dy · x̂ and dy added to the float pg and pb when pg is not null.
+/// dx may alias dy or residual.
+template <class T>
+void layer_norm_backward_row(std::int64_t N, const T* x, const float* gamma, float m, float is,
+                             const T* dy, const T* residual, T* dx, float* pg, float* pb) {
   const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
   const __m256 vm = _mm256_set1_ps(m), vis = _mm256_set1_ps(is);
   __m256 acc_g = zero, acc_gx = zero;
@@ -360,10 +369,10 @@ void layer_norm_forward(std::int64_t M, std::int64_t N, const T* x, const T* gam
       const T* xr = x + r * N;
       T* yr = y + r * N;
 #ifdef MOCA_CPU_SIMD_MATH
-      if constexpr (std::is_same_v<T, float>) {
-        if (add) {  // the row of x + add, stored to sum and read back from cache below
-          const float* ar = add + r * N;
-          float* sr = sum + r * N;
+      if constexpr (lanes::kFloatRows<T>) {
+        if (add) {  // the row of x + add (rounded as stored, for bf16), read back from cache below
+          const T* ar = add + r * N;
+          T* sr = sum + r * N;
           for (std::int64_t j = 0; j < N; j += 8) {
             const __m256 zero = _mm256_setzero_ps();
             lanes::store(sr + j, N - j, _mm256_add_ps(lanes::load(xr + j, N - j, zero),
@@ -371,25 +380,14 @@ void layer_norm_forward(std::int64_t M, std::int64_t N, const T* x, const T* gam
           }
           xr = sr;
         }
-        lanes::layer_norm_row(N, xr, gamma, beta, static_cast<float>(eps), yr, mean[r], rstd[r]);
-        continue;
-      } else if constexpr (std::is_same_v<T, bf16>) {
-        // The row (x + add rounded to bf16 first, as stored) and y in float; gamma and beta
-        // were widened once for all rows.
-        float* xf = lanes::scratch<0>(static_cast<std::size_t>(2 * N));
-        float* yf = xf + N;
-        widen_bf16(N, xr, xf);
-        if (add) {
-          widen_bf16(N, add + r * N, yf);
-          for (std::int64_t j = 0; j < N; ++j) xf[j] = xf[j] + yf[j];
-          narrow_to_bf16(N, xf, sum + r * N);
-          widen_bf16(N, sum + r * N, xf);
+        // bf16 rows widen as they load and round as they store; their gamma and beta were
+        // widened once for all rows.
+        if constexpr (std::is_same_v<T, float>) {
+          lanes::layer_norm_row(N, xr, gamma, beta, static_cast<float>(eps), yr, mean[r], rstd[r]);
+        } else {
+          lanes::layer_norm_row(N, xr, gamma_f, beta_f, static_cast<float>(eps), yr, mean[r],
+                                rstd[r]);
         }
-        float mu, is;
-        lanes::layer_norm_row(N, xf, gamma_f, beta_f, static_cast<float>(eps), yf, mu, is);
-        narrow_to_bf16(N, yf, yr);
-        mean[r] = mu;
-        rstd[r] = is;
         continue;
       }
 #endif
@@ -466,14 +464,8 @@ void layer_norm_backward(std::int64_t M, std::int64_t N, const T* x, const T* ga
         if constexpr (std::is_same_v<T, float>) {
           lanes::layer_norm_backward_row(N, xr, gamma, m, is, gr, rr, dr, pg, pb);
           continue;
-        } else if constexpr (std::is_same_v<T, bf16>) {
-          float* xf = lanes::scratch<0>(static_cast<std::size_t>(3 * N));
-          float *gf = xf + N, *rf = gf + N;
-          widen_bf16(N, xr, xf);
-          widen_bf16(N, gr, gf);
-          lanes::layer_norm_backward_row(N, xf, gamma_f, m, is, gf, lanes::widened(rr, N, rf), gf,
-                                         pg, pb);
-          narrow_to_bf16(N, gf, dr);
+        } else if constexpr (std::is_same_v<T, bf16>) {  // widened as read, rounded as stored
+          lanes::layer_norm_backward_row(N, xr, gamma_f, m, is, gr, rr, dr, pg, pb);
           continue;
         }
 #endif
