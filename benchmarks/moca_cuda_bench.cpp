@@ -4,13 +4,15 @@
 //
 //   moca_cuda_bench [--preset tiny|vit-s16|vit-b16] [--batch B] [--steps N] [--warmup W]
 //                   [--precision fp32|bf16] [--matmul fp32|tf32|bf16] [--flash-tile 0|16|32|64]
-//                   [--flash-threads 128|256] [--peak-tflops P] [--profile]
+//                   [--flash-threads 128|256] [--flash-mma 0|1] [--peak-tflops P] [--profile]
 //
 // --precision fp32 trains Moca<float, Cuda> with its products in --matmul's mode; --precision
 // bf16 trains Moca<bf16, Cuda> (bf16 values and activations, fp32 parameter gradients, master
 // weights, moments and accumulation: PyTorch AMP's counterpart), reported as "bf16-mixed".
 // --flash-tile fixes the fused attention's tile (0: the launcher's choice) and --flash-threads its
-// block size, to time one against another.
+// block size, to time one against another; --flash-mma 0 runs bf16 heads on those block programs
+// instead of the register-fragment kernels (the default for heads of up to 64 features); the
+// JSON's "fragment_passes" counts the passes (forward, dq, dk/dv) a step ran on those.
 //
 // Prints one JSON object; with --profile, first a table of where the step's device time goes
 // (the profiler's scopes, each waiting for the device at its start and end, over `--steps`
@@ -49,7 +51,8 @@ using namespace moca;
   std::fprintf(stderr,
                "usage: moca_cuda_bench [--preset tiny|vit-s16|vit-b16] [--batch B] [--steps N] "
                "[--warmup W] [--precision fp32|bf16] [--matmul fp32|tf32|bf16] "
-               "[--flash-tile 0|16|32|64] [--flash-threads 128|256] [--peak-tflops P] "
+               "[--flash-tile 0|16|32|64] [--flash-threads 128|256] [--flash-mma 0|1] "
+               "[--peak-tflops P] "
                "[--profile]\n%s\n",
                problem.c_str());
   std::exit(2);
@@ -60,6 +63,7 @@ struct Options {
   std::int64_t batch = 64, steps = 10, warmup = 3;
   std::string precision = "fp32", matmul = "fp32";
   int flash_tile = 0, flash_threads = 128;
+  bool flash_mma = true;
   bool profile = false;
   double peak_tflops = 989.0;
 };
@@ -99,6 +103,7 @@ void bench(const Options& o, const MocaConfig& cfg) {
   for (const auto& e : profiler::report()) flops += e.flops;
 
   const std::int64_t allocations = memory_stats<Cuda>().allocations;
+  const std::uint64_t fragment_launches = cuda::Context::get().flash_mma_launches();
   cuda::synchronize();
   const auto t0 = std::chrono::steady_clock::now();
   double loss = 0;
@@ -107,6 +112,9 @@ void bench(const Options& o, const MocaConfig& cfg) {
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   const double per_step = seconds / static_cast<double>(steps);
+  const double fragment_passes =
+      static_cast<double>(cuda::Context::get().flash_mma_launches() - fragment_launches) /
+      static_cast<double>(steps);
 
   if (profile) {
     profiler::reset();
@@ -137,16 +145,16 @@ void bench(const Options& o, const MocaConfig& cfg) {
   std::printf(
       "{\"side\": \"moca\", \"device\": \"%s\", \"preset\": \"%s\", \"batch\": %lld, "
       "\"precision\": \"%s\", \"flash_tile\": %d, \"flash_threads\": %d, "
+      "\"fragment_passes\": %.0f, "
       "\"steps\": %lld, \"ms_per_step\": %.3f, \"pairs_per_s\": %.2f, "
       "\"images_per_s\": %.2f, \"gflop_per_step\": %.2f, \"tflops\": %.2f, \"mfu\": %.4f, "
       "\"peak_tensor_MiB\": %.1f, \"pool_reserved_peak_MiB\": %.1f, \"device_used_MiB\": %.1f, "
       "\"step_allocations\": %lld, "
       "\"loss\": %s}\n",
       prop.name, o.preset.c_str(), static_cast<long long>(batch), label.c_str(), o.flash_tile,
-      o.flash_threads,
-      static_cast<long long>(steps), 1e3 * per_step, static_cast<double>(batch) / per_step,
-      2.0 * static_cast<double>(batch) / per_step, flops / 1e9, flops / per_step / 1e12,
-      flops / per_step / (o.peak_tflops * 1e12),
+      o.flash_threads, fragment_passes, static_cast<long long>(steps), 1e3 * per_step,
+      static_cast<double>(batch) / per_step, 2.0 * static_cast<double>(batch) / per_step,
+      flops / 1e9, flops / per_step / 1e12, flops / per_step / (o.peak_tflops * 1e12),
       static_cast<double>(memory_stats<Cuda>().peak_bytes) / mib,
       static_cast<double>(cuda::pool_stats().reserved_peak) / mib,
       static_cast<double>(total_bytes - free_bytes) / mib,
@@ -179,6 +187,8 @@ int main(int argc, char** argv) {
       o.flash_tile = std::atoi(argv[++i]);
     } else if (a == "--flash-threads" && has_value) {
       o.flash_threads = std::atoi(argv[++i]);
+    } else if (a == "--flash-mma" && has_value) {
+      o.flash_mma = std::atoi(argv[++i]) != 0;
     } else if (a == "--profile") {
       o.profile = true;
     } else {
@@ -211,6 +221,7 @@ int main(int argc, char** argv) {
     cuda::Context::get().set_float_matmul(cuda::parse_float_matmul(o.matmul, "--matmul"));
     cuda::Context::get().set_flash_tile(o.flash_tile);
     cuda::Context::get().set_flash_threads(o.flash_threads);
+    cuda::Context::get().set_flash_mma(o.flash_mma);
     if (o.precision == "bf16") {
       bench<bf16>(o, cfg);
     } else {

@@ -132,11 +132,12 @@ stage bench 180 python3 -u benchmarks/compare_moca_cuda.py \
 # Where the ViT-B/16 step's device time goes in bf16 mixed precision, scope by scope.
 stage profile 90 "$build_dir/benchmarks/moca_cuda_bench" --preset vit-b16 --batch 64 --steps 3 \
   --precision bf16 --profile
-# The fused attention's launch, timed (bf16 step): the default (largest tile, four warps) against
-# 32-row tiles and eight warps.
-stage tiles 90 bash -c "for launch in '0 128' '32 128' '0 256' '32 256'; do set -- \$launch;
+# The fused attention's launch, timed (bf16 step): the register-fragment kernels (the default)
+# against the block programs at their default (largest tile, four warps), 32-row tiles and eight
+# warps.
+stage tiles 90 bash -c "for launch in '0 128 1' '0 128 0' '32 128 0' '0 256 0'; do set -- \$launch;
   '$build_dir/benchmarks/moca_cuda_bench' --preset vit-b16 --batch 64 --steps 5 --warmup 2 \
-    --precision bf16 --flash-tile \$1 --flash-threads \$2 || exit 1; done"
+    --precision bf16 --flash-tile \$1 --flash-threads \$2 --flash-mma \$3 || exit 1; done"
 # The program on the GPU, driven as a user would (only where the build made the CLI and its tests).
 if [ -x "$build_dir/examples/moca" ] && [ -x "$build_dir/tests/test_cli_pretrain" ] &&
    [ -x "$build_dir/tests/test_cli_knn" ]; then
@@ -168,12 +169,13 @@ sanitize memcheck-ops 90 compute-sanitizer --tool memcheck --error-exitcode 9 \
   "$build_dir/tests/test_ops_cuda" --test-case-exclude="*pool has cached*"
 sanitize memcheck-moca 90 compute-sanitizer --tool memcheck --error-exitcode 9 \
   "$build_dir/tests/test_moca_cuda" --test-case="*three MOCA steps*"
-# Shared-memory hazards (a missing __syncthreads) in the fused attention's tile programs, float
-# and bf16 heads, on small shapes (racecheck is slow).
+# Shared-memory hazards (a missing __syncthreads or __syncwarp) in the fused attention: the block
+# programs on float heads and 80-wide bf16 ones, the register-fragment kernels on bf16 heads of 8
+# and 64 features (three tiles: the double buffers), on small shapes (racecheck is slow).
 sanitize racecheck 150 compute-sanitizer --tool racecheck --error-exitcode 9 \
   "$build_dir/tests/test_ops_cuda" \
   --test-case="*fused attention forward and backward*,*fused attention in bf16 storage*" \
-  --subcase="B=2 S=17 H=3 hd=8,B=1 S=65 H=2 hd=16,B=2 S=30 H=3 hd=64,B=1 S=33 H=1 hd=80"
+  --subcase="B=2 S=17 H=3 hd=8,B=1 S=65 H=2 hd=16,B=2 S=30 H=3 hd=64,B=1 S=33 H=1 hd=80,B=1 S=130 H=2 hd=64"
 
 {
   echo

@@ -1675,12 +1675,42 @@ void check_bf16_attention(std::int64_t B, std::int64_t S, std::int64_t H, std::i
 
 TEST_CASE("cuda parity: fused attention in bf16 storage against the float attention") {
   SKIP_WITHOUT_CUDA_DEVICE();
-  const std::int64_t shapes[][4] = {{2, 17, 3, 8}, {3, 197, 12, 64}, {1, 33, 1, 80}};
+  // The register-fragment kernels take all but the last (80 features: the block programs); the
+  // second has three 64-row tiles, so every pass double-buffers.
+  const std::int64_t shapes[][4] = {
+      {2, 17, 3, 8}, {1, 130, 2, 64}, {3, 197, 12, 64}, {1, 33, 1, 80}};
   for (const auto& [B, S, H, hd] : shapes) {
     // One subcase per shape, named as in the float test, for racecheck's small ones.
     const std::string label = detail::str("B=", B, " S=", S, " H=", H, " hd=", hd);
     SUBCASE(label.c_str()) { check_bf16_attention(B, S, H, hd); }
   }
+}
+
+TEST_CASE("cuda parity: bf16 attention on register fragments at every head width they take") {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  // bf16 heads of up to 64 features (multiples of 8) run on kernels/flash_mma.cuh: every width
+  // each of their four instantiations takes (16·NK − 8 pads its last 16-feature step), against
+  // the CPU's float attention at the budget of the block programs; token counts that end a
+  // 64-row tile with 1, 15, 16 and 63 rows, exactly fill one or three, and ViT's 197 (whole
+  // warps past the last row, 16-row steps past the last key). Each shape launches the three
+  // passes there, and none of the block programs' settings is needed for it.
+  cuda::Context& context = cuda::Context::get();
+  REQUIRE(context.flash_mma());
+  for (const std::int64_t hd : {8, 16, 24, 32, 40, 48, 56, 64})
+    for (const std::int64_t S : {1, 15, 16, 64, 65, 127, 192, 197}) {
+      const std::uint64_t before = context.flash_mma_launches();
+      check_bf16_attention(2, S, 3, hd);
+      CHECK(context.flash_mma_launches() == before + 3);
+    }
+  // Widths they do not take run on the block programs, as does every head when the context
+  // asks for them.
+  const std::uint64_t before = context.flash_mma_launches();
+  check_bf16_attention(2, 33, 2, 80);
+  check_bf16_attention(1, 40, 2, 12);
+  context.set_flash_mma(false);
+  check_bf16_attention(2, 197, 3, 64);
+  context.set_flash_mma(true);
+  CHECK(context.flash_mma_launches() == before);
 }
 
 namespace {

@@ -133,6 +133,22 @@ class Context {
   }
   int flash_threads() const noexcept { return flash_threads_; }
 
+  /// Whether bf16 heads of up to 64 features (a multiple of 8) run on the register-fragment
+  /// kernels (kernels/flash_mma.cuh), the default, or on the block programs that the float heads
+  /// use (kernels/flash_attention.hpp). A fixed tile or eight warps (above) are settings of the
+  /// block programs, so either one also selects them. Not meant to be called while ops are
+  /// running.
+  void set_flash_mma(bool on) noexcept { flash_mma_ = on; }
+  bool flash_mma() const noexcept { return flash_mma_; }
+  /// Launches of the register-fragment attention kernels so far (each pass counts one): which
+  /// kernels a step ran, for tests and benchmarks.
+  std::uint64_t flash_mma_launches() const noexcept {
+    return flash_mma_launches_.load(std::memory_order_relaxed);
+  }
+  void count_flash_mma_launch() noexcept {
+    flash_mma_launches_.fetch_add(1, std::memory_order_relaxed);
+  }
+
   /// The stream-ordered pool that device tensors come from (see memory.hpp), or nullptr on a
   /// device or platform without memory pools, where tensors use plain cudaMalloc.
   cudaMemPool_t memory_pool() const noexcept { return pool_; }
@@ -264,6 +280,8 @@ class Context {
   FloatMatmul float_matmul_ = FloatMatmul::Fp32;
   int flash_tile_ = 0;
   int flash_threads_ = 128;
+  bool flash_mma_ = true;
+  std::atomic<std::uint64_t> flash_mma_launches_{0};
   void* workspace_ = nullptr;
   std::size_t workspace_bytes_ = 0;
 };

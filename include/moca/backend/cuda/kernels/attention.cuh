@@ -6,12 +6,14 @@
 // match the CPU to float rounding; in tf32 and bf16 modes float heads' products run on the
 // tensor cores with TF32 operands from their fp32 tiles (WmmaTf32 below).
 //
-// bf16 heads run on the tensor cores' bf16 products (WmmaBf16: m16n16k16, float accumulation,
-// twice TF32's rate and half its operand bytes): q, k, v and do are copied into shared memory as
-// they are, p and dS are rounded to bf16 copies for the products that read them, and the scores,
-// softmax and accumulators are float (flash_attention.hpp). lse and δ are float; the op set hands
-// them over as the bf16 buffer ops/attention.hpp sizes for them (attention_saved_shape: twice
-// the elements), reinterpreted here.
+// bf16 heads of up to 64 features run on the register-fragment kernels of flash_mma.cuh (scores
+// and accumulators in registers, mma.sync); other bf16 heads, or all of them when the Context
+// asks for the block programs, run these on the tensor cores' bf16 products (WmmaBf16: m16n16k16,
+// float accumulation, twice TF32's rate and half its operand bytes): q, k, v and do are copied into
+// shared memory as they are, p and dS are rounded to bf16 copies for the products that read them,
+// and the scores, softmax and accumulators are float (flash_attention.hpp). lse and δ are float;
+// the op set hands them over as the bf16 buffer ops/attention.hpp sizes for them
+// (attention_saved_shape: twice the elements), reinterpreted here.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -19,12 +21,14 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <initializer_list>
 #include <mutex>
 #include <type_traits>
 #include <unordered_map>
 
 #include "moca/backend/cuda/kernels/common.cuh"
 #include "moca/backend/cuda/kernels/flash_attention.hpp"
+#include "moca/backend/cuda/kernels/flash_mma.cuh"
 
 namespace moca::cuda {
 namespace kernels {
@@ -46,6 +50,7 @@ struct BlockExec {
   __device__ T group_sum(T v) const {
     return warp_reduce(v, SumOp{});
   }
+  __device__ void group_sync() const { __syncwarp(); }
   __device__ void sync() const { __syncthreads(); }
 };
 
@@ -289,12 +294,94 @@ flash::flash_acc_t<T>* row_terms(T* p) {
   return const_cast<flash::flash_acc_t<T>*>(row_terms(static_cast<const T*>(p)));
 }
 
+/// Whether the register-fragment kernels were built for sm_80 or later (they trap otherwise,
+/// e.g. in a build for older cards run on a newer one), asked of the device once.
+inline bool flash_mma_built() {
+  static const bool built = [] {
+    cudaFuncAttributes a{};
+    MOCA_CUDA_CHECK(
+        cudaFuncGetAttributes(&a, reinterpret_cast<const void*>(flash_mma::forward_kernel<1>)));
+    return a.binaryVersion >= 80;
+  }();
+  return built;
+}
+
+/// Whether bf16 heads of width hd over these buffers run on the register-fragment kernels: the
+/// Context's choice, a head width they take, 16-byte aligned buffers (their copies move 16
+/// bytes), token counts within int, and a build for sm_80 or later.
+inline bool flash_mma_applies(std::int64_t hd, std::int64_t S,
+                              std::initializer_list<const void*> buffers) {
+  const Context& c = Context::get();
+  if (!c.flash_mma() || c.flash_tile() != 0 || c.flash_threads() != kFlashThreads) return false;
+  if (hd % 8 != 0 || hd > flash_mma::kMaxHeadDim || S > 0x7fffffff) return false;
+  for (const void* p : buffers)
+    if (!aligned16(p)) return false;
+  return flash_mma_built();
+}
+
+/// Runs f.template operator()<NK>() for heads of width hd (NK steps of 16 features).
+template <class F>
+void with_feature_steps(std::int64_t hd, F&& f) {
+  switch ((hd + 15) / 16) {
+    case 1:
+      return f.template operator()<1>();
+    case 2:
+      return f.template operator()<2>();
+    case 3:
+      return f.template operator()<3>();
+    default:
+      return f.template operator()<4>();
+  }
+}
+
+/// Launches a register-fragment kernel over (64-row tiles, H, B) blocks of four warps.
+template <class Kernel, class... Args>
+void launch_flash_mma(Kernel kernel, const char* name, int bytes, std::int64_t B, std::int64_t H,
+                      std::int64_t S, Args... args) {
+  MOCA_CHECK(H <= 65535 && B <= 65535, "attention (CUDA): ", B, " images × ", H,
+             " heads exceed the grid's 65535 per dimension");
+  allow_dynamic_shared(reinterpret_cast<const void*>(kernel), static_cast<std::size_t>(bytes));
+  const dim3 grid(static_cast<unsigned>((S + flash_mma::kRows - 1) / flash_mma::kRows),
+                  static_cast<unsigned>(H), static_cast<unsigned>(B));
+  kernel<<<grid, flash_mma::kThreads, static_cast<std::size_t>(bytes), stream()>>>(
+      static_cast<int>(S), static_cast<int>(H), args...);
+  check_launch(name);
+  Context::get().count_flash_mma_launch();
+}
+
+inline void flash_mma_forward(std::int64_t B, std::int64_t H, std::int64_t S, std::int64_t hd,
+                              float scale, const bf16* qkv, float* lse, bf16* ctx) {
+  with_feature_steps(hd, [&]<int NK>() {
+    launch_flash_mma(flash_mma::forward_kernel<NK>, "flash_mma::forward_kernel",
+                     flash_mma::kForwardBytes<NK>, B, H, S, static_cast<int>(hd), scale, qkv, lse,
+                     ctx);
+  });
+}
+
+inline void flash_mma_backward(std::int64_t B, std::int64_t H, std::int64_t S, std::int64_t hd,
+                               float scale, const bf16* qkv, const float* lse, const bf16* ctx,
+                               const bf16* dctx, float* delta, bf16* dqkv) {
+  // Stream order puts the dq pass (which writes δ) before the dk/dv pass (which reads it).
+  with_feature_steps(hd, [&]<int NK>() {
+    launch_flash_mma(flash_mma::dq_kernel<NK>, "flash_mma::dq_kernel", flash_mma::kDqBytes<NK>, B,
+                     H, S, static_cast<int>(hd), scale, qkv, lse, ctx, dctx, delta, dqkv);
+    launch_flash_mma(flash_mma::dkdv_kernel<NK>, "flash_mma::dkdv_kernel",
+                     flash_mma::kDkdvBytes<NK>, B, H, S, static_cast<int>(hd), scale, qkv, lse,
+                     dctx, static_cast<const float*>(delta), dqkv);
+  });
+}
+
 }  // namespace kernels
 
 template <class T>
 void attention_forward(std::int64_t B, std::int64_t H, std::int64_t S, std::int64_t hd, T scale,
                        const T* qkv, T* lse, T* ctx) {
   if (B <= 0 || S <= 0) return;
+  if constexpr (std::is_same_v<T, bf16>) {
+    if (kernels::flash_mma_applies(hd, S, {qkv, ctx}))
+      return kernels::flash_mma_forward(B, H, S, hd, float(scale), qkv, kernels::row_terms(lse),
+                                        ctx);
+  }
   using A = flash::flash_acc_t<T>;
   auto run = [&]<class Mma, int Threads>() {
     kernels::flash_forward<Mma, Threads>(B, H, S, hd, A(scale), qkv, kernels::row_terms(lse),
@@ -312,6 +399,11 @@ void attention_backward(std::int64_t B, std::int64_t H, std::int64_t S, std::int
                         const T* qkv, const T* lse, const T* ctx, const T* dctx, T* delta,
                         T* dqkv) {
   if (B <= 0 || S <= 0) return;
+  if constexpr (std::is_same_v<T, bf16>) {
+    if (kernels::flash_mma_applies(hd, S, {qkv, ctx, dctx, dqkv}))
+      return kernels::flash_mma_backward(B, H, S, hd, float(scale), qkv, kernels::row_terms(lse),
+                                         ctx, dctx, kernels::row_terms(delta), dqkv);
+  }
   using A = flash::flash_acc_t<T>;
   auto run = [&]<class Mma, int Threads>() {
     kernels::flash_backward<Mma, Threads>(B, H, S, hd, A(scale), qkv, kernels::row_terms(lse),

@@ -24,15 +24,15 @@
 // device policies live in attention.cuh). Exec is a CUDA block or one serial "thread": tid() and
 // threads() for loops over a tile's elements (`for (i = tid; i < n; i += threads)`), and row
 // groups (a warp on the device, the one thread serially) for the softmax-like row passes: group()
-// of groups() takes rows, its lane() of lanes() takes columns, and group_max / group_sum reduce
-// a value over the lanes. So the serial run covers every element and row a block does.
-// Padding rows and columns (past S, past hd) are zero in shared memory and masked out of the
-// softmax; nothing past S or hd is written. The products of a ragged tile (the last query or key
-// tile of a head) stop at the 16-row boundary past its last row (up16): at ViT's 197 tokens and
-// 64-row tiles that is 208 rows of work instead of 256 in each dimension of the scores. Shared
-// memory past that boundary is then never written, and nothing reads it: the softmax and
-// probs_and_dscores work up to the same boundaries (writing zeros between the last valid row or
-// column and the boundary), and so do the next products.
+// of groups() takes rows, its lane() of lanes() takes columns, group_max / group_sum reduce
+// a value over the lanes, and group_sync orders the lanes' shared-memory accesses. So the serial
+// run covers every element and row a block does. Padding rows and columns (past S, past hd) are
+// zero in shared memory and masked out of the softmax; nothing past S or hd is written. The
+// products of a ragged tile (the last query or key tile of a head) stop at the 16-row boundary past
+// its last row (up16): at ViT's 197 tokens and 64-row tiles that is 208 rows of work instead of 256
+// in each dimension of the scores. Shared memory past that boundary is then never written, and
+// nothing reads it: the softmax and probs_and_dscores work up to the same boundaries (writing zeros
+// between the last valid row or column and the boundary), and so do the next products.
 //
 // Three element types: G is the storage of q, k, v, ctx and their gradients in global memory
 // (float, double or bf16); O (flash_operand_t) is what the products read from shared memory; A
@@ -183,6 +183,7 @@ struct SerialExec {
   MOCA_FLASH_FN T group_max(T v) const { return v; }
   template <class T>
   MOCA_FLASH_FN T group_sum(T v) const { return v; }
+  MOCA_FLASH_FN void group_sync() const {}
   MOCA_FLASH_FN void sync() const {}
 };
 
@@ -384,6 +385,7 @@ MOCA_FLASH_FN void online_softmax(const Exec& ex, const Geometry& g, int r16, in
     sum = ex.group_sum(sum);
     const A rescale = flash_exp(m_old - m);
     for (int c = ex.lane(); c < g.hdp; c += ex.lanes()) so[r * g.lda + c] *= rescale;
+    ex.group_sync();  // every lane has read m_old before lane 0 overwrites it
     if (ex.lane() == 0) {
       sl[r] = sl[r] * rescale + sum;
       sm[r] = m;
