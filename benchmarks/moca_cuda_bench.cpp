@@ -14,6 +14,15 @@
 // instead of the register-fragment kernels (the default for heads of up to 64 features); the
 // JSON's "fragment_passes" counts the passes (forward, dq, dk/dv) a step ran on those.
 //
+//   moca_cuda_bench --attention B,H,S,hd [--steps N] [--warmup W] [--flash-mma 0|1] ...
+//
+// times the fused attention of bf16 heads alone instead (random q, k, v and do; the kernels
+// --flash-mma and the launch options choose): forward and backward (dq and dk/dv passes) between
+// CUDA events, the median of --steps runs of each, with TFLOP/s counting 4·B·H·S²·hd for the
+// forward and 2.5 times that for the backward (its five products, the convention of the
+// FlashAttention papers; the recomputed scores are not counted). compare_attention_cuda.py runs
+// it beside PyTorch's scaled_dot_product_attention.
+//
 // Prints one JSON object; with --profile, first a table of where the step's device time goes
 // (the profiler's scopes, each waiting for the device at its start and end, over `--steps`
 // further steps). The masks and codebook refreshes are drawn before timing (a real run's
@@ -23,6 +32,7 @@
 // (NVIDIA's datasheet), the yardstick the issue sets whatever precision the step runs in.
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -52,8 +62,7 @@ using namespace moca;
                "usage: moca_cuda_bench [--preset tiny|vit-s16|vit-b16] [--batch B] [--steps N] "
                "[--warmup W] [--precision fp32|bf16] [--matmul fp32|tf32|bf16] "
                "[--flash-tile 0|16|32|64] [--flash-threads 128|256] [--flash-mma 0|1] "
-               "[--peak-tflops P] "
-               "[--profile]\n%s\n",
+               "[--peak-tflops P] [--profile] [--attention B,H,S,hd]\n%s\n",
                problem.c_str());
   std::exit(2);
 }
@@ -65,6 +74,7 @@ struct Options {
   int flash_tile = 0, flash_threads = 128;
   bool flash_mma = true;
   bool profile = false;
+  std::vector<std::int64_t> attention;  // B, H, S, hd: time the attention alone
   double peak_tflops = 989.0;
 };
 
@@ -162,6 +172,66 @@ void bench(const Options& o, const MocaConfig& cfg) {
       json_number(loss).c_str());
 }
 
+/// The median of a sample.
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const std::size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+/// Times the fused attention of bf16 heads alone (see the top) and prints one JSON line.
+void bench_attention(const Options& o) {
+  const std::int64_t B = o.attention[0], H = o.attention[1], S = o.attention[2],
+                     hd = o.attention[3], dim = H * hd;
+  auto random_device = [](const Shape& shape, std::uint64_t stream) {
+    Tensor<float> h(shape);
+    fill_uniform(h, Philox(3), stream, -2.0, 2.0);
+    Tensor<bf16, Cuda> d(shape);
+    Tensor<bf16> stage;
+    ops::upload_converted(TensorView<float>(h), TensorView<bf16, Cuda>(d), stage);
+    return d;
+  };
+  const Tensor<bf16, Cuda> qkv = random_device({B, S, 3 * dim}, 0);
+  const Tensor<bf16, Cuda> dctx = random_device({B, S, dim}, 1);
+  const Shape saved = ops::attention_saved_shape<bf16, Cuda>(B, H, S);
+  Tensor<bf16, Cuda> lse(saved), work(saved), ctx({B, S, dim}), dqkv({B, S, 3 * dim});
+  const bf16 scale(1.0f / std::sqrt(static_cast<float>(hd)));
+  auto forward = [&] { ops::attention_forward(qkv, H, scale, lse, ctx); };
+  auto backward = [&] { ops::attention_backward(qkv, lse, ctx, dctx, H, scale, work, dqkv); };
+  cudaEvent_t start, stop;
+  MOCA_CUDA_CHECK(cudaEventCreate(&start));
+  MOCA_CUDA_CHECK(cudaEventCreate(&stop));
+  auto time_ms = [&](auto&& pass) {
+    std::vector<double> ms;
+    for (std::int64_t i = 0; i < o.warmup + o.steps; ++i) {
+      MOCA_CUDA_CHECK(cudaEventRecord(start, cuda::stream()));
+      pass();
+      MOCA_CUDA_CHECK(cudaEventRecord(stop, cuda::stream()));
+      MOCA_CUDA_CHECK(cudaEventSynchronize(stop));
+      float t = 0;
+      MOCA_CUDA_CHECK(cudaEventElapsedTime(&t, start, stop));
+      if (i >= o.warmup) ms.push_back(t);
+    }
+    return median(ms);
+  };
+  const std::uint64_t launches = cuda::Context::get().flash_mma_launches();
+  forward();
+  backward();
+  const bool fragments = cuda::Context::get().flash_mma_launches() == launches + 3;
+  const double fwd = time_ms(forward), bwd = time_ms(backward);
+  MOCA_CUDA_CHECK(cudaEventDestroy(start));
+  MOCA_CUDA_CHECK(cudaEventDestroy(stop));
+  const double flops =
+      4.0 * static_cast<double>(B * H) * static_cast<double>(S * S) * static_cast<double>(hd);
+  std::printf(
+      "{\"side\": \"moca\", \"kernels\": \"%s\", \"B\": %lld, \"H\": %lld, \"S\": %lld, "
+      "\"hd\": %lld, \"forward_ms\": %.4f, \"backward_ms\": %.4f, \"forward_tflops\": %.1f, "
+      "\"backward_tflops\": %.1f}\n",
+      fragments ? "fragments" : "blocks", static_cast<long long>(B), static_cast<long long>(H),
+      static_cast<long long>(S), static_cast<long long>(hd), fwd, bwd, flops / fwd / 1e9,
+      2.5 * flops / bwd / 1e9);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -189,6 +259,16 @@ int main(int argc, char** argv) {
       o.flash_threads = std::atoi(argv[++i]);
     } else if (a == "--flash-mma" && has_value) {
       o.flash_mma = std::atoi(argv[++i]) != 0;
+    } else if (a == "--attention" && has_value) {
+      std::string spec = argv[++i];
+      for (std::size_t at = 0; at <= spec.size();) {
+        const std::size_t comma = std::min(spec.find(',', at), spec.size());
+        o.attention.push_back(std::atoll(spec.substr(at, comma - at).c_str()));
+        at = comma + 1;
+      }
+      if (o.attention.size() != 4 ||
+          std::any_of(o.attention.begin(), o.attention.end(), [](auto v) { return v < 1; }))
+        usage("--attention takes four positive numbers B,H,S,hd, got " + spec);
     } else if (a == "--profile") {
       o.profile = true;
     } else {
@@ -222,7 +302,9 @@ int main(int argc, char** argv) {
     cuda::Context::get().set_flash_tile(o.flash_tile);
     cuda::Context::get().set_flash_threads(o.flash_threads);
     cuda::Context::get().set_flash_mma(o.flash_mma);
-    if (o.precision == "bf16") {
+    if (!o.attention.empty()) {
+      bench_attention(o);
+    } else if (o.precision == "bf16") {
       bench<bf16>(o, cfg);
     } else {
       bench<float>(o, cfg);

@@ -4,8 +4,9 @@
 #   2. the CUDA tests: every op against the CPU (test_ops_cuda) and the whole MOCA step against
 #      the CPU step, the tiny preset learning on the device, no allocation per step (test_moca_cuda);
 #   3. the MOCA step benchmark beside PyTorch on the same card (benchmarks/compare_moca_cuda.py),
-#      where the ViT-B/16 step's time goes (moca_cuda_bench --profile), and the fused
-#      attention's tiles and block sizes timed against each other;
+#      the attention alone beside PyTorch's (benchmarks/compare_attention_cuda.py), where the
+#      ViT-B/16 step's time goes (moca_cuda_bench --profile), and the fused attention's kernels,
+#      tiles and block sizes timed against each other;
 #   4. where the build has them, the command-line tests' GPU cases (`moca pretrain --device cuda`,
 #      `moca knn --device cuda`);
 #   5. compute-sanitizer: memcheck over the op tests and the MOCA parity test, racecheck over the
@@ -129,6 +130,9 @@ stage test-moca 120 "$build_dir/tests/test_moca_cuda"
 stage bench 180 python3 -u benchmarks/compare_moca_cuda.py \
   --bench "$build_dir/benchmarks/moca_cuda_bench" --configs "$configs" \
   --ours tf32,bf16,bf16-mixed --modes tf32,amp --json "$out/bench.jsonl"
+# The attention alone at the ViT-B/16 step's shapes, beside PyTorch's fused attention.
+stage attention 60 python3 -u benchmarks/compare_attention_cuda.py \
+  --bench "$build_dir/benchmarks/moca_cuda_bench" --json "$out/bench.jsonl"
 # Where the ViT-B/16 step's device time goes in bf16 mixed precision, scope by scope.
 stage profile 90 "$build_dir/benchmarks/moca_cuda_bench" --preset vit-b16 --batch 64 --steps 3 \
   --precision bf16 --profile

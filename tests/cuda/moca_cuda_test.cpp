@@ -252,6 +252,9 @@ TEST_CASE("cuda: three MOCA steps in bf16 storage follow the CPU's bf16 steps") 
   const Tensor<bf16, Cuda> g1 = to_device<bf16>(x1), g2 = to_device<bf16>(x2);
   MocaHyper h;
   h.lr = 1e-3;
+  // The encoder's heads (8 features) run on the register-fragment attention, the decoder's (6)
+  // on the block programs: both kinds are in these steps.
+  const std::uint64_t fragment_launches = cuda::Context::get().flash_mma_launches();
   for (std::uint64_t s = 0; s < 3; ++s) {
     CAPTURE(s);
     // Each run's state before the step: its change is measured from its own.
@@ -288,6 +291,7 @@ TEST_CASE("cuda: three MOCA steps in bf16 storage follow the CPU's bf16 steps") 
     CHECK(update <= 0.3);
     CHECK(teacher_update <= 0.3);
   }
+  CHECK(cuda::Context::get().flash_mma_launches() > fragment_launches);
   // The device's bf16 values are its master rounded, as on the CPU.
   const Tensor<float> m = to_host(gpu.params().master());
   const Tensor<bf16> v = to_host(gpu.params().values());

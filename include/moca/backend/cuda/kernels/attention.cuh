@@ -294,14 +294,15 @@ flash::flash_acc_t<T>* row_terms(T* p) {
   return const_cast<flash::flash_acc_t<T>*>(row_terms(static_cast<const T*>(p)));
 }
 
-/// Whether the register-fragment kernels were built for sm_80 or later (they trap otherwise,
-/// e.g. in a build for older cards run on a newer one), asked of the device once.
+/// Whether the register-fragment kernels were built for sm_80 or later (they trap otherwise),
+/// asked of the device once: both the virtual architecture their code was compiled from (a
+/// build for older cards runs on a newer one from its PTX) and the machine code's.
 inline bool flash_mma_built() {
   static const bool built = [] {
     cudaFuncAttributes a{};
     MOCA_CUDA_CHECK(
         cudaFuncGetAttributes(&a, reinterpret_cast<const void*>(flash_mma::forward_kernel<1>)));
-    return a.binaryVersion >= 80;
+    return a.ptxVersion >= 80 && a.binaryVersion >= 80;
   }();
   return built;
 }

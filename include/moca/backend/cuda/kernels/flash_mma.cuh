@@ -336,7 +336,9 @@ __global__ void __launch_bounds__(kThreads)
   load_tile<NK>(sv, v, ld, min(kRows, S), hd);
   commit_copies();
 
-  // δ of the warp's 16 rows, a row at a time over its lanes (two features each per step).
+  // δ of the warp's 16 rows, a row at a time over its lanes (two features each per step),
+  // unrolled so that the loads of all 16 rows are in flight together.
+#pragma unroll
   for (int i = 0; i < 16; ++i) {
     const int r = warp * 16 + i;
     float d = 0.0f;
