@@ -205,6 +205,24 @@ __device__ inline void store_rows(const float acc[2 * NK][4], float scale0, floa
   }
 }
 
+/// The start of step j of a loop over key tiles (forward, dq): the copies of key tile j + 1
+/// (k and v, when there is one) into the buffers step j does not read, then the wait for step j's
+/// own and a barrier, after which every warp may read them.
+template <int NK>
+__device__ inline void next_key_tile(bf16* sk, bf16* sv, const bf16* k, const bf16* v,
+                                     std::int64_t ld, int S, int hd, int j, int steps) {
+  if (j + 1 < steps) {
+    const int buf = (j + 1) & 1, c1 = (j + 1) * kRows;
+    load_tile<NK>(sk + buf * kTile<NK>, k + c1 * ld, ld, min(kRows, S - c1), hd);
+    load_tile<NK>(sv + buf * kTile<NK>, v + c1 * ld, ld, min(kRows, S - c1), hd);
+    commit_copies();
+    wait_copies<1>();
+  } else {
+    wait_copies<0>();
+  }
+  __syncthreads();
+}
+
 #endif  // __CUDA_ARCH__ >= 800
 
 /// The forward of 64 query rows of head (blockIdx.z, blockIdx.y): ctx and lse = m + log l.
@@ -236,16 +254,7 @@ __global__ void __launch_bounds__(kThreads)
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // rows g and g + 8
   for (int j = 0; j < steps; ++j) {
     const int buf = j & 1, c0 = j * kRows;
-    if (j + 1 < steps) {
-      const int c1 = c0 + kRows;
-      load_tile<NK>(sk + (buf ^ 1) * kTile<NK>, k + c1 * ld, ld, min(kRows, S - c1), hd);
-      load_tile<NK>(sv + (buf ^ 1) * kTile<NK>, v + c1 * ld, ld, min(kRows, S - c1), hd);
-      commit_copies();
-      wait_copies<1>();
-    } else {
-      wait_copies<0>();
-    }
-    __syncthreads();
+    next_key_tile<NK>(sk, sv, k, v, ld, S, hd, j, steps);
     if (active) {
       if (j == 0) load_rows_as_a<NK>(qa, sq, warp * 16);
       const int cols = min(kRows, S - c0), pairs = (cols + 15) / 16;
@@ -365,16 +374,7 @@ __global__ void __launch_bounds__(kThreads)
   float dq[2 * NK][4] = {};
   for (int j = 0; j < steps; ++j) {
     const int buf = j & 1, c0 = j * kRows;
-    if (j + 1 < steps) {
-      const int c1 = c0 + kRows;
-      load_tile<NK>(sk + (buf ^ 1) * kTile<NK>, k + c1 * ld, ld, min(kRows, S - c1), hd);
-      load_tile<NK>(sv + (buf ^ 1) * kTile<NK>, v + c1 * ld, ld, min(kRows, S - c1), hd);
-      commit_copies();
-      wait_copies<1>();
-    } else {
-      wait_copies<0>();
-    }
-    __syncthreads();
+    next_key_tile<NK>(sk, sv, k, v, ld, S, hd, j, steps);
     if (active) {
       if (j == 0) {
         load_rows_as_a<NK>(qa, sq, warp * 16);
