@@ -4,7 +4,8 @@
 //
 //   moca_cuda_bench [--preset tiny|vit-s16|vit-b16] [--batch B] [--steps N] [--warmup W]
 //                   [--precision fp32|bf16] [--matmul fp32|tf32|bf16] [--flash-tile 0|16|32|64]
-//                   [--flash-threads 128|256] [--flash-mma 0|1] [--peak-tflops P] [--profile]
+//                   [--flash-threads 128|256] [--flash-mma 0|1] [--peak-tflops P]
+//                   [--profile | --profile-sync]
 //
 // --precision fp32 trains Moca<float, Cuda> with its products in --matmul's mode; --precision
 // bf16 trains Moca<bf16, Cuda> (bf16 values and activations, fp32 parameter gradients, master
@@ -24,10 +25,12 @@
 // it beside PyTorch's scaled_dot_product_attention.
 //
 // Prints one JSON object; with --profile, first a table of where the step's device time goes
-// (the profiler's scopes, each waiting for the device at its start and end, over `--steps`
-// further steps). The masks and codebook refreshes are drawn before timing (a real run's
-// loader draws them on its own threads). Model FLOPs are what the step's matrix products and
-// attention report (2·M·N·K each), counted on one extra step; `mfu` divides their rate by
+// over `--steps` further steps: the profiler's scopes timed on the stream by CUDA events
+// (cuda::EventTimeline; the steps run as they do unprofiled), or with --profile-sync by
+// waiting for the device at every scope's start and end (which adds a gap at each). The masks and
+// codebook refreshes are drawn before timing (a real run's loader draws them on its own threads).
+// Model FLOPs are what the step's matrix products and attention report (2·M·N·K each), counted on
+// one extra step; `mfu` divides their rate by
 // --peak-tflops, by default 989 TFLOP/s, the dense bf16 tensor-core peak of an H100/H200 SXM
 // (NVIDIA's datasheet), the yardstick the issue sets whatever precision the step runs in.
 #include <cuda_runtime_api.h>
@@ -62,7 +65,7 @@ using namespace moca;
                "usage: moca_cuda_bench [--preset tiny|vit-s16|vit-b16] [--batch B] [--steps N] "
                "[--warmup W] [--precision fp32|bf16] [--matmul fp32|tf32|bf16] "
                "[--flash-tile 0|16|32|64] [--flash-threads 128|256] [--flash-mma 0|1] "
-               "[--peak-tflops P] [--profile] [--attention B,H,S,hd]\n%s\n",
+               "[--peak-tflops P] [--profile | --profile-sync] [--attention B,H,S,hd]\n%s\n",
                problem.c_str());
   std::exit(2);
 }
@@ -73,7 +76,7 @@ struct Options {
   std::string precision = "fp32", matmul = "fp32";
   int flash_tile = 0, flash_threads = 128;
   bool flash_mma = true;
-  bool profile = false;
+  bool profile = false, profile_sync = false;
   std::vector<std::int64_t> attention;  // B, H, S, hd: time the attention alone
   double peak_tflops = 989.0;
 };
@@ -127,11 +130,17 @@ void bench(const Options& o, const MocaConfig& cfg) {
       static_cast<double>(steps);
 
   if (profile) {
+    cuda::EventTimeline timeline;
     profiler::reset();
-    profiler::set_synchronizer(&cuda::synchronize);
+    if (o.profile_sync)
+      profiler::set_synchronizer(&cuda::synchronize);
+    else
+      profiler::set_timeline(&timeline);
     profiler::enable();
+    cuda::synchronize();
     const auto p0 = std::chrono::steady_clock::now();
     for (std::int64_t i = 0; i < steps; ++i, ++s) model.train_step(x1, x2, plans[s], hyper);
+    cuda::synchronize();
     profiler::enable(false);
     const double all = std::chrono::duration<double>(std::chrono::steady_clock::now() - p0).count();
     std::printf("%-18s %10s %7s %12s %10s\n", "scope", "ms/step", "share", "calls/step",
@@ -143,8 +152,10 @@ void bench(const Options& o, const MocaConfig& cfg) {
       if (e.flops > 0) std::printf(" %10.1f", e.flops / e.seconds / 1e12);
       std::printf("\n");
     }
-    std::printf("profiled step: %.2f ms (synchronised scopes)\n",
-                1e3 * all / static_cast<double>(steps));
+    profiler::set_synchronizer(nullptr);
+    profiler::set_timeline(nullptr);
+    std::printf("profiled step: %.2f ms (%s)\n", 1e3 * all / static_cast<double>(steps),
+                o.profile_sync ? "synchronised scopes" : "scopes timed on the stream");
   }
 
   std::size_t free_bytes = 0, total_bytes = 0;
@@ -271,6 +282,8 @@ int main(int argc, char** argv) {
         usage("--attention takes four positive numbers B,H,S,hd, got " + spec);
     } else if (a == "--profile") {
       o.profile = true;
+    } else if (a == "--profile-sync") {
+      o.profile = o.profile_sync = true;
     } else {
       usage("unknown or incomplete argument: " + a);
     }

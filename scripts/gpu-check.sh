@@ -133,9 +133,11 @@ stage bench 180 python3 -u benchmarks/compare_moca_cuda.py \
 # The attention alone at the ViT-B/16 step's shapes, beside PyTorch's fused attention.
 stage attention 60 python3 -u benchmarks/compare_attention_cuda.py \
   --bench "$build_dir/benchmarks/moca_cuda_bench" --json "$out/bench.jsonl"
-# Where the ViT-B/16 step's device time goes in bf16 mixed precision, scope by scope.
-stage profile 90 "$build_dir/benchmarks/moca_cuda_bench" --preset vit-b16 --batch 64 --steps 3 \
-  --precision bf16 --profile
+# Where the ViT-B/16 step's device time goes in bf16 mixed precision, scope by scope: timed on
+# the stream by CUDA events, then by waiting for the device at every scope boundary.
+stage profile 90 bash -c "for mode in --profile --profile-sync; do
+  '$build_dir/benchmarks/moca_cuda_bench' --preset vit-b16 --batch 64 --steps 3 --precision bf16 \
+    \$mode || exit 1; done"
 # The fused attention's launch, timed (bf16 step): the register-fragment kernels (the default)
 # against the block programs at their default (largest tile, four warps), 32-row tiles and eight
 # warps.

@@ -1,6 +1,7 @@
 // Tensor, Shape, errors, memory counters and the Philox generator.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <chrono>
 #include <moca/core/profiler.hpp>
 #include <moca/core/random.hpp>
@@ -249,4 +250,66 @@ TEST_CASE("profiler: a failure the synchronizer reports at a scope's end is thro
     CHECK_MESSAGE(calls == 1, name);
   }
   profiler::reset();
+}
+
+namespace {
+// A device timeline whose clock the test moves: each mark reads it.
+struct FakeTimeline final : profiler::Timeline {
+  double now = 0.0;
+  std::vector<double> marks;
+  int waited_for = -1;
+  int mark() override {
+    marks.push_back(now);
+    return static_cast<int>(marks.size()) - 1;
+  }
+  double seconds_between(int first, int second) override {
+    waited_for = std::max(waited_for, second);
+    return marks[static_cast<std::size_t>(second)] - marks[static_cast<std::size_t>(first)];
+  }
+  void clear() override { marks.clear(); }
+};
+}  // namespace
+
+TEST_CASE("profiler: scopes on a device timeline are charged the device time between marks") {
+  FakeTimeline device;
+  profiler::reset();
+  profiler::set_timeline(&device);
+  profiler::enable();
+  for (int i = 0; i < 2; ++i) {
+    MOCA_PROFILE_SCOPE("step");
+    device.now += 1.0;  // the step's own work: 1 s of device time
+    {
+      MOCA_PROFILE_SCOPE("linear");
+      device.now += 3.0;
+    }
+    {
+      MOCA_PROFILE_SCOPE("attention");
+      device.now += 2.0;
+      {
+        MOCA_PROFILE_SCOPE("linear");  // nested in another scope, same entry
+        device.now += 0.5;
+      }
+    }
+  }
+  profiler::enable(false);
+  // Nothing is read until the report: the steps ran without waiting.
+  CHECK(device.waited_for == -1);
+  CHECK(device.marks.size() == 16);
+  const auto report = profiler::report();
+  CHECK(device.waited_for == 15);
+  CHECK(device.marks.empty());  // resolved and cleared
+  std::int64_t calls = 0;
+  CHECK(seconds_of(report, "step", &calls) == doctest::Approx(2.0));
+  CHECK(calls == 2);
+  CHECK(seconds_of(report, "linear", &calls) == doctest::Approx(7.0));
+  CHECK(calls == 4);
+  CHECK(seconds_of(report, "attention", &calls) == doctest::Approx(4.0));
+  CHECK(calls == 2);
+  REQUIRE(report.size() == 3);
+  CHECK(std::string(report[0].name) == "linear");
+  // A second report adds nothing more; reset forgets the entries.
+  CHECK(seconds_of(profiler::report(), "step") == doctest::Approx(2.0));
+  profiler::reset();
+  CHECK(profiler::report().empty());
+  profiler::set_timeline(nullptr);
 }

@@ -17,3 +17,4 @@
 #include "moca/backend/cuda/check.hpp"
 #include "moca/backend/cuda/context.hpp"
 #include "moca/backend/cuda/memory.hpp"
+#include "moca/backend/cuda/timeline.hpp"

@@ -12,6 +12,7 @@
 #include <doctest/doctest.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -1904,4 +1905,41 @@ TEST_CASE("cuda: fused attention names a buffer of the wrong shape") {
     CHECK(msg.find("[2, 3, 5]") != std::string::npos);
   }
   CHECK_NOTHROW(ops::attention_forward(qkv, 3, 0.5f, lse, ctx));
+}
+
+TEST_CASE("cuda: the profiler times scopes on the stream, charging each its own device time") {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  // Eight 2048³ float products (about 140 GFLOP) inside "gemm", nested in "outer", which queues
+  // nothing of its own: the products' device time goes to "gemm", and "outer" keeps only the
+  // instants between its marks and the inner ones. Nothing waits until the report.
+  const std::int64_t n = 2048;
+  Tensor<float, Cuda> a({n, n}), b({n, n}), c({n, n});
+  cuda::EventTimeline timeline;
+  profiler::reset();
+  profiler::set_timeline(&timeline);
+  profiler::enable();
+  const auto t0 = std::chrono::steady_clock::now();
+  {
+    MOCA_PROFILE_SCOPE("outer");
+    MOCA_PROFILE_SCOPE("gemm");
+    for (int i = 0; i < 8; ++i) ops::gemm(a, Trans::N, b, Trans::N, c);
+  }
+  profiler::enable(false);
+  const double queued =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const auto report = profiler::report();
+  cuda::synchronize();
+  const double total = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  profiler::set_timeline(nullptr);
+  double gemm = -1, outer = -1;
+  for (const auto& e : report) {
+    if (std::string(e.name) == "gemm") gemm = e.seconds;
+    if (std::string(e.name) == "outer") outer = e.seconds;
+  }
+  INFO("gemm ", gemm, " s, outer ", outer, " s; queued in ", queued, " s, done in ", total, " s");
+  CHECK(gemm > 0);
+  CHECK(gemm <= total);
+  CHECK(outer >= 0);
+  CHECK(outer < 0.1 * gemm);
+  profiler::reset();
 }

@@ -11,11 +11,16 @@
 // Layers that know their arithmetic report it with count_flops(), for GFLOP/s per entry.
 //
 // Layers mark themselves with MOCA_PROFILE_SCOPE("name"). Off, a scope costs one thread-local
-// load and a branch; on, two clock reads and no allocation. The timers measure the calling
-// thread's wall time, which on the CPU backend includes the OpenMP work the scope waits for.
-// A device that queues work asynchronously (CUDA) registers a synchronizer: while the profiler
-// is on, every scope waits for the device at its start and end, so each scope is charged the
-// device time of the work it queued (and the step runs slower, without overlap).
+// load and a branch; on, two clock reads and no allocation (on a timeline, two marks, and
+// room for its record, which stays allocated from one report to the next). The timers measure the
+// calling thread's wall time, which on the CPU backend includes the OpenMP work the scope waits
+// for. A device that queues work asynchronously (CUDA) either registers a synchronizer: while the
+// profiler is on, every scope waits for the device at its start and end, so each scope is
+// charged the device time of the work it queued (and the step runs slower, with a gap at every
+// boundary); or a Timeline: a scope marks the device's queue where it opens and closes (CUDA
+// events), and report() reads the device time between the marks, so the step runs as it does
+// unprofiled. A scope's timeline time includes the device's idle gaps inside it, where the host
+// queues work slower than the device runs it.
 #pragma once
 
 #include <algorithm>
@@ -45,11 +50,36 @@ struct Frame {
   int entry;
   Clock::time_point start;
   double child_seconds;
+  int span;  // its Span on a timeline, or -1
 };
+
+/// A scope timed on a device timeline, resolved by report(): its marks and its parent's span.
+struct Span {
+  int entry, begin, end, parent;
+};
+
+}  // namespace detail
+
+/// A device's queue, as points in it (see the top): the CUDA backend's is cuda::EventTimeline.
+class Timeline {
+ public:
+  virtual ~Timeline() = default;
+  /// Marks the queue where it stands now; returns the mark's number, counting from 0 after
+  /// clear().
+  virtual int mark() = 0;
+  /// Device seconds between two marks; waits until the device has passed the second.
+  virtual double seconds_between(int first, int second) = 0;
+  /// Forgets the marks (keeping their storage for the next ones).
+  virtual void clear() = 0;
+};
+
+namespace detail {
 
 struct State {
   bool enabled = false;
   void (*synchronize)() = nullptr;
+  Timeline* timeline = nullptr;
+  std::vector<Span> spans;  // closed and open scopes on the timeline since the last report
   int entries_used = 0;
   int depth = 0;
   std::array<Entry, kMaxEntries> entries{};
@@ -83,9 +113,35 @@ inline bool enabled() { return detail::state().enabled; }
 /// Waits for the device at every scope boundary while the profiler is on (nullptr: never).
 inline void set_synchronizer(void (*synchronize)()) { detail::state().synchronize = synchronize; }
 
+/// Times scopes on this device timeline while the profiler is on (nullptr: by the host's clock).
+/// The timeline must outlive its use; set it while no scope is open.
+inline void set_timeline(Timeline* timeline) {
+  detail::State& s = detail::state();
+  s.spans.clear();
+  s.timeline = timeline;
+}
+
+namespace detail {
+
+/// Charges the timeline's closed scopes their own device time, once no scope is open (an open
+/// one's marks are not all there yet), and forgets their marks.
+inline void resolve(State& s) {
+  if (s.timeline == nullptr || s.spans.empty() || s.depth > 0) return;
+  for (const Span& span : s.spans) {
+    const double t = s.timeline->seconds_between(span.begin, span.end);
+    s.entries[span.entry].seconds += t;
+    if (span.parent >= 0) s.entries[s.spans[span.parent].entry].seconds -= t;
+  }
+  s.spans.clear();
+  s.timeline->clear();
+}
+
+}  // namespace detail
+
 /// Forgets what was measured on this thread (scopes still open keep timing).
 inline void reset() {
   detail::State& s = detail::state();
+  detail::resolve(s);
   for (int i = 0; i < s.entries_used; ++i) {
     s.entries[i].seconds = 0;
     s.entries[i].calls = 0;
@@ -93,9 +149,10 @@ inline void reset() {
   }
 }
 
-/// This thread's entries, largest time first.
+/// This thread's entries, largest time first. On a timeline, waits for the device first.
 inline std::vector<Entry> report() {
-  const detail::State& s = detail::state();
+  detail::State& s = detail::state();
+  detail::resolve(s);
   std::vector<Entry> out;
   for (int i = 0; i < s.entries_used; ++i)
     if (s.entries[i].calls > 0) out.push_back(s.entries[i]);
@@ -118,9 +175,17 @@ class Scope {
     detail::State& s = detail::state();
     if (!s.enabled || s.depth == detail::kMaxDepth) return;
     if (s.synchronize) s.synchronize();  // a failure here opens no scope
+    const int entry = detail::entry_of(s, name);
+    int span = -1;
+    if (s.timeline) {
+      const int parent = s.depth > 0 ? s.stack[s.depth - 1].span : -1;
+      const int begin = s.timeline->mark();  // likewise
+      span = static_cast<int>(s.spans.size());
+      s.spans.push_back({entry, begin, -1, parent});
+    }
     active_ = true;
     exceptions_ = std::uncaught_exceptions();
-    s.stack[s.depth++] = {detail::entry_of(s, name), detail::Clock::now(), 0.0};
+    s.stack[s.depth++] = {entry, detail::Clock::now(), 0.0, span};
   }
   Scope(const Scope&) = delete;
   Scope& operator=(const Scope&) = delete;
@@ -139,12 +204,23 @@ class Scope {
       }
     }
     const detail::Frame f = s.stack[--s.depth];
-    const double elapsed =
-        std::chrono::duration<double>(detail::Clock::now() - f.start).count();
     Entry& e = s.entries[f.entry];
-    e.seconds += elapsed - f.child_seconds;
     ++e.calls;
-    if (s.depth > 0) s.stack[s.depth - 1].child_seconds += elapsed;
+    if (f.span >= 0) {
+      // On the timeline: the span's time is read by report(). A mark that fails leaves the span
+      // without time (its begin, as a zero-length span).
+      detail::Span& span = s.spans[f.span];
+      span.end = span.begin;
+      try {
+        span.end = s.timeline->mark();
+      } catch (...) {
+        if (!failure) failure = std::current_exception();
+      }
+    } else {
+      const double elapsed = std::chrono::duration<double>(detail::Clock::now() - f.start).count();
+      e.seconds += elapsed - f.child_seconds;
+      if (s.depth > 0) s.stack[s.depth - 1].child_seconds += elapsed;
+    }
     if (failure && std::uncaught_exceptions() == exceptions_) std::rethrow_exception(failure);
   }
 
