@@ -21,9 +21,16 @@
 // (attention.cuh) checks the kernel was built for it, the head width (a multiple of 8 up to 64,
 // so a 16-byte copy is all feature or all padding) and the buffers' alignment, and runs the block
 // programs otherwise.
+//
+// tests/flash_mma_host_test.cpp also compiles this header with a host compiler
+// (MOCA_FLASH_MMA_HOST): tests/host_warps.hpp then supplies the CUDA names, runs a block's 128
+// threads as host threads with barriers, and emulates the warp-wide instructions (ldmatrix,
+// mma.sync, shuffles) with the layouts below, so the kernels' indexing is checked on any machine.
 #pragma once
 
+#if !defined(MOCA_FLASH_MMA_HOST)
 #include <cuda_bf16.h>
+#endif
 #include <math.h>
 
 #include <cstdint>
@@ -54,7 +61,21 @@ template <int NK>
 inline constexpr int kDkdvBytes =
     6 * kTile<NK> * 2 + 4 * kRows * 4;  // k, v, q ×2, do ×2; lse, δ ×2
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+// Whether the kernels have bodies: on sm_80 and later, and in the host emulation.
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) || defined(MOCA_FLASH_MMA_HOST)
+#define MOCA_FLASH_MMA_BODY 1
+#else
+#define MOCA_FLASH_MMA_BODY 0
+#endif
+
+// A kernel's dynamic shared memory.
+#if defined(MOCA_FLASH_MMA_HOST)
+#define MOCA_FLASH_MMA_SHARED(name) unsigned char* name = host_shared_memory()
+#else
+#define MOCA_FLASH_MMA_SHARED(name) extern __shared__ __align__(128) unsigned char name[]
+#endif
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && !defined(MOCA_FLASH_MMA_HOST)
 
 __device__ inline std::uint32_t shared_address(const void* p) {
   return static_cast<std::uint32_t>(__cvta_generic_to_shared(p));
@@ -109,6 +130,15 @@ __device__ inline std::uint32_t pack(float lo, float hi) {
   const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<const std::uint32_t*>(&v);
 }
+
+/// The two bf16 at p (4-byte aligned), widened.
+__device__ inline float2 load_pair(const bf16* p) {
+  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
+}
+
+#endif  // the device's instructions; the host emulation supplies its own
+
+#if MOCA_FLASH_MMA_BODY
 
 /// The A operand of the 16 columns 16·kk … of the accumulators c[n-block][4] (two n-blocks of 8
 /// columns), rounded to bf16: the accumulator layout of two n-blocks is the A layout.
@@ -223,14 +253,14 @@ __device__ inline void next_key_tile(bf16* sk, bf16* sv, const bf16* k, const bf
   __syncthreads();
 }
 
-#endif  // __CUDA_ARCH__ >= 800
+#endif  // MOCA_FLASH_MMA_BODY
 
 /// The forward of 64 query rows of head (blockIdx.z, blockIdx.y): ctx and lse = m + log l.
 template <int NK>
 __global__ void __launch_bounds__(kThreads)
     forward_kernel(int S, int H, int hd, float scale, const bf16* qkv, float* lse, bf16* ctx) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  extern __shared__ __align__(128) unsigned char smem[];
+#if MOCA_FLASH_MMA_BODY
+  MOCA_FLASH_MMA_SHARED(smem);
   bf16* sq = reinterpret_cast<bf16*>(smem);
   bf16* sk = sq + kTile<NK>;      // two buffers
   bf16* sv = sk + 2 * kTile<NK>;  // two buffers
@@ -320,8 +350,8 @@ template <int NK>
 __global__ void __launch_bounds__(kThreads)
     dq_kernel(int S, int H, int hd, float scale, const bf16* qkv, const float* lse, const bf16* ctx,
               const bf16* dctx, float* delta, bf16* dqkv) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  extern __shared__ __align__(128) unsigned char smem[];
+#if MOCA_FLASH_MMA_BODY
+  MOCA_FLASH_MMA_SHARED(smem);
   bf16* sq = reinterpret_cast<bf16*>(smem);
   bf16* sdo = sq + kTile<NK>;
   bf16* sk = sdo + kTile<NK>;     // two buffers
@@ -353,10 +383,8 @@ __global__ void __launch_bounds__(kThreads)
     float d = 0.0f;
     if (r < rows)
       for (int c = 2 * lane; c < hd; c += 64) {
-        const float2 x = __bfloat1622float2(
-            *reinterpret_cast<const __nv_bfloat162*>(dctx + out + (r0 + r) * dim + c));
-        const float2 y = __bfloat1622float2(
-            *reinterpret_cast<const __nv_bfloat162*>(ctx + out + (r0 + r) * dim + c));
+        const float2 x = load_pair(dctx + out + (r0 + r) * dim + c);
+        const float2 y = load_pair(ctx + out + (r0 + r) * dim + c);
         d += x.x * y.x + x.y * y.y;
       }
     for (int w = 16; w >= 1; w /= 2) d += __shfl_xor_sync(0xffffffffu, d, w);
@@ -409,8 +437,8 @@ template <int NK>
 __global__ void __launch_bounds__(kThreads)
     dkdv_kernel(int S, int H, int hd, float scale, const bf16* qkv, const float* lse,
                 const bf16* dctx, const float* delta, bf16* dqkv) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  extern __shared__ __align__(128) unsigned char smem[];
+#if MOCA_FLASH_MMA_BODY
+  MOCA_FLASH_MMA_SHARED(smem);
   bf16* sk = reinterpret_cast<bf16*>(smem);
   bf16* sv = sk + kTile<NK>;
   bf16* sq = sv + kTile<NK>;                                    // two buffers
