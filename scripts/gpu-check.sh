@@ -8,7 +8,7 @@
 #      ViT-B/16 step's time goes (moca_cuda_bench --profile), and the fused attention's kernels,
 #      tiles and block sizes timed against each other;
 #   4. where the build has them, the command-line tests' GPU cases (`moca pretrain --device cuda`,
-#      `moca knn --device cuda`);
+#      `moca knn --device cuda`, `moca extract --device cuda`);
 #   5. compute-sanitizer: memcheck over the op tests and the MOCA parity test, racecheck over the
 #      fused attention's shared memory (three small shapes: racecheck is slow).
 #
@@ -21,8 +21,8 @@
 #
 # Uses the programs already in the build folder when they are there (built on a CPU-only machine
 # with nvcc and copied over: tests/test_ops_cuda, tests/test_moca_cuda, benchmarks/moca_cuda_bench,
-# and for the CLI stage examples/moca, tests/test_cli_pretrain and tests/test_cli_knn, about 34 MB
-# in all; nothing else of the build folder is read); otherwise configures and builds them for the
+# and for the CLI stage examples/moca, tests/test_cli_pretrain, tests/test_cli_knn and
+# tests/test_cli_extract, about 35 MB in all; nothing else of the build folder is read); otherwise configures and builds them for the
 # card present (compute capability from nvidia-smi: sm_90 on H100/H200), which needs the
 # project's build dependencies (scripts/install-deps.sh). Every stage has a time limit; the
 # script goes on after a failed stage, prints a summary and exits non-zero when any stage failed.
@@ -146,10 +146,11 @@ stage tiles 90 bash -c "for launch in '0 128 1' '0 128 0' '32 128 0' '0 256 0'; 
     --precision bf16 --flash-tile \$1 --flash-threads \$2 --flash-mma \$3 || exit 1; done"
 # The program on the GPU, driven as a user would (only where the build made the CLI and its tests).
 if [ -x "$build_dir/examples/moca" ] && [ -x "$build_dir/tests/test_cli_pretrain" ] &&
-   [ -x "$build_dir/tests/test_cli_knn" ]; then
+   [ -x "$build_dir/tests/test_cli_knn" ] && [ -x "$build_dir/tests/test_cli_extract" ]; then
   export MOCA_CLI_PROGRAM="$(cd "$build_dir" && pwd)/examples/moca"
   stage test-cli 120 bash -c "'$build_dir/tests/test_cli_pretrain' --test-case='*--device*' &&
-    '$build_dir/tests/test_cli_knn' --test-case='moca knn reports*' --subcase='--device cuda*'"
+    '$build_dir/tests/test_cli_knn' --test-case='moca knn reports*' --subcase='--device cuda*' &&
+    '$build_dir/tests/test_cli_extract' --test-case='moca extract writes*' --subcase='--device cuda*'"
 fi
 # compute-sanitizer needs the device's debugging interface, which some sandboxed runtimes refuse
 # ("Device not supported"): there its stages are reported as unavailable, not as failures.

@@ -3,6 +3,7 @@
 // expected.
 #include <doctest/doctest.h>
 
+#include <cmath>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -83,6 +84,43 @@ TEST_CASE("moca extract writes the class token and the patch average of the fina
         max_abs = std::max(max_abs, std::abs(static_cast<double>(cls(n, d))));
       }
     CHECK(max_abs > 0.1);  // real features, not zeros
+  }
+
+  SUBCASE("--device cuda: the GPU's features equal the CPU's, or a clear error without one") {
+    const std::string args = " --input " + (dir / "images.safetensors").string() + " --weights " +
+                             (dir / "ckpt.safetensors").string() + model_flags(cfg) +
+                             " --prefix encoder_teacher. --batch 2 --output ";
+    const CliRun cpu = run_cli("extract" + args + (dir / "cpu.safetensors").string(), dir);
+    REQUIRE_MESSAGE(cpu.status == 0, cpu.err);
+    const CliRun gpu =
+        run_cli("extract --device cuda" + args + (dir / "gpu.safetensors").string(), dir);
+    if (gpu.status == 0) {
+      MESSAGE("extracted on the GPU");
+      const auto a = SafetensorsFile::open(dir / "cpu.safetensors");
+      const auto b = SafetensorsFile::open(dir / "gpu.safetensors");
+      CHECK(b.metadata("device") == "cuda");
+      for (const char* name : {"cls", "avg"}) {
+        // fp32 products on both devices: the same features up to float rounding.
+        const Tensor<float> x = a.read<float>(name), y = b.read<float>(name);
+        REQUIRE(x.shape() == y.shape());
+        double d = 0, n = 0;
+        for (std::int64_t i = 0; i < x.numel(); ++i) {
+          d += (double(y.data()[i]) - x.data()[i]) * (double(y.data()[i]) - x.data()[i]);
+          n += double(x.data()[i]) * x.data()[i];
+        }
+        CHECK_MESSAGE(std::sqrt(d / n) < 1e-4, name);
+      }
+    } else {
+      CAPTURE(gpu.err);
+      CHECK(std::getenv("MOCA_REQUIRE_CUDA") == nullptr);  // a run asking for the GPU fails here
+      CHECK((gpu.err.find("--device cuda: no CUDA device is available") != std::string::npos ||
+             gpu.err.find("--device cuda: this moca was built without the CUDA backend") !=
+                 std::string::npos));
+      CHECK(!fs::exists(dir / "gpu.safetensors"));
+    }
+    const CliRun wrong = run_cli("extract --device gpu" + args + "x.safetensors", dir);
+    CHECK(wrong.status != 0);
+    CHECK(wrong.err.find("--device must be cpu or cuda, got 'gpu'") != std::string::npos);
   }
 
   SUBCASE("weights that do not fit the given architecture") {

@@ -8,12 +8,14 @@
 // the checkpoint and --teacher/--student pick the encoder). The images are either the float32
 // tensor `images` [N, C, H, W] (already normalised) of a .safetensors file, or any data set that
 // `moca knn --data` accepts (fashion-mnist[:train|:test], an IDX folder[:split], an IDX images
-// file, an image folder), preprocessed like the k-NN evaluation.
+// file, an image folder), preprocessed like the k-NN evaluation. --device cuda runs the encoder
+// (in float) on the GPU; the images are read and preprocessed on the host.
 #include "extract.hpp"
 
 #include <algorithm>
 #include <cstdio>
 #include <filesystem>
+#include <functional>
 #include <memory>
 #include <moca/data/loader.hpp>
 #include <moca/eval/features.hpp>
@@ -24,6 +26,7 @@
 #include <vector>
 
 #include "data_source.hpp"
+#include "device.hpp"
 #include "knn.hpp"
 #include "run_files.hpp"
 
@@ -34,14 +37,49 @@ namespace {
 const char* const kArchitectureFlags[] = {"--img-size",  "--patch", "--in-chans",
                                           "--embed-dim", "--depth", "--heads"};
 
-// Class token and patch average of the encoder's last output into rows [b, b + n) of cls / avg.
-void pool_both(VisionTransformer<float>& vit, std::int64_t b, Tensor<float>& cls,
-               Tensor<float>& avg, Tensor<float>& scratch) {
-  const TensorView<float> out = vit.output();
-  const std::int64_t n = out.size(0);
-  eval::pool_tokens(out, eval::Pooling::Cls, TensorView<float>(cls).rows(b, b + n), scratch);
-  eval::pool_tokens(out, eval::Pooling::Avg, TensorView<float>(avg).rows(b, b + n), scratch);
+// Runs the encoder over a batch of images [n, C, H, W] and writes the class token and the patch
+// average of its output into rows [b, b + n) of cls and avg.
+using BatchEncoder = std::function<void(const TensorView<float>& images, std::int64_t b)>;
+
+BatchEncoder encoder_on_cpu(VisionTransformer<float>& vit, Tensor<float>& cls, Tensor<float>& avg) {
+  return [&vit, &cls, &avg, scratch = std::make_shared<Tensor<float>>()](
+             const TensorView<float>& images, std::int64_t b) {
+    vit.forward_inference(images);
+    const TensorView<float> out = vit.output();
+    const std::int64_t n = out.size(0);
+    eval::pool_tokens(out, eval::Pooling::Cls, TensorView<float>(cls).rows(b, b + n), *scratch);
+    eval::pool_tokens(out, eval::Pooling::Avg, TensorView<float>(avg).rows(b, b + n), *scratch);
+  };
 }
+
+#if MOCA_WITH_CUDA
+// The same encoder on the GPU (its parameter arenas have the host store's layout): each batch is
+// copied up, and its two pooled rows come back.
+struct GpuEncoder {
+  GpuEncoder(const VitConfig& cfg, const ParameterStore<float>& host)
+      : vit(cfg), params(vit, /*with_grads=*/false) {
+    copy(host.values(), params.values());
+    copy(host.frozen(), params.frozen());
+  }
+  void operator()(const TensorView<float>& images, std::int64_t b, Tensor<float>& cls,
+                  Tensor<float>& avg) {
+    const std::int64_t n = images.size(0), D = vit.config().dim;
+    input.resize(images.shape());
+    pooled.resize({n, D});
+    ops::upload_converted(images, TensorView<float, Cuda>(input), stage);
+    vit.forward_inference(input);
+    for (auto [pooling, out] : {std::pair{eval::Pooling::Cls, &cls}, {eval::Pooling::Avg, &avg}}) {
+      eval::pool_tokens(vit.output(), pooling, TensorView<float, Cuda>(pooled), scratch);
+      ops::download_converted(TensorView<float, Cuda>(pooled),
+                              TensorView<float>(*out).rows(b, b + n), stage);
+    }
+  }
+  VisionTransformer<float, Cuda> vit;
+  ParameterStore<float, Cuda> params;
+  Tensor<float, Cuda> input, pooled, scratch;
+  Tensor<float> stage;
+};
+#endif
 
 }  // namespace
 
@@ -81,6 +119,8 @@ CLI::App* add_extract_command(CLI::App& app, ExtractOptions& opt) {
   auto* student =
       cmd->add_flag("--student", opt.student, "with --checkpoint: the student encoder");
   teacher->excludes(student);
+  cmd->add_option("--device", opt.device, "where the encoder runs: cpu or cuda (the first GPU)")
+      ->capture_default_str();
   cmd->add_option("--batch", opt.batch, "images per forward pass")
       ->capture_default_str()
       ->check(positive_value());
@@ -98,6 +138,7 @@ CLI::App* add_extract_command(CLI::App& app, ExtractOptions& opt) {
 void run_extract(const ExtractOptions& opt) {
   namespace fs = std::filesystem;
   set_cpu_threads(opt.threads);
+  require_device(opt.device);
   auto given = [&](const char* flag) { return opt.command != nullptr && opt.command->count(flag) > 0; };
 
   // The encoder.
@@ -153,7 +194,17 @@ void run_extract(const ExtractOptions& opt) {
 
   // The images, and the features.
   const std::int64_t D = cfg.dim;
-  Tensor<float> cls, avg, scratch;
+  Tensor<float> cls, avg;
+  BatchEncoder encode = encoder_on_cpu(vit, cls, avg);
+#if MOCA_WITH_CUDA
+  std::shared_ptr<GpuEncoder> gpu;
+  if (opt.device == "cuda") {
+    gpu = std::make_shared<GpuEncoder>(cfg, params);
+    encode = [gpu, &cls, &avg](const TensorView<float>& images, std::int64_t b) {
+      (*gpu)(images, b, cls, avg);
+    };
+  }
+#endif
   std::vector<std::int32_t> labels;
   bool labelled = false;
   std::string source;
@@ -178,8 +229,7 @@ void run_extract(const ExtractOptions& opt) {
     train::ProgressBar bar("extract", N);
     for (std::int64_t b = 0; b < N; b += opt.batch) {
       const std::int64_t e = std::min(N, b + opt.batch);
-      vit.forward_inference(images.rows(b, e));
-      pool_both(vit, b, cls, avg, scratch);
+      encode(images.rows(b, e), b);
       bar.update(e);
     }
     bar.finish();
@@ -201,8 +251,7 @@ void run_extract(const ExtractOptions& opt) {
     train::ProgressBar bar("extract", N);
     std::int64_t done = 0;
     while (const data::EvalBatch* batch = loader.next()) {
-      vit.forward_inference(batch->images);
-      pool_both(vit, done, cls, avg, scratch);
+      encode(batch->images, done);
       std::copy(batch->labels.begin(), batch->labels.end(),
                 labels.begin() + static_cast<std::ptrdiff_t>(done));
       done += batch->size();
@@ -223,6 +272,7 @@ void run_extract(const ExtractOptions& opt) {
   out.set_metadata("weights", weights_path);
   out.set_metadata("prefix", prefix);
   out.set_metadata("input", source);
+  out.set_metadata("device", opt.device);
   out.write(opt.output);
   std::printf("wrote %s: cls [%lld, %lld], avg [%lld, %lld]%s\n", opt.output.c_str(),
               static_cast<long long>(N), static_cast<long long>(D), static_cast<long long>(N),

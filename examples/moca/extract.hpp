@@ -14,6 +14,7 @@ struct ExtractOptions {
   double mlp_ratio = 4.0;
   std::int64_t batch = 64;
   int threads = 0, workers = 2;
+  std::string device = "cpu";   ///< where the encoder runs: cpu or cuda
   CLI::App* command = nullptr;  ///< set by add_extract_command: which flags were given
 };
 

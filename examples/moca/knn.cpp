@@ -16,6 +16,7 @@
 #include <omp.h>
 #endif
 
+#include "device.hpp"
 #include "run_files.hpp"
 
 namespace moca::cli {
@@ -300,17 +301,9 @@ void run_knn(const KnnOptions& opt) {
   set_cpu_threads(opt.threads);
   MOCA_CHECK(opt.pixels || !opt.checkpoint.empty(),
              "moca knn: give --checkpoint (a run, checkpoint or weights file) or --pixels");
-  MOCA_CHECK(opt.device == "cpu" || opt.device == "cuda", "--device must be cpu or cuda, got '",
-             opt.device, "'");
-  MOCA_CHECK(!opt.pixels || opt.device == "cpu", "--pixels reads no encoder: --device cuda does "
-             "not apply");
-#if MOCA_WITH_CUDA
-  MOCA_CHECK(opt.device == "cpu" || cuda::available(), "--device cuda: no CUDA device is "
-             "available (no GPU, or no usable driver)");
-#else
-  MOCA_CHECK(opt.device == "cpu", "--device cuda: this moca was built without the CUDA backend "
-             "(configure with nvcc on the PATH, or -DMOCA_WITH_CUDA=ON)");
-#endif
+  MOCA_CHECK(!opt.pixels || opt.device == "cpu", "--pixels reads no encoder: --device ", opt.device,
+             " does not apply");
+  require_device(opt.device);
   KnnProtocol p;
   p.pooling = eval::parse_pooling(opt.pool);
   p.ks = opt.ks;

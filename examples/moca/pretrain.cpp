@@ -42,6 +42,7 @@
 #endif
 
 #include "data_source.hpp"
+#include "device.hpp"
 #include "knn.hpp"
 #include "run_files.hpp"
 
@@ -811,17 +812,14 @@ int run_pretrain(const PretrainOptions& o, const CLI::App& cmd) {
              " sets how float products run; with --precision bf16 every product takes bf16 "
              "operands already");
   const bool bf16_storage = o.precision == "bf16";
+  require_device(o.device);  // for cuda: a build with the backend, and a GPU
   if (o.device == "cpu")
     return bf16_storage ? pretrain_on<bf16, Cpu>(o, cmd) : pretrain_on<float, Cpu>(o, cmd);
 #if MOCA_WITH_CUDA
-  MOCA_CHECK(cuda::available(), "--device cuda: no CUDA device is available (no GPU, or no "
-             "usable driver)");
   cuda::Context::get().set_float_matmul(cuda::parse_float_matmul(o.matmul, "--matmul"));
   return bf16_storage ? pretrain_on<bf16, Cuda>(o, cmd) : pretrain_on<float, Cuda>(o, cmd);
 #else
-  MOCA_CHECK(false, "--device cuda: this moca was built without the CUDA backend (configure "
-             "with nvcc on the PATH, or -DMOCA_WITH_CUDA=ON)");
-  return 1;
+  return 1;  // not reached: require_device has thrown
 #endif
 }
 
