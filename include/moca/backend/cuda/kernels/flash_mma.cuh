@@ -50,7 +50,7 @@ template <int NK>
 inline constexpr int kStride = NK * 16 + 8;
 /// bf16 elements of one [kRows, kStride] tile.
 template <int NK>
-inline constexpr int kTile = kRows* kStride<NK>;
+inline constexpr int kTile = int{kRows} * kStride<NK>;
 
 /// Dynamic shared memory of each kernel, in bytes.
 template <int NK>
