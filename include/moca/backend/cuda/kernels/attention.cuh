@@ -309,12 +309,13 @@ inline bool flash_mma_built() {
 
 /// Whether bf16 heads of width hd over these buffers run on the register-fragment kernels: the
 /// Context's choice, a head width they take, 16-byte aligned buffers (their copies move 16
-/// bytes), token counts within int, and a build for sm_80 or later.
-inline bool flash_mma_applies(std::int64_t hd, std::int64_t S,
+/// bytes), token counts within int, a positive scale (their softmax takes the maximum of the raw
+/// scores), and a build for sm_80 or later.
+inline bool flash_mma_applies(std::int64_t hd, std::int64_t S, float scale,
                               std::initializer_list<const void*> buffers) {
   const Context& c = Context::get();
   if (!c.flash_mma() || c.flash_tile() != 0 || c.flash_threads() != kFlashThreads) return false;
-  if (hd % 8 != 0 || hd > flash_mma::kMaxHeadDim || S > 0x7fffffff) return false;
+  if (hd % 8 != 0 || hd > flash_mma::kMaxHeadDim || S > 0x7fffffff || !(scale > 0)) return false;
   for (const void* p : buffers)
     if (!aligned16(p)) return false;
   return flash_mma_built();
@@ -379,7 +380,7 @@ void attention_forward(std::int64_t B, std::int64_t H, std::int64_t S, std::int6
                        const T* qkv, T* lse, T* ctx) {
   if (B <= 0 || S <= 0) return;
   if constexpr (std::is_same_v<T, bf16>) {
-    if (kernels::flash_mma_applies(hd, S, {qkv, ctx}))
+    if (kernels::flash_mma_applies(hd, S, float(scale), {qkv, ctx}))
       return kernels::flash_mma_forward(B, H, S, hd, float(scale), qkv, kernels::row_terms(lse),
                                         ctx);
   }
@@ -401,7 +402,7 @@ void attention_backward(std::int64_t B, std::int64_t H, std::int64_t S, std::int
                         T* dqkv) {
   if (B <= 0 || S <= 0) return;
   if constexpr (std::is_same_v<T, bf16>) {
-    if (kernels::flash_mma_applies(hd, S, {qkv, ctx, dctx, dqkv}))
+    if (kernels::flash_mma_applies(hd, S, float(scale), {qkv, ctx, dctx, dqkv}))
       return kernels::flash_mma_backward(B, H, S, hd, float(scale), qkv, kernels::row_terms(lse),
                                          ctx, dctx, kernels::row_terms(delta), dqkv);
   }

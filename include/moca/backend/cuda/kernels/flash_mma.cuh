@@ -1,8 +1,9 @@
 // The fused attention of bf16 heads of up to 64 features on register fragments: the same three
 // passes as the block programs of flash_attention.hpp (forward; dq, which also writes δ; dk/dv),
-// with the same arithmetic (bf16 operands, float scores, softmax, lse, δ and accumulators; p and
+// with the same precision (bf16 operands, float scores, softmax, lse, δ and accumulators; p and
 // dS rounded to bf16 for the products that read them; ctx and dqkv rounded once), but the scores
-// and the output accumulators never leave registers:
+// and the output accumulators never leave registers, and the exponentials are base 2 (one fma
+// and one ex2 per score, the log2(e) folded into the scale; lse stays in natural units):
 //
 //   - products are the tensor cores' m16n8k16 bf16 instruction (mma.sync), whose fragment layout
 //     is fixed by the PTX ISA, so a thread knows which score it holds: the softmax runs on the
@@ -44,6 +45,9 @@ inline constexpr int kRows = 64;
 inline constexpr int kThreads = 128;
 /// Widest head the kernels take.
 inline constexpr int kMaxHeadDim = 64;
+
+/// log2(e): the kernels' exponentials are ex2 of scores scaled by scale · log2(e).
+inline constexpr float kLog2e = 1.4426950408889634f;
 
 /// Row stride of a shared-memory tile of a head padded to 16·NK features, in bf16 elements.
 template <int NK>
@@ -216,6 +220,17 @@ __device__ inline void accumulate_times_tile(float acc[2 * NK][4], const float c
   }
 }
 
+/// Sets the scores of columns at or past `cols` (the keys past S in a last, partial key tile) of
+/// the accumulators c[8][4] to −∞, whose exponential is 0.
+__device__ inline void mask_columns(float c[8][4], int cols) {
+  const int t = static_cast<int>(threadIdx.x) % 4;
+#pragma unroll
+  for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+      if (nb * 8 + 2 * t + (e & 1) >= cols) c[nb][e] = -INFINITY;
+}
+
 /// Rows row0 + g and row0 + g + 8 (lane's g = lane / 4) of the accumulators acc[2·NK][4],
 /// times scale, to rows of dst (row stride ld) below `rows`, features below hd, as bf16 pairs.
 template <int NK>
@@ -281,7 +296,10 @@ __global__ void __launch_bounds__(kThreads)
 
   std::uint32_t qa[NK][4];
   float o[2 * NK][4] = {};
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // rows g and g + 8
+  // m: the rows' running maxima of the raw scores q·k (g and g + 8); the softmax runs in base 2,
+  // e^(scale·(s − m)) = 2^(s·scale2 − m·scale2), one fma and one ex2 per score.
+  const float scale2 = scale * kLog2e;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
   for (int j = 0; j < steps; ++j) {
     const int buf = j & 1, c0 = j * kRows;
     next_key_tile<NK>(sk, sv, k, v, ld, S, hd, j, steps);
@@ -290,30 +308,28 @@ __global__ void __launch_bounds__(kThreads)
       const int cols = min(kRows, S - c0), pairs = (cols + 15) / 16;
       float s[8][4];
       times_rows_transposed<NK>(s, qa, sk + buf * kTile<NK>, pairs);
+      if (cols < kRows) mask_columns(s, cols);
       // The online softmax of rows g (e < 2) and g + 8 (e ≥ 2), over the lane's columns and then
       // the four lanes of its row.
       float mx[2] = {m[0], m[1]};
 #pragma unroll
       for (int nb = 0; nb < 8; ++nb)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int c = nb * 8 + 2 * t + (e & 1);
-          s[nb][e] = c < cols ? s[nb][e] * scale : -INFINITY;
-          mx[e >> 1] = fmaxf(mx[e >> 1], s[nb][e]);
-        }
-      float rescale[2], sum[2] = {0.0f, 0.0f};
+        for (int e = 0; e < 4; ++e) mx[e >> 1] = fmaxf(mx[e >> 1], s[nb][e]);
+      float rescale[2], shift[2], sum[2] = {0.0f, 0.0f};
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
         mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
         mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
-        rescale[i] = expf(m[i] - mx[i]);  // 0 on the first step (m = −∞)
+        rescale[i] = exp2f((m[i] - mx[i]) * scale2);  // 0 on the first step (m = −∞)
         m[i] = mx[i];
+        shift[i] = -mx[i] * scale2;
       }
 #pragma unroll
       for (int nb = 0; nb < 8; ++nb)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          s[nb][e] = expf(s[nb][e] - m[e >> 1]);
+          s[nb][e] = exp2f(fmaf(s[nb][e], scale2, shift[e >> 1]));  // masked: 2^−∞ = 0
           sum[e >> 1] += s[nb][e];
         }
       for (int i = 0; i < 2; ++i) l[i] = l[i] * rescale[i] + sum[i];
@@ -334,9 +350,9 @@ __global__ void __launch_bounds__(kThreads)
   store_rows<NK>(o, 1.0f / l[0], 1.0f / l[1],
                  ctx + static_cast<std::int64_t>(blockIdx.z) * S * dim + blockIdx.y * hd + r0 * dim,
                  dim, warp * 16, rows, hd);
-  if (t == 0) {
-    if (own < rows) lse[row + r0 + own] = m[0] + logf(l[0]);
-    if (own + 8 < rows) lse[row + r0 + own + 8] = m[1] + logf(l[1]);
+  if (t == 0) {  // lse in natural units, as the block programs and the CPU keep it
+    if (own < rows) lse[row + r0 + own] = m[0] * scale + logf(l[0]);
+    if (own + 8 < rows) lse[row + r0 + own + 8] = m[1] * scale + logf(l[1]);
   }
 #else
   __trap();  // the launcher runs the block programs instead (built_for_sm80)
@@ -358,7 +374,7 @@ __global__ void __launch_bounds__(kThreads)
   bf16* sv = sk + 2 * kTile<NK>;  // two buffers
   float* sdelta = reinterpret_cast<float*>(sv + 2 * kTile<NK>);
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
-  const int g = lane / 4, t = lane % 4;
+  const int g = lane / 4;
   const std::int64_t dim = static_cast<std::int64_t>(H) * hd, ld = 3 * dim;
   const std::int64_t row = (static_cast<std::int64_t>(blockIdx.z) * H + blockIdx.y) * S;
   const std::int64_t head = static_cast<std::int64_t>(blockIdx.z) * S * ld + blockIdx.y * hd;
@@ -395,8 +411,11 @@ __global__ void __launch_bounds__(kThreads)
   }
   __syncwarp();
   const float delta_row[2] = {sdelta[warp * 16 + g], sdelta[warp * 16 + g + 8]};
-  const float lse_row[2] = {warp * 16 + g < rows ? lse[row + r0 + warp * 16 + g] : 0.0f,
-                            warp * 16 + g + 8 < rows ? lse[row + r0 + warp * 16 + g + 8] : 0.0f};
+  // −lse in base 2: p = e^(s·scale − lse) = 2^(s·scale2 − lse·log2 e).
+  const float scale2 = scale * kLog2e;
+  const float shift[2] = {
+      warp * 16 + g < rows ? -lse[row + r0 + warp * 16 + g] * kLog2e : 0.0f,
+      warp * 16 + g + 8 < rows ? -lse[row + r0 + warp * 16 + g + 8] * kLog2e : 0.0f};
 
   std::uint32_t qa[NK][4], doa[NK][4];
   float dq[2 * NK][4] = {};
@@ -412,13 +431,13 @@ __global__ void __launch_bounds__(kThreads)
       float s[8][4], dp[8][4];
       times_rows_transposed<NK>(s, qa, sk + buf * kTile<NK>, pairs);
       times_rows_transposed<NK>(dp, doa, sv + buf * kTile<NK>, pairs);
+      if (cols < kRows) mask_columns(s, cols);
 #pragma unroll
       for (int nb = 0; nb < 8; ++nb)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int c = nb * 8 + 2 * t + (e & 1);
-          const float p = c < cols ? expf(s[nb][e] * scale - lse_row[e >> 1]) : 0.0f;
-          s[nb][e] = p * (dp[nb][e] - delta_row[e >> 1]);  // dS
+          const float p = exp2f(fmaf(s[nb][e], scale2, shift[e >> 1]));  // masked: 0
+          s[nb][e] = p * (dp[nb][e] - delta_row[e >> 1]);                // dS
         }
       accumulate_times_tile<NK>(dq, s, sk + buf * kTile<NK>, pairs);
     }
@@ -457,13 +476,15 @@ __global__ void __launch_bounds__(kThreads)
   const int steps = (S + kRows - 1) / kRows;
   const bool active = warp * 16 < cols;
 
-  // Query rows past S get lse = +∞, so that their probabilities are 0, and δ = 0.
+  // lse in base 2 (pᵀ = 2^(sᵀ·scale2 − lse·log2 e)); query rows past S get +∞, so that their
+  // probabilities are 0, and δ = 0.
+  const float scale2 = scale * kLog2e;
   auto load_query_tile = [&](int j, int buf) {
     const int r0 = j * kRows, rows = min(kRows, S - r0);
     load_tile<NK>(sq + buf * kTile<NK>, q + r0 * ld, ld, rows, hd);
     load_tile<NK>(sdo + buf * kTile<NK>, dout + r0 * dim, dim, rows, hd);
     for (int r = static_cast<int>(threadIdx.x); r < kRows; r += kThreads) {
-      slse[buf * kRows + r] = r < rows ? lse[row + r0 + r] : INFINITY;
+      slse[buf * kRows + r] = r < rows ? lse[row + r0 + r] * kLog2e : INFINITY;
       sdelta[buf * kRows + r] = r < rows ? delta[row + r0 + r] : 0.0f;
     }
   };
@@ -499,9 +520,9 @@ __global__ void __launch_bounds__(kThreads)
       for (int nb = 0; nb < 8; ++nb)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int c = nb * 8 + 2 * t + (e & 1);      // the query row
-          s[nb][e] = expf(s[nb][e] * scale - tl[c]);   // pᵀ
-          dp[nb][e] = s[nb][e] * (dp[nb][e] - td[c]);  // dSᵀ
+          const int c = nb * 8 + 2 * t + (e & 1);            // the query row
+          s[nb][e] = exp2f(fmaf(s[nb][e], scale2, -tl[c]));  // pᵀ
+          dp[nb][e] = s[nb][e] * (dp[nb][e] - td[c]);        // dSᵀ
         }
       accumulate_times_tile<NK>(dv, s, tdo, pairs);
       accumulate_times_tile<NK>(dk, dp, tq, pairs);
