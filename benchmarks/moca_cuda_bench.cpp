@@ -25,7 +25,9 @@
 // it beside PyTorch's scaled_dot_product_attention.
 //
 // Prints one JSON object; with --profile, first a table of where the step's device time goes
-// over `--steps` further steps: the profiler's scopes timed on the stream by CUDA events
+// over `--steps` further steps, with each scope's TFLOP/s and its memory traffic (the least the
+// ops in it must move, profiler::count_bytes) as GB/s and as a share of the device's measured
+// copy bandwidth: the profiler's scopes timed on the stream by CUDA events
 // (cuda::EventTimeline; the steps run as they do unprofiled), or with --profile-sync by
 // waiting for the device at every scope's start and end (which adds a gap at each). The masks and
 // codebook refreshes are drawn before timing (a real run's loader draws them on its own threads).
@@ -80,6 +82,34 @@ struct Options {
   std::vector<std::int64_t> attention;  // B, H, S, hd: time the attention alone
   double peak_tflops = 989.0;
 };
+
+/// The device's copy bandwidth, bytes read + written per second: the median of 5 copies of 1 GiB
+/// within the device, the yardstick of the profile's memory-bound scopes.
+double copy_bandwidth() {
+  const std::size_t bytes = std::size_t{1} << 30;
+  void *a = nullptr, *b = nullptr;
+  MOCA_CUDA_CHECK(cudaMalloc(&a, bytes));
+  MOCA_CUDA_CHECK(cudaMalloc(&b, bytes));
+  cudaEvent_t start, stop;
+  MOCA_CUDA_CHECK(cudaEventCreate(&start));
+  MOCA_CUDA_CHECK(cudaEventCreate(&stop));
+  std::vector<double> rates;
+  for (int i = 0; i < 6; ++i) {
+    MOCA_CUDA_CHECK(cudaEventRecord(start, cuda::stream()));
+    MOCA_CUDA_CHECK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, cuda::stream()));
+    MOCA_CUDA_CHECK(cudaEventRecord(stop, cuda::stream()));
+    MOCA_CUDA_CHECK(cudaEventSynchronize(stop));
+    float ms = 0;
+    MOCA_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+    if (i > 0) rates.push_back(2.0 * static_cast<double>(bytes) / (1e-3 * ms));  // first: warm-up
+  }
+  MOCA_CUDA_CHECK(cudaEventDestroy(start));
+  MOCA_CUDA_CHECK(cudaEventDestroy(stop));
+  MOCA_CUDA_CHECK(cudaFree(a));
+  MOCA_CUDA_CHECK(cudaFree(b));
+  std::sort(rates.begin(), rates.end());
+  return rates[rates.size() / 2];
+}
 
 /// Times the step of Moca<T, Cuda> and prints the JSON line (and the profile).
 template <class T>
@@ -143,13 +173,21 @@ void bench(const Options& o, const MocaConfig& cfg) {
     cuda::synchronize();
     profiler::enable(false);
     const double all = std::chrono::duration<double>(std::chrono::steady_clock::now() - p0).count();
-    std::printf("%-18s %10s %7s %12s %10s\n", "scope", "ms/step", "share", "calls/step",
-                "TFLOP/s");
+    const double copy_rate = copy_bandwidth();
+    std::printf("device-to-device copy: %.0f GB/s (bytes read + written)\n", copy_rate / 1e9);
+    std::printf("%-18s %10s %7s %12s %10s %9s %9s %7s\n", "scope", "ms/step", "share", "calls/step",
+                "TFLOP/s", "GB/step", "GB/s", "of copy");
     for (const auto& e : profiler::report()) {
       std::printf("%-18s %10.2f %6.1f%% %12.1f", e.name,
                   1e3 * e.seconds / static_cast<double>(steps), 100.0 * e.seconds / all,
                   static_cast<double>(e.calls) / static_cast<double>(steps));
-      if (e.flops > 0) std::printf(" %10.1f", e.flops / e.seconds / 1e12);
+      if (e.flops > 0)
+        std::printf(" %10.1f", e.flops / e.seconds / 1e12);
+      else
+        std::printf(" %10s", "");
+      if (e.bytes > 0)
+        std::printf(" %9.2f %9.0f %6.0f%%", e.bytes / 1e9 / static_cast<double>(steps),
+                    e.bytes / e.seconds / 1e9, 100.0 * e.bytes / e.seconds / copy_rate);
       std::printf("\n");
     }
     profiler::set_synchronizer(nullptr);

@@ -8,7 +8,8 @@
 // "linear" is the GEMMs of every Linear (with their bias); "attention" is the attention core
 // (q·kᵀ, softmax, p·v and their backward) without its two Linears; "moca step" is what the
 // step does outside every layer (masking, gathers, the teacher's targets bookkeeping).
-// GFLOP/s counts the matrix products each scope ran (2·M·N·K each), the model FLOPs of the step.
+// GFLOP/s counts the matrix products each scope ran (2·M·N·K each), the model FLOPs of the step;
+// GB/s the least memory traffic of its ops (each operand read once, each output written once).
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -42,8 +43,8 @@ void profile(const std::string& preset, std::int64_t batch, std::int64_t steps) 
               static_cast<long long>(batch), cpu::max_threads(),
               static_cast<long long>(steps), per_step, static_cast<double>(batch) / per_step,
               static_cast<double>(memory_stats<Cpu>().peak_bytes) / (1024.0 * 1024.0));
-  std::printf("%-18s %10s %7s %12s %10s\n", "scope", "ms/step", "share", "calls/step",
-              "GFLOP/s");
+  std::printf("%-18s %10s %7s %12s %10s %9s %9s\n", "scope", "ms/step", "share", "calls/step",
+              "GFLOP/s", "GB/step", "GB/s");
   double gemm_flops = 0;
   double covered = 0;
   for (const auto& e : profiler::report()) {
@@ -52,7 +53,13 @@ void profile(const std::string& preset, std::int64_t batch, std::int64_t steps) 
     gemm_flops += e.flops;
     std::printf("%-18s %10.1f %6.1f%% %12.1f", e.name, ms, 100.0 * e.seconds / total,
                 static_cast<double>(e.calls) / static_cast<double>(steps));
-    if (e.flops > 0) std::printf(" %10.1f", e.flops / e.seconds / 1e9);
+    if (e.flops > 0)
+      std::printf(" %10.1f", e.flops / e.seconds / 1e9);
+    else
+      std::printf(" %10s", "");
+    if (e.bytes > 0)
+      std::printf(" %9.2f %9.1f", e.bytes / 1e9 / static_cast<double>(steps),
+                  e.bytes / e.seconds / 1e9);
     std::printf("\n");
   }
   std::printf("%-18s %10.1f %6.1f%%\n", "(outside scopes)",

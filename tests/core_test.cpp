@@ -208,6 +208,45 @@ TEST_CASE("profiler: nested scopes are charged their own time only") {
 }
 
 namespace {
+const profiler::Entry* entry_named(const std::vector<profiler::Entry>& report, const char* name) {
+  for (const auto& e : report)
+    if (std::string(e.name) == name) return &e;
+  return nullptr;
+}
+}  // namespace
+
+TEST_CASE("profiler: ops report their least memory traffic and FLOPs to the innermost scope") {
+  Tensor<float> a({10, 100}), b({10, 100}), y({10, 100});
+  Tensor<bf16> h({4, 8}), w({6, 8}), c({4, 6});
+  profiler::reset();
+  ops::gelu(a, y);  // off: not counted
+  profiler::enable();
+  {
+    MOCA_PROFILE_SCOPE("outer");
+    ops::gelu(a, y);                         // read a, write y: 2 · 1000 · 4 bytes
+    ops::gemm(h, Trans::N, w, Trans::T, c);  // (32 + 48 + 24) bf16, 2·4·6·8 FLOPs
+    ops::axpby(2.0f, TensorView<float>(a), 1.0f, TensorView<float>(y));  // a, y read; y written
+    {
+      MOCA_PROFILE_SCOPE("inner");
+      ops::add(a, b, y);                                 // 3 · 4000 bytes
+      copy(TensorView<float>(a), TensorView<float>(b));  // 2 · 4000 bytes
+    }
+  }
+  profiler::enable(false);
+  const auto report = profiler::report();
+  const profiler::Entry* outer = entry_named(report, "outer");
+  const profiler::Entry* inner = entry_named(report, "inner");
+  REQUIRE(outer != nullptr);
+  REQUIRE(inner != nullptr);
+  CHECK(outer->bytes == 8000.0 + 2.0 * (32 + 48 + 24) + 12000.0);
+  CHECK(outer->flops == 2.0 * 4 * 6 * 8);
+  CHECK(inner->bytes == 12000.0 + 8000.0);
+  CHECK(inner->flops == 0.0);
+  profiler::reset();
+  CHECK(profiler::report().empty());
+}
+
+namespace {
 // A device whose next wait reports a failure (as a CUDA stream does after a faulting kernel).
 bool g_device_failed = false;
 void failing_synchronize() {

@@ -8,7 +8,9 @@
 //     std::printf("%-20s %8.1f ms %6lld calls\n", e.name, 1e3 * e.seconds, e.calls);
 //   moca::profiler::reset();
 //
-// Layers that know their arithmetic report it with count_flops(), for GFLOP/s per entry.
+// Ops report their arithmetic with count_flops(), for GFLOP/s per entry, and the bytes they move
+// at least (each operand read once, each output written once) with count_bytes(), for GB/s: a
+// memory-bound scope's rate against the device's copy bandwidth says how far it is from done.
 //
 // Layers mark themselves with MOCA_PROFILE_SCOPE("name"). Off, a scope costs one thread-local
 // load and a branch; on, two clock reads and no allocation (on a timeline, two marks, and
@@ -38,6 +40,7 @@ struct Entry {
   double seconds = 0.0;     ///< exclusive of nested scopes
   std::int64_t calls = 0;
   double flops = 0.0;       ///< floating-point operations the scope reported (count_flops)
+  double bytes = 0.0;       ///< least memory traffic the scope reported (count_bytes)
 };
 
 namespace detail {
@@ -146,6 +149,7 @@ inline void reset() {
     s.entries[i].seconds = 0;
     s.entries[i].calls = 0;
     s.entries[i].flops = 0;
+    s.entries[i].bytes = 0;
   }
 }
 
@@ -166,6 +170,14 @@ inline std::vector<Entry> report() {
 inline void count_flops(double flops) {
   detail::State& s = detail::state();
   if (s.enabled && s.depth > 0) s.entries[s.stack[s.depth - 1].entry].flops += flops;
+}
+
+/// Adds `bytes` of memory traffic to the innermost open scope: what the op must move at least,
+/// each operand it reads counted once and each output it writes once (an input that is also its
+/// output, twice). Does nothing while the profiler is off or no scope is open.
+inline void count_bytes(double bytes) {
+  detail::State& s = detail::state();
+  if (s.enabled && s.depth > 0) s.entries[s.stack[s.depth - 1].entry].bytes += bytes;
 }
 
 /// Times its own lifetime under `name` while the profiler is on.

@@ -19,6 +19,7 @@
 #include "moca/core/check.hpp"
 #include "moca/core/device.hpp"
 #include "moca/core/memory.hpp"
+#include "moca/core/profiler.hpp"
 #include "moca/core/shape.hpp"
 
 namespace moca {
@@ -110,9 +111,11 @@ void copy(const TensorView<T, Ds>& src, const TensorView<T, Dd>& dst) {
   MOCA_CHECK(src.numel() == dst.numel(), "copy: source ", src.shape(), " and destination ",
              dst.shape(), " differ in size");
   if constexpr (std::is_same_v<Dd, Cpu> && std::is_same_v<Ds, Cpu>) {
+    profiler::count_bytes(2.0 * static_cast<double>(src.bytes()));
     Memory<Cpu>::copy(dst.data(), src.data(), src.bytes());
   } else if constexpr (std::is_same_v<Dd, Ds>) {
     // Within one device: ordered with its kernels, and like them not waited for.
+    profiler::count_bytes(2.0 * static_cast<double>(src.bytes()));
     Memory<Dd>::copy_within(dst.data(), src.data(), src.bytes());
   } else {
     // The non-host side's Memory copies in any direction (unified addressing).

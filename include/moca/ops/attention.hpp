@@ -129,6 +129,7 @@ void attention_forward(const TensorView<T, D>& qkv, std::int64_t heads, Scalar<T
   const std::int64_t B = qkv.size(0), S = qkv.size(1), hd = qkv.size(2) / 3 / heads;
   if constexpr (attention_impl::FusedAttentionBackend<T, D>) {
     profiler::count_flops(4.0 * double(B * heads) * double(S) * double(S) * double(hd));
+    moca::detail::count_traffic(qkv, saved, ctx);
     Backend<D>::attention_forward(B, heads, S, hd, T(scale), qkv.data(), saved.data(),
                                   ctx.data());
   } else {
@@ -150,6 +151,7 @@ void attention_backward(const TensorView<T, D>& qkv, const TensorView<T, D>& sav
   if constexpr (attention_impl::FusedAttentionBackend<T, D>) {
     // The model's FLOPs (as if P were kept): a recomputing backend does more, not counted.
     profiler::count_flops(8.0 * double(B * heads) * double(S) * double(S) * double(hd));
+    moca::detail::count_traffic(qkv, saved, ctx, dctx, work, dqkv);
     Backend<D>::attention_backward(B, heads, S, hd, T(scale), qkv.data(), saved.data(),
                                    ctx.data(), dctx.data(), work.data(), dqkv.data());
   } else {

@@ -8,6 +8,7 @@ namespace moca::ops {
 
 template <class T, class D>
 void fill(const TensorView<T, D>& x, Scalar<T> value) {
+  detail::count_traffic(x);
   Backend<D>::fill(x.numel(), T(value), x.data());
 }
 template <class T, class D>
@@ -19,6 +20,10 @@ void zero(const TensorView<T, D>& x) {
 template <class T, class D>
 void axpby(Scalar<T> alpha, const TensorView<T, D>& x, Scalar<T> beta, const TensorView<T, D>& y) {
   detail::check_same_size("axpby", x, y);
+  if (beta == T(0))
+    detail::count_traffic(x, y);
+  else
+    detail::count_traffic(x, y, y);
   Backend<D>::axpby(x.numel(), T(alpha), x.data(), T(beta), y.data());
 }
 /// y += alpha · x
@@ -29,6 +34,7 @@ void axpy(Scalar<T> alpha, const TensorView<T, D>& x, const TensorView<T, D>& y)
 /// x *= alpha
 template <class T, class D>
 void scale(const TensorView<T, D>& x, Scalar<T> alpha) {
+  detail::count_traffic(x, x);
   Backend<D>::scale(x.numel(), T(alpha), x.data());
 }
 /// y = a + b
@@ -36,6 +42,7 @@ template <class T, class D>
 void add(const TensorView<T, D>& a, const TensorView<T, D>& b, const TensorView<T, D>& y) {
   detail::check_same_size("add", a, b);
   detail::check_same_size("add", a, y);
+  detail::count_traffic(a, b, y);
   Backend<D>::add(a.numel(), a.data(), b.data(), y.data());
 }
 /// y = a ⊙ b
@@ -43,6 +50,7 @@ template <class T, class D>
 void mul(const TensorView<T, D>& a, const TensorView<T, D>& b, const TensorView<T, D>& y) {
   detail::check_same_size("mul", a, b);
   detail::check_same_size("mul", a, y);
+  detail::count_traffic(a, b, y);
   Backend<D>::mul(a.numel(), a.data(), b.data(), y.data());
 }
 
@@ -51,6 +59,7 @@ void mul(const TensorView<T, D>& a, const TensorView<T, D>& b, const TensorView<
 template <class S, class T, class D>
 void convert(const TensorView<S, D>& x, const TensorView<T, D>& y) {
   detail::check_same_size("convert", x, y);
+  detail::count_traffic(x, y);
   Backend<D>::convert(x.numel(), x.data(), y.data());
 }
 
@@ -93,6 +102,7 @@ void add_bias(const TensorView<T, D>& x, const TensorView<T, D>& bias) {
   const auto m = x.matrix();
   MOCA_CHECK(bias.numel() == m.size(1), "add_bias: bias ", bias.shape(),
              " does not match the last dimension of ", x.shape());
+  detail::count_traffic(x, x, bias);
   Backend<D>::add_bias(m.size(0), m.size(1), bias.data(), m.data());
 }
 
@@ -100,6 +110,7 @@ void add_bias(const TensorView<T, D>& x, const TensorView<T, D>& bias) {
 template <class T, class D>
 void gelu(const TensorView<T, D>& x, const TensorView<T, D>& y) {
   detail::check_same_size("gelu", x, y);
+  detail::count_traffic(x, y);
   Backend<D>::gelu_forward(x.numel(), x.data(), y.data());
 }
 /// dx = dy · gelu'(x)
@@ -108,6 +119,7 @@ void gelu_backward(const TensorView<T, D>& x, const TensorView<T, D>& dy,
                    const TensorView<T, D>& dx) {
   detail::check_same_size("gelu_backward", x, dy);
   detail::check_same_size("gelu_backward", x, dx);
+  detail::count_traffic(x, dy, dx);
   Backend<D>::gelu_backward(x.numel(), x.data(), dy.data(), dx.data());
 }
 
@@ -115,6 +127,7 @@ void gelu_backward(const TensorView<T, D>& x, const TensorView<T, D>& dy,
 template <class T, class D>
 void relu(const TensorView<T, D>& x, const TensorView<T, D>& y) {
   detail::check_same_size("relu", x, y);
+  detail::count_traffic(x, y);
   Backend<D>::relu_forward(x.numel(), x.data(), y.data());
 }
 /// dx = dy where x > 0, else 0
@@ -123,6 +136,7 @@ void relu_backward(const TensorView<T, D>& x, const TensorView<T, D>& dy,
                    const TensorView<T, D>& dx) {
   detail::check_same_size("relu_backward", x, dy);
   detail::check_same_size("relu_backward", x, dx);
+  detail::count_traffic(x, dy, dx);
   Backend<D>::relu_backward(x.numel(), x.data(), dy.data(), dx.data());
 }
 

@@ -29,6 +29,10 @@ void gemm(const TensorView<T, D>& A, Trans ta, const TensorView<T, D>& B, Trans 
   MOCA_CHECK(K == Kb && c.size(0) == M && c.size(1) == N, "gemm: incompatible shapes: A ",
              A.shape(), tA ? "ᵀ" : "", " · B ", B.shape(), tB ? "ᵀ" : "", " -> C ", C.shape());
   profiler::count_flops(2.0 * double(M) * double(N) * double(K));
+  if (G(beta) == G(0))
+    detail::count_traffic(a, b, c);
+  else
+    detail::count_traffic(a, b, c, c);
   Backend<D>::gemm(tA, tB, M, N, K, G(alpha), a.data(), a.size(1), b.data(), b.size(1), G(beta),
                    c.data(), c.size(1));
 }
@@ -54,6 +58,7 @@ void gemm_bias(const TensorView<T, D>& A, Trans ta, const TensorView<T, D>& B, T
              tB ? "ᵀ" : "", " + bias ", bias.shape(), " -> C ", C.shape());
   if constexpr (gemm_impl::BiasGemmBackend<T, D>) {
     profiler::count_flops(2.0 * double(M) * double(N) * double(K));
+    detail::count_traffic(a, b, bias, c);
     Backend<D>::gemm_bias(tA, tB, M, N, K, a.data(), a.size(1), b.data(), b.size(1), bias.data(),
                           c.data(), c.size(1));
   } else {
@@ -102,6 +107,8 @@ void gemm_batched(const StridedBatch<T, D>& A, Trans ta, const StridedBatch<T, D
              tA ? "ᵀ" : "", " · B ", B.count, "×[", B.rows, ", ", B.cols, "]", tB ? "ᵀ" : "",
              " -> C ", C.count, "×[", C.rows, ", ", C.cols, "]");
   profiler::count_flops(2.0 * double(M) * double(N) * double(K) * double(A.count));
+  profiler::count_bytes(double(A.count) * sizeof(T) *
+                        double(M * K + K * N + (T(beta) == T(0) ? 1 : 2) * M * N));
   Backend<D>::gemm_strided_batched(tA, tB, M, N, K, T(alpha), A.data, A.ld, A.stride, B.data,
                                    B.ld, B.stride, T(beta), C.data, C.ld, C.stride, A.count);
 }

@@ -15,6 +15,7 @@ void gather_rows(const TensorView<T, D>& src, const TensorView<Index, D>& idx,
   MOCA_CHECK(dst.size(0) == idx.numel() && dst.numel() == idx.numel() * C,
              "gather_rows: source ", src.shape(), " with ", idx.numel(),
              " indices cannot fill destination ", dst.shape());
+  detail::count_traffic(idx, dst, dst);  // the rows read, as many as written
   Backend<D>::gather_rows(idx.numel(), C, src.data(), src.size(0), idx.data(), dst.data());
 }
 
@@ -28,6 +29,7 @@ void scatter_add_rows(const TensorView<T, D>& src, const TensorView<Index, D>& i
   MOCA_CHECK(src.size(0) == idx.numel() && src.numel() == idx.numel() * C,
              "scatter_add_rows: source ", src.shape(), " with ", idx.numel(),
              " indices does not match destination ", dst.shape());
+  detail::count_traffic(idx, src, src, src);  // src, and the rows it adds to read and written
   Backend<D>::scatter_add_rows(idx.numel(), C, src.data(), idx.data(), dst.size(0), dst.data());
 }
 

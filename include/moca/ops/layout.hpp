@@ -22,6 +22,7 @@ void copy_strided(const StridedBatch<T, D>& src, const StridedBatch<T, D>& dst,
   MOCA_CHECK(dst.ld >= dst.cols && (dst.stride >= dst.rows * dst.ld || dst.count <= 1),
              "copy_strided: destination rows or matrices overlap (ld ", dst.ld, ", stride ",
              dst.stride, ")");
+  profiler::count_bytes(2.0 * sizeof(T) * double(src.count * src.rows * src.cols));
   Backend<D>::copy_strided(src.count, src.rows, src.cols, src.data, src.ld, src.stride, dst.data,
                            dst.ld, dst.stride, accumulate);
 }
@@ -37,6 +38,7 @@ void patchify(const TensorView<T, D>& images, std::int64_t patch, const TensorVi
   MOCA_CHECK(patches.numel() == images.numel() && patches.shape().last() == C * patch * patch,
              "patchify: patches ", patches.shape(), " do not match images ", images.shape(),
              " with patch ", patch);
+  detail::count_traffic(images, patches);
   Backend<D>::patchify(N, C, H, W, patch, images.data(), patches.data());
 }
 
@@ -53,6 +55,7 @@ void unpatchify(const TensorView<T, D>& patches, std::int64_t patch,
   MOCA_CHECK(patches.numel() == images.numel() && patches.shape().last() == C * patch * patch,
              "unpatchify: patches ", patches.shape(), " do not match images ", images.shape(),
              " with patch ", patch);
+  detail::count_traffic(patches, images);
   Backend<D>::unpatchify(N, C, H, W, patch, patches.data(), images.data());
 }
 

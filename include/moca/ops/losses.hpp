@@ -91,6 +91,8 @@ double soft_target_loss(const TensorView<T, D>& z, const TensorView<T, D>& targe
                      ") outside the ", R, " rows of targets ", targets.shape());
       }
     }
+    detail::count_traffic(z, z, dz);  // the logits, as many target values, the gradient
+    if (rows) detail::count_traffic(*rows);
     return Backend<D>::soft_target_rows(M, K, z.data(), targets.data(),
                                         targets.shape().leading(),
                                         rows ? rows->data() : nullptr, entropy, T(grad_scale),

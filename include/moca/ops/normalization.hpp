@@ -67,6 +67,7 @@ void layer_norm(const TensorView<T, D>& x, const TensorView<T, D>& gamma,
                 const TensorView<compute_t<T>, D>& mean, const TensorView<compute_t<T>, D>& rstd) {
   norm_impl::check_forward("layer_norm", x, gamma, beta, y, mean, rstd);
   const std::int64_t M = x.shape().leading(), N = x.shape().last();
+  detail::count_traffic(x, gamma, beta, y, mean, rstd);
   Backend<D>::layer_norm_forward(M, N, x.data(), gamma.empty() ? nullptr : gamma.data(),
                                  beta.empty() ? nullptr : beta.data(), eps, y.data(), mean.data(),
                                  rstd.data());
@@ -82,6 +83,7 @@ void layer_norm_backward(const TensorView<T, D>& x, const TensorView<T, D>& gamm
                          const TensorView<compute_t<T>, D>& dbeta) {
   norm_impl::check_backward("layer_norm_backward", x, gamma, mean, rstd, dy, dx, dgamma, dbeta);
   const std::int64_t M = x.shape().leading(), N = x.shape().last();
+  detail::count_traffic(x, gamma, mean, rstd, dy, dx, dgamma, dgamma, dbeta, dbeta);
   Backend<D>::layer_norm_backward(M, N, x.data(), gamma.empty() ? nullptr : gamma.data(),
                                   mean.data(), rstd.data(), dy.data(), dx.data(),
                                   dgamma.empty() ? nullptr : dgamma.data(),
@@ -102,6 +104,7 @@ void add_layer_norm(const TensorView<T, D>& x, const TensorView<T, D>& add,
   if constexpr (norm_impl::ResidualNormBackend<T, D>) {
     norm_impl::check_forward("add_layer_norm", x, gamma, beta, y, mean, rstd);
     const std::int64_t M = x.shape().leading(), N = x.shape().last();
+    detail::count_traffic(x, add, gamma, beta, sum, y, mean, rstd);
     Backend<D>::add_layer_norm_forward(M, N, x.data(), add.data(),
                                        gamma.empty() ? nullptr : gamma.data(),
                                        beta.empty() ? nullptr : beta.data(), eps, sum.data(),
@@ -129,6 +132,7 @@ void layer_norm_backward_add(const TensorView<T, D>& x, const TensorView<T, D>& 
     norm_impl::check_backward("layer_norm_backward_add", x, gamma, mean, rstd, dy, dx, dgamma,
                               dbeta);
     const std::int64_t M = x.shape().leading(), N = x.shape().last();
+    detail::count_traffic(x, gamma, mean, rstd, dy, residual, dx, dgamma, dgamma, dbeta, dbeta);
     Backend<D>::layer_norm_backward_add(M, N, x.data(), gamma.empty() ? nullptr : gamma.data(),
                                         mean.data(), rstd.data(), dy.data(), residual.data(),
                                         dx.data(), dgamma.empty() ? nullptr : dgamma.data(),
@@ -148,6 +152,7 @@ void l2_normalize(const TensorView<T, D>& x, double eps, const TensorView<T, D>&
   detail::check_same_shape("l2_normalize", x, y);
   MOCA_CHECK(norm.numel() == x.shape().leading(), "l2_normalize: norm ", norm.shape(),
              " must hold one value per row of ", x.shape());
+  detail::count_traffic(x, y, norm);
   Backend<D>::l2_normalize_rows_forward(x.shape().leading(), x.shape().last(), x.data(), eps,
                                         y.data(), norm.data());
 }
@@ -156,6 +161,7 @@ void l2_normalize(const TensorView<T, D>& x, double eps, const TensorView<T, D>&
 /// with p = 1): the MOCA codebook's bag-of-words targets.
 template <class T, class D>
 void l1_normalize(const TensorView<T, D>& x, double eps) {
+  detail::count_traffic(x, x);
   Backend<D>::l1_normalize_rows(x.shape().leading(), x.shape().last(), eps, x.data());
 }
 
@@ -167,6 +173,7 @@ void l2_normalize_backward(const TensorView<T, D>& y, const TensorView<compute_t
   detail::check_same_shape("l2_normalize_backward", y, dx);
   MOCA_CHECK(norm.numel() == y.shape().leading(), "l2_normalize_backward: norm ", norm.shape(),
              " must hold one value per row of ", y.shape());
+  detail::count_traffic(y, norm, dy, dx);
   Backend<D>::l2_normalize_rows_backward(y.shape().leading(), y.shape().last(), y.data(),
                                          norm.data(), eps, dy.data(), dx.data());
 }

@@ -25,6 +25,7 @@ void adamw(const TensorView<T, D>& p, const TensorView<G, D>& g, const TensorVie
   detail::check_same_size("adamw", p, m);
   detail::check_same_size("adamw", p, v);
   MOCA_CHECK(s.step >= 1, "adamw: step counts from 1, got ", s.step);
+  detail::count_traffic(p, p, g, m, m, v, v);
   Backend<D>::adamw(p.numel(), p.data(), g.data(), m.data(), v.data(), s.lr, s.beta1, s.beta2,
                     s.eps, s.weight_decay, s.step);
 }

@@ -19,6 +19,10 @@ void sum(const TensorView<T, D>& x, int axis, const TensorView<Y, D>& y, Scalar<
   for (int d = axis + 1; d < x.rank(); ++d) inner *= x.size(d);
   MOCA_CHECK(y.numel() == outer * inner, "sum: output ", y.shape(), " does not match ", x.shape(),
              " reduced over axis ", axis);
+  if (Y(beta) == Y(0))
+    detail::count_traffic(x, y);
+  else
+    detail::count_traffic(x, y, y);
   Backend<D>::sum_middle(outer, x.size(axis), inner, Y(alpha), x.data(), Y(beta), y.data());
 }
 
@@ -33,6 +37,7 @@ void mean(const TensorView<T, D>& x, int axis, const TensorView<T, D>& y, Scalar
 /// Σ x², accumulated in double; the result does not depend on the thread count.
 template <class T, class D>
 double sum_squares(const TensorView<T, D>& x) {
+  detail::count_traffic(x);
   return Backend<D>::sum_squares(x.numel(), x.data());
 }
 

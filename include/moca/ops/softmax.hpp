@@ -14,11 +14,13 @@ namespace moca::ops {
 template <class T, class D>
 void softmax(const TensorView<T, D>& x, const TensorView<T, D>& y) {
   detail::check_same_shape("softmax", x, y);
+  detail::count_traffic(x, y);
   Backend<D>::softmax_rows(x.shape().leading(), x.shape().last(), x.data(), y.data());
 }
 template <class T, class D>
 void log_softmax(const TensorView<T, D>& x, const TensorView<T, D>& y) {
   detail::check_same_shape("log_softmax", x, y);
+  detail::count_traffic(x, y);
   Backend<D>::log_softmax_rows(x.shape().leading(), x.shape().last(), x.data(), y.data());
 }
 /// Given y = softmax(x) and dy, writes dx (may alias dy).
@@ -27,6 +29,7 @@ void softmax_backward(const TensorView<T, D>& y, const TensorView<T, D>& dy,
                       const TensorView<T, D>& dx) {
   detail::check_same_shape("softmax_backward", y, dy);
   detail::check_same_shape("softmax_backward", y, dx);
+  detail::count_traffic(y, dy, dx);
   Backend<D>::softmax_rows_backward(y.shape().leading(), y.shape().last(), y.data(), dy.data(),
                                     dx.data());
 }
@@ -36,6 +39,7 @@ void log_softmax_backward(const TensorView<T, D>& y, const TensorView<T, D>& dy,
                           const TensorView<T, D>& dx) {
   detail::check_same_shape("log_softmax_backward", y, dy);
   detail::check_same_shape("log_softmax_backward", y, dx);
+  detail::count_traffic(y, dy, dx);
   Backend<D>::log_softmax_rows_backward(y.shape().leading(), y.shape().last(), y.data(),
                                         dy.data(), dx.data());
 }
@@ -72,6 +76,7 @@ void softmax_with_spread(const TensorView<T, D>& x, Scalar<T> scale, const Tenso
              spread.shape(), " needs one value per row of ", x.shape());
   MOCA_CHECK(T(scale) > T(0), "softmax_with_spread: scale ", T(scale), " must be positive");
   if constexpr (softmax_impl::SpreadBackend<T, D>) {
+    detail::count_traffic(x, x, spread);
     Backend<D>::softmax_spread_rows(M, N, T(scale), x.data(), spread.data());
   } else {
     softmax_impl::spread_composed(x, T(scale), spread, workspace);

@@ -10,6 +10,7 @@ template <class T, class D>
 void row_max(const TensorView<T, D>& x, const TensorView<T, D>& y) {
   MOCA_CHECK(y.numel() == x.shape().leading(), "row_max: output ", y.shape(),
              " must hold one value per row of ", x.shape());
+  detail::count_traffic(x, y);
   Backend<D>::row_max(x.shape().leading(), x.shape().last(), x.data(), y.data());
 }
 
@@ -28,6 +29,7 @@ void batch_norm(const TensorView<T, D>& x, const TensorView<T, D>& gamma,
              "batch_norm: weight ", gamma.shape(), ", bias ", beta.shape(), ", mean ",
              mean.shape(), " and var ", var.shape(), " must have one value per column of ",
              x.shape());
+  detail::count_traffic(x, x, y);  // statistics over the columns, then the normalised values
   Backend<D>::batch_norm_forward(M, N, x.data(), gamma.empty() ? nullptr : gamma.data(),
                                  beta.empty() ? nullptr : beta.data(), eps, y.data(), mean.data(),
                                  var.data());
@@ -48,6 +50,7 @@ void batch_norm_backward(const TensorView<T, D>& x, const TensorView<T, D>& gamm
   MOCA_CHECK((gamma.empty() || gamma.numel() == N) && (dgamma.empty() || dgamma.numel() == N) &&
                  (dbeta.empty() || dbeta.numel() == N) && mean.numel() == N && var.numel() == N,
              "batch_norm_backward: parameter or statistics shapes do not match ", x.shape());
+  detail::count_traffic(x, dy, x, dy, dx);  // the column sums, then dx
   Backend<D>::batch_norm_backward(M, N, x.data(), gamma.empty() ? nullptr : gamma.data(),
                                   mean.data(), var.data(), eps, dy.data(), dx.data(),
                                   dgamma.empty() ? nullptr : dgamma.data(),
@@ -58,6 +61,7 @@ void batch_norm_backward(const TensorView<T, D>& x, const TensorView<T, D>& gamm
 template <class T, class D>
 double xlogy_sum(const TensorView<T, D>& x, const TensorView<T, D>& y) {
   detail::check_same_size("xlogy_sum", x, y);
+  detail::count_traffic(x, y);
   return Backend<D>::xlogy_sum(x.numel(), x.data(), y.data());
 }
 
