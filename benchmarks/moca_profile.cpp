@@ -1,7 +1,7 @@
 // Where one MOCA iteration spends its time, by layer and update (moca/core/profiler.hpp), with
 // throughput and peak memory: the per-op profile docs/performance.md records.
 //
-//   build/benchmarks/moca_profile [--preset tiny|vit-s16] [--batch B] [--steps N]
+//   build/benchmarks/moca_profile [--preset tiny|vit-s16|vit-b16] [--batch B] [--steps N]
 //                                 [--precision fp32|bf16]
 //
 // The first step sizes every buffer and is not counted; threads come from OMP_NUM_THREADS.
@@ -25,7 +25,10 @@ namespace {
 template <class T>
 void profile(const std::string& preset, std::int64_t batch, std::int64_t steps) {
   using namespace moca;
-  bench::MocaRig<T> rig(preset == "tiny" ? MocaConfig::tiny() : MocaConfig::vit_s16(), batch);
+  bench::MocaRig<T> rig(preset == "tiny"      ? MocaConfig::tiny()
+                        : preset == "vit-s16" ? MocaConfig::vit_s16()
+                                              : MocaConfig::vit_b16(),
+                        batch);
   profiler::reset();
   profiler::enable();
   double total = 0;
@@ -88,15 +91,15 @@ int main(int argc, char** argv) {
       precision = argv[++i];
     } else {
       std::fprintf(stderr,
-                   "usage: moca_profile [--preset tiny|vit-s16] [--batch B] [--steps N] "
+                   "usage: moca_profile [--preset tiny|vit-s16|vit-b16] [--batch B] [--steps N] "
                    "[--precision fp32|bf16]\n"
                    "unknown or incomplete argument: %s\n",
                    a.c_str());
       return 2;
     }
   }
-  if (preset != "tiny" && preset != "vit-s16") {
-    std::fprintf(stderr, "moca_profile: --preset must be tiny or vit-s16, got %s\n",
+  if (preset != "tiny" && preset != "vit-s16" && preset != "vit-b16") {
+    std::fprintf(stderr, "moca_profile: --preset must be tiny, vit-s16 or vit-b16, got %s\n",
                  preset.c_str());
     return 2;
   }
