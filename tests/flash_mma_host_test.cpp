@@ -16,7 +16,7 @@
 #include <vector>
 
 #include "host_warps.hpp"
-#define MOCA_FLASH_MMA_HOST
+#define MOCA_KERNELS_ON_HOST
 #include <moca/backend/cuda/kernels/flash_mma.cuh>
 #include <moca/moca.hpp>
 

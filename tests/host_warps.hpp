@@ -1,4 +1,4 @@
-// CUDA's names for kernels/flash_mma.cuh compiled on the host (MOCA_FLASH_MMA_HOST): a block's
+// CUDA's names for kernels/flash_mma.cuh compiled on the host (MOCA_KERNELS_ON_HOST): a block's
 // threads run as host threads, __syncthreads and __syncwarp are barriers, and the warp-wide
 // instructions are emulated with the register layouts the PTX ISA gives them:
 //
@@ -12,7 +12,7 @@
 // A kernel launch runs the grid's blocks one after another, each as 128 threads over shared
 // memory filled with 0xff bytes (bf16 and float NaN), so that a read of memory no copy wrote
 // shows in the results. Copies complete at once (a schedule the device may also take).
-// Include this, then define MOCA_FLASH_MMA_HOST and include the kernels.
+// Include this, then define MOCA_KERNELS_ON_HOST and include the kernels.
 #pragma once
 
 #include <array>

@@ -21,8 +21,9 @@
 
 #include "moca/backend/cuda/backend.hpp"
 #include "moca/backend/cuda/check.hpp"
-#include "moca/backend/cuda/kernels/chunk.hpp"
 #include "moca/backend/cuda/context.hpp"
+#include "moca/backend/cuda/kernels/chunk.hpp"
+#include "moca/backend/cuda/kernels/column_sums.cuh"
 
 namespace moca::cuda::kernels {
 
@@ -244,8 +245,9 @@ __device__ T column_reduce(T v, T (*part)[kColumns + 1]) {
 // of the GPU idle when the matrix is tall and narrow (the parameter gradients of a LayerNorm or a
 // bias: 25,000 rows of 768 columns make 24 blocks). Instead the rows are cut into chunks of
 // kChunkRows (at most kMaxChunks chunks): one kernel sums each (chunk, column) into a workspace,
-// a second adds the chunks in order and applies the epilogue. The chunking depends on M only, so
-// results do not change from run to run.
+// a second adds the chunks in order and applies the epilogue (column_sums.cuh). The chunking
+// depends on M only, so results do not change from run to run. Rows that split into 16-byte
+// chunks take reduce_column_chunks instead, whose threads load 16 bytes of every operand per row.
 
 inline constexpr std::int64_t kChunkRows = 128;
 inline constexpr std::int64_t kMaxChunks = 256;
@@ -274,19 +276,14 @@ __global__ void column_partials_kernel(std::int64_t M, std::int64_t N, std::int6
   }
 }
 
-// finish(j, totals) with totals[p] = Σ_c partial[(c · P + p) · N + j], chunks in order.
+/// finish(j, totals) with totals[p] = Σ_c partial[(c · P + p) · N + j] (column_sums.cuh).
 template <int P, class A, class Finish>
-__global__ void column_finish_kernel(std::int64_t N, std::int64_t chunks, const A* partial,
-                                     Finish finish) {
-  const std::int64_t j = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (j >= N) return;
-  A totals[P];
-  for (int p = 0; p < P; ++p) {
-    A t = 0;
-    for (std::int64_t c = 0; c < chunks; ++c) t += partial[(c * P + p) * N + j];
-    totals[p] = t;
-  }
-  finish(j, totals);
+void column_totals(std::int64_t N, std::int64_t chunks, const A* partial, const Finish& finish,
+                   const char* kernel) {
+  column_sums::column_totals_kernel<P, A>
+      <<<static_cast<unsigned>((N + 31) / 32), column_sums::kThreads,
+         column_sums::kTotalsBytes<P, A>, stream()>>>(N, chunks, partial, finish);
+  check_launch(kernel);
 }
 
 /// For every column j < N of an M-row matrix: totals[p] = Σ_r load(r, j)[p] (load adds its P
@@ -305,9 +302,26 @@ void reduce_columns(std::int64_t M, std::int64_t N, const Load& load, const Fini
                   static_cast<unsigned>(chunks));
   column_partials_kernel<P, A><<<grid, block, 0, s>>>(M, N, chunk_rows, load, partial);
   check_launch(kernel);
-  column_finish_kernel<P, A><<<static_cast<unsigned>((N + kThreads - 1) / kThreads), kThreads, 0,
-                               s>>>(N, chunks, partial, finish);
+  column_totals<P, A>(N, chunks, partial, finish, kernel);
+}
+
+/// reduce_columns over rows that split into 16-byte chunks of V = kChunk<T> elements (N a
+/// multiple of V, the operands 16-byte aligned): load(r, j, acc) adds row r's terms of columns
+/// j … j + V − 1 into acc[P][V] (column_sums.cuh). Queued on stream(); uses Context::workspace().
+template <int P, class A, int V, class ChunkLoad, class Finish>
+void reduce_column_chunks(std::int64_t M, std::int64_t N, const ChunkLoad& load,
+                          const Finish& finish, const char* kernel) {
+  if (N <= 0) return;
+  const std::int64_t chunks = column_sums::chunks_for(M);
+  Context& ctx = Context::get();
+  A* partial = static_cast<A*>(ctx.workspace(sizeof(A) * static_cast<std::size_t>(chunks * P * N)));
+  const dim3 grid(static_cast<unsigned>((N + 32 * V - 1) / (32 * V)),
+                  static_cast<unsigned>(chunks));
+  column_sums::chunk_partials_kernel<P, A, V>
+      <<<grid, column_sums::kThreads, column_sums::kPartialsBytes<P, A, V>, ctx.stream()>>>(
+          M, N, column_sums::chunk_rows_for(M), load, partial);
   check_launch(kernel);
+  column_totals<P, A>(N, chunks, partial, finish, kernel);
 }
 
 }  // namespace moca::cuda::kernels

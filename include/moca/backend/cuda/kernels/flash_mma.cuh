@@ -24,12 +24,12 @@
 // programs otherwise.
 //
 // tests/flash_mma_host_test.cpp also compiles this header with a host compiler
-// (MOCA_FLASH_MMA_HOST): tests/host_warps.hpp then supplies the CUDA names, runs a block's 128
+// (MOCA_KERNELS_ON_HOST): tests/host_warps.hpp then supplies the CUDA names, runs a block's 128
 // threads as host threads with barriers, and emulates the warp-wide instructions (ldmatrix,
 // mma.sync, shuffles) with the layouts below, so the kernels' indexing is checked on any machine.
 #pragma once
 
-#if !defined(MOCA_FLASH_MMA_HOST)
+#if !defined(MOCA_KERNELS_ON_HOST)
 #include <cuda_bf16.h>
 #endif
 #include <math.h>
@@ -66,20 +66,20 @@ inline constexpr int kDkdvBytes =
     6 * kTile<NK> * 2 + 4 * kRows * 4;  // k, v, q ×2, do ×2; lse, δ ×2
 
 // Whether the kernels have bodies: on sm_80 and later, and in the host emulation.
-#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) || defined(MOCA_FLASH_MMA_HOST)
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) || defined(MOCA_KERNELS_ON_HOST)
 #define MOCA_FLASH_MMA_BODY 1
 #else
 #define MOCA_FLASH_MMA_BODY 0
 #endif
 
 // A kernel's dynamic shared memory.
-#if defined(MOCA_FLASH_MMA_HOST)
+#if defined(MOCA_KERNELS_ON_HOST)
 #define MOCA_FLASH_MMA_SHARED(name) unsigned char* name = host_shared_memory()
 #else
 #define MOCA_FLASH_MMA_SHARED(name) extern __shared__ __align__(128) unsigned char name[]
 #endif
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && !defined(MOCA_FLASH_MMA_HOST)
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && !defined(MOCA_KERNELS_ON_HOST)
 
 __device__ inline std::uint32_t shared_address(const void* p) {
   return static_cast<std::uint32_t>(__cvta_generic_to_shared(p));

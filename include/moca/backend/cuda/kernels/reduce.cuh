@@ -95,6 +95,19 @@ struct SumColumnLoad {
   }
 };
 
+/// SumColumnLoad for reduce_column_chunks: V columns of a row at a time.
+template <class T>
+struct SumColumnChunkLoad {
+  const T* x;
+  std::int64_t inner;
+  template <int V>
+  __device__ void operator()(std::int64_t r, std::int64_t j, acc_t<T> (&acc)[1][V]) const {
+    const Chunk<T> c = load_chunk(x + r * inner + j);
+#pragma unroll
+    for (int v = 0; v < V; ++v) acc[0][v] += static_cast<acc_t<T>>(c.v[v]);
+  }
+};
+
 template <class A, class Y>
 struct SumColumnFinish {
   Y alpha, beta;
@@ -188,8 +201,14 @@ void sum_middle(std::int64_t outer, std::int64_t n, std::int64_t inner, Y alpha,
   }
   if (outer == 1) {
     using A = kernels::acc_t<T>;
-    kernels::reduce_columns<1, A>(n, inner, kernels::SumColumnLoad<T>{x, inner},
-                                  kernels::SumColumnFinish<A, Y>{alpha, beta, y}, "sum over rows");
+    const kernels::SumColumnFinish<A, Y> finish{alpha, beta, y};
+    if (chunked(x, inner, inner)) {
+      kernels::reduce_column_chunks<1, A, kChunk<T>>(
+          n, inner, kernels::SumColumnChunkLoad<T>{x, inner}, finish, "sum over rows");
+    } else {
+      kernels::reduce_columns<1, A>(n, inner, kernels::SumColumnLoad<T>{x, inner}, finish,
+                                    "sum over rows");
+    }
     return;
   }
   const dim3 block(kernels::kColumns, kernels::kColumnRows);

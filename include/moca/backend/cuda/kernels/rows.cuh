@@ -365,6 +365,27 @@ struct LayerNormParamLoad {
   }
 };
 
+/// LayerNormParamLoad for reduce_column_chunks: V columns of a row at a time.
+template <class T>
+struct LayerNormParamChunkLoad {
+  const T* x;
+  const acc_t<T>* mean;
+  const acc_t<T>* rstd;
+  const T* dy;
+  std::int64_t N;
+  template <int V>
+  __device__ void operator()(std::int64_t r, std::int64_t j, acc_t<T> (&acc)[2][V]) const {
+    const Chunk<T> xc = load_chunk(x + r * N + j), dc = load_chunk(dy + r * N + j);
+    const acc_t<T> m = mean[r], is = rstd[r];
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      const acc_t<T> g = dc.v[v];
+      acc[0][v] += g * (acc_t<T>(xc.v[v]) - m) * is;
+      acc[1][v] += g;
+    }
+  }
+};
+
 template <class T>
 struct LayerNormParamFinish {
   // The parameters' gradients: acc_t, float for bf16 rows.
@@ -507,9 +528,15 @@ void layer_norm_backward(std::int64_t M, std::int64_t N, const T* x, const T* ga
   if (M <= 0 || N <= 0) return;
   // Parameter gradients first: dx may overwrite dy, and the stream runs the kernels in order.
   if (dgamma || dbeta) {
-    reduce_columns<2, acc_t<T>>(M, N, LayerNormParamLoad<T>{x, mean, rstd, dy, N},
-                                LayerNormParamFinish<T>{dgamma, dbeta},
-                                "layer_norm parameter gradients");
+    const LayerNormParamFinish<T> finish{dgamma, dbeta};
+    if (chunked(x, N, N) && aligned16(dy)) {
+      reduce_column_chunks<2, acc_t<T>, kChunk<T>>(M, N,
+                                                   LayerNormParamChunkLoad<T>{x, mean, rstd, dy, N},
+                                                   finish, "layer_norm parameter gradients");
+    } else {
+      reduce_columns<2, acc_t<T>>(M, N, LayerNormParamLoad<T>{x, mean, rstd, dy, N}, finish,
+                                  "layer_norm parameter gradients");
+    }
   }
   if (const int per_lane = warp_row_elements<T>(N, {x, gamma, dy, dx, residual})) {
     with_warp_row_elements(per_lane, [&]<int E>() {
