@@ -1462,6 +1462,63 @@ void check_bf16_layer_norm(std::int64_t M, std::int64_t N) {
   check_parity<float>("layer_norm_backward_add dbeta", dbr, gdbr, kBf16StatBudget);
 }
 
+TEST_CASE("cuda parity: column sums over many rows, on 16-byte rows and element by element") {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  // A Linear's bias gradient db += Σ_r dy and a LayerNorm's parameter gradients, at the ViT
+  // step's row counts (the student's 128 · 89 rows, the teacher's 128 · 197) and widths: rows of
+  // whole 16-byte chunks take the chunked kernels (64-row chunks, up to 256 of them), 770 and
+  // the misaligned view the element-by-element ones. The float sums of the same products, in
+  // other orders: measured against the sums of the terms' sizes.
+  for (const auto& [M, N, offset] :
+       {std::tuple<std::int64_t, std::int64_t, std::int64_t>{11392, 768, 0},
+        {25216, 3072, 0},
+        {65, 2304, 0},
+        {1, 768, 0},
+        {11392, 770, 0},
+        {4000, 768, 1}}) {
+    CAPTURE(M);
+    CAPTURE(N);
+    CAPTURE(offset);
+    const Tensor<bf16> whole = random_bf16({M * N + offset});
+    const Tensor<bf16, Cuda> g_whole = bf16_to_device(whole);
+    const TensorView<bf16> dy(whole.data() + offset, {M, N});
+    const TensorView<bf16, Cuda> gdy(g_whole.data() + offset, {M, N});
+    const Tensor<float> db0 = random_tensor<float>({N});
+    Tensor<float> db = db0.clone();
+    Guarded<float> gdb(db0);
+    ops::sum(dy, 0, TensorView<float>(db), 1.0f, 1.0f);
+    ops::sum(gdy, 0, gdb.view(), 1.0f, 1.0f);
+    const double scale = accumulation_scale(
+        db0, M, N, [&](std::int64_t r, std::int64_t j) { return float(dy.data()[r * N + j]); });
+    check_parity<float>("bias gradient", db, gdb, tolerance<float>(M), scale);
+  }
+  // The LayerNorm's two parameter gradients over 178 chunks (dx is check_bf16_layer_norm's).
+  const std::int64_t M = 11392, N = 768;
+  const Tensor<bf16> x = random_bf16({M, N}, -3.0, 5.0), dy = random_bf16({M, N});
+  const Tensor<bf16> gamma = random_bf16({N}, 0.5, 1.5), beta = random_bf16({N});
+  Tensor<bf16> y({M, N}), dx({M, N});
+  Tensor<float> mean({M}), rstd({M});
+  ops::layer_norm(x, gamma, beta, 1e-6, y, mean, rstd);
+  const Tensor<float> dg0 = random_tensor<float>({N}), db0 = random_tensor<float>({N});
+  Tensor<float> dg = dg0.clone(), db = db0.clone();
+  Guarded<bf16> gdx = bf16_output({M, N});
+  Guarded<float> gdg(dg0), gdb(db0);
+  ops::layer_norm_backward(x, gamma, mean, rstd, dy, dx, dg, db);
+  ops::layer_norm_backward(
+      TensorView<bf16, Cuda>(bf16_to_device(x)), TensorView<bf16, Cuda>(bf16_to_device(gamma)),
+      TensorView<float, Cuda>(to_device<float>(mean)),
+      TensorView<float, Cuda>(to_device<float>(rstd)), TensorView<bf16, Cuda>(bf16_to_device(dy)),
+      gdx.view(), gdg.view(), gdb.view());
+  auto term_dy = [&](std::int64_t r, std::int64_t j) { return float(dy.data()[r * N + j]); };
+  auto term_dg = [&](std::int64_t r, std::int64_t j) {
+    return term_dy(r, j) * (float(x.data()[r * N + j]) - mean.data()[r]) * rstd.data()[r];
+  };
+  check_parity<float>("layer_norm dgamma", dg, gdg, tolerance<float>(M),
+                      accumulation_scale(dg0, M, N, term_dg));
+  check_parity<float>("layer_norm dbeta", db, gdb, tolerance<float>(M),
+                      accumulation_scale(db0, M, N, term_dy));
+  check_parity<bf16>("layer_norm dx", dx, gdx, kBf16OpBudget);
+}
 TEST_CASE("cuda parity: elementwise and row ops in bf16 storage against the CPU's bf16 ops") {
   SKIP_WITHOUT_CUDA_DEVICE();
   // kBf16OpBudget; every device output is guarded (check_parity also checks the guards).
