@@ -4,8 +4,8 @@
 //
 //   moca_cuda_bench [--preset tiny|vit-s16|vit-b16] [--batch B] [--steps N] [--warmup W]
 //                   [--precision fp32|bf16] [--matmul fp32|tf32|bf16] [--flash-tile 0|16|32|64]
-//                   [--flash-threads 128|256] [--flash-mma 0|1] [--peak-tflops P]
-//                   [--profile | --profile-sync]
+//                   [--flash-threads 128|256] [--flash-mma 0|1] [--gemm-tuning N]
+//                   [--peak-tflops P] [--profile | --profile-sync]
 //
 // --precision fp32 trains Moca<float, Cuda> with its products in --matmul's mode; --precision
 // bf16 trains Moca<bf16, Cuda> (bf16 values and activations, fp32 parameter gradients, master
@@ -14,6 +14,10 @@
 // block size, to time one against another; --flash-mma 0 runs bf16 heads on those block programs
 // instead of the register-fragment kernels (the default for heads of up to 64 features); the
 // JSON's "fragment_passes" counts the passes (forward, dq, dk/dv) a step ran on those.
+// --gemm-tuning N times up to N of cuBLASLt's candidate algorithms for each product when the
+// first step plans it and keeps the fastest (Context::set_gemm_tuning; 0, the default, takes the
+// heuristic's choice); the JSON's "gemm_plans_tuned" and "gemm_plans_retuned" count the plans
+// tuned and those where another candidate than the heuristic's first won.
 //
 //   moca_cuda_bench --attention B,H,S,hd [--steps N] [--warmup W] [--flash-mma 0|1] ...
 //
@@ -67,7 +71,8 @@ using namespace moca;
                "usage: moca_cuda_bench [--preset tiny|vit-s16|vit-b16] [--batch B] [--steps N] "
                "[--warmup W] [--precision fp32|bf16] [--matmul fp32|tf32|bf16] "
                "[--flash-tile 0|16|32|64] [--flash-threads 128|256] [--flash-mma 0|1] "
-               "[--peak-tflops P] [--profile | --profile-sync] [--attention B,H,S,hd]\n%s\n",
+               "[--gemm-tuning N] [--peak-tflops P] [--profile | --profile-sync] [--attention "
+               "B,H,S,hd]\n%s\n",
                problem.c_str());
   std::exit(2);
 }
@@ -78,6 +83,7 @@ struct Options {
   std::string precision = "fp32", matmul = "fp32";
   int flash_tile = 0, flash_threads = 128;
   bool flash_mma = true;
+  int gemm_tuning = 0;
   bool profile = false, profile_sync = false;
   std::vector<std::int64_t> attention;  // B, H, S, hd: time the attention alone
   double peak_tflops = 989.0;
@@ -204,14 +210,16 @@ void bench(const Options& o, const MocaConfig& cfg) {
   std::printf(
       "{\"side\": \"moca\", \"device\": \"%s\", \"preset\": \"%s\", \"batch\": %lld, "
       "\"precision\": \"%s\", \"flash_tile\": %d, \"flash_threads\": %d, "
-      "\"fragment_passes\": %.0f, "
+      "\"fragment_passes\": %.0f, \"gemm_tuning\": %d, \"gemm_plans_tuned\": %zu, "
+      "\"gemm_plans_retuned\": %zu, "
       "\"steps\": %lld, \"ms_per_step\": %.3f, \"pairs_per_s\": %.2f, "
       "\"images_per_s\": %.2f, \"gflop_per_step\": %.2f, \"tflops\": %.2f, \"mfu\": %.4f, "
       "\"peak_tensor_MiB\": %.1f, \"pool_reserved_peak_MiB\": %.1f, \"device_used_MiB\": %.1f, "
       "\"step_allocations\": %lld, "
       "\"loss\": %s}\n",
       prop.name, o.preset.c_str(), static_cast<long long>(batch), label.c_str(), o.flash_tile,
-      o.flash_threads, fragment_passes, static_cast<long long>(steps), 1e3 * per_step,
+      o.flash_threads, fragment_passes, o.gemm_tuning, cuda::LtMatmul::get().tuned_plans(),
+      cuda::LtMatmul::get().retuned_plans(), static_cast<long long>(steps), 1e3 * per_step,
       static_cast<double>(batch) / per_step, 2.0 * static_cast<double>(batch) / per_step,
       flops / 1e9, flops / per_step / 1e12, flops / per_step / (o.peak_tflops * 1e12),
       static_cast<double>(memory_stats<Cuda>().peak_bytes) / mib,
@@ -308,6 +316,8 @@ int main(int argc, char** argv) {
       o.flash_threads = std::atoi(argv[++i]);
     } else if (a == "--flash-mma" && has_value) {
       o.flash_mma = std::atoi(argv[++i]) != 0;
+    } else if (a == "--gemm-tuning" && has_value) {
+      o.gemm_tuning = std::atoi(argv[++i]);
     } else if (a == "--attention" && has_value) {
       std::string spec = argv[++i];
       for (std::size_t at = 0; at <= spec.size();) {
@@ -353,6 +363,7 @@ int main(int argc, char** argv) {
     cuda::Context::get().set_flash_tile(o.flash_tile);
     cuda::Context::get().set_flash_threads(o.flash_threads);
     cuda::Context::get().set_flash_mma(o.flash_mma);
+    cuda::Context::get().set_gemm_tuning(o.gemm_tuning);
     if (!o.attention.empty()) {
       bench_attention(o);
     } else if (o.precision == "bf16") {

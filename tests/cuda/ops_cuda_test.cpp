@@ -1383,6 +1383,54 @@ static_assert(ops::soft_target_impl::FusedBackend<float, Cuda>);
 static_assert(ops::attention_impl::FusedAttentionBackend<bf16, Cuda>);
 static_assert(ops::attention_impl::FusedAttentionBackend<float, Cuda>);
 
+TEST_CASE("cuda: tuned bf16 products agree with the CPU, are planned once, and run once on C") {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  // Tuning times several algorithms on the call's own operands: C must come out as one call
+  // makes it (a product accumulated into a float gradient is not accumulated more than once),
+  // and a second call with the same problem plans nothing.
+  struct TuningScope {
+    TuningScope() { cuda::Context::get().set_gemm_tuning(8); }
+    ~TuningScope() { cuda::Context::get().set_gemm_tuning(0); }
+  } tuning;
+  CHECK_THROWS_WITH_AS(cuda::Context::get().set_gemm_tuning(17),
+                       doctest::Contains("0 to 16 candidate algorithms"), Error);
+  const std::size_t tuned = cuda::LtMatmul::get().tuned_plans();
+  // Sizes no other test uses, so that these problems are planned here.
+  const std::int64_t M = 520, N = 392, K = 264;
+  const Tensor<bf16> dy = random_bf16({M, N}), x = random_bf16({M, K}), w = random_bf16({N, K});
+  const Tensor<bf16> bias = random_bf16({N});
+  const Tensor<bf16, Cuda> gdy = bf16_to_device(dy), gx = bf16_to_device(x), gw = bf16_to_device(w),
+                           gbias = bf16_to_device(bias);
+  const Tensor<float> dw0 = random_tensor<float>({N, K});
+  for (int call = 0; call < 2; ++call) {
+    CAPTURE(call);
+    const std::size_t plans = cuda::LtMatmul::get().plans();
+    Tensor<float> dw = dw0.clone();
+    Guarded<float> gdw(dw0);
+    ops::gemm(TensorView<bf16>(dy), Trans::T, TensorView<bf16>(x), Trans::N, TensorView<float>(dw),
+              1.0f, 1.0f);
+    ops::gemm(TensorView<bf16, Cuda>(gdy), Trans::T, TensorView<bf16, Cuda>(gx), Trans::N,
+              gdw.view(), 1.0f, 1.0f);
+    check_parity<float>("tuned bf16 weight gradient into float", dw, gdw, kBf16StatBudget);
+    Tensor<bf16> y({M, N});
+    Guarded<bf16> gy = bf16_output({M, N});
+    ops::gemm_bias(TensorView<bf16>(x), Trans::N, TensorView<bf16>(w), Trans::T,
+                   TensorView<bf16>(bias), TensorView<bf16>(y));
+    ops::gemm_bias(TensorView<bf16, Cuda>(gx), Trans::N, TensorView<bf16, Cuda>(gw), Trans::T,
+                   TensorView<bf16, Cuda>(gbias), gy.view());
+    CHECK(beyond_one_ulp(y, gy.result()) == 0);
+    CHECK(gy.guards_intact());
+    if (call == 0)
+      CHECK(cuda::LtMatmul::get().plans() == plans + 2);
+    else
+      CHECK(cuda::LtMatmul::get().plans() == plans);
+  }
+  const std::size_t now_tuned = cuda::LtMatmul::get().tuned_plans();
+  MESSAGE("plans tuned: ", now_tuned - tuned, ", another algorithm than the heuristic's first: ",
+          cuda::LtMatmul::get().retuned_plans());
+  CHECK(now_tuned == tuned + 2);  // cuBLASLt offers several algorithms at these sizes
+}
+
 TEST_CASE("cuda parity: bf16 products and column sums into float gradients, accumulated") {
   SKIP_WITHOUT_CUDA_DEVICE();
   // grad_t<bf16> is float: a Linear's dW += dyᵀ·x and db += Σ dy read bf16 and accumulate into

@@ -249,6 +249,26 @@ void gemm(bool trans_a, bool trans_b, std::int64_t M, std::int64_t N, std::int64
     // once to bf16 or (a float gradient) kept in fp32.
     const float a = alpha, b = beta;
     const cudaDataType_t c_type = std::is_same_v<G, float> ? CUDA_R_32F : CUDA_R_16BF;
+    if (batch == 1 && ctx.gemm_tuning() > 1) {
+      // Tuned plans live in cuBLASLt (lt_matmul.hpp); cuBLAS's own choice is not tunable.
+      const LtProblem problem{CUDA_R_16BF,
+                              CUDA_R_16BF,
+                              CUBLAS_COMPUTE_32F,
+                              CUDA_R_32F,
+                              p.op_a,
+                              p.op_b,
+                              p.m,
+                              p.n,
+                              p.k,
+                              p.lda,
+                              p.ldb,
+                              p.ldc,
+                              pointer_alignment(B),
+                              pointer_alignment(A),
+                              pointer_alignment(C),
+                              CUBLASLT_EPILOGUE_DEFAULT};
+      if (LtMatmul::get().run(problem, &a, B, A, &b, C)) return;
+    }
     if (batch == 1) {
       MOCA_CUBLAS_CHECK(cublasGemmEx(handle, p.op_a, p.op_b, p.m, p.n, p.k, &a, B, CUDA_R_16BF,
                                      p.lda, A, CUDA_R_16BF, p.ldb, &b, C, c_type, p.ldc,

@@ -149,6 +149,18 @@ class Context {
     flash_mma_launches_.fetch_add(1, std::memory_order_relaxed);
   }
 
+  /// How many of cuBLASLt's candidate algorithms a product's plan times on its first call,
+  /// keeping the fastest (lt_matmul.hpp); 0 or 1, the default, takes the heuristic's first
+  /// choice untimed, the same on every run. Tuning also sends bf16 products without a bias
+  /// through cuBLASLt. Applies to problems planned after it is set; not meant to be called while
+  /// ops are running.
+  void set_gemm_tuning(int candidates) {
+    MOCA_CHECK(candidates >= 0 && candidates <= 16,
+               "GEMM tuning takes 0 to 16 candidate algorithms, got ", candidates);
+    gemm_tuning_ = candidates;
+  }
+  int gemm_tuning() const noexcept { return gemm_tuning_; }
+
   /// The stream-ordered pool that device tensors come from (see memory.hpp), or nullptr on a
   /// device or platform without memory pools, where tensors use plain cudaMalloc.
   cudaMemPool_t memory_pool() const noexcept { return pool_; }
@@ -281,6 +293,7 @@ class Context {
   int flash_tile_ = 0;
   int flash_threads_ = 128;
   bool flash_mma_ = true;
+  int gemm_tuning_ = 0;
   std::atomic<std::uint64_t> flash_mma_launches_{0};
   void* workspace_ = nullptr;
   std::size_t workspace_bytes_ = 0;

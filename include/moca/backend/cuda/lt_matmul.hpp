@@ -9,6 +9,13 @@
 // epilogue) is kept and later calls with the same problem only run it. A training step repeats
 // a few dozen problems, so the plans are built during the first step.
 //
+// The plan's algorithm is the heuristic's first choice, unless Context::gemm_tuning() asks for
+// more: then up to that many of the heuristic's candidates are timed on the problem's own
+// operands when it is first planned (the output going to a scratch buffer, so C is neither
+// changed nor accumulated twice) and the fastest is kept. A tuned choice can differ from one
+// process to the next with the timings, and with it the rounding of the products; untuned plans
+// are the same on every run.
+//
 // Operands are column-major here, as cuBLASLt sees them; backend.hpp maps row-major products
 // onto them exactly as for cuBLAS.
 #pragma once
@@ -16,6 +23,8 @@
 #include <cublasLt.h>
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
+#include <array>
 #include <compare>
 #include <cstddef>
 #include <cstdint>
@@ -68,15 +77,10 @@ class LtMatmul {
   bool run(const LtProblem& p, const void* alpha, const void* A, const void* B, const void* beta,
            void* C, const void* bias = nullptr) {
     std::lock_guard<std::mutex> lock(mutex_);
-    Plan& plan = plan_for(p);
+    const Operands operands{alpha, A, B, beta, C, bias};
+    Plan& plan = plan_for(p, operands);
     if (!plan.found) return false;
-    if (p.epilogue == CUBLASLT_EPILOGUE_BIAS) {
-      MOCA_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER,
-                                                       &bias, sizeof(bias)));
-    }
-    MOCA_CUBLAS_CHECK(cublasLtMatmul(handle_, plan.desc, alpha, A, plan.a, B, plan.b, beta, C,
-                                     plan.c, C, plan.c, &plan.algo, workspace_, kWorkspaceBytes,
-                                     Context::get().stream()));
+    launch(plan, p, operands, plan.algo, C);
     return true;
   }
 
@@ -86,9 +90,23 @@ class LtMatmul {
     return plans_.size();
   }
 
+  /// Problems whose plan was tuned (Context::gemm_tuning), and of those, the ones where a
+  /// candidate other than the heuristic's first was the fastest.
+  std::size_t tuned_plans() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return tuned_;
+  }
+  std::size_t retuned_plans() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return retuned_;
+  }
+
  private:
   // cuBLAS's recommendation for Hopper; kernels that need more are not offered.
   static constexpr std::size_t kWorkspaceBytes = std::size_t{32} << 20;
+  // The most candidates a tuned plan times, and the timed runs of each.
+  static constexpr int kMaxCandidates = 16;
+  static constexpr int kTimedRuns = 3;
 
   struct Plan {
     cublasLtMatmulDesc_t desc = nullptr;
@@ -106,6 +124,26 @@ class LtMatmul {
       if (desc != nullptr) (void)cublasLtMatmulDescDestroy(desc);
     }
   };
+
+  // What one call multiplies (the plan is built from the problem, tuned on these).
+  struct Operands {
+    const void *alpha, *A, *B, *beta;
+    void* C;
+    const void* bias;
+  };
+
+  // Queues D = alpha · op(A) · op(B) + beta · C with `algo`, D at `D` (C itself, or a scratch
+  // buffer while tuning).
+  void launch(Plan& plan, const LtProblem& p, const Operands& o, const cublasLtMatmulAlgo_t& algo,
+              void* D) {
+    if (p.epilogue == CUBLASLT_EPILOGUE_BIAS) {
+      MOCA_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                                                       &o.bias, sizeof(o.bias)));
+    }
+    MOCA_CUBLAS_CHECK(cublasLtMatmul(handle_, plan.desc, o.alpha, o.A, plan.a, o.B, plan.b, o.beta,
+                                     o.C, plan.c, D, plan.c, &algo, workspace_, kWorkspaceBytes,
+                                     Context::get().stream()));
+  }
 
   // Owns a preference descriptor for the length of one heuristic query.
   struct Preference {
@@ -141,11 +179,11 @@ class LtMatmul {
     return l;
   }
 
-  Plan& plan_for(const LtProblem& p) {
+  Plan& plan_for(const LtProblem& p, const Operands& o) {
     if (auto it = plans_.find(p); it != plans_.end()) return it->second;
     const auto it = plans_.try_emplace(p).first;
     try {
-      build(p, it->second);
+      build(p, o, it->second);
     } catch (...) {
       plans_.erase(it);  // a plan that failed to build is not kept: the next call tries again
       throw;
@@ -153,7 +191,7 @@ class LtMatmul {
     return it->second;
   }
 
-  void build(const LtProblem& p, Plan& plan) {
+  void build(const LtProblem& p, const Operands& o, Plan& plan) {
     MOCA_CUBLAS_CHECK(cublasLtMatmulDescCreate(&plan.desc, p.compute, p.scale_type));
     MOCA_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSA,
                                                      &p.op_a, sizeof(p.op_a)));
@@ -181,22 +219,85 @@ class LtMatmul {
       pref.set(CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
                static_cast<std::uint32_t>(CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE));
     }
-    cublasLtMatmulHeuristicResult_t result{};
+    const int wanted = std::clamp(Context::get().gemm_tuning(), 1, kMaxCandidates);
+    std::array<cublasLtMatmulHeuristicResult_t, kMaxCandidates> results{};
     int count = 0;
     const cublasStatus_t status =
         cublasLtMatmulAlgoGetHeuristic(handle_, plan.desc, plan.a, plan.b, plan.c, plan.c,
-                                       pref.pref, 1, &result, &count);
+                                       pref.pref, wanted, results.data(), &count);
     // NOT_SUPPORTED: no algorithm for this problem, which the caller handles; anything else is
     // an error.
     if (status != CUBLAS_STATUS_NOT_SUPPORTED) MOCA_CUBLAS_CHECK(status);
-    plan.found = status == CUBLAS_STATUS_SUCCESS && count > 0 && result.state == CUBLAS_STATUS_SUCCESS;
-    if (plan.found) plan.algo = result.algo;
+    plan.found =
+        status == CUBLAS_STATUS_SUCCESS && count > 0 && results[0].state == CUBLAS_STATUS_SUCCESS;
+    if (!plan.found) return;
+    plan.algo = results[0].algo;
+    if (count > 1) tune(p, o, plan, results.data(), count);
+  }
+
+  // Times the candidates (the heuristic's order) on the call's operands and keeps the fastest:
+  // the median of kTimedRuns runs after one to warm up, each writing a scratch copy of D.
+  void tune(const LtProblem& p, const Operands& o, Plan& plan,
+            const cublasLtMatmulHeuristicResult_t* results, int count) {
+    Context& ctx = Context::get();
+    const std::size_t element = p.out_type == CUDA_R_64F ? 8 : p.out_type == CUDA_R_32F ? 4 : 2;
+    const std::size_t bytes =
+        element * static_cast<std::size_t>(p.ldc) * static_cast<std::size_t>(p.n);
+    ctx.synchronize();  // the operands are ready, and the timings are the candidates' own
+    void* scratch = ctx.device_malloc(bytes, "a product's tuning output");
+    cudaEvent_t start = nullptr, stop = nullptr;
+    int best = 0;
+    float best_ms = 0;
+    bool timed = false;
+    try {
+      MOCA_CUDA_CHECK(cudaEventCreate(&start));
+      MOCA_CUDA_CHECK(cudaEventCreate(&stop));
+      for (int i = 0; i < count; ++i) {
+        if (results[i].state != CUBLAS_STATUS_SUCCESS) continue;
+        std::array<float, kTimedRuns> ms{};
+        bool ran = true;
+        for (int run = 0; run <= kTimedRuns && ran; ++run) {
+          MOCA_CUDA_CHECK(cudaEventRecord(start, ctx.stream()));
+          if (p.epilogue == CUBLASLT_EPILOGUE_BIAS) {
+            MOCA_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(
+                plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &o.bias, sizeof(o.bias)));
+          }
+          // A candidate the library declines to run is skipped, not an error.
+          ran = cublasLtMatmul(handle_, plan.desc, o.alpha, o.A, plan.a, o.B, plan.b, o.beta, o.C,
+                               plan.c, scratch, plan.c, &results[i].algo, workspace_,
+                               kWorkspaceBytes, ctx.stream()) == CUBLAS_STATUS_SUCCESS;
+          MOCA_CUDA_CHECK(cudaEventRecord(stop, ctx.stream()));
+          MOCA_CUDA_CHECK(cudaEventSynchronize(stop));
+          if (run > 0) MOCA_CUDA_CHECK(cudaEventElapsedTime(&ms[run - 1], start, stop));
+        }
+        if (!ran) continue;
+        std::sort(ms.begin(), ms.end());
+        const float median = ms[kTimedRuns / 2];
+        if (!timed || median < best_ms) {
+          best = i;
+          best_ms = median;
+          timed = true;
+        }
+      }
+    } catch (...) {
+      if (start != nullptr) (void)cudaEventDestroy(start);
+      if (stop != nullptr) (void)cudaEventDestroy(stop);
+      (void)cudaFree(scratch);
+      throw;
+    }
+    (void)cudaEventDestroy(start);
+    (void)cudaEventDestroy(stop);
+    MOCA_CUDA_CHECK(cudaFree(scratch));  // waits for the device
+    plan.algo = results[best].algo;
+    ++tuned_;
+    if (best != 0) ++retuned_;
   }
 
   cublasLtHandle_t handle_ = nullptr;
   void* workspace_ = nullptr;
   mutable std::mutex mutex_;
   std::map<LtProblem, Plan> plans_;
+  std::size_t tuned_ = 0, retuned_ = 0;
 };
 
 }  // namespace moca::cuda
