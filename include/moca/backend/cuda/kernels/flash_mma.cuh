@@ -45,6 +45,9 @@ inline constexpr int kRows = 64;
 inline constexpr int kThreads = 128;
 /// Widest head the kernels take.
 inline constexpr int kMaxHeadDim = 64;
+/// Blocks of the dk/dv pass one multiprocessor holds: its registers are capped for three (168 a
+/// thread), where at 176 and more only two fit.
+inline constexpr int kDkdvBlocksPerSM = 3;
 
 /// log2(e): the kernels' exponentials are ex2 of scores scaled by scale · log2(e).
 inline constexpr float kLog2e = 1.4426950408889634f;
@@ -174,18 +177,19 @@ __device__ inline void load_rows_as_a(std::uint32_t a[NK][4], const bf16* tile, 
     load_matrices<false>(a[kk], tile + (row0 + lane % 16) * kStride<NK> + kk * 16 + lane / 16 * 8);
 }
 
-/// c[8][4] = a · tileᵀ for the tile's first 16·pairs rows (the B operand is the tile's rows:
-/// n = row, k = feature); accumulators of rows past that are zeroed.
-template <int NK>
-__device__ inline void times_rows_transposed(float c[8][4], const std::uint32_t a[NK][4],
+/// c[NB][4] = a · tileᵀ for the tile's first 16·pairs rows (the B operand is the tile's rows:
+/// n = row, k = feature; NB n-blocks of 8 rows, 8 for a whole 64-row tile); accumulators
+/// of rows past that are zeroed.
+template <int NK, int NB>
+__device__ inline void times_rows_transposed(float c[NB][4], const std::uint32_t a[NK][4],
                                              const bf16* tile, int pairs) {
   const int lane = static_cast<int>(threadIdx.x) % 32, m = lane / 8;
 #pragma unroll
-  for (int nb = 0; nb < 8; ++nb)
+  for (int nb = 0; nb < NB; ++nb)
 #pragma unroll
     for (int e = 0; e < 4; ++e) c[nb][e] = 0.0f;
 #pragma unroll
-  for (int p = 0; p < 4; ++p) {
+  for (int p = 0; p < NB / 2; ++p) {
     if (p >= pairs) break;
 #pragma unroll
     for (int kk = 0; kk < NK; ++kk) {
@@ -198,14 +202,14 @@ __device__ inline void times_rows_transposed(float c[8][4], const std::uint32_t 
   }
 }
 
-/// acc[2·NK][4] += p · tile, p being the accumulators c[8][4] rounded to bf16 (16 rows × 64
-/// columns, of which the first 16·pairs are read) and the tile [64 rows, 16·NK features].
-template <int NK>
-__device__ inline void accumulate_times_tile(float acc[2 * NK][4], const float c[8][4],
+/// acc[2·NK][4] += p · tile, p being the accumulators c[NB][4] rounded to bf16 (16 rows × 8·NB
+/// columns, of which the first 16·pairs are read) and the tile [8·NB rows, 16·NK features].
+template <int NK, int NB>
+__device__ inline void accumulate_times_tile(float acc[2 * NK][4], const float c[NB][4],
                                              const bf16* tile, int pairs) {
   const int lane = static_cast<int>(threadIdx.x) % 32, m = lane / 8;
 #pragma unroll
-  for (int kk = 0; kk < 4; ++kk) {
+  for (int kk = 0; kk < NB / 2; ++kk) {
     if (kk >= pairs) break;
     std::uint32_t a[4];
     accumulators_as_a(a, c[2 * kk], c[2 * kk + 1]);
@@ -307,7 +311,7 @@ __global__ void __launch_bounds__(kThreads)
       if (j == 0) load_rows_as_a<NK>(qa, sq, warp * 16);
       const int cols = min(kRows, S - c0), pairs = (cols + 15) / 16;
       float s[8][4];
-      times_rows_transposed<NK>(s, qa, sk + buf * kTile<NK>, pairs);
+      times_rows_transposed<NK, 8>(s, qa, sk + buf * kTile<NK>, pairs);
       if (cols < kRows) mask_columns(s, cols);
       // The online softmax of rows g (e < 2) and g + 8 (e ≥ 2), over the lane's columns and then
       // the four lanes of its row.
@@ -337,7 +341,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int nb = 0; nb < 2 * NK; ++nb)
 #pragma unroll
         for (int e = 0; e < 4; ++e) o[nb][e] *= rescale[e >> 1];
-      accumulate_times_tile<NK>(o, s, sv + buf * kTile<NK>, pairs);
+      accumulate_times_tile<NK, 8>(o, s, sv + buf * kTile<NK>, pairs);
     }
     __syncthreads();  // every warp is done with this buffer before the next step refills it
   }
@@ -429,8 +433,8 @@ __global__ void __launch_bounds__(kThreads)
       }
       const int cols = min(kRows, S - c0), pairs = (cols + 15) / 16;
       float s[8][4], dp[8][4];
-      times_rows_transposed<NK>(s, qa, sk + buf * kTile<NK>, pairs);
-      times_rows_transposed<NK>(dp, doa, sv + buf * kTile<NK>, pairs);
+      times_rows_transposed<NK, 8>(s, qa, sk + buf * kTile<NK>, pairs);
+      times_rows_transposed<NK, 8>(dp, doa, sv + buf * kTile<NK>, pairs);
       if (cols < kRows) mask_columns(s, cols);
 #pragma unroll
       for (int nb = 0; nb < 8; ++nb)
@@ -439,7 +443,7 @@ __global__ void __launch_bounds__(kThreads)
           const float p = exp2f(fmaf(s[nb][e], scale2, shift[e >> 1]));  // masked: 0
           s[nb][e] = p * (dp[nb][e] - delta_row[e >> 1]);                // dS
         }
-      accumulate_times_tile<NK>(dq, s, sk + buf * kTile<NK>, pairs);
+      accumulate_times_tile<NK, 8>(dq, s, sk + buf * kTile<NK>, pairs);
     }
     __syncthreads();
   }
@@ -453,7 +457,7 @@ __global__ void __launch_bounds__(kThreads)
 /// transposed scores sᵀ = k·qᵀ and dpᵀ = v·doᵀ, pᵀ = e^(sᵀ − lse) and dSᵀ = pᵀ ∘ (dpᵀ − δ) per
 /// query column, dv += pᵀ·do and dk += scale · dSᵀ·q.
 template <int NK>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kDkdvBlocksPerSM)
     dkdv_kernel(int S, int H, int hd, float scale, const bf16* qkv, const float* lse,
                 const bf16* dctx, const float* delta, bf16* dqkv) {
 #if MOCA_FLASH_MMA_BODY
@@ -493,7 +497,6 @@ __global__ void __launch_bounds__(kThreads)
   load_query_tile(0, 0);
   commit_copies();
 
-  std::uint32_t ka[NK][4], va[NK][4];
   float dk[2 * NK][4] = {}, dv[2 * NK][4] = {};
   for (int j = 0; j < steps; ++j) {
     const int buf = j & 1;
@@ -506,26 +509,40 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();
     if (active) {
-      if (j == 0) {
-        load_rows_as_a<NK>(ka, sk, warp * 16);
-        load_rows_as_a<NK>(va, sv, warp * 16);
-      }
       const int rows = min(kRows, S - j * kRows), pairs = (rows + 15) / 16;
-      const bf16 *tq = sq + buf * kTile<NK>, *tdo = sdo + buf * kTile<NK>;
-      const float *tl = slse + buf * kRows, *td = sdelta + buf * kRows;
-      float s[8][4], dp[8][4];
-      times_rows_transposed<NK>(s, ka, tq, pairs);
-      times_rows_transposed<NK>(dp, va, tdo, pairs);
+      // The tile's query columns in two halves of 32, so that the transposed scores and their
+      // gradients take 32 registers each, not 64 (more blocks fit a multiprocessor).
 #pragma unroll
-      for (int nb = 0; nb < 8; ++nb)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int c = nb * 8 + 2 * t + (e & 1);            // the query row
-          s[nb][e] = exp2f(fmaf(s[nb][e], scale2, -tl[c]));  // pᵀ
-          dp[nb][e] = s[nb][e] * (dp[nb][e] - td[c]);        // dSᵀ
+      for (int half = 0; half < 2; ++half) {
+        const int half_pairs = min(2, pairs - 2 * half);
+        if (half_pairs <= 0) break;
+        const bf16 *tq = sq + buf * kTile<NK> + 32 * half * kStride<NK>,
+                   *tdo = sdo + buf * kTile<NK> + 32 * half * kStride<NK>;
+        const float *tl = slse + buf * kRows + 32 * half, *td = sdelta + buf * kRows + 32 * half;
+        // The warp's key and value rows as A operands, read from shared memory where they are
+        // used rather than held in registers through the loop.
+        float s[4][4], dp[4][4];
+        {
+          std::uint32_t ka[NK][4];
+          load_rows_as_a<NK>(ka, sk, warp * 16);
+          times_rows_transposed<NK, 4>(s, ka, tq, half_pairs);
         }
-      accumulate_times_tile<NK>(dv, s, tdo, pairs);
-      accumulate_times_tile<NK>(dk, dp, tq, pairs);
+        {
+          std::uint32_t va[NK][4];
+          load_rows_as_a<NK>(va, sv, warp * 16);
+          times_rows_transposed<NK, 4>(dp, va, tdo, half_pairs);
+        }
+#pragma unroll
+        for (int nb = 0; nb < 4; ++nb)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int c = nb * 8 + 2 * t + (e & 1);            // the query row in this half
+            s[nb][e] = exp2f(fmaf(s[nb][e], scale2, -tl[c]));  // pᵀ
+            dp[nb][e] = s[nb][e] * (dp[nb][e] - td[c]);        // dSᵀ
+          }
+        accumulate_times_tile<NK, 4>(dv, s, tdo, half_pairs);
+        accumulate_times_tile<NK, 4>(dk, dp, tq, half_pairs);
+      }
     }
     __syncthreads();
   }
