@@ -45,8 +45,9 @@ inline constexpr int kRows = 64;
 inline constexpr int kThreads = 128;
 /// Widest head the kernels take.
 inline constexpr int kMaxHeadDim = 64;
-/// Blocks of the dk/dv pass one multiprocessor holds: its registers are capped for three (168 a
-/// thread), where at 176 and more only two fit.
+/// Blocks of the dq and dk/dv passes one multiprocessor holds (on sm_80 and sm_90; their shared
+/// memory allows four and three): their launch bounds cap their registers to fit as many.
+inline constexpr int kDqBlocksPerSM = 4;
 inline constexpr int kDkdvBlocksPerSM = 3;
 
 /// log2(e): the kernels' exponentials are ex2 of scores scaled by scale · log2(e).
@@ -225,11 +226,12 @@ __device__ inline void accumulate_times_tile(float acc[2 * NK][4], const float c
 }
 
 /// Sets the scores of columns at or past `cols` (the keys past S in a last, partial key tile) of
-/// the accumulators c[8][4] to −∞, whose exponential is 0.
-__device__ inline void mask_columns(float c[8][4], int cols) {
+/// the accumulators c[NB][4] to −∞, whose exponential is 0.
+template <int NB>
+__device__ inline void mask_columns(float c[NB][4], int cols) {
   const int t = static_cast<int>(threadIdx.x) % 4;
 #pragma unroll
-  for (int nb = 0; nb < 8; ++nb)
+  for (int nb = 0; nb < NB; ++nb)
 #pragma unroll
     for (int e = 0; e < 4; ++e)
       if (nb * 8 + 2 * t + (e & 1) >= cols) c[nb][e] = -INFINITY;
@@ -312,7 +314,7 @@ __global__ void __launch_bounds__(kThreads)
       const int cols = min(kRows, S - c0), pairs = (cols + 15) / 16;
       float s[8][4];
       times_rows_transposed<NK, 8>(s, qa, sk + buf * kTile<NK>, pairs);
-      if (cols < kRows) mask_columns(s, cols);
+      if (cols < kRows) mask_columns<8>(s, cols);
       // The online softmax of rows g (e < 2) and g + 8 (e ≥ 2), over the lane's columns and then
       // the four lanes of its row.
       float mx[2] = {m[0], m[1]};
@@ -367,7 +369,7 @@ __global__ void __launch_bounds__(kThreads)
 /// written to global memory for the dk/dv pass), then over every key tile p = e^(s − lse),
 /// dS = p ∘ (do·vᵀ − δ), dq += scale · dS·k.
 template <int NK>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kDqBlocksPerSM)
     dq_kernel(int S, int H, int hd, float scale, const bf16* qkv, const float* lse, const bf16* ctx,
               const bf16* dctx, float* delta, bf16* dqkv) {
 #if MOCA_FLASH_MMA_BODY
@@ -421,29 +423,41 @@ __global__ void __launch_bounds__(kThreads)
       warp * 16 + g < rows ? -lse[row + r0 + warp * 16 + g] * kLog2e : 0.0f,
       warp * 16 + g + 8 < rows ? -lse[row + r0 + warp * 16 + g + 8] * kLog2e : 0.0f};
 
-  std::uint32_t qa[NK][4], doa[NK][4];
   float dq[2 * NK][4] = {};
   for (int j = 0; j < steps; ++j) {
     const int buf = j & 1, c0 = j * kRows;
     next_key_tile<NK>(sk, sv, k, v, ld, S, hd, j, steps);
     if (active) {
-      if (j == 0) {
-        load_rows_as_a<NK>(qa, sq, warp * 16);
-        load_rows_as_a<NK>(doa, sdo, warp * 16);
-      }
       const int cols = min(kRows, S - c0), pairs = (cols + 15) / 16;
-      float s[8][4], dp[8][4];
-      times_rows_transposed<NK, 8>(s, qa, sk + buf * kTile<NK>, pairs);
-      times_rows_transposed<NK, 8>(dp, doa, sv + buf * kTile<NK>, pairs);
-      if (cols < kRows) mask_columns(s, cols);
+      // The tile's keys in two halves of 32, and the warp's q and do fragments read from shared
+      // memory where they are used, as in the dk/dv pass (fewer registers, more blocks).
 #pragma unroll
-      for (int nb = 0; nb < 8; ++nb)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const float p = exp2f(fmaf(s[nb][e], scale2, shift[e >> 1]));  // masked: 0
-          s[nb][e] = p * (dp[nb][e] - delta_row[e >> 1]);                // dS
+      for (int half = 0; half < 2; ++half) {
+        const int half_pairs = min(2, pairs - 2 * half);
+        if (half_pairs <= 0) break;
+        const bf16* tk = sk + buf * kTile<NK> + 32 * half * kStride<NK>;
+        const bf16* tv = sv + buf * kTile<NK> + 32 * half * kStride<NK>;
+        float s[4][4], dp[4][4];
+        {
+          std::uint32_t qa[NK][4];
+          load_rows_as_a<NK>(qa, sq, warp * 16);
+          times_rows_transposed<NK, 4>(s, qa, tk, half_pairs);
         }
-      accumulate_times_tile<NK, 8>(dq, s, sk + buf * kTile<NK>, pairs);
+        {
+          std::uint32_t doa[NK][4];
+          load_rows_as_a<NK>(doa, sdo, warp * 16);
+          times_rows_transposed<NK, 4>(dp, doa, tv, half_pairs);
+        }
+        if (cols < 32 * (half + 1)) mask_columns<4>(s, cols - 32 * half);
+#pragma unroll
+        for (int nb = 0; nb < 4; ++nb)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const float p = exp2f(fmaf(s[nb][e], scale2, shift[e >> 1]));  // masked: 0
+            s[nb][e] = p * (dp[nb][e] - delta_row[e >> 1]);                // dS
+          }
+        accumulate_times_tile<NK, 4>(dq, s, tk, half_pairs);
+      }
     }
     __syncthreads();
   }
