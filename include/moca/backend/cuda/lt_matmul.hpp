@@ -80,7 +80,7 @@ class LtMatmul {
     const Operands operands{alpha, A, B, beta, C, bias};
     Plan& plan = plan_for(p, operands);
     if (!plan.found) return false;
-    launch(plan, p, operands, plan.algo, C);
+    MOCA_CUBLAS_CHECK(enqueue(plan, p, operands, plan.algo, C));
     return true;
   }
 
@@ -133,16 +133,16 @@ class LtMatmul {
   };
 
   // Queues D = alpha · op(A) · op(B) + beta · C with `algo`, D at `D` (C itself, or a scratch
-  // buffer while tuning).
-  void launch(Plan& plan, const LtProblem& p, const Operands& o, const cublasLtMatmulAlgo_t& algo,
-              void* D) {
+  // buffer while tuning); returns cuBLASLt's status.
+  cublasStatus_t enqueue(Plan& plan, const LtProblem& p, const Operands& o,
+                         const cublasLtMatmulAlgo_t& algo, void* D) {
     if (p.epilogue == CUBLASLT_EPILOGUE_BIAS) {
       MOCA_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER,
                                                        &o.bias, sizeof(o.bias)));
     }
-    MOCA_CUBLAS_CHECK(cublasLtMatmul(handle_, plan.desc, o.alpha, o.A, plan.a, o.B, plan.b, o.beta,
-                                     o.C, plan.c, D, plan.c, &algo, workspace_, kWorkspaceBytes,
-                                     Context::get().stream()));
+    return cublasLtMatmul(handle_, plan.desc, o.alpha, o.A, plan.a, o.B, plan.b, o.beta, o.C,
+                          plan.c, D, plan.c, &algo, workspace_, kWorkspaceBytes,
+                          Context::get().stream());
   }
 
   // Owns a preference descriptor for the length of one heuristic query.
@@ -258,14 +258,8 @@ class LtMatmul {
         bool ran = true;
         for (int run = 0; run <= kTimedRuns && ran; ++run) {
           MOCA_CUDA_CHECK(cudaEventRecord(start, ctx.stream()));
-          if (p.epilogue == CUBLASLT_EPILOGUE_BIAS) {
-            MOCA_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(
-                plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &o.bias, sizeof(o.bias)));
-          }
           // A candidate the library declines to run is skipped, not an error.
-          ran = cublasLtMatmul(handle_, plan.desc, o.alpha, o.A, plan.a, o.B, plan.b, o.beta, o.C,
-                               plan.c, scratch, plan.c, &results[i].algo, workspace_,
-                               kWorkspaceBytes, ctx.stream()) == CUBLAS_STATUS_SUCCESS;
+          ran = enqueue(plan, p, o, results[i].algo, scratch) == CUBLAS_STATUS_SUCCESS;
           MOCA_CUDA_CHECK(cudaEventRecord(stop, ctx.stream()));
           MOCA_CUDA_CHECK(cudaEventSynchronize(stop));
           if (run > 0) MOCA_CUDA_CHECK(cudaEventElapsedTime(&ms[run - 1], start, stop));
