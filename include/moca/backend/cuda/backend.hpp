@@ -224,6 +224,29 @@ inline Bf16Operands round_operands_to_bf16(const ColumnMajorProduct& p, const fl
   return {a16, b16};
 }
 
+/// The cuBLASLt problem of a column-major product p of operands `first` and `second` (cuBLAS's
+/// order: B, then A) into C, their alignments read off the pointers; scales in fp32.
+inline LtProblem lt_problem(const ColumnMajorProduct& p, cudaDataType_t in, cudaDataType_t out,
+                            cublasComputeType_t compute, const void* first, const void* second,
+                            const void* C, cublasLtEpilogue_t epilogue) {
+  return LtProblem{in,
+                   out,
+                   compute,
+                   CUDA_R_32F,
+                   p.op_a,
+                   p.op_b,
+                   p.m,
+                   p.n,
+                   p.k,
+                   p.lda,
+                   p.ldb,
+                   p.ldc,
+                   pointer_alignment(first),
+                   pointer_alignment(second),
+                   pointer_alignment(C),
+                   epilogue};
+}
+
 /// Row-major, batched C = alpha · op(A) · op(B) + beta · C on cuBLAS (see ColumnMajorProduct).
 /// C is of the operands' type G = T, or float for bf16 operands (a parameter's float gradient).
 template <class T, class G>
@@ -251,22 +274,8 @@ void gemm(bool trans_a, bool trans_b, std::int64_t M, std::int64_t N, std::int64
     const cudaDataType_t c_type = std::is_same_v<G, float> ? CUDA_R_32F : CUDA_R_16BF;
     if (batch == 1 && ctx.gemm_tuning() > 1) {
       // Tuned plans live in cuBLASLt (lt_matmul.hpp); cuBLAS's own choice is not tunable.
-      const LtProblem problem{CUDA_R_16BF,
-                              CUDA_R_16BF,
-                              CUBLAS_COMPUTE_32F,
-                              CUDA_R_32F,
-                              p.op_a,
-                              p.op_b,
-                              p.m,
-                              p.n,
-                              p.k,
-                              p.lda,
-                              p.ldb,
-                              p.ldc,
-                              pointer_alignment(B),
-                              pointer_alignment(A),
-                              pointer_alignment(C),
-                              CUBLASLT_EPILOGUE_DEFAULT};
+      const LtProblem problem = lt_problem(p, CUDA_R_16BF, c_type, CUBLAS_COMPUTE_32F, B, A, C,
+                                           CUBLASLT_EPILOGUE_DEFAULT);
       if (LtMatmul::get().run(problem, &a, B, A, &b, C)) return;
     }
     if (batch == 1) {
@@ -324,12 +333,8 @@ void gemm_bias(bool trans_a, bool trans_b, std::int64_t M, std::int64_t N, std::
   if constexpr (std::is_same_v<T, bf16>) {
     if (M > 0 && N > 0 && K > 0 && pointer_alignment(bias) >= 16) {
       const ColumnMajorProduct p(trans_a, trans_b, M, N, K, lda, ldb, ldc);
-      const LtProblem problem{CUDA_R_16BF,          CUDA_R_16BF, CUBLAS_COMPUTE_32F,
-                              CUDA_R_32F,           p.op_a,      p.op_b,
-                              p.m,                  p.n,         p.k,
-                              p.lda,                p.ldb,       p.ldc,
-                              pointer_alignment(B), pointer_alignment(A),
-                              pointer_alignment(C), CUBLASLT_EPILOGUE_BIAS};
+      const LtProblem problem = lt_problem(p, CUDA_R_16BF, CUDA_R_16BF, CUBLAS_COMPUTE_32F, B, A, C,
+                                           CUBLASLT_EPILOGUE_BIAS);
       const float one = 1.0f, zero = 0.0f;
       if (LtMatmul::get().run(problem, &one, B, A, &zero, C, bias)) return;
     }
@@ -338,22 +343,10 @@ void gemm_bias(bool trans_a, bool trans_b, std::int64_t M, std::int64_t N, std::
     if (M > 0 && N > 0 && K > 0 && pointer_alignment(bias) >= 16) {
       const ColumnMajorProduct p(trans_a, trans_b, M, N, K, lda, ldb, ldc);
       const FloatMatmul mode = Context::get().float_matmul();
-      LtProblem problem{CUDA_R_32F,
-                        CUDA_R_32F,
-                        mode == FloatMatmul::Tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F,
-                        CUDA_R_32F,
-                        p.op_a,
-                        p.op_b,
-                        p.m,
-                        p.n,
-                        p.k,
-                        p.lda,
-                        p.ldb,
-                        p.ldc,
-                        pointer_alignment(B),
-                        pointer_alignment(A),
-                        pointer_alignment(C),
-                        CUBLASLT_EPILOGUE_BIAS};
+      LtProblem problem =
+          lt_problem(p, CUDA_R_32F, CUDA_R_32F,
+                     mode == FloatMatmul::Tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F,
+                     B, A, C, CUBLASLT_EPILOGUE_BIAS);
       const void* first = B;
       const void* second = A;
       if (mode == FloatMatmul::Bf16) {
