@@ -203,6 +203,16 @@ __device__ inline void times_rows_transposed(float c[NB][4], const std::uint32_t
   }
 }
 
+/// times_rows_transposed with the A operand read from shared memory here (the warp's 16 rows of
+/// `rows` from row0) and not kept: fewer registers live through a loop than a copy held across it.
+template <int NK, int NB>
+__device__ inline void shared_rows_times_rows_transposed(float c[NB][4], const bf16* rows, int row0,
+                                                         const bf16* tile, int pairs) {
+  std::uint32_t a[NK][4];
+  load_rows_as_a<NK>(a, rows, row0);
+  times_rows_transposed<NK, NB>(c, a, tile, pairs);
+}
+
 /// acc[2·NK][4] += p · tile, p being the accumulators c[NB][4] rounded to bf16 (16 rows × 8·NB
 /// columns, of which the first 16·pairs are read) and the tile [8·NB rows, 16·NK features].
 template <int NK, int NB>
@@ -438,16 +448,8 @@ __global__ void __launch_bounds__(kThreads, kDqBlocksPerSM)
         const bf16* tk = sk + buf * kTile<NK> + 32 * half * kStride<NK>;
         const bf16* tv = sv + buf * kTile<NK> + 32 * half * kStride<NK>;
         float s[4][4], dp[4][4];
-        {
-          std::uint32_t qa[NK][4];
-          load_rows_as_a<NK>(qa, sq, warp * 16);
-          times_rows_transposed<NK, 4>(s, qa, tk, half_pairs);
-        }
-        {
-          std::uint32_t doa[NK][4];
-          load_rows_as_a<NK>(doa, sdo, warp * 16);
-          times_rows_transposed<NK, 4>(dp, doa, tv, half_pairs);
-        }
+        shared_rows_times_rows_transposed<NK, 4>(s, sq, warp * 16, tk, half_pairs);
+        shared_rows_times_rows_transposed<NK, 4>(dp, sdo, warp * 16, tv, half_pairs);
         if (cols < 32 * (half + 1)) mask_columns<4>(s, cols - 32 * half);
 #pragma unroll
         for (int nb = 0; nb < 4; ++nb)
@@ -536,16 +538,8 @@ __global__ void __launch_bounds__(kThreads, kDkdvBlocksPerSM)
         // The warp's key and value rows as A operands, read from shared memory where they are
         // used rather than held in registers through the loop.
         float s[4][4], dp[4][4];
-        {
-          std::uint32_t ka[NK][4];
-          load_rows_as_a<NK>(ka, sk, warp * 16);
-          times_rows_transposed<NK, 4>(s, ka, tq, half_pairs);
-        }
-        {
-          std::uint32_t va[NK][4];
-          load_rows_as_a<NK>(va, sv, warp * 16);
-          times_rows_transposed<NK, 4>(dp, va, tdo, half_pairs);
-        }
+        shared_rows_times_rows_transposed<NK, 4>(s, sk, warp * 16, tq, half_pairs);
+        shared_rows_times_rows_transposed<NK, 4>(dp, sv, warp * 16, tdo, half_pairs);
 #pragma unroll
         for (int nb = 0; nb < 4; ++nb)
 #pragma unroll

@@ -93,18 +93,12 @@ struct SumColumnLoad {
   __device__ void operator()(std::int64_t j, std::int64_t c, acc_t<T>* acc) const {
     acc[0] += x[j * inner + c];
   }
-};
-
-/// SumColumnLoad for reduce_column_chunks: V columns of a row at a time.
-template <class T>
-struct SumColumnChunkLoad {
-  const T* x;
-  std::int64_t inner;
+  /// The same for V columns at once (reduce_column_chunks: rows of whole 16-byte chunks).
   template <int V>
-  __device__ void operator()(std::int64_t r, std::int64_t j, acc_t<T> (&acc)[1][V]) const {
-    const Chunk<T> c = load_chunk(x + r * inner + j);
+  __device__ void operator()(std::int64_t j, std::int64_t c, acc_t<T> (&acc)[1][V]) const {
+    const Chunk<T> chunk = load_chunk(x + j * inner + c);
 #pragma unroll
-    for (int v = 0; v < V; ++v) acc[0][v] += static_cast<acc_t<T>>(c.v[v]);
+    for (int v = 0; v < V; ++v) acc[0][v] += static_cast<acc_t<T>>(chunk.v[v]);
   }
 };
 
@@ -201,14 +195,12 @@ void sum_middle(std::int64_t outer, std::int64_t n, std::int64_t inner, Y alpha,
   }
   if (outer == 1) {
     using A = kernels::acc_t<T>;
+    const kernels::SumColumnLoad<T> load{x, inner};
     const kernels::SumColumnFinish<A, Y> finish{alpha, beta, y};
-    if (chunked(x, inner, inner)) {
-      kernels::reduce_column_chunks<1, A, kChunk<T>>(
-          n, inner, kernels::SumColumnChunkLoad<T>{x, inner}, finish, "sum over rows");
-    } else {
-      kernels::reduce_columns<1, A>(n, inner, kernels::SumColumnLoad<T>{x, inner}, finish,
-                                    "sum over rows");
-    }
+    if (chunked(x, inner, inner))
+      kernels::reduce_column_chunks<1, A, kChunk<T>>(n, inner, load, finish, "sum over rows");
+    else
+      kernels::reduce_columns<1, A>(n, inner, load, finish, "sum over rows");
     return;
   }
   const dim3 block(kernels::kColumns, kernels::kColumnRows);

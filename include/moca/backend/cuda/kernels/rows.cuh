@@ -363,16 +363,7 @@ struct LayerNormParamLoad {
     acc[0] += g * (x[r * N + j] - mean[r]) * rstd[r];
     acc[1] += g;
   }
-};
-
-/// LayerNormParamLoad for reduce_column_chunks: V columns of a row at a time.
-template <class T>
-struct LayerNormParamChunkLoad {
-  const T* x;
-  const acc_t<T>* mean;
-  const acc_t<T>* rstd;
-  const T* dy;
-  std::int64_t N;
+  /// The same for V columns at once (reduce_column_chunks: rows of whole 16-byte chunks).
   template <int V>
   __device__ void operator()(std::int64_t r, std::int64_t j, acc_t<T> (&acc)[2][V]) const {
     const Chunk<T> xc = load_chunk(x + r * N + j), dc = load_chunk(dy + r * N + j);
@@ -528,15 +519,13 @@ void layer_norm_backward(std::int64_t M, std::int64_t N, const T* x, const T* ga
   if (M <= 0 || N <= 0) return;
   // Parameter gradients first: dx may overwrite dy, and the stream runs the kernels in order.
   if (dgamma || dbeta) {
+    const LayerNormParamLoad<T> load{x, mean, rstd, dy, N};
     const LayerNormParamFinish<T> finish{dgamma, dbeta};
-    if (chunked(x, N, N) && aligned16(dy)) {
-      reduce_column_chunks<2, acc_t<T>, kChunk<T>>(M, N,
-                                                   LayerNormParamChunkLoad<T>{x, mean, rstd, dy, N},
-                                                   finish, "layer_norm parameter gradients");
-    } else {
-      reduce_columns<2, acc_t<T>>(M, N, LayerNormParamLoad<T>{x, mean, rstd, dy, N}, finish,
-                                  "layer_norm parameter gradients");
-    }
+    const char* name = "layer_norm parameter gradients";
+    if (chunked(x, N, N) && aligned16(dy))
+      reduce_column_chunks<2, acc_t<T>, kChunk<T>>(M, N, load, finish, name);
+    else
+      reduce_columns<2, acc_t<T>>(M, N, load, finish, name);
   }
   if (const int per_lane = warp_row_elements<T>(N, {x, gamma, dy, dx, residual})) {
     with_warp_row_elements(per_lane, [&]<int E>() {
