@@ -4,7 +4,8 @@
 //
 //   moca_cuda_bench [--preset tiny|vit-s16|vit-b16] [--batch B] [--steps N] [--warmup W]
 //                   [--precision fp32|bf16] [--matmul fp32|tf32|bf16] [--flash-tile 0|16|32|64]
-//                   [--flash-threads 128|256] [--flash-mma 0|1] [--gemm-tuning N]
+//                   [--flash-threads 128|256] [--flash-mma 0|1] [--gemm-tuning N] [--column-chunks
+//                   0|1]
 //                   [--peak-tflops P] [--profile | --profile-sync]
 //
 // --precision fp32 trains Moca<float, Cuda> with its products in --matmul's mode; --precision
@@ -17,7 +18,9 @@
 // --gemm-tuning N times up to N of cuBLASLt's candidate algorithms for each product when the
 // first step plans it and keeps the fastest (Context::set_gemm_tuning; 0, the default, takes the
 // heuristic's choice); the JSON's "gemm_plans_tuned" and "gemm_plans_retuned" count the plans
-// tuned and those where another candidate than the heuristic's first won.
+// tuned and those where another candidate than the heuristic's first won. --column-chunks 0 runs
+// the bias and LayerNorm parameter gradients' column sums element by element instead of on the
+// chunked kernels (Context::set_column_chunks).
 //
 //   moca_cuda_bench --attention B,H,S,hd [--steps N] [--warmup W] [--flash-mma 0|1] ...
 //
@@ -71,7 +74,8 @@ using namespace moca;
                "usage: moca_cuda_bench [--preset tiny|vit-s16|vit-b16] [--batch B] [--steps N] "
                "[--warmup W] [--precision fp32|bf16] [--matmul fp32|tf32|bf16] "
                "[--flash-tile 0|16|32|64] [--flash-threads 128|256] [--flash-mma 0|1] "
-               "[--gemm-tuning N] [--peak-tflops P] [--profile | --profile-sync] [--attention "
+               "[--gemm-tuning N] [--column-chunks 0|1] [--peak-tflops P] [--profile | "
+               "--profile-sync] [--attention "
                "B,H,S,hd]\n%s\n",
                problem.c_str());
   std::exit(2);
@@ -84,6 +88,7 @@ struct Options {
   int flash_tile = 0, flash_threads = 128;
   bool flash_mma = true;
   int gemm_tuning = 0;
+  bool column_chunks = true;
   bool profile = false, profile_sync = false;
   std::vector<std::int64_t> attention;  // B, H, S, hd: time the attention alone
   double peak_tflops = 989.0;
@@ -210,7 +215,8 @@ void bench(const Options& o, const MocaConfig& cfg) {
   std::printf(
       "{\"side\": \"moca\", \"device\": \"%s\", \"preset\": \"%s\", \"batch\": %lld, "
       "\"precision\": \"%s\", \"flash_tile\": %d, \"flash_threads\": %d, "
-      "\"fragment_passes\": %.0f, \"gemm_tuning\": %d, \"gemm_plans_tuned\": %zu, "
+      "\"fragment_passes\": %.0f, \"column_chunks\": %d, \"gemm_tuning\": %d, "
+      "\"gemm_plans_tuned\": %zu, "
       "\"gemm_plans_retuned\": %zu, "
       "\"steps\": %lld, \"ms_per_step\": %.3f, \"pairs_per_s\": %.2f, "
       "\"images_per_s\": %.2f, \"gflop_per_step\": %.2f, \"tflops\": %.2f, \"mfu\": %.4f, "
@@ -218,10 +224,11 @@ void bench(const Options& o, const MocaConfig& cfg) {
       "\"step_allocations\": %lld, "
       "\"loss\": %s}\n",
       prop.name, o.preset.c_str(), static_cast<long long>(batch), label.c_str(), o.flash_tile,
-      o.flash_threads, fragment_passes, o.gemm_tuning, cuda::LtMatmul::get().tuned_plans(),
-      cuda::LtMatmul::get().retuned_plans(), static_cast<long long>(steps), 1e3 * per_step,
-      static_cast<double>(batch) / per_step, 2.0 * static_cast<double>(batch) / per_step,
-      flops / 1e9, flops / per_step / 1e12, flops / per_step / (o.peak_tflops * 1e12),
+      o.flash_threads, fragment_passes, o.column_chunks ? 1 : 0, o.gemm_tuning,
+      cuda::LtMatmul::get().tuned_plans(), cuda::LtMatmul::get().retuned_plans(),
+      static_cast<long long>(steps), 1e3 * per_step, static_cast<double>(batch) / per_step,
+      2.0 * static_cast<double>(batch) / per_step, flops / 1e9, flops / per_step / 1e12,
+      flops / per_step / (o.peak_tflops * 1e12),
       static_cast<double>(memory_stats<Cuda>().peak_bytes) / mib,
       static_cast<double>(cuda::pool_stats().reserved_peak) / mib,
       static_cast<double>(total_bytes - free_bytes) / mib,
@@ -318,6 +325,8 @@ int main(int argc, char** argv) {
       o.flash_mma = std::atoi(argv[++i]) != 0;
     } else if (a == "--gemm-tuning" && has_value) {
       o.gemm_tuning = std::atoi(argv[++i]);
+    } else if (a == "--column-chunks" && has_value) {
+      o.column_chunks = std::atoi(argv[++i]) != 0;
     } else if (a == "--attention" && has_value) {
       std::string spec = argv[++i];
       for (std::size_t at = 0; at <= spec.size();) {
@@ -364,6 +373,7 @@ int main(int argc, char** argv) {
     cuda::Context::get().set_flash_threads(o.flash_threads);
     cuda::Context::get().set_flash_mma(o.flash_mma);
     cuda::Context::get().set_gemm_tuning(o.gemm_tuning);
+    cuda::Context::get().set_column_chunks(o.column_chunks);
     if (!o.attention.empty()) {
       bench_attention(o);
     } else if (o.precision == "bf16") {

@@ -1512,6 +1512,15 @@ void check_bf16_layer_norm(std::int64_t M, std::int64_t N) {
 
 TEST_CASE("cuda parity: column sums over many rows, on 16-byte rows and element by element") {
   SKIP_WITHOUT_CUDA_DEVICE();
+  // Every case on the chunked kernels (where the rows allow them), then all element by element
+  // (Context::set_column_chunks(false), as moca_cuda_bench --column-chunks 0 times them).
+  bool chunks = true;
+  SUBCASE("chunked where the rows allow") { chunks = true; }
+  SUBCASE("element by element") { chunks = false; }
+  struct ChunksScope {
+    explicit ChunksScope(bool on) { cuda::Context::get().set_column_chunks(on); }
+    ~ChunksScope() { cuda::Context::get().set_column_chunks(true); }
+  } scope(chunks);
   // A Linear's bias gradient db += Σ_r dy and a LayerNorm's parameter gradients, at the ViT
   // step's row counts (the student's 128 · 89 rows, the teacher's 128 · 197) and widths: rows of
   // whole 16-byte chunks take the chunked kernels (64-row chunks, up to 256 of them), 770 and

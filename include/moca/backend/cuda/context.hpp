@@ -149,6 +149,13 @@ class Context {
     flash_mma_launches_.fetch_add(1, std::memory_order_relaxed);
   }
 
+  /// Whether column sums of rows that split into 16-byte chunks (bias and LayerNorm parameter
+  /// gradients) run on the chunked kernels of kernels/column_sums.cuh, the default, or on the
+  /// element-by-element ones every other matrix takes (to time one against the other). Not meant
+  /// to be called while ops are running.
+  void set_column_chunks(bool on) noexcept { column_chunks_ = on; }
+  bool column_chunks() const noexcept { return column_chunks_; }
+
   /// How many of cuBLASLt's candidate algorithms a product's plan times on its first call,
   /// keeping the fastest (lt_matmul.hpp); 0 or 1, the default, takes the heuristic's first
   /// choice untimed, the same on every run. Tuning also sends bf16 products without a bias
@@ -294,6 +301,7 @@ class Context {
   int flash_threads_ = 128;
   bool flash_mma_ = true;
   int gemm_tuning_ = 0;
+  bool column_chunks_ = true;
   std::atomic<std::uint64_t> flash_mma_launches_{0};
   void* workspace_ = nullptr;
   std::size_t workspace_bytes_ = 0;

@@ -197,7 +197,7 @@ void sum_middle(std::int64_t outer, std::int64_t n, std::int64_t inner, Y alpha,
     using A = kernels::acc_t<T>;
     const kernels::SumColumnLoad<T> load{x, inner};
     const kernels::SumColumnFinish<A, Y> finish{alpha, beta, y};
-    if (chunked(x, inner, inner))
+    if (Context::get().column_chunks() && chunked(x, inner, inner))
       kernels::reduce_column_chunks<1, A, kChunk<T>>(n, inner, load, finish, "sum over rows");
     else
       kernels::reduce_columns<1, A>(n, inner, load, finish, "sum over rows");

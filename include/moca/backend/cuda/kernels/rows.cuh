@@ -522,7 +522,7 @@ void layer_norm_backward(std::int64_t M, std::int64_t N, const T* x, const T* ga
     const LayerNormParamLoad<T> load{x, mean, rstd, dy, N};
     const LayerNormParamFinish<T> finish{dgamma, dbeta};
     const char* name = "layer_norm parameter gradients";
-    if (chunked(x, N, N) && aligned16(dy))
+    if (Context::get().column_chunks() && chunked(x, N, N) && aligned16(dy))
       reduce_column_chunks<2, acc_t<T>, kChunk<T>>(M, N, load, finish, name);
     else
       reduce_columns<2, acc_t<T>>(M, N, load, finish, name);
