@@ -45,8 +45,9 @@ inline constexpr int kRows = 64;
 inline constexpr int kThreads = 128;
 /// Widest head the kernels take.
 inline constexpr int kMaxHeadDim = 64;
-/// Blocks of the dq and dk/dv passes one multiprocessor holds (on sm_80 and sm_90; their shared
-/// memory allows four and three): their launch bounds cap their registers to fit as many.
+/// Blocks of the dq and dk/dv passes one multiprocessor holds on sm_90, whose 228 KB of shared
+/// memory take four and three of them: their launch bounds cap their registers to fit as many
+/// (cards with less shared memory hold fewer whatever the registers).
 inline constexpr int kDqBlocksPerSM = 4;
 inline constexpr int kDkdvBlocksPerSM = 3;
 
