@@ -5,7 +5,7 @@
 //   moca_cuda_bench [--preset tiny|vit-s16|vit-b16] [--batch B] [--steps N] [--warmup W]
 //                   [--precision fp32|bf16] [--matmul fp32|tf32|bf16] [--flash-tile 0|16|32|64]
 //                   [--flash-threads 128|256] [--flash-mma 0|1] [--gemm-tuning N] [--column-chunks
-//                   0|1]
+//                   0|1] [--staged-uploads 0|1]
 //                   [--peak-tflops P] [--profile | --profile-sync]
 //
 // --precision fp32 trains Moca<float, Cuda> with its products in --matmul's mode; --precision
@@ -20,7 +20,9 @@
 // heuristic's choice); the JSON's "gemm_plans_tuned" and "gemm_plans_retuned" count the plans
 // tuned and those where another candidate than the heuristic's first won. --column-chunks 0 runs
 // the bias and LayerNorm parameter gradients' column sums element by element instead of on the
-// chunked kernels (Context::set_column_chunks).
+// chunked kernels (Context::set_column_chunks). --staged-uploads 0 makes every copy from the host
+// wait for the stream instead of going through pinned staging blocks (Context::set_staged_uploads);
+// the JSON's "host_waits_per_step" counts the times a timed step waited for the device.
 //
 //   moca_cuda_bench --attention B,H,S,hd [--steps N] [--warmup W] [--flash-mma 0|1] ...
 //
@@ -74,7 +76,8 @@ using namespace moca;
                "usage: moca_cuda_bench [--preset tiny|vit-s16|vit-b16] [--batch B] [--steps N] "
                "[--warmup W] [--precision fp32|bf16] [--matmul fp32|tf32|bf16] "
                "[--flash-tile 0|16|32|64] [--flash-threads 128|256] [--flash-mma 0|1] "
-               "[--gemm-tuning N] [--column-chunks 0|1] [--peak-tflops P] [--profile | "
+               "[--gemm-tuning N] [--column-chunks 0|1] [--staged-uploads 0|1] "
+               "[--peak-tflops P] [--profile | "
                "--profile-sync] [--attention "
                "B,H,S,hd]\n%s\n",
                problem.c_str());
@@ -89,6 +92,7 @@ struct Options {
   bool flash_mma = true;
   int gemm_tuning = 0;
   bool column_chunks = true;
+  bool staged_uploads = true;
   bool profile = false, profile_sync = false;
   std::vector<std::int64_t> attention;  // B, H, S, hd: time the attention alone
   double peak_tflops = 989.0;
@@ -159,9 +163,13 @@ void bench(const Options& o, const MocaConfig& cfg) {
   const std::int64_t allocations = memory_stats<Cuda>().allocations;
   const std::uint64_t fragment_launches = cuda::Context::get().flash_mma_launches();
   cuda::synchronize();
+  const std::uint64_t waits_before = cuda::Context::get().host_waits();
   const auto t0 = std::chrono::steady_clock::now();
   double loss = 0;
   for (std::int64_t i = 0; i < steps; ++i, ++s) loss = model.train_step(x1, x2, plans[s], hyper).loss;
+  const double waits_per_step =
+      static_cast<double>(cuda::Context::get().host_waits() - waits_before) /
+      static_cast<double>(steps);
   cuda::synchronize();
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -215,7 +223,8 @@ void bench(const Options& o, const MocaConfig& cfg) {
   std::printf(
       "{\"side\": \"moca\", \"device\": \"%s\", \"preset\": \"%s\", \"batch\": %lld, "
       "\"precision\": \"%s\", \"flash_tile\": %d, \"flash_threads\": %d, "
-      "\"fragment_passes\": %.0f, \"column_chunks\": %d, \"gemm_tuning\": %d, "
+      "\"fragment_passes\": %.0f, \"column_chunks\": %d, \"staged_uploads\": %d, "
+      "\"host_waits_per_step\": %.2f, \"gemm_tuning\": %d, "
       "\"gemm_plans_tuned\": %zu, "
       "\"gemm_plans_retuned\": %zu, "
       "\"steps\": %lld, \"ms_per_step\": %.3f, \"pairs_per_s\": %.2f, "
@@ -224,11 +233,11 @@ void bench(const Options& o, const MocaConfig& cfg) {
       "\"step_allocations\": %lld, "
       "\"loss\": %s}\n",
       prop.name, o.preset.c_str(), static_cast<long long>(batch), label.c_str(), o.flash_tile,
-      o.flash_threads, fragment_passes, o.column_chunks ? 1 : 0, o.gemm_tuning,
-      cuda::LtMatmul::get().tuned_plans(), cuda::LtMatmul::get().retuned_plans(),
-      static_cast<long long>(steps), 1e3 * per_step, static_cast<double>(batch) / per_step,
-      2.0 * static_cast<double>(batch) / per_step, flops / 1e9, flops / per_step / 1e12,
-      flops / per_step / (o.peak_tflops * 1e12),
+      o.flash_threads, fragment_passes, o.column_chunks ? 1 : 0, o.staged_uploads ? 1 : 0,
+      waits_per_step, o.gemm_tuning, cuda::LtMatmul::get().tuned_plans(),
+      cuda::LtMatmul::get().retuned_plans(), static_cast<long long>(steps), 1e3 * per_step,
+      static_cast<double>(batch) / per_step, 2.0 * static_cast<double>(batch) / per_step,
+      flops / 1e9, flops / per_step / 1e12, flops / per_step / (o.peak_tflops * 1e12),
       static_cast<double>(memory_stats<Cuda>().peak_bytes) / mib,
       static_cast<double>(cuda::pool_stats().reserved_peak) / mib,
       static_cast<double>(total_bytes - free_bytes) / mib,
@@ -327,6 +336,8 @@ int main(int argc, char** argv) {
       o.gemm_tuning = std::atoi(argv[++i]);
     } else if (a == "--column-chunks" && has_value) {
       o.column_chunks = std::atoi(argv[++i]) != 0;
+    } else if (a == "--staged-uploads" && has_value) {
+      o.staged_uploads = std::atoi(argv[++i]) != 0;
     } else if (a == "--attention" && has_value) {
       std::string spec = argv[++i];
       for (std::size_t at = 0; at <= spec.size();) {
@@ -374,6 +385,7 @@ int main(int argc, char** argv) {
     cuda::Context::get().set_flash_mma(o.flash_mma);
     cuda::Context::get().set_gemm_tuning(o.gemm_tuning);
     cuda::Context::get().set_column_chunks(o.column_chunks);
+    cuda::Context::get().set_staged_uploads(o.staged_uploads);
     if (!o.attention.empty()) {
       bench_attention(o);
     } else if (o.precision == "bf16") {

@@ -352,3 +352,44 @@ TEST_CASE("profiler: scopes on a device timeline are charged the device time bet
   CHECK(profiler::report().empty());
   profiler::set_timeline(nullptr);
 }
+
+TEST_CASE("PendingValues: known values, partial sums added in order, captures, one read") {
+  PendingValues<Cpu> values;
+  const auto a = values.known(3.0, 2.0);
+  CHECK(values[a] == 1.5);  // known values need no read()
+
+  // Partial sums: the value is their sum in order over the divisor, as a reduction's host total.
+  auto [b, pb] = values.partial_sums(3, 4.0);
+  pb[0] = 1e16;
+  pb[1] = 1.0;
+  pb[2] = -1e16;
+  CHECK_THROWS_WITH_AS(values[b], doctest::Contains("before read()"), Error);
+  // A larger set moves the buffer: the values written before keep their place.
+  auto [c, pc] = values.partial_sums(500);
+  for (int i = 0; i < 500; ++i) pc[i] = 0.5;
+  Tensor<float> x({2});
+  x.data()[0] = 7.25f;
+  const auto d = values.capture(TensorView<float>(x), 2.0);
+  x.data()[0] = -1.0f;  // captured when capture() ran (the CPU computes at once)
+  values.read();
+  CHECK(values[b] == 0.0);  // (1e16 + 1) − 1e16 in double: in any other order it is 1/4
+  CHECK(values[c] == 250.0);
+  CHECK(values[d] == 3.625);
+  CHECK(values.size() == 4);
+  CHECK_THROWS_WITH_AS(values[PendingValues<Cpu>::Ticket{4}], doctest::Contains("ticket 4"), Error);
+
+  // clear() starts a new set on the same buffer; a value added after read() needs another read.
+  values.clear();
+  CHECK(values.size() == 0);
+  auto [e, pe] = values.partial_sums(2);
+  pe[0] = 2.0;
+  pe[1] = 3.0;
+  values.read();
+  auto [f, pf] = values.partial_sums(1);
+  pf[0] = 9.0;
+  CHECK_THROWS_AS(values[f], Error);
+  values.read();
+  CHECK(values[e] == 5.0);
+  CHECK(values[f] == 9.0);
+  CHECK_THROWS_AS(values.partial_sums(0), Error);
+}

@@ -208,6 +208,16 @@ TEST_CASE("KlDivergence and SoftTargetCrossEntropy: batch mean, gradient, accumu
   const double b = kl.forward_backward(z2, table, rows, dz_b);
   CHECK(a == doctest::Approx(b).epsilon(1e-14));
   check_close_rows("gathered vs copied targets", TensorView<double>(dz_b), to_vec<double>(dz_a));
+  // The loss as a value read later (PendingValues): the same value and gradient.
+  PendingValues<Cpu> values;
+  Tensor<double> dz_c({M, K}), dz_d({M, K});
+  const auto ta = kl.forward_backward(z2, picked, dz_c, 1.0, values);
+  const auto tb = kl.forward_backward(z2, table, rows, dz_d, 0.5, values);
+  values.read();
+  CHECK(values[ta] == a);
+  CHECK(values[tb] == b);
+  CHECK(to_vec<double>(dz_c) == to_vec<double>(dz_a));
+  for (i64 i = 0; i < M * K; ++i) CHECK(dz_d.data()[i] == 0.5 * dz_b.data()[i]);
 }
 
 TEST_CASE("soft_target_loss does not depend on the thread count") {

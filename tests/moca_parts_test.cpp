@@ -105,8 +105,7 @@ TEST_CASE("Codebook: spec initialisation, inner region, assignment and refresh")
   fill_uniform(tout, Philox(2), 0, -1, 1);
   Tensor<double> q({N, L, 32}), y({N, 32});
   cb.snapshot();
-  cb.dist_norm = 0.4;
-  cb.dist_norm_prev = 0.3;
+  cb.set_dist_norms(0.4, 0.3);
   cb.assign(tout, q, y);
   // Codes: softmax of cos · 10 / dist_norm_prev, rows sum to 1; reference for one token.
   for (std::int64_t r = 0; r < N * L; ++r) {
@@ -132,8 +131,8 @@ TEST_CASE("Codebook: spec initialisation, inner region, assignment and refresh")
       CHECK(q(n, l, k) == doctest::Approx(std::exp(logits[k] - mx) / z).epsilon(1e-10));
   }
   // dist_norm moved towards the mean (max cos − mean cos) with decay 0.99; prev unchanged.
-  CHECK(cb.dist_norm != 0.4);
-  CHECK(cb.dist_norm_prev == 0.3);
+  CHECK(cb.dist_norm() != 0.4);
+  CHECK(cb.dist_norm_prev() == 0.3);
   // Bag of words: mean of the inner codes, rows sum to 1.
   for (std::int64_t n = 0; n < N; ++n) {
     double s = 0;
@@ -150,10 +149,10 @@ TEST_CASE("Codebook: spec initialisation, inner region, assignment and refresh")
   CHECK(std::set<Index>(r.images.begin(), r.images.end()).size() == 4);
   cb.ptr = 28;
   CodebookRefresh fixed{1, {2, 0, 1, 2}, {0, 99, 5, 42}};
-  const double dn = cb.dist_norm;
+  const double dn = cb.dist_norm();
   cb.update(tout, fixed);
   CHECK(cb.ptr == 0);  // 28 + 4 wraps to 0
-  CHECK(cb.dist_norm_prev == dn);
+  CHECK(cb.dist_norm_prev() == dn);
   for (int k = 0; k < 4; ++k) {
     const Index img = fixed.images[static_cast<std::size_t>(k)];
     const Index patch = cb.inner_patches()[static_cast<std::size_t>(fixed.inner_tokens[static_cast<std::size_t>(k)])];

@@ -135,12 +135,10 @@ TEST_CASE("Two micro-batches accumulate to the gradient of one batch") {
   };
   const MaskPlan m0 = half_masks(0), m1 = half_masks(1);
   CodebookRefresh refresh = plan.refresh;
-  std::vector<Index> shifted;  // the last micro-batch holds images B/2 .. B-1
-  for (Index i = 0; i < 4; ++i) shifted.push_back(i);
   refresh.images = {static_cast<Index>(B / 2 + 0), static_cast<Index>(B / 2 + 1),
                     static_cast<Index>(B / 2 + 2), static_cast<Index>(B / 2 + 3)};
-  CodebookRefresh refresh_micro = refresh;
-  refresh_micro.images = shifted;
+  // The same images as the last micro-batch's 0 .. 3 (it holds images B/2 .. B-1).
+  const CodebookRefresh refresh_micro{refresh.view, {0, 1, 2, 3}, refresh.inner_tokens};
   full.config();
   const MocaPlan full_plan{complementary_masks(plan.masks.s[0].clone(), full.mask_lengths()), refresh};
   const auto rf = full.train_step(x1, x2, full_plan, h);
@@ -230,7 +228,7 @@ TEST_CASE("Weights round trip: a reloaded model continues exactly like the origi
   b.initialize(99);
   load_moca_weights(b, dir / "model.safetensors");
   CHECK(b.codebook().ptr == a.codebook().ptr);
-  CHECK(b.codebook().dist_norm == a.codebook().dist_norm);
+  CHECK(b.codebook().dist_norm() == a.codebook().dist_norm());
   CHECK(b.encoder_pred.layers_w[0].generator.b0_bn.num_batches_tracked == 1);
   // The optimiser state is not part of the weights: compare one plain step from the same state
   // with fresh moments on both sides.

@@ -153,6 +153,8 @@ TEST_CASE_TEMPLATE("cuda: the tiny preset learns on the device, and a step alloc
   long long allocations_after_first = 0;
   std::uint64_t reserved_after_second = 0;
   std::size_t plans_after_second = 0;
+  cuda::Context& ctx = cuda::Context::get();
+  std::uint64_t waits_after_second = 0, staging_after_second = 0;
   for (std::uint64_t s = 0; s < 20; ++s) {
     const MocaPlan plan = moca.draw_plan(Philox(0), s, B);
     const MocaStepResult r = moca.train_step(x1, x2, plan, h);
@@ -162,8 +164,17 @@ TEST_CASE_TEMPLATE("cuda: the tiny preset learns on the device, and a step alloc
     if (s == 1) {
       reserved_after_second = cuda::pool_stats().reserved;
       plans_after_second = cuda::LtMatmul::get().plans();
+      waits_after_second = ctx.host_waits();
+      staging_after_second = ctx.staging_stats().allocations;
     }
   }
+  // The host waits for the device twice a step, back to back, where it reads the losses, the
+  // gradient norm and the codebook's statistics: the mask and row uploads are queued, not waited
+  // for, and their pinned staging blocks are reused.
+  const std::uint64_t waits = ctx.host_waits() - waits_after_second;
+  MESSAGE("host waits in 18 steps: ", waits);
+  CHECK(waits <= 2 * 18);
+  CHECK(ctx.staging_stats().allocations == staging_after_second);
   // No tensor allocated after the first step; and nothing beside tensors grows either: the
   // pool maps no more memory (workspaces included) and cuBLASLt plans no new problem.
   CHECK(memory_stats<Cuda>().allocations == allocations_after_first);

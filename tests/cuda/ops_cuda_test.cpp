@@ -1005,6 +1005,106 @@ TEST_CASE_TEMPLATE("cuda parity: sum_squares in double, deterministic", T, float
   }
 }
 
+TEST_CASE("cuda: values read later (PendingValues) equal the waiting forms, with one wait") {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  cuda::Context& ctx = cuda::Context::get();
+  const std::int64_t M = 300, K = 129, R = 2 * M + 3;
+  const Tensor<float> z = random_tensor<float>({M, K}, -6.0, 6.0);
+  Tensor<float> table = random_tensor<float>({R, K}, 0.0, 1.0);
+  for (std::int64_t r = 0; r < R; ++r) {
+    float total = 0;
+    for (std::int64_t k = 0; k < K; ++k) total += table.data()[r * K + k];
+    for (std::int64_t k = 0; k < K; ++k) table.data()[r * K + k] /= total;
+  }
+  Tensor<Index> rows({M});
+  for (std::int64_t r = 0; r < M; ++r) rows.data()[r] = static_cast<Index>((7 * r + 2) % R);
+  const Tensor<Index, Cuda> g_rows = rows.to<Cuda>();
+  const TensorView<Index, Cuda> g_rows_view = g_rows;
+  const Tensor<float, Cuda> gz = to_device<float>(z), g_table = to_device<float>(table);
+  const Tensor<float> big = random_tensor<float>({1000003});
+  const Tensor<float, Cuda> g_big = to_device<float>(big);
+  ops::SoftTargetWorkspace<float, Cuda> ws;
+  Tensor<float, Cuda> dz_now({M, K}), dz_later({M, K});
+
+  const double loss =
+      ops::soft_target_loss(TensorView<float, Cuda>(gz), TensorView<float, Cuda>(g_table),
+                            &g_rows_view, true, 0.37, TensorView<float, Cuda>(dz_now), ws);
+  const double squares = ops::sum_squares(TensorView<float, Cuda>(g_big));
+  const double empty = ops::sum_squares(TensorView<float, Cuda>(g_big).rows(0, 0));
+
+  PendingValues<Cuda> values;
+  Tensor<float, Cuda> one({1});
+  ops::fill(TensorView<float, Cuda>(one), 6.5f);
+  cuda::synchronize();
+  const std::uint64_t waits = ctx.host_waits();
+  const auto t_loss = ops::soft_target_loss(
+      TensorView<float, Cuda>(gz), TensorView<float, Cuda>(g_table), &g_rows_view, true, 0.37,
+      TensorView<float, Cuda>(dz_later), ws, values, 4.0);
+  const auto t_squares = ops::sum_squares(TensorView<float, Cuda>(g_big), values);
+  const auto t_empty = ops::sum_squares(TensorView<float, Cuda>(g_big).rows(0, 0), values);
+  const auto t_one = values.capture(TensorView<float, Cuda>(one), 2.0);
+  ops::fill(TensorView<float, Cuda>(one), -1.0f);  // after the capture: not seen by it
+  // Enough partial sums to move the set's buffer: the values written before it keep their place.
+  std::vector<PendingValues<Cuda>::Ticket> more;
+  for (int i = 0; i < 40; ++i)
+    more.push_back(ops::sum_squares(TensorView<float, Cuda>(g_big), values));
+  CHECK(ctx.host_waits() == waits);  // nothing waited for yet
+  values.read();
+  CHECK(ctx.host_waits() == waits + 1);
+  values.read();  // read already: no second wait
+  CHECK(ctx.host_waits() == waits + 1);
+  CHECK(values[t_loss] == loss / 4.0);  // the same partial sums, added in the same order
+  CHECK(values[t_squares] == squares);
+  CHECK(values[t_empty] == empty);
+  CHECK(empty == 0.0);
+  CHECK(values[t_one] == 3.25);
+  for (const auto& t : more) CHECK(values[t] == squares);
+  const Tensor<float> now = to_host(TensorView<float, Cuda>(dz_now));
+  const Tensor<float> later = to_host(TensorView<float, Cuda>(dz_later));
+  CHECK(std::equal(now.begin(), now.end(), later.begin()));  // the same kernel, the same gradient
+}
+
+TEST_CASE("cuda: uploads are queued without a wait, and their source may change at once") {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  cuda::Context& ctx = cuda::Context::get();
+  REQUIRE(ctx.staged_uploads());
+  // A long kernel queue ahead of the uploads: they must land in order after it, not before.
+  Tensor<float, Cuda> busy({1 << 24});
+  for (int i = 0; i < 20; ++i) ops::scale(TensorView<float, Cuda>(busy), 1.0f);
+  Tensor<Index, Cuda> a({4096}), b({300000});
+  Tensor<Index> host({300000});
+  const std::uint64_t waits = ctx.host_waits();
+  for (int round = 0; round < 50; ++round) {
+    for (std::int64_t i = 0; i < 4096; ++i) host.data()[i] = static_cast<Index>(round * 4096 + i);
+    copy(TensorView<Index>(host).rows(0, 4096), TensorView<Index, Cuda>(a));
+    for (std::int64_t i = 0; i < 4096; ++i) host.data()[i] = -1;  // reused at once
+    // Each round's upload lands in b after the last round's copy of b into itself was queued.
+    if (round == 49) {
+      for (std::int64_t i = 0; i < 300000; ++i) host.data()[i] = static_cast<Index>(3 * i);
+      copy(TensorView<Index>(host), TensorView<Index, Cuda>(b));
+      for (std::int64_t i = 0; i < 300000; ++i) host.data()[i] = 0;
+    }
+  }
+  CHECK(ctx.host_waits() == waits);  // not one wait for 51 uploads
+  const Tensor<Index> back_a = a.to<Cpu>(), back_b = b.to<Cpu>();
+  for (std::int64_t i = 0; i < 4096; ++i) CHECK(back_a.data()[i] == 49 * 4096 + i);
+  bool b_ok = true;
+  for (std::int64_t i = 0; i < 300000; ++i) b_ok = b_ok && back_b.data()[i] == 3 * i;
+  CHECK(b_ok);
+  const cuda::StagingStats st = ctx.staging_stats();
+  MESSAGE("staging: ", st.blocks, " blocks, ", st.allocations, " allocations, ", st.waits,
+          " waits");
+  CHECK(st.blocks <= 64);
+
+  // With staging off, each upload waits for the stream, as copies from the host once did.
+  ctx.set_staged_uploads(false);
+  const std::uint64_t before = ctx.host_waits();
+  copy(TensorView<Index>(host).rows(0, 4096), TensorView<Index, Cuda>(a));
+  ctx.set_staged_uploads(true);
+  CHECK(ctx.host_waits() == before + 1);
+  CHECK(a.to<Cpu>().data()[7] == host.data()[7]);
+}
+
 // ---- gather / scatter ----------------------------------------------------------------------------
 
 TEST_CASE_TEMPLATE("cuda parity: gather_rows and scatter_add_rows", T, float, double) {

@@ -104,8 +104,15 @@ class TensorView {
   Shape shape_{0};  // an empty view holds no element
 };
 
-/// Copies src into dst (same number of elements; any pair of devices). A copy that involves the
-/// host has finished when it returns; one within a device is ordered with that device's work.
+/// A device whose Memory queues copies from the host without waiting (Memory<Cuda>::upload).
+template <class D>
+concept QueuedUploads = requires(void* dst, const void* src, std::size_t n) {
+  Memory<D>::upload(dst, src, n);
+};
+
+/// Copies src into dst (same number of elements; any pair of devices). A copy to the host has
+/// finished when it returns. A copy from the host may reuse its source when it returns; on a
+/// device with QueuedUploads it is queued with that device's work, like a copy within a device.
 template <class T, class Dd, class Ds>
 void copy(const TensorView<T, Ds>& src, const TensorView<T, Dd>& dst) {
   MOCA_CHECK(src.numel() == dst.numel(), "copy: source ", src.shape(), " and destination ",
@@ -117,6 +124,8 @@ void copy(const TensorView<T, Ds>& src, const TensorView<T, Dd>& dst) {
     // Within one device: ordered with its kernels, and like them not waited for.
     profiler::count_bytes(2.0 * static_cast<double>(src.bytes()));
     Memory<Dd>::copy_within(dst.data(), src.data(), src.bytes());
+  } else if constexpr (std::is_same_v<Ds, Cpu> && QueuedUploads<Dd>) {
+    Memory<Dd>::upload(dst.data(), src.data(), src.bytes());
   } else {
     // The non-host side's Memory copies in any direction (unified addressing).
     using Device = std::conditional_t<std::is_same_v<Dd, Cpu>, Ds, Dd>;

@@ -73,6 +73,29 @@ class SoftTargetLoss {
            n;
   }
 
+  /// The two forms above with the loss as a value of `into`, read later with the set's other
+  /// values instead of waiting for the device here (the same value).
+  typename PendingValues<D>::Ticket forward_backward(const TensorView<T, D>& logits,
+                                                     const TensorView<T, D>& targets,
+                                                     const TensorView<T, D>& dlogits, double scale,
+                                                     PendingValues<D>& into) {
+    MOCA_PROFILE_SCOPE("loss");
+    check(logits, targets, "");
+    const double n = rows(logits);
+    return ops::soft_target_loss(logits, targets, nullptr, WithEntropy, static_cast<T>(scale / n),
+                                 dlogits, workspace_, into, n);
+  }
+  typename PendingValues<D>::Ticket forward_backward(const TensorView<T, D>& logits,
+                                                     const TensorView<T, D>& table,
+                                                     const TensorView<Index, D>& target_rows,
+                                                     const TensorView<T, D>& dlogits, double scale,
+                                                     PendingValues<D>& into) {
+    MOCA_PROFILE_SCOPE("loss");
+    const double n = rows(logits);
+    return ops::soft_target_loss(logits, table, &target_rows, WithEntropy,
+                                 static_cast<T>(scale / n), dlogits, workspace_, into, n);
+  }
+
  private:
   static const char* name() { return WithEntropy ? "KL divergence" : "cross-entropy"; }
   static void check(const TensorView<T, D>& logits, const TensorView<T, D>& targets,

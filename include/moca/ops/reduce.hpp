@@ -1,6 +1,9 @@
 // Reductions over one axis, and the squared L2 norm.
 #pragma once
 
+#include <concepts>
+
+#include "moca/core/pending_values.hpp"
 #include "moca/ops/common.hpp"
 
 namespace moca::ops {
@@ -39,6 +42,27 @@ template <class T, class D>
 double sum_squares(const TensorView<T, D>& x) {
   detail::count_traffic(x);
   return Backend<D>::sum_squares(x.numel(), x.data());
+}
+
+/// A backend whose reductions can leave their partial sums on the device (PendingValues).
+template <class T, class D>
+concept DeferredSums = requires(std::int64_t n, const T* x, double* partial) {
+  { Backend<D>::sum_partials(n) } -> std::convertible_to<std::int64_t>;
+  Backend<D>::sum_squares_partials(n, x, partial);
+};
+
+/// Σ x² as a value of `into`, read with the set's other values: the same total as above, without
+/// waiting for the device here.
+template <class T, class D>
+typename PendingValues<D>::Ticket sum_squares(const TensorView<T, D>& x, PendingValues<D>& into) {
+  if constexpr (DeferredSums<T, D>) {
+    detail::count_traffic(x);
+    auto [ticket, partial] = into.partial_sums(Backend<D>::sum_partials(x.numel()));
+    Backend<D>::sum_squares_partials(x.numel(), x.data(), partial);
+    return ticket;
+  } else {
+    return into.known(sum_squares(x));
+  }
 }
 
 }  // namespace moca::ops

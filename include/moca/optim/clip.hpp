@@ -3,6 +3,7 @@
 //
 //   double norm = clip_grad_norm(store, 0.1);            // norm before clipping
 //   double norm = clip_grad_norm(store, std::nullopt);   // clipping disabled: only the norm
+//   clip_to_norm(store.grads(), norm, 0.1);              // the norm measured already
 //
 // The norm is sqrt(Σ g²) over every gradient of the store, accumulated in double. Gradients are
 // multiplied by coef = max_norm / (norm + 1e-6) when coef < 1 (torch multiplies by
@@ -42,15 +43,28 @@ inline double clip_coefficient(double norm, double max_norm) {
   return coef < 1.0 ? coef : 1.0;
 }
 
-/// Clips a flat gradient buffer to `max_norm` (≥ 0) and returns its norm before clipping.
+/// Clips a flat gradient buffer whose norm is known (measured as global_grad_norm does, e.g.
+/// read with other values from a PendingValues set) to `max_norm` (≥ 0).
 template <class T, class D>
-double clip_grad_norm(const TensorView<T, D>& grads, double max_norm) {
+void clip_to_norm(const TensorView<T, D>& grads, double norm, double max_norm) {
   MOCA_PROFILE_SCOPE("clip_grad_norm");
   MOCA_CHECK(max_norm >= 0.0, "clip_grad_norm: negative max_norm ", max_norm,
              " (pass std::nullopt to disable clipping)");
-  const double norm = global_grad_norm(grads);
   const double coef = clip_coefficient(norm, max_norm);
   if (coef < 1.0) ops::scale(grads, T(coef));
+}
+
+/// Clips a flat gradient buffer to `max_norm` (≥ 0) and returns its norm before clipping.
+template <class T, class D>
+double clip_grad_norm(const TensorView<T, D>& grads, double max_norm) {
+  MOCA_CHECK(max_norm >= 0.0, "clip_grad_norm: negative max_norm ", max_norm,
+             " (pass std::nullopt to disable clipping)");
+  double norm = 0;
+  {
+    MOCA_PROFILE_SCOPE("clip_grad_norm");
+    norm = global_grad_norm(grads);
+  }
+  clip_to_norm(grads, norm, max_norm);
   return norm;
 }
 

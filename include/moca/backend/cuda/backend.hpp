@@ -7,7 +7,8 @@
 // needs no nvcc: ordinary C++ files include it (through <moca/cuda.hpp>) and link moca::cuda.
 //
 // All work is queued on Context::get().stream() and runs asynchronously, except sum_squares,
-// xlogy_sum and soft_target_rows, which return a value to the host and so wait for it.
+// xlogy_sum and soft_target_rows, which return a value to the host and so wait for it (their
+// _partials forms leave it on the device for PendingValues).
 #pragma once
 
 #include <cublas_v2.h>
@@ -96,6 +97,11 @@ void sum_middle(std::int64_t outer, std::int64_t n, std::int64_t inner, Y alpha,
                 Y* y);
 template <class T>
 double sum_squares(std::int64_t n, const T* x);
+/// The partial sums of Σ x² (sum_blocks(n) of them, in device memory), queued without waiting.
+template <class T>
+void sum_squares_partials(std::int64_t n, const T* x, double* partial);
+/// Number of partial sums a deferred reduction of n terms writes.
+std::int64_t sum_blocks(std::int64_t n);
 
 template <class T>
 void gather_rows(std::int64_t M, std::int64_t C, const T* src, std::int64_t rows,
@@ -129,6 +135,11 @@ double xlogy_sum(std::int64_t n, const T* x, const T* y);
 template <class T>
 double soft_target_rows(std::int64_t M, std::int64_t K, const T* z, const T* t, std::int64_t R,
                         const std::int32_t* idx, bool entropy, T s, T* dz);
+/// The same with the loss left on the device as sum_blocks(M) partial sums at `partial`.
+template <class T>
+void soft_target_rows_partials(std::int64_t M, std::int64_t K, const T* z, const T* t,
+                               std::int64_t R, const std::int32_t* idx, bool entropy, T s, T* dz,
+                               double* partial);
 
 /// AdamW with the gradient's type G: T, or bf16 for float weights (models keep float gradients;
 /// ops::adamw allows a narrower one).
@@ -497,6 +508,13 @@ struct Backend<Cuda> {
   /// Waits for the stream: the sum is returned to the host.
   template <class T>
   static double sum_squares(std::int64_t n, const T* x) { return cuda::sum_squares(n, x); }
+  /// Deferred reductions (PendingValues): partial sums left on the device, added on the host in
+  /// the order the waiting forms add them, so both give the same total.
+  static std::int64_t sum_partials(std::int64_t n) { return cuda::sum_blocks(n); }
+  template <class T>
+  static void sum_squares_partials(std::int64_t n, const T* x, double* partial) {
+    cuda::sum_squares_partials(n, x, partial);
+  }
   /// Indices live on the device and are not checked there (the CPU backend checks them); see
   /// kernels/index.cuh for what an out-of-range index does.
   template <class T>
@@ -556,6 +574,12 @@ struct Backend<Cuda> {
                                  std::int64_t R, const std::int32_t* idx, bool entropy, T s,
                                  T* dz) {
     return cuda::soft_target_rows(M, K, z, t, R, idx, entropy, s, dz);
+  }
+  template <class T>
+  static void soft_target_rows_partials(std::int64_t M, std::int64_t K, const T* z, const T* t,
+                                        std::int64_t R, const std::int32_t* idx, bool entropy, T s,
+                                        T* dz, double* partial) {
+    cuda::soft_target_rows_partials(M, K, z, t, R, idx, entropy, s, dz, partial);
   }
   template <class T, class G>
   static void adamw(std::int64_t n, T* p, const G* g, T* m, T* v, double lr, double beta1,

@@ -9,8 +9,13 @@
 // Stream: by default the legacy default stream (stream 0). It orders itself with every other
 // blocking stream, so code that mixes moca ops with its own CUDA calls needs no extra
 // synchronisation. set_stream() moves all later work (kernels, cuBLAS, copies) to another stream;
-// call it while no other thread is running ops. Copies to or from the host synchronise the
-// stream, so host data is ready when moca::copy or Tensor::to returns.
+// call it while no other thread is running ops. Copies to the host synchronise the stream, so host
+// data is ready when moca::copy or Tensor::to returns; copies from the host are staged in pinned
+// memory and queued like kernels (upload()), so the host's source may be reused at once and the
+// device's queue is not emptied.
+//
+// Host waits: every place where the host waits for the device counts in host_waits(), so tests
+// and benchmarks can say how often a training step empties the device's queue.
 //
 // Device: the device current when the context is first created (device 0 unless the program
 // called cudaSetDevice before its first CUDA op). One device per process for now.
@@ -22,11 +27,13 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <mutex>
 #include <string>
 
 #include "moca/backend/cuda/check.hpp"
+#include "moca/backend/cuda/staging.hpp"
 #include "moca/core/check.hpp"
 
 namespace moca::cuda {
@@ -176,7 +183,45 @@ class Context {
   std::size_t max_shared_per_block() const noexcept { return max_shared_per_block_; }
 
   /// Blocks until all work queued on stream() has finished; throws if any of it failed.
-  void synchronize() const { MOCA_CUDA_CHECK(cudaStreamSynchronize(stream())); }
+  void synchronize() { wait_for_stream(); }
+
+  /// synchronize(), as the backend's own code calls it: a copy to the host, a value returned by
+  /// a reduction.
+  void wait_for_stream() {
+    note_host_wait();
+    MOCA_CUDA_CHECK(cudaStreamSynchronize(stream()));
+  }
+
+  /// Number of times the host has waited for the device so far (stream synchronisations, copies
+  /// to the host, staging buffers still in use, timed candidates): each one empties the device's
+  /// queue until the host launches work again.
+  std::uint64_t host_waits() const noexcept { return host_waits_.load(std::memory_order_relaxed); }
+  void note_host_wait() noexcept { host_waits_.fetch_add(1, std::memory_order_relaxed); }
+
+  /// Copies `bytes` of host memory to device memory `dst`, queued on stream() without waiting:
+  /// the bytes go through a pinned staging block first (StagingBlocks), so `src` may be reused
+  /// when this returns. With staged uploads off, the copy waits for the stream instead, as every
+  /// host copy once did (set_staged_uploads, to time one against the other).
+  void upload(void* dst, const void* src, std::size_t bytes) {
+    if (bytes == 0) return;
+    if (!staged_uploads_) {
+      MOCA_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, stream()));
+      wait_for_stream();
+      return;
+    }
+    std::lock_guard<std::mutex> lock(staging_mutex_);
+    StagingBlock<CudaStaging::Event>& block = staging_.acquire(bytes);
+    std::memcpy(block.data, src, bytes);
+    MOCA_CUDA_CHECK(cudaMemcpyAsync(dst, block.data, bytes, cudaMemcpyHostToDevice, stream()));
+    staging_.queued(block);
+  }
+  void set_staged_uploads(bool on) noexcept { staged_uploads_ = on; }
+  bool staged_uploads() const noexcept { return staged_uploads_; }
+  /// The staging blocks' counters: blocks held, pinned allocations, waits for a block in use.
+  StagingStats staging_stats() {
+    std::lock_guard<std::mutex> lock(staging_mutex_);
+    return staging_.stats();
+  }
 
   /// A device buffer of at least `bytes` that kernels queued on stream() use to hand partial
   /// results to the next kernel (the column reductions). Stream order keeps successive users
@@ -197,7 +242,7 @@ class Context {
   /// Waits for the stream, then hands the pool's cached (unused) blocks back to the driver.
   void trim_memory_pool() {
     if (pool_ == nullptr) return;
-    synchronize();
+    wait_for_stream();
     MOCA_CUDA_CHECK(cudaMemPoolTrimTo(pool_, 0));
   }
 
@@ -303,6 +348,10 @@ class Context {
   int gemm_tuning_ = 0;
   bool column_chunks_ = true;
   std::atomic<std::uint64_t> flash_mma_launches_{0};
+  std::atomic<std::uint64_t> host_waits_{0};
+  bool staged_uploads_ = true;
+  std::mutex staging_mutex_;
+  StagingBlocks<CudaStaging> staging_{CudaStaging{&stream_, &host_waits_}};
   void* workspace_ = nullptr;
   std::size_t workspace_bytes_ = 0;
 };

@@ -52,6 +52,7 @@
   template void l1_normalize_rows<T>(std::int64_t, std::int64_t, double, T*);                     \
   template void sum_middle<T, T>(std::int64_t, std::int64_t, std::int64_t, T, const T*, T, T*);   \
   template double sum_squares<T>(std::int64_t, const T*);                                         \
+  template void sum_squares_partials<T>(std::int64_t, const T*, double*);                         \
   template void gather_rows<T>(std::int64_t, std::int64_t, const T*, std::int64_t,                \
                                const std::int32_t*, T*);                                          \
   template void scatter_add_rows<T>(std::int64_t, std::int64_t, const T*, const std::int32_t*,    \
@@ -70,6 +71,9 @@
   template double xlogy_sum<T>(std::int64_t, const T*, const T*);                                 \
   template double soft_target_rows<T>(std::int64_t, std::int64_t, const T*, const T*,             \
                                       std::int64_t, const std::int32_t*, bool, T, T*);            \
+  template void soft_target_rows_partials<T>(std::int64_t, std::int64_t, const T*, const T*,      \
+                                             std::int64_t, const std::int32_t*, bool, T, T*,      \
+                                             double*);                                            \
   template void adamw<T, T>(std::int64_t, T*, const T*, T*, T*, double, double, double, double,   \
                             double, std::int64_t);                                                \
   template void attention_forward<T>(std::int64_t, std::int64_t, std::int64_t, std::int64_t, T,   \
@@ -78,6 +82,8 @@
                                       const T*, const T*, const T*, const T*, T*, T*);
 
 namespace moca::cuda {
+
+std::int64_t sum_blocks(std::int64_t n) { return kernels::sum_blocks(n); }
 MOCA_CUDA_INSTANTIATE(float)
 MOCA_CUDA_INSTANTIATE(double)
 // Mixed precision: bf16 values of float master weights, whose gradients are float. AdamW also
@@ -133,6 +139,7 @@ template void sum_middle<bf16, bf16>(std::int64_t, std::int64_t, std::int64_t, b
 template void sum_middle<bf16, float>(std::int64_t, std::int64_t, std::int64_t, float, const bf16*,
                                       float, float*);
 template double sum_squares<bf16>(std::int64_t, const bf16*);
+template void sum_squares_partials<bf16>(std::int64_t, const bf16*, double*);
 template void gather_rows<bf16>(std::int64_t, std::int64_t, const bf16*, std::int64_t,
                                 const std::int32_t*, bf16*);
 template void copy_strided<bf16>(std::int64_t, std::int64_t, std::int64_t, const bf16*,
@@ -153,6 +160,9 @@ template void batch_norm_backward<bf16>(std::int64_t, std::int64_t, const bf16*,
                                         float*, float*);
 template double soft_target_rows<bf16>(std::int64_t, std::int64_t, const bf16*, const bf16*,
                                        std::int64_t, const std::int32_t*, bool, bf16, bf16*);
+template void soft_target_rows_partials<bf16>(std::int64_t, std::int64_t, const bf16*, const bf16*,
+                                              std::int64_t, const std::int32_t*, bool, bf16, bf16*,
+                                              double*);
 // Attention of bf16 heads: bf16 tensor-core products, float scores, lse and δ (kernels/attention.cuh).
 template void attention_forward<bf16>(std::int64_t, std::int64_t, std::int64_t, std::int64_t,
                                       bf16, const bf16*, bf16*, bf16*);

@@ -137,9 +137,16 @@ struct Memory<Cuda> {
   /// so host memory on either side may be used or freed right away.
   static void copy(void* dst, const void* src, std::size_t bytes) {
     if (bytes == 0) return;
-    const cudaStream_t s = cuda::stream();
-    MOCA_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, s));
-    MOCA_CUDA_CHECK(cudaStreamSynchronize(s));
+    cuda::Context& ctx = cuda::Context::get();
+    MOCA_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, ctx.stream()));
+    ctx.wait_for_stream();
+  }
+
+  /// Copies host memory to the device, queued on the backend's stream like a kernel and not
+  /// waited for: the bytes are staged in pinned memory (Context::upload), so `src` may be used or
+  /// freed right away, and the device's queue is not emptied.
+  static void upload(void* dst, const void* src, std::size_t bytes) {
+    cuda::Context::get().upload(dst, src, bytes);
   }
 
   /// Copies between two device buffers, queued on the backend's stream like a kernel: ordered

@@ -39,12 +39,12 @@ void add_moca_weights(SafetensorsWriter& out, Moca<T, D, B>& m,
                       SafetensorsDtype dtype = SafetensorsDtype::F32) {
   add_parameters(out, m.params(), "", dtype);
   add_parameters(out, m.teacher_params(), "encoder_teacher.", dtype);
-  const Codebook<T, D>& cb = m.codebook();
+  Codebook<T, D>& cb = m.codebook();
   std::int64_t ptr = cb.ptr, batches = cb.num_batches;
   out.add(detail::kBow + "_embedding_ptr", TensorView<std::int64_t, Cpu>(&ptr, Shape{1}));
   out.add(detail::kBow + "_track_num_batches",
           TensorView<std::int64_t, Cpu>(&batches, Shape{1}));
-  double dn = cb.dist_norm, dnp = cb.dist_norm_prev;
+  double dn = cb.dist_norm(), dnp = cb.dist_norm_prev();
   out.add(detail::kBow + "_dist_norm", TensorView<double, Cpu>(&dn, Shape{1}), dtype);
   out.add(detail::kBow + "_dist_norm_prev", TensorView<double, Cpu>(&dnp, Shape{1}), dtype);
   std::int64_t counts[2] = {m.encoder_pred.layers_w[0].generator.b0_bn.num_batches_tracked,
@@ -114,15 +114,16 @@ void load_moca_weights(Moca<T, D, B>& m, const SafetensorsFile& file, bool stric
   Codebook<T, D>& cb = m.codebook();
   cb.ptr = static_cast<std::int64_t>(detail::read_scalar(file, scalar_names[0]));
   cb.num_batches = static_cast<std::int64_t>(detail::read_scalar(file, scalar_names[1]));
-  cb.dist_norm = detail::read_scalar(file, scalar_names[2]);
-  cb.dist_norm_prev = detail::read_scalar(file, scalar_names[3]);
+  const double dist_norm = detail::read_scalar(file, scalar_names[2]);
+  const double dist_norm_prev = detail::read_scalar(file, scalar_names[3]);
   MOCA_CHECK(cb.ptr >= 0 && cb.ptr < cb.config().num_words &&
                  cb.ptr % cb.config().words_per_iter == 0,
              file.path(), ": codebook pointer ", cb.ptr, " does not fit ", cb.config().num_words,
              " words refreshed ", cb.config().words_per_iter, " at a time");
-  MOCA_CHECK(cb.dist_norm > 0 && cb.dist_norm_prev > 0, file.path(),
-             ": dist_norm and dist_norm_prev must be positive, found ", cb.dist_norm, " and ",
-             cb.dist_norm_prev);
+  MOCA_CHECK(dist_norm > 0 && dist_norm_prev > 0, file.path(),
+             ": dist_norm and dist_norm_prev must be positive, found ", dist_norm, " and ",
+             dist_norm_prev);
+  cb.set_dist_norms(dist_norm, dist_norm_prev);
   m.encoder_pred.layers_w[0].generator.b0_bn.num_batches_tracked =
       static_cast<std::int64_t>(detail::read_scalar(file, scalar_names[4]));
   m.decoder_pred.layers_w[0].generator.b0_bn.num_batches_tracked =

@@ -5,7 +5,14 @@
 //   codebook.snapshot();                        // this iteration's words (targets and prototypes)
 //   codebook.assign(teacher_out_v1, q1, y1);    // once per view: codes, BoW, dist_norm EMA
 //   codebook.assign(teacher_out_v2, q2, y2);
-//   codebook.update(teacher_out_of(choice.view), choice);   // new words; dist_norm_prev ← dist_norm
+//   codebook.update(teacher_out_of(choice.view), choice);  // new words; prev ← dist_norm
+//   codebook.settle();                          // optional: reads the statistics now
+//
+// Each assign() folds a statistic of the device's codes into the dist_norm EMA. Reading it would
+// make the host wait for the device in the middle of a training step, so the statistics stay on
+// the device (PendingValues) until dist_norm or dist_norm_prev is asked for, or settle() is
+// called: the trainer does it where it waits anyway. Until then dist_norm_prev is only needed by
+// the next assign() after an update(), so two assigns in a row do not wait.
 #pragma once
 
 #include <algorithm>
@@ -56,13 +63,12 @@ class Codebook {
 
   Param<T, D> embedding;  ///< E [K, C]: a buffer (no gradient), checkpointed as `_embedding`
   std::int64_t ptr = 0;   ///< ring pointer: the next word to replace
-  double dist_norm = 0.5, dist_norm_prev = 0.5;
   std::int64_t num_batches = 0;
 
   Codebook() = default;
   explicit Codebook(const CodebookConfig& cfg) : cfg_((cfg.validate(), cfg)) {
     embedding.declare({cfg.num_words, cfg.dim}, Init::external(), /*trainable=*/false);
-    dist_norm = dist_norm_prev = cfg.dist_norm_init;
+    dist_norm_ = dist_norm_prev_ = cfg.dist_norm_init;
     const std::int64_t G = cfg.grid, s = cfg.skip_offset;
     for (std::int64_t r = s; r < G - s; ++r)
       for (std::int64_t c = s; c < G - s; ++c) inner_.push_back(static_cast<Index>(r * G + c));
@@ -87,8 +93,47 @@ class Codebook {
                       TensorView<compute_t<T>, Cpu>(norms));
     copy(TensorView<T, Cpu>(host), embedding.value);
     ptr = 0;
-    dist_norm = dist_norm_prev = cfg_.dist_norm_init;
+    set_dist_norms(cfg_.dist_norm_init, cfg_.dist_norm_init);
     num_batches = 0;
+  }
+
+  /// The EMA of the assignment statistic, with every assign() so far folded in (waits for the
+  /// device if some are not yet read).
+  double dist_norm() {
+    settle();
+    return dist_norm_;
+  }
+  /// dist_norm as it was at the last update(): the temperature of this iteration's codes.
+  double dist_norm_prev() {
+    if (prev_pending_) settle();
+    return dist_norm_prev_;
+  }
+  /// Sets both (a checkpoint's values), dropping statistics not yet read.
+  void set_dist_norms(double dist_norm, double dist_norm_prev) {
+    pending_.clear();
+    stats_.clear();
+    prev_pending_ = false;
+    dist_norm_ = dist_norm;
+    dist_norm_prev_ = dist_norm_prev;
+  }
+
+  /// Reads the statistics of the assigns so far (one wait for the device, none if there are
+  /// none) and folds them into dist_norm in order, with each update()'s dist_norm_prev ←
+  /// dist_norm where it came.
+  void settle() {
+    if (pending_.empty()) return;
+    stats_.read();
+    for (const Pending& p : pending_) {
+      if (p.update) {
+        dist_norm_prev_ = dist_norm_;
+        continue;
+      }
+      const double t = std::abs(stats_[p.statistic]);
+      dist_norm_ = cfg_.dist_norm_decay * dist_norm_ + (1.0 - cfg_.dist_norm_decay) * t;
+    }
+    pending_.clear();
+    stats_.clear();
+    prev_pending_ = false;
   }
 
   /// Copies the current words; assign() and the prototype generators read this snapshot, so the
@@ -128,11 +173,12 @@ class Codebook {
     // statistic: mean over tokens of (max cos − mean cos) = mean of (mean dist − min dist).
     stat_.resize({N * L});
     total_.resize({1});
-    ops::softmax_with_spread(cos, cfg_.inv_delta / dist_norm_prev, TensorView<T, D>(stat_),
+    ops::softmax_with_spread(cos, cfg_.inv_delta / dist_norm_prev(), TensorView<T, D>(stat_),
                              spread_workspace_);
     ops::sum(TensorView<T, D>(stat_), 0, TensorView<T, D>(total_));
-    const double t = std::abs(host_scalar(total_) / static_cast<double>(N * L));
-    dist_norm = cfg_.dist_norm_decay * dist_norm + (1.0 - cfg_.dist_norm_decay) * t;
+    // |total / (N·L)| enters dist_norm at settle().
+    pending_.push_back(
+        {stats_.capture(TensorView<T, D>(total_), static_cast<double>(N * L)), false});
     // Bag of words: average of the inner tokens' codes, then L1-normalised.
     set_inner_rows(N, L);
     inner_codes_.resize({N, I, K});
@@ -192,17 +238,12 @@ class Codebook {
                       TensorView<compute_t<T>, D>(fresh_norm_));
     copy(TensorView<T, D>(fresh_), embedding.value.rows(ptr, ptr + n_new));
     ptr = (ptr + n_new) % cfg_.num_words;
-    dist_norm_prev = dist_norm;
+    pending_.push_back({{}, true});  // dist_norm_prev ← dist_norm, once the statistics are read
+    prev_pending_ = true;
     ++num_batches;
   }
 
  private:
-  static double host_scalar(const Tensor<T, D>& t) {
-    T v{};
-    copy(TensorView<T, D>(t), TensorView<T, Cpu>(&v, Shape{1}));
-    return static_cast<double>(v);
-  }
-
   void set_inner_rows(std::int64_t N, std::int64_t L) {
     const auto I = static_cast<std::int64_t>(inner_.size());
     if (inner_rows_.numel() == N * I) return;  // depends on N only
@@ -220,6 +261,15 @@ class Codebook {
   Tensor<compute_t<T>, D> token_norm_, fresh_norm_;  // l2_normalize's saved norms (no backward reads them)
   Tensor<Index, D> inner_rows_, rows_index_;
   Tensor<Index, Cpu> host_rows_;
+  // The dist_norm EMA's inputs in order: a statistic, or an update()'s dist_norm_prev ← dist_norm.
+  struct Pending {
+    typename PendingValues<D>::Ticket statistic;
+    bool update;
+  };
+  PendingValues<D> stats_;
+  std::vector<Pending> pending_;
+  bool prev_pending_ = false;
+  double dist_norm_ = 0.5, dist_norm_prev_ = 0.5;
 };
 
 }  // namespace moca

@@ -234,25 +234,39 @@ class Moca {
     res.momentum = h.momentum;
     set_moca_hyperparameters(groups_, h.lr, h.weight_decay, h.wgen_lr, h.wgen_weight_decay);
     params_.zero_grad();
+    // The losses, the gradient norm and the codebook's statistics stay on the device until the
+    // one wait before the update (PendingValues): a wait for each would empty the device's
+    // queue in the middle of the step.
+    values_.clear();
     const double scale = 1.0 / static_cast<double>(micro.size());
+    std::vector<RoundLosses>& losses = micro_losses_;
+    losses.resize(micro.size());
     for (std::size_t i = 0; i < micro.size(); ++i) {
       const bool last = i + 1 == micro.size();
       if (last) ema_.update(h.momentum);
       prepare_targets(micro[i].x1, micro[i].x2, last ? &refresh : nullptr);
-      const MocaStepResult part = student_forward_backward(*micro[i].masks, scale);
-      for (int r = 0; r < 2; ++r) {
-        res.l_img_round[r] += scale * part.l_img_round[r];
-        res.l_loc_round[r] += scale * part.l_loc_round[r];
-      }
+      losses[i] = queue_student_forward_backward(*micro[i].masks, scale);
     }
+    typename PendingValues<D>::Ticket sum_squares;
+    {
+      MOCA_PROFILE_SCOPE("clip_grad_norm");
+      sum_squares = ops::sum_squares(params_.grads(), values_);
+    }
+    values_.read();
+    codebook().settle();
+    for (const RoundLosses& part : losses)
+      for (int r = 0; r < 2; ++r) {
+        res.l_img_round[r] += scale * values_[part.img[r]];
+        res.l_loc_round[r] += scale * values_[part.loc[r]];
+      }
     res.l_img = res.l_img_round[0] + res.l_img_round[1];
     res.l_loc = res.l_loc_round[0] + res.l_loc_round[1];
     res.loss = cfg_.img_weight * res.l_img + cfg_.loc_weight * res.l_loc;
-    res.dist_norm = codebook().dist_norm;
+    res.dist_norm = codebook().dist_norm();
     MOCA_CHECK(std::isfinite(res.loss), "MOCA: the loss is not finite (L_IMG ", res.l_img,
                ", L_LOC ", res.l_loc, ")");
-    res.grad_norm = cfg_.clip_grad >= 0 ? clip_grad_norm(params_, cfg_.clip_grad)
-                                        : global_grad_norm(params_);
+    res.grad_norm = std::sqrt(values_[sum_squares]);
+    if (cfg_.clip_grad >= 0) clip_to_norm(params_.grads(), res.grad_norm, cfg_.clip_grad);
     optimizer_.step(groups_);
     return res;
   }
@@ -292,11 +306,33 @@ class Moca {
   /// `scale` × the gradients of the loss to the parameter gradients (not zeroed here) and
   /// returns the unscaled losses.
   MocaStepResult student_forward_backward(const MaskPlan& masks, double scale = 1.0) {
+    values_.clear();
+    const RoundLosses losses = queue_student_forward_backward(masks, scale);
+    values_.read();
+    MocaStepResult res;
+    for (int r = 0; r < 2; ++r) {
+      res.l_img_round[r] = values_[losses.img[r]];
+      res.l_loc_round[r] = values_[losses.loc[r]];
+    }
+    res.l_img = res.l_img_round[0] + res.l_img_round[1];
+    res.l_loc = res.l_loc_round[0] + res.l_loc_round[1];
+    res.loss = cfg_.img_weight * res.l_img + cfg_.loc_weight * res.l_loc;
+    return res;
+  }
+
+ private:
+  // One micro-batch's losses, per masking round, as values of values_.
+  struct RoundLosses {
+    typename PendingValues<D>::Ticket img[2], loc[2];
+  };
+
+  // student_forward_backward with the losses left in values_.
+  RoundLosses queue_student_forward_backward(const MaskPlan& masks, double scale) {
     const std::int64_t N = images_.size(0), L = cfg_.encoder.num_patches();
     MOCA_CHECK(masks.s[0].size(0) == N && masks.s[0].size(1) == L && masks.s[1].size(0) == N,
                "MOCA: masks for ", masks.s[0].size(0), " rows of ", masks.s[0].size(1),
                " patches, the step has ", N, " rows of ", L);
-    MocaStepResult res;
+    RoundLosses res;
     const Codebook<T, D>& cb = codebook();
     const TensorView<T, D> Wb = encoder_pred.forward(cb.words());
     const TensorView<T, D> Wd = decoder_pred.forward(cb.words());
@@ -307,16 +343,12 @@ class Moca {
     for (int r = 0; r < 2; ++r) student_round(r, N / 2, masks, Wb, Wd, scale, res);
     encoder_pred.backward(dWb_);
     decoder_pred.backward(dWd_);
-    res.l_img = res.l_img_round[0] + res.l_img_round[1];
-    res.l_loc = res.l_loc_round[0] + res.l_loc_round[1];
-    res.loss = cfg_.img_weight * res.l_img + cfg_.loc_weight * res.l_loc;
     return res;
   }
 
- private:
   // Forward and backward of one masking round; accumulates parameter gradients, dW^b and dW^d.
   void student_round(int r, std::int64_t B, const MaskPlan& masks, const TensorView<T, D>& Wb,
-                     const TensorView<T, D>& Wd, double scale, MocaStepResult& res) {
+                     const TensorView<T, D>& Wd, double scale, RoundLosses& res) {
     const std::int64_t N = 2 * B, L = cfg_.encoder.num_patches(), C = cfg_.encoder.dim;
     const std::int64_t K = cfg_.num_words, Dd = cfg_.decoder.dim;
     const std::int64_t lk = lengths_.lk[r], ld = lengths_.ld[r], S = 1 + lk;
@@ -342,8 +374,8 @@ class Moca {
     // L_IMG: KL(Y ‖ softmax(κ g W^bᵀ)), batch-mean over the N rows.
     logits_.resize({N, K});
     ops::gemm(TensorView<T, D>(g_), Trans::N, Wb, Trans::T, TensorView<T, D>(logits_), kappa, 0);
-    res.l_img_round[r] = kl_.forward_backward(logits_, bows_, logits_,  // now dlogits
-                                              scale * cfg_.img_weight);
+    res.img[r] = kl_.forward_backward(logits_, bows_, logits_,  // now dlogits
+                                      scale * cfg_.img_weight, values_);
     dg_.resize({N, C});
     ops::gemm(TensorView<T, D>(logits_), Trans::N, Wb, Trans::N, TensorView<T, D>(dg_), kappa, 0);
     ops::gemm(TensorView<T, D>(logits_), Trans::T, TensorView<T, D>(g_), Trans::N,
@@ -355,9 +387,9 @@ class Moca {
     set_target_rows(N, L, ld);
     loc_logits_.resize({N * ld, K});
     ops::gemm(out, Trans::N, Wd, Trans::T, TensorView<T, D>(loc_logits_), kappa, 0);
-    res.l_loc_round[r] = kl_.forward_backward(  // the targets read in place from Q
+    res.loc[r] = kl_.forward_backward(  // the targets read in place from Q
         loc_logits_, TensorView<T, D>(codes_).reshape({N * L, K}), target_rows_, loc_logits_,
-        scale * cfg_.loc_weight);
+        scale * cfg_.loc_weight, values_);
     dout_.resize({N * ld, Dd});
     ops::gemm(TensorView<T, D>(loc_logits_), Trans::N, Wd, Trans::N, TensorView<T, D>(dout_),
               kappa, 0);
@@ -396,6 +428,8 @@ class Moca {
   AdamW<T, D> optimizer_;
   ParamGroups groups_;
   KlDivergence<T, D> kl_;
+  PendingValues<D> values_;
+  std::vector<RoundLosses> micro_losses_;
   Tensor<Index, Cpu> visible_, decoded_, host_rows_;
   Tensor<Index, D> target_rows_;
   Tensor<T, D> codes_, bows_, chosen_, images_, dWb_, dWd_, g_, patches_, logits_, dg_,

@@ -66,7 +66,7 @@ void add_moca_train_state(SafetensorsWriter& out, Moca<T, D, B>& m, std::int64_t
   out.add(detail::kTrainStep, TensorView<std::int64_t, Cpu>(&step, Shape{}));
   // The weights file holds these as float32 like the reference's buffers; the running value is a
   // double, kept exactly here.
-  double dn = m.codebook().dist_norm, dnp = m.codebook().dist_norm_prev;
+  double dn = m.codebook().dist_norm(), dnp = m.codebook().dist_norm_prev();
   out.add(detail::kDistNorm, TensorView<double, Cpu>(&dn, Shape{}));
   out.add(detail::kDistNormPrev, TensorView<double, Cpu>(&dnp, Shape{}));
 }
@@ -118,13 +118,15 @@ std::int64_t load_moca_train_state(Moca<T, D, B>& m, const SafetensorsFile& file
              problems.empty() ? std::string() : problems.front(), ")");
   opt.set_steps(detail::read_int_scalar(file, detail::kOptimizerStep));
   const std::int64_t step = detail::read_int_scalar(file, detail::kTrainStep);
-  for (const auto& [name, value] : {std::pair{&detail::kDistNorm, &m.codebook().dist_norm},
-                                    std::pair{&detail::kDistNormPrev, &m.codebook().dist_norm_prev}}) {
-    MOCA_CHECK(file.contains(*name), file.path(), ": missing tensor '", *name, "'");
-    const Tensor<double> t = file.read<double>(*name);
-    MOCA_CHECK(t.numel() == 1, file.path(), ": tensor '", *name, "' should hold one value");
-    *value = t.data()[0];
+  double dist_norms[2] = {0, 0};
+  for (int i = 0; i < 2; ++i) {
+    const std::string& name = i == 0 ? detail::kDistNorm : detail::kDistNormPrev;
+    MOCA_CHECK(file.contains(name), file.path(), ": missing tensor '", name, "'");
+    const Tensor<double> t = file.read<double>(name);
+    MOCA_CHECK(t.numel() == 1, file.path(), ": tensor '", name, "' should hold one value");
+    dist_norms[i] = t.data()[0];
   }
+  m.codebook().set_dist_norms(dist_norms[0], dist_norms[1]);
   MOCA_CHECK(step >= 0, file.path(), ": negative iteration count ", step);
   return step;
 }

@@ -1,8 +1,9 @@
 // Soft-target cross-entropy (or KL divergence) of logit rows, fused with its gradient: one block
 // per row reads the logits and the (gathered) target row, with the same maths as the CPU kernel
 // (backend/cpu/losses.hpp) instead of the composed form's whole-tensor passes. Per-row losses go
-// to the context's workspace and are added on the host in block order (sum_terms_to_host), so the
-// total does not change from run to run.
+// to the context's workspace; their partial sums are added on the host in block order
+// (sum_terms_to_host, or later by PendingValues from soft_target_rows_partials), so the total does
+// not change from run to run.
 #pragma once
 
 
@@ -74,16 +75,39 @@ struct RowLossTerm {
 
 }  // namespace kernels
 
+namespace kernels {
+// Queues the rows' losses into the context's workspace; returns them.
+template <class T>
+const double* row_losses(std::int64_t M, std::int64_t K, const T* z, const T* t, std::int64_t R,
+                         const std::int32_t* idx, bool entropy, T s, T* dz) {
+  auto* loss = static_cast<double*>(Context::get().workspace(sizeof(double) * M));
+  soft_target_rows_kernel<<<row_blocks(M), row_threads(K), 0, stream()>>>(M, K, z, t, R, idx,
+                                                                          entropy, s, dz, loss);
+  check_launch("soft_target_rows_kernel");
+  return loss;
+}
+}  // namespace kernels
+
 template <class T>
 double soft_target_rows(std::int64_t M, std::int64_t K, const T* z, const T* t, std::int64_t R,
                         const std::int32_t* idx, bool entropy, T s, T* dz) {
   if (M <= 0) return 0.0;
-  auto* loss = static_cast<double*>(Context::get().workspace(sizeof(double) * M));
-  kernels::soft_target_rows_kernel<<<kernels::row_blocks(M), kernels::row_threads(K), 0,
-                                     stream()>>>(M, K, z, t, R, idx, entropy, s, dz, loss);
-  kernels::check_launch("soft_target_rows_kernel");
+  const double* loss = kernels::row_losses(M, K, z, t, R, idx, entropy, s, dz);
   return kernels::sum_terms_to_host(M, kernels::RowLossTerm{loss},
                                     "sum_terms_kernel (soft_target_rows)");
+}
+
+template <class T>
+void soft_target_rows_partials(std::int64_t M, std::int64_t K, const T* z, const T* t,
+                               std::int64_t R, const std::int32_t* idx, bool entropy, T s, T* dz,
+                               double* partial) {
+  if (M <= 0) {  // the one partial sum of no rows
+    MOCA_CUDA_CHECK(cudaMemsetAsync(partial, 0, sizeof(double), stream()));
+    return;
+  }
+  const double* loss = kernels::row_losses(M, K, z, t, R, idx, entropy, s, dz);
+  kernels::sum_terms_partials(M, kernels::RowLossTerm{loss}, partial,
+                              "sum_terms_kernel (soft_target_rows)");
 }
 
 }  // namespace moca::cuda

@@ -128,26 +128,39 @@ __global__ void sum_terms_kernel(std::int64_t n, Term term, double* partial) {
   if (threadIdx.x == 0) partial[blockIdx.x] = s;
 }
 
-/// Σ term(i) for i < n, in double, returned to the host (so it waits for the stream). Blocks write
-/// partial sums and the host adds them in block order; the number of blocks depends on n only,
-/// so the result does not change from run to run or from one GPU to another.
+/// Number of partial sums (blocks) a sum of n terms is split into: it depends on n only, so the
+/// total does not change from run to run or from one GPU to another.
+inline std::int64_t sum_blocks(std::int64_t n) {
+  const std::int64_t wanted = (n + kThreads - 1) / kThreads;
+  return wanted < 1 ? 1 : wanted < kHostSumBlocks ? wanted : kHostSumBlocks;
+}
+
+/// Queues the partial sums of Σ term(i), i < n, into partial[0 .. sum_blocks(n)) (device memory),
+/// without waiting; the host adds them in block order.
+template <class Term>
+void sum_terms_partials(std::int64_t n, const Term& term, double* partial, const char* kernel) {
+  sum_terms_kernel<<<static_cast<unsigned>(sum_blocks(n)), kThreads, 0, stream()>>>(n, term,
+                                                                                    partial);
+  check_launch(kernel);
+}
+
+/// Σ term(i) for i < n, in double, returned to the host (so it waits for the stream): the
+/// partial sums of sum_terms_partials, added on the host in block order.
 template <class Term>
 double sum_terms_to_host(std::int64_t n, const Term& term, const char* kernel) {
   if (n <= 0) return 0.0;
-  const std::int64_t wanted = (n + kThreads - 1) / kThreads;
-  const std::int64_t blocks = wanted < kHostSumBlocks ? wanted : kHostSumBlocks;
+  const std::int64_t blocks = sum_blocks(n);
   std::array<double, kHostSumBlocks> partial{};
   Context& ctx = Context::get();
   {
     // The scratch buffer is shared; hold it until the partial sums have reached the host.
     std::lock_guard<std::mutex> lock(ctx.scratch_mutex());
     auto* device_partial = static_cast<double*>(ctx.scratch(sizeof(double) * blocks));
+    sum_terms_partials(n, term, device_partial, kernel);
     const cudaStream_t s = ctx.stream();
-    sum_terms_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, s>>>(n, term, device_partial);
-    check_launch(kernel);
     MOCA_CUDA_CHECK(cudaMemcpyAsync(partial.data(), device_partial, sizeof(double) * blocks,
                                     cudaMemcpyDeviceToHost, s));
-    MOCA_CUDA_CHECK(cudaStreamSynchronize(s));
+    ctx.wait_for_stream();
   }
   double total = 0.0;
   for (std::int64_t b = 0; b < blocks; ++b) total += partial[b];
@@ -213,6 +226,12 @@ void sum_middle(std::int64_t outer, std::int64_t n, std::int64_t inner, Y alpha,
 template <class T>
 double sum_squares(std::int64_t n, const T* x) {
   return kernels::sum_terms_to_host(n, kernels::SquareTerm<T>{x}, "sum_terms_kernel (sum_squares)");
+}
+
+template <class T>
+void sum_squares_partials(std::int64_t n, const T* x, double* partial) {
+  kernels::sum_terms_partials(n, kernels::SquareTerm<T>{x}, partial,
+                              "sum_terms_kernel (sum_squares)");
 }
 
 }  // namespace moca::cuda
