@@ -134,3 +134,35 @@ TEST_CASE("staging blocks: with every block in use, the oldest is waited for and
   }
   CHECK(st.released == st.allocated);  // the destructor frees every block
 }
+
+TEST_CASE("staging blocks: pinned memory stays under max_bytes; a free block is enlarged first") {
+  HostStaging::State st;
+  HostStaging policy{&st};
+  constexpr std::size_t kMin = StagingBlocks<HostStaging>::kMinBytes;
+  StagingBlocks<HostStaging> blocks(policy, 64, 4 * kMin);
+  auto& a = blocks.acquire(kMin);
+  blocks.queued(a);
+  auto& b = blocks.acquire(2 * kMin);
+  blocks.queued(b);
+  CHECK(blocks.stats().bytes == 3 * kMin);
+  // Another 64 KiB block fits the limit; then a fourth would not: the oldest is waited for.
+  auto& c = blocks.acquire(10);
+  blocks.queued(c);
+  CHECK(blocks.stats().bytes == 4 * kMin);
+  CHECK(st.waits == 0);
+  auto& d = blocks.acquire(10);
+  CHECK(&d == &a);
+  CHECK(st.waits == 1);
+  blocks.queued(d);
+  // A free block too small for the upload is enlarged without a wait, and the total follows.
+  st.done[static_cast<std::size_t>(c.event)] = true;
+  auto& e = blocks.acquire(2 * kMin);
+  CHECK(&e == &c);
+  CHECK(st.waits == 1);
+  CHECK(e.capacity == 2 * kMin);
+  CHECK(blocks.stats().bytes == 5 * kMin);  // over the limit only by what one upload needs
+  CHECK(blocks.stats().blocks == 3);
+  // With no block at all, the first upload gets one whatever its size.
+  StagingBlocks<HostStaging> tiny(policy, 64, 1);
+  CHECK(tiny.acquire(kMin).capacity == kMin);
+}

@@ -1095,6 +1095,17 @@ TEST_CASE("cuda: uploads are queued without a wait, and their source may change 
   MESSAGE("staging: ", st.blocks, " blocks, ", st.allocations, " allocations, ", st.waits,
           " waits");
   CHECK(st.blocks <= 64);
+  CHECK(st.bytes <= (std::size_t{256} << 20));
+
+  // An upload above kMaxStagedUpload (weights loaded at start) waits instead of pinning more.
+  const std::int64_t n_big = static_cast<std::int64_t>(cuda::Context::kMaxStagedUpload / 4) + 1;
+  Tensor<float> big_host({n_big});
+  big_host.data()[n_big - 1] = 42.0f;
+  const std::uint64_t before_big = ctx.host_waits();
+  const Tensor<float, Cuda> big = big_host.to<Cuda>();
+  CHECK(ctx.host_waits() == before_big + 1);
+  CHECK(ctx.staging_stats().bytes == st.bytes);
+  CHECK(to_host(TensorView<float, Cuda>(big).rows(n_big - 1, n_big)).data()[0] == 42.0f);
 
   // With staging off, each upload waits for the stream, as copies from the host once did.
   ctx.set_staged_uploads(false);

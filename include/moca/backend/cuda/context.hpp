@@ -198,13 +198,18 @@ class Context {
   std::uint64_t host_waits() const noexcept { return host_waits_.load(std::memory_order_relaxed); }
   void note_host_wait() noexcept { host_waits_.fetch_add(1, std::memory_order_relaxed); }
 
+  /// Uploads larger than this (weights loaded at start, not a step's inputs) wait for the stream
+  /// instead of taking a staging block: pinned memory is kept small.
+  static constexpr std::size_t kMaxStagedUpload = std::size_t{64} << 20;
+
   /// Copies `bytes` of host memory to device memory `dst`, queued on stream() without waiting:
-  /// the bytes go through a pinned staging block first (StagingBlocks), so `src` may be reused
-  /// when this returns. With staged uploads off, the copy waits for the stream instead, as every
-  /// host copy once did (set_staged_uploads, to time one against the other).
+  /// the bytes go through a pinned staging block first (StagingBlocks: at most 256 MiB of
+  /// blocks), so `src` may be reused when this returns. With staged uploads off, or above
+  /// kMaxStagedUpload, the copy waits for the stream instead, as every host copy once did
+  /// (set_staged_uploads, to time one against the other).
   void upload(void* dst, const void* src, std::size_t bytes) {
     if (bytes == 0) return;
-    if (!staged_uploads_) {
+    if (!staged_uploads_ || bytes > kMaxStagedUpload) {
       MOCA_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, stream()));
       wait_for_stream();
       return;

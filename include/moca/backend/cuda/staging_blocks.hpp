@@ -9,7 +9,8 @@
 //
 // A training step's uploads (mask indices, gathered rows) find their blocks free again one step
 // later, so once the first steps have sized them nothing is allocated and nothing waits. Only
-// when `max_blocks` are all in use does acquire() wait, for the block queued longest ago.
+// when `max_blocks` are in use, or a new block would take the pinned memory past `max_bytes`,
+// does acquire() wait, for the block queued longest ago.
 //
 // Plain C++: the policy does the pinned allocations and the events (CudaStaging in staging.hpp;
 // the tests use a host policy whose events complete when told to).
@@ -33,6 +34,7 @@ struct StagingBlock {
 /// Counters of a set of staging blocks.
 struct StagingStats {
   std::size_t blocks = 0;         ///< blocks held
+  std::size_t bytes = 0;          ///< pinned bytes they hold
   std::uint64_t allocations = 0;  ///< pinned allocations so far (new blocks and larger ones)
   std::uint64_t waits = 0;        ///< times acquire() waited for a block still being copied
 };
@@ -49,8 +51,11 @@ class StagingBlocks {
   /// Blocks are at least kMinBytes and a power of two, so a few sizes serve every upload.
   static constexpr std::size_t kMinBytes = std::size_t{64} << 10;
 
-  explicit StagingBlocks(Policy policy = {}, std::size_t max_blocks = 64)
-      : policy_(std::move(policy)), max_blocks_(max_blocks < 1 ? 1 : max_blocks) {}
+  explicit StagingBlocks(Policy policy = {}, std::size_t max_blocks = 64,
+                         std::size_t max_bytes = std::size_t{256} << 20)
+      : policy_(std::move(policy)),
+        max_blocks_(max_blocks < 1 ? 1 : max_blocks),
+        max_bytes_(max_bytes) {}
   StagingBlocks(const StagingBlocks&) = delete;
   StagingBlocks& operator=(const StagingBlocks&) = delete;
   ~StagingBlocks() {
@@ -61,15 +66,16 @@ class StagingBlocks {
   }
 
   /// A block of at least `bytes` that no queued copy reads any more: the smallest free one that
-  /// fits, else a new one, else (all `max_blocks` in use) the one queued longest ago, waited for
-  /// and enlarged if it is too small.
+  /// fits, else a new one, else (at `max_blocks`, or a new block would pass `max_bytes`) a free
+  /// one or the one queued longest ago, waited for, enlarged if it is too small.
   Block& acquire(std::size_t bytes) {
     Block* best = nullptr;
     for (auto& b : blocks_)
       if (b->capacity >= bytes && is_free(*b) && (best == nullptr || b->capacity < best->capacity))
         best = b.get();
     if (best != nullptr) return *best;
-    if (blocks_.size() < max_blocks_) {
+    if (blocks_.empty() ||
+        (blocks_.size() < max_blocks_ && pinned_bytes_ + block_size(bytes) <= max_bytes_)) {
       auto b = std::make_unique<Block>();
       b->event = policy_.create_event();
       blocks_.push_back(std::move(b));
@@ -77,21 +83,25 @@ class StagingBlocks {
       allocate(fresh, bytes);
       return fresh;
     }
-    Block* oldest = nullptr;
+    // The largest free block (all are too small), else the one queued longest ago, waited for.
+    Block* pick = nullptr;
     for (auto& b : blocks_)
-      if (oldest == nullptr || b->queued_at < oldest->queued_at) oldest = b.get();
-    if (oldest->queued_at != 0 && !policy_.done(oldest->event)) {
+      if (is_free(*b) && (pick == nullptr || b->capacity > pick->capacity)) pick = b.get();
+    if (pick == nullptr) {
+      for (auto& b : blocks_)
+        if (pick == nullptr || b->queued_at < pick->queued_at) pick = b.get();
       ++stats_.waits;
-      policy_.wait(oldest->event);
+      policy_.wait(pick->event);
+      pick->queued_at = 0;
     }
-    oldest->queued_at = 0;
-    if (oldest->capacity < bytes) {
-      policy_.release(oldest->data);
-      oldest->data = nullptr;
-      oldest->capacity = 0;
-      allocate(*oldest, bytes);
+    if (pick->capacity < bytes) {
+      policy_.release(pick->data);
+      pinned_bytes_ -= pick->capacity;
+      pick->data = nullptr;
+      pick->capacity = 0;
+      allocate(*pick, bytes);
     }
-    return *oldest;
+    return *pick;
   }
 
   /// Marks `block` as read by the copy just queued: it is not handed out again before that copy
@@ -104,6 +114,7 @@ class StagingBlocks {
   StagingStats stats() const {
     StagingStats s = stats_;
     s.blocks = blocks_.size();
+    s.bytes = pinned_bytes_;
     return s;
   }
 
@@ -115,16 +126,23 @@ class StagingBlocks {
     return true;
   }
 
-  void allocate(Block& b, std::size_t bytes) {
+  static std::size_t block_size(std::size_t bytes) {
     std::size_t capacity = kMinBytes;
     while (capacity < bytes) capacity *= 2;
+    return capacity;
+  }
+
+  void allocate(Block& b, std::size_t bytes) {
+    const std::size_t capacity = block_size(bytes);
     b.data = policy_.allocate(capacity);
     b.capacity = capacity;
+    pinned_bytes_ += capacity;
     ++stats_.allocations;
   }
 
   Policy policy_;
-  std::size_t max_blocks_;
+  std::size_t max_blocks_, max_bytes_;
+  std::size_t pinned_bytes_ = 0;
   std::vector<std::unique_ptr<Block>> blocks_;  // stable addresses: acquire() hands out references
   std::uint64_t queue_count_ = 0;
   StagingStats stats_;
