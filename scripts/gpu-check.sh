@@ -193,6 +193,23 @@ sanitize racecheck 150 compute-sanitizer --tool racecheck --error-exitcode 9 \
 
 {
   echo
+  # The step timings of the tiles and products stages side by side, one line per setting.
+  for name in tiles products; do
+    [ -s "$tmp/$name.log" ] || continue
+    echo "==== $name: ms/step by setting"
+    python3 - "$tmp/$name.log" <<'PY' || true
+import json, sys
+for line in open(sys.argv[1]):
+    if not line.startswith('{"side": "moca"'):
+        continue
+    r = json.loads(line)
+    keys = ("flash_tile", "flash_threads", "fragment_passes", "gemm_tuning", "column_chunks",
+            "staged_uploads")
+    print("  %8.2f ms  MFU %5.1f%%  waits/step %5s  %s" % (
+        r["ms_per_step"], 100 * r["mfu"], r.get("host_waits_per_step", "-"),
+        " ".join("%s=%s" % (k, r[k]) for k in keys if k in r)))
+PY
+  done
   echo "==== summary (total $((SECONDS - t_start))s)"
   printf '%s\n' "${summary[@]}"
   if [ $failed -eq 0 ]; then echo "==== all stages passed"; else echo "==== FAILED"; fi
