@@ -5,7 +5,7 @@
 //   moca_cuda_bench [--preset tiny|vit-s16|vit-b16] [--batch B] [--steps N] [--warmup W]
 //                   [--precision fp32|bf16] [--matmul fp32|tf32|bf16] [--flash-tile 0|16|32|64]
 //                   [--flash-threads 128|256] [--flash-mma 0|1] [--gemm-tuning N] [--column-chunks
-//                   0|1] [--staged-uploads 0|1]
+//                   0|1] [--staged-uploads 0|1] [--fused-bias-grads 0|1]
 //                   [--peak-tflops P] [--profile | --profile-sync]
 //
 // --precision fp32 trains Moca<float, Cuda> with its products in --matmul's mode; --precision
@@ -23,6 +23,9 @@
 // chunked kernels (Context::set_column_chunks). --staged-uploads 0 makes every copy from the host
 // wait for the stream instead of going through pinned staging blocks (Context::set_staged_uploads);
 // the JSON's "host_waits_per_step" counts the times a timed step waited for the device.
+// --fused-bias-grads 1 takes the bf16 Linears' bias gradients from their weight-gradient
+// products (cuBLASLt's BGRADB epilogue; Context::set_fused_bias_grads); "fused_bias_grads" in the
+// JSON counts the Linears per step that took them so.
 //
 //   moca_cuda_bench --attention B,H,S,hd [--steps N] [--warmup W] [--flash-mma 0|1] ...
 //
@@ -77,6 +80,7 @@ using namespace moca;
                "[--warmup W] [--precision fp32|bf16] [--matmul fp32|tf32|bf16] "
                "[--flash-tile 0|16|32|64] [--flash-threads 128|256] [--flash-mma 0|1] "
                "[--gemm-tuning N] [--column-chunks 0|1] [--staged-uploads 0|1] "
+               "[--fused-bias-grads 0|1] "
                "[--peak-tflops P] [--profile | "
                "--profile-sync] [--attention "
                "B,H,S,hd]\n%s\n",
@@ -93,6 +97,7 @@ struct Options {
   int gemm_tuning = 0;
   bool column_chunks = true;
   bool staged_uploads = true;
+  bool fused_bias_grads = false;
   bool profile = false, profile_sync = false;
   std::vector<std::int64_t> attention;  // B, H, S, hd: time the attention alone
   double peak_tflops = 989.0;
@@ -164,11 +169,15 @@ void bench(const Options& o, const MocaConfig& cfg) {
   const std::uint64_t fragment_launches = cuda::Context::get().flash_mma_launches();
   cuda::synchronize();
   const std::uint64_t waits_before = cuda::Context::get().host_waits();
+  const std::uint64_t fused_before = cuda::Context::get().fused_bias_grad_runs();
   const auto t0 = std::chrono::steady_clock::now();
   double loss = 0;
   for (std::int64_t i = 0; i < steps; ++i, ++s) loss = model.train_step(x1, x2, plans[s], hyper).loss;
   const double waits_per_step =
       static_cast<double>(cuda::Context::get().host_waits() - waits_before) /
+      static_cast<double>(steps);
+  const double fused_per_step =
+      static_cast<double>(cuda::Context::get().fused_bias_grad_runs() - fused_before) /
       static_cast<double>(steps);
   cuda::synchronize();
   const double seconds =
@@ -224,7 +233,7 @@ void bench(const Options& o, const MocaConfig& cfg) {
       "{\"side\": \"moca\", \"device\": \"%s\", \"preset\": \"%s\", \"batch\": %lld, "
       "\"precision\": \"%s\", \"flash_tile\": %d, \"flash_threads\": %d, "
       "\"fragment_passes\": %.0f, \"column_chunks\": %d, \"staged_uploads\": %d, "
-      "\"host_waits_per_step\": %.2f, \"gemm_tuning\": %d, "
+      "\"host_waits_per_step\": %.2f, \"fused_bias_grads\": %.0f, \"gemm_tuning\": %d, "
       "\"gemm_plans_tuned\": %zu, "
       "\"gemm_plans_retuned\": %zu, "
       "\"steps\": %lld, \"ms_per_step\": %.3f, \"pairs_per_s\": %.2f, "
@@ -234,7 +243,7 @@ void bench(const Options& o, const MocaConfig& cfg) {
       "\"loss\": %s}\n",
       prop.name, o.preset.c_str(), static_cast<long long>(batch), label.c_str(), o.flash_tile,
       o.flash_threads, fragment_passes, o.column_chunks ? 1 : 0, o.staged_uploads ? 1 : 0,
-      waits_per_step, o.gemm_tuning, cuda::LtMatmul::get().tuned_plans(),
+      waits_per_step, fused_per_step, o.gemm_tuning, cuda::LtMatmul::get().tuned_plans(),
       cuda::LtMatmul::get().retuned_plans(), static_cast<long long>(steps), 1e3 * per_step,
       static_cast<double>(batch) / per_step, 2.0 * static_cast<double>(batch) / per_step,
       flops / 1e9, flops / per_step / 1e12, flops / per_step / (o.peak_tflops * 1e12),
@@ -338,6 +347,8 @@ int main(int argc, char** argv) {
       o.column_chunks = std::atoi(argv[++i]) != 0;
     } else if (a == "--staged-uploads" && has_value) {
       o.staged_uploads = std::atoi(argv[++i]) != 0;
+    } else if (a == "--fused-bias-grads" && has_value) {
+      o.fused_bias_grads = std::atoi(argv[++i]) != 0;
     } else if (a == "--attention" && has_value) {
       std::string spec = argv[++i];
       for (std::size_t at = 0; at <= spec.size();) {
@@ -386,6 +397,7 @@ int main(int argc, char** argv) {
     cuda::Context::get().set_gemm_tuning(o.gemm_tuning);
     cuda::Context::get().set_column_chunks(o.column_chunks);
     cuda::Context::get().set_staged_uploads(o.staged_uploads);
+    cuda::Context::get().set_fused_bias_grads(o.fused_bias_grads);
     if (!o.attention.empty()) {
       bench_attention(o);
     } else if (o.precision == "bf16") {

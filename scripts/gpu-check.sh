@@ -7,7 +7,8 @@
 #      the attention alone beside PyTorch's (benchmarks/compare_attention_cuda.py), where the
 #      ViT-B/16 step's time goes (moca_cuda_bench --profile), the fused attention's kernels,
 #      tiles and block sizes timed against each other, the products' algorithms tuned or not, the
-#      column sums chunked or not, and uploads staged or waited for;
+#      column sums chunked or not, uploads staged or waited for, and the bias gradients from the
+#      column sums or the products' epilogue;
 #   4. where the build has them, the command-line tests' GPU cases (`moca pretrain --device cuda`,
 #      `moca knn --device cuda`, `moca extract --device cuda`);
 #   5. compute-sanitizer: memcheck over the op tests and the MOCA parity test, racecheck over the
@@ -148,9 +149,10 @@ stage tiles 90 bash -c "for launch in '0 128 1' '0 128 0' '32 128 0' '0 256 0'; 
 # cuBLASLt's heuristic choice of algorithm for every product (the default) against the fastest
 # of up to 8 of its candidates, timed on the first step; then the column sums (bias and LayerNorm
 # gradients) element by element instead of chunked (bf16 step).
-stage products 110 bash -c "for run in '0 1 1' '8 1 1' '0 0 1' '0 1 0'; do set -- \$run;
-  '$build_dir/benchmarks/moca_cuda_bench' --preset vit-b16 --batch 64 --steps 5 --warmup 2 \
-    --precision bf16 --gemm-tuning \$1 --column-chunks \$2 --staged-uploads \$3 || exit 1; done"
+stage products 140 bash -c "for run in '0 1 1 0' '8 1 1 0' '0 0 1 0' '0 1 0 0' '0 1 1 1'; do
+  set -- \$run; '$build_dir/benchmarks/moca_cuda_bench' --preset vit-b16 --batch 64 --steps 5 \
+    --warmup 2 --precision bf16 --gemm-tuning \$1 --column-chunks \$2 --staged-uploads \$3 \
+    --fused-bias-grads \$4 || exit 1; done"
 # The program on the GPU, driven as a user would (only where the build made the CLI and its tests).
 if [ -x "$build_dir/examples/moca" ] && [ -x "$build_dir/tests/test_cli_pretrain" ] &&
    [ -x "$build_dir/tests/test_cli_knn" ] && [ -x "$build_dir/tests/test_cli_extract" ]; then
@@ -204,7 +206,7 @@ for line in open(sys.argv[1]):
         continue
     r = json.loads(line)
     keys = ("flash_tile", "flash_threads", "fragment_passes", "gemm_tuning", "column_chunks",
-            "staged_uploads")
+            "staged_uploads", "fused_bias_grads")
     print("  %8.2f ms  MFU %5.1f%%  waits/step %5s  %s" % (
         r["ms_per_step"], 100 * r["mfu"], r.get("host_waits_per_step", "-"),
         " ".join("%s=%s" % (k, r[k]) for k in keys if k in r)))

@@ -125,6 +125,34 @@ TEST_CASE_TEMPLATE("gemm_bias adds the bias to every row of the product, exactly
                     {"gemm_bias", "[4]", "[3, 5]"});
 }
 
+TEST_CASE_TEMPLATE("linear_grads accumulates dW += dyᵀ·x and db += Σ dy, exactly on integers", T,
+                   float, double) {
+  const i64 M = 37, N = 11, K = 20;
+  const auto dy = integers<T>({M, N}, 900, -4, 4);
+  const auto x = integers<T>({M, K}, 901, -4, 4);
+  const auto dw0 = integers<T>({N, K}, 902, -50, 50);
+  const auto db0 = integers<T>({N}, 903, -50, 50);
+  Tensor<T> dw = dw0.clone(), db = db0.clone();
+  ops::linear_grads(TensorView<T>(dy), TensorView<T>(x), TensorView<T>(dw), TensorView<T>(db));
+  for (i64 n = 0; n < N; ++n) {
+    double s = db0(n);
+    for (i64 m = 0; m < M; ++m) s += dy(m, n);
+    CHECK(db(n) == s);
+    for (i64 k = 0; k < K; ++k) {
+      double w = dw0(n, k);
+      for (i64 m = 0; m < M; ++m) w += dy(m, n) * x(m, k);
+      CHECK(dw(n, k) == w);
+    }
+  }
+  Tensor<T> wrong({N + 1});
+  check_error_names("linear_grads",
+                    [&] {
+                      ops::linear_grads(TensorView<T>(dy), TensorView<T>(x), TensorView<T>(dw),
+                                        TensorView<T>(wrong));
+                    },
+                    {"linear_grads", "[37, 11]", "[12]"});
+}
+
 #ifdef _OPENMP
 TEST_CASE("gemm: float results are identical for every thread count") {
   // Threads own disjoint rectangles of C and every element sums in the same order, so the bits

@@ -243,6 +243,16 @@ TEST_CASE("cuda: three MOCA steps in bf16 storage follow the CPU's bf16 steps") 
   //     model (the teacher moves ~1e-4 in three steps), so only the changes show a step that
   //     skipped a block or the teacher's update; AdamW's first updates are about lr·sign(g),
   //     whose small-gradient elements flip under rounding, hence 0.3 rather than 5e-2.
+  // The same with the Linears' bias gradients from their products' epilogue
+  // (Context::set_fused_bias_grads).
+  bool fused = false;
+  SUBCASE("bias gradients from the column sums") { fused = false; }
+  SUBCASE("bias gradients from the products") { fused = true; }
+  struct FusedScope {
+    explicit FusedScope(bool on) { cuda::Context::get().set_fused_bias_grads(on); }
+    ~FusedScope() { cuda::Context::get().set_fused_bias_grads(false); }
+  } scope(fused);
+  const std::uint64_t fused_runs = cuda::Context::get().fused_bias_grad_runs();
   const MocaConfig cfg = small_config();
   const std::int64_t B = 4;
   Moca<bf16, Cpu> cpu(cfg);
@@ -304,6 +314,9 @@ TEST_CASE("cuda: three MOCA steps in bf16 storage follow the CPU's bf16 steps") 
     CHECK(teacher_update <= 0.3);
   }
   CHECK(cuda::Context::get().flash_mma_launches() > fragment_launches);
+  const std::uint64_t fused_now = cuda::Context::get().fused_bias_grad_runs() - fused_runs;
+  MESSAGE("bias gradients from the products' epilogue: ", fused_now);
+  if (!fused) CHECK(fused_now == 0);
   // The device's bf16 values are its master rounded, as on the CPU.
   const Tensor<float> m = to_host(gpu.params().master());
   const Tensor<bf16> v = to_host(gpu.params().values());

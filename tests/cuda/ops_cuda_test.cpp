@@ -12,6 +12,7 @@
 #include <doctest/doctest.h>
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -1540,6 +1541,47 @@ TEST_CASE("cuda: tuned bf16 products agree with the CPU, are planned once, and r
   MESSAGE("plans tuned: ", now_tuned - tuned, ", another algorithm than the heuristic's first: ",
           cuda::LtMatmul::get().retuned_plans());
   CHECK(now_tuned == tuned + 2);  // cuBLASLt offers several algorithms at these sizes
+}
+
+static_assert(ops::gemm_impl::LinearGradsBackend<bf16, float, Cuda>);
+
+TEST_CASE(
+    "cuda parity: a bf16 Linear's gradients, the bias's from the column sums or the product") {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  // ops::linear_grads: dW += dyᵀ·x and db += Σ dy. With Context::set_fused_bias_grads the sums
+  // come from cuBLASLt's BGRADB epilogue, reading dy once for both; both sides sum the same bf16
+  // values in fp32, in other orders.
+  bool fused = false;
+  SUBCASE("column sums") { fused = false; }
+  SUBCASE("the product's epilogue") { fused = true; }
+  struct FusedScope {
+    explicit FusedScope(bool on) { cuda::Context::get().set_fused_bias_grads(on); }
+    ~FusedScope() { cuda::Context::get().set_fused_bias_grads(false); }
+  } scope(fused);
+  // A small case, the step's widest Linear (fc1's gradient: 3072 outputs over 11,392 rows) and
+  // one with an odd width.
+  for (auto [M, N, K] :
+       {std::array<std::int64_t, 3>{150, 48, 40}, {11392, 3072, 768}, {1000, 770, 96}}) {
+    CAPTURE(M);
+    CAPTURE(N);
+    CAPTURE(K);
+    const Tensor<bf16> dy = random_bf16({M, N}), x = random_bf16({M, K});
+    const Tensor<float> dw0 = random_tensor<float>({N, K}), db0 = random_tensor<float>({N});
+    Tensor<float> dw = dw0.clone(), db = db0.clone();
+    Guarded<float> gdw(dw0), gdb(db0);
+    const Tensor<bf16, Cuda> gdy = bf16_to_device(dy), gx = bf16_to_device(x);
+    const std::uint64_t runs = cuda::Context::get().fused_bias_grad_runs();
+    ops::linear_grads(TensorView<bf16>(dy), TensorView<bf16>(x), TensorView<float>(dw),
+                      TensorView<float>(db));
+    ops::linear_grads(TensorView<bf16, Cuda>(gdy), TensorView<bf16, Cuda>(gx), gdw.view(),
+                      gdb.view());
+    check_parity<float>("weight gradient", dw, gdw, kBf16StatBudget);
+    check_parity<float>("bias gradient", db, gdb, kBf16StatBudget);
+    const bool ran = cuda::Context::get().fused_bias_grad_runs() > runs;
+    if (!fused) CHECK_FALSE(ran);
+    // cuBLASLt may decline the epilogue for a problem; that is reported, not failed.
+    if (fused) WARN_MESSAGE(ran, "cuBLASLt declined the BGRADB epilogue here");
+  }
 }
 
 TEST_CASE("cuda parity: bf16 products and column sums into float gradients, accumulated") {

@@ -51,8 +51,12 @@ class Linear {
   void backward(const TensorView<T, D>& x, const TensorView<T, D>& dy, const TensorView<T, D>& dx,
                 bool accumulate_dx = false) const {
     MOCA_PROFILE_SCOPE("linear");
-    if (!weight.grad.empty()) ops::gemm(dy, Trans::T, x, Trans::N, weight.grad, 1, 1);
-    if (has_bias_ && !bias.grad.empty()) ops::sum(dy.matrix(), 0, bias.grad, 1, 1);
+    if (!weight.grad.empty() && has_bias_ && !bias.grad.empty()) {
+      ops::linear_grads(dy, x, weight.grad, bias.grad);
+    } else {
+      if (!weight.grad.empty()) ops::gemm(dy, Trans::T, x, Trans::N, weight.grad, 1, 1);
+      if (has_bias_ && !bias.grad.empty()) ops::sum(dy.matrix(), 0, bias.grad, 1, 1);
+    }
     if (!dx.empty()) ops::gemm(dy, Trans::N, weight.value, Trans::N, dx, 1, accumulate_dx ? 1 : 0);
   }
 

@@ -2,12 +2,14 @@
 //
 //   ops::gemm(x, Trans::N, w, Trans::T, y);          // y[M,N] = x[M,K] · w[N,K]ᵀ  (a Linear)
 //   ops::gemm(dy, Trans::T, x, Trans::N, dw, 1, 1);   // dw += dyᵀ · x          (its weight grad)
+//   ops::linear_grads(dy, x, dw, db);                  // the same, and db += Σ_rows dy
 //
 // Tensors of rank > 2 are read as matrices [product of leading dims, last dim].
 #pragma once
 
 #include "moca/core/profiler.hpp"
 #include "moca/ops/common.hpp"
+#include "moca/ops/reduce.hpp"
 
 namespace moca {
 
@@ -65,6 +67,38 @@ void gemm_bias(const TensorView<T, D>& A, Trans ta, const TensorView<T, D>& B, T
     gemm(A, ta, B, tb, C);
     Backend<D>::add_bias(M, N, bias.data(), c.data());
   }
+}
+
+namespace gemm_impl {
+template <class T, class G, class D>
+concept LinearGradsBackend = requires(std::int64_t n, const T* c, G* g) {
+  { Backend<D>::linear_grads(n, n, n, c, n, c, n, g, n, g) } -> std::convertible_to<bool>;
+};
+}  // namespace gemm_impl
+
+/// A Linear's parameter gradients: dW += dyᵀ · x and db += Σ_rows dy, for dy [M, N], x [M, K],
+/// dW [N, K], db [N] (dW and db may be float where dy and x are bf16). Backends that provide
+/// linear_grads may take db from the product's own pass over dy (CUDA: a setting, see
+/// Context::set_fused_bias_grads); otherwise a product and a column sum.
+template <class T, class G, class D>
+requires std::is_same_v<G, T> || std::is_same_v<G, compute_t<T>>
+void linear_grads(const TensorView<T, D>& dy, const TensorView<T, D>& x, const TensorView<G, D>& dW,
+                  const TensorView<G, D>& db) {
+  const auto y = dy.matrix(), a = x.matrix(), w = dW.matrix();
+  const std::int64_t M = y.size(0), N = y.size(1), K = a.size(1);
+  MOCA_CHECK(a.size(0) == M && w.size(0) == N && w.size(1) == K && db.numel() == N,
+             "linear_grads: incompatible shapes: dy ", dy.shape(), ", x ", x.shape(), " -> dW ",
+             dW.shape(), ", db ", db.shape());
+  if constexpr (gemm_impl::LinearGradsBackend<T, G, D>) {
+    if (Backend<D>::linear_grads(M, N, K, y.data(), y.size(1), a.data(), a.size(1), w.data(),
+                                 w.size(1), db.data())) {
+      profiler::count_flops(2.0 * double(M) * double(N) * double(K));
+      detail::count_traffic(y, a, w, w, db, db);
+      return;
+    }
+  }
+  gemm(dy, Trans::T, x, Trans::N, dW, 1, 1);
+  sum(y, 0, db, 1, 1);
 }
 
 /// A batch of equally shaped matrices inside one buffer: matrix i starts at data + i·stride,

@@ -379,6 +379,29 @@ void gemm_bias(bool trans_a, bool trans_b, std::int64_t M, std::int64_t N, std::
     copy_strided<T>(1, M, N, bias, 0, 0, C, ldc, 0, /*accumulate=*/true);
 }
 
+/// A bf16 Linear's float parameter gradients from one pass over its output gradient, where
+/// Context::fused_bias_grads() asks for it: dW (row-major [N, K]) = dyᵀ · x + dW, dy [M, N] and
+/// x [M, K], on cuBLASLt with the BGRADB epilogue, which also sums dy's rows as the product reads
+/// them; those sums go to the workspace and are then added to db. Returns false, having queued
+/// nothing, where it does not apply or cuBLASLt offers no algorithm (the caller composes the
+/// product and the column sums).
+inline bool linear_grads(std::int64_t M, std::int64_t N, std::int64_t K, const bf16* dy,
+                         std::int64_t ldy, const bf16* x, std::int64_t ldx, float* dW,
+                         std::int64_t lddw, float* db) {
+  Context& ctx = Context::get();
+  if (!ctx.fused_bias_grads() || M <= 0 || N <= 0 || K <= 0) return false;
+  const ColumnMajorProduct p(/*trans_a=*/true, /*trans_b=*/false, N, K, M, ldy, ldx, lddw);
+  // cuBLAS's operands are x then dy: dy is cuBLASLt's B, reduced over k (the rows) into [N].
+  const LtProblem problem = lt_problem(p, CUDA_R_16BF, CUDA_R_32F, CUBLAS_COMPUTE_32F, x, dy, dW,
+                                       CUBLASLT_EPILOGUE_BGRADB);
+  auto* sums = static_cast<float*>(ctx.workspace(sizeof(float) * static_cast<std::size_t>(N)));
+  const float one = 1.0f;
+  if (!LtMatmul::get().run(problem, &one, x, dy, &one, dW, sums)) return false;
+  axpby(N, 1.0f, sums, 1.0f, db);
+  ctx.count_fused_bias_grad();
+  return true;
+}
+
 }  // namespace detail
 }  // namespace moca::cuda
 
@@ -392,6 +415,17 @@ struct Backend<Cuda> {
                    const T* A, std::int64_t lda, const T* B, std::int64_t ldb, G beta, G* C,
                    std::int64_t ldc) {
     cuda::detail::gemm(ta, tb, M, N, K, alpha, A, lda, 0, B, ldb, 0, beta, C, ldc, 0, 1);
+  }
+  /// A Linear's weight and bias gradients from one pass over dy, where it applies (bf16 values,
+  /// float gradients, Context::fused_bias_grads()); false: the op composes them. See
+  /// cuda::detail::linear_grads.
+  template <class T, class G>
+  static bool linear_grads(std::int64_t M, std::int64_t N, std::int64_t K, const T* dy,
+                           std::int64_t ldy, const T* x, std::int64_t ldx, G* dW, std::int64_t lddw,
+                           G* db) {
+    if constexpr (std::is_same_v<T, bf16> && std::is_same_v<G, float>)
+      return cuda::detail::linear_grads(M, N, K, dy, ldy, x, ldx, dW, lddw, db);
+    return false;
   }
   /// C = op(A) · op(B) + bias in one cuBLASLt call (bias epilogue) where it can; see
   /// cuda::detail::gemm_bias.

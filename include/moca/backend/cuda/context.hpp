@@ -163,6 +163,21 @@ class Context {
   void set_column_chunks(bool on) noexcept { column_chunks_ = on; }
   bool column_chunks() const noexcept { return column_chunks_; }
 
+  /// Whether a bf16 Linear's bias gradient comes from its weight-gradient product (cuBLASLt's
+  /// BGRADB epilogue sums the output gradient's rows as the product reads them) instead of a
+  /// second pass over the output gradient (the column sums). Off by default: cuBLASLt's order of
+  /// that sum is its own. Not meant to be called while ops are running.
+  void set_fused_bias_grads(bool on) noexcept { fused_bias_grads_ = on; }
+  bool fused_bias_grads() const noexcept { return fused_bias_grads_; }
+  /// Bias gradients taken from a product's epilogue so far (cuBLASLt may decline a problem,
+  /// which then takes the column sums): for tests and benchmarks.
+  std::uint64_t fused_bias_grad_runs() const noexcept {
+    return fused_bias_grad_runs_.load(std::memory_order_relaxed);
+  }
+  void count_fused_bias_grad() noexcept {
+    fused_bias_grad_runs_.fetch_add(1, std::memory_order_relaxed);
+  }
+
   /// How many of cuBLASLt's candidate algorithms a product's plan times on its first call,
   /// keeping the fastest (lt_matmul.hpp); 0 or 1, the default, takes the heuristic's first
   /// choice untimed, the same on every run. Tuning also sends bf16 products without a bias
@@ -352,8 +367,10 @@ class Context {
   bool flash_mma_ = true;
   int gemm_tuning_ = 0;
   bool column_chunks_ = true;
+  bool fused_bias_grads_ = false;
   std::atomic<std::uint64_t> flash_mma_launches_{0};
   std::atomic<std::uint64_t> host_waits_{0};
+  std::atomic<std::uint64_t> fused_bias_grad_runs_{0};
   bool staged_uploads_ = true;
   std::mutex staging_mutex_;
   StagingBlocks<CudaStaging> staging_{CudaStaging{&stream_, &host_waits_}};

@@ -46,7 +46,7 @@ struct LtProblem {
   cublasOperation_t op_a, op_b;
   std::int64_t m, n, k, lda, ldb, ldc;
   std::uint32_t align_a, align_b, align_c;  ///< of the pointers, in bytes (a power of two ≤ 256)
-  cublasLtEpilogue_t epilogue;              ///< CUBLASLT_EPILOGUE_DEFAULT or _BIAS
+  cublasLtEpilogue_t epilogue;              ///< CUBLASLT_EPILOGUE_DEFAULT, _BIAS or _BGRADB
 
   auto operator<=>(const LtProblem&) const = default;
 };
@@ -72,15 +72,22 @@ class LtMatmul {
   LtMatmul& operator=(const LtMatmul&) = delete;
 
   /// Queues the product on the backend's stream. `bias` ([m], out_type) is read with the BIAS
-  /// epilogue. Returns false, having queued nothing, when cuBLASLt offers no algorithm for the
-  /// problem (the caller then composes the product from other calls).
+  /// epilogue; with BGRADB it is written: [n], the sums of op_b(B) over k (a Linear's bias
+  /// gradient, from the pass over its output gradient that the weight gradient makes). Returns
+  /// false, having queued nothing, when cuBLASLt offers no algorithm for the problem or declines
+  /// to run the one it offered (the caller then composes the product from other calls).
   bool run(const LtProblem& p, const void* alpha, const void* A, const void* B, const void* beta,
            void* C, const void* bias = nullptr) {
     std::lock_guard<std::mutex> lock(mutex_);
     const Operands operands{alpha, A, B, beta, C, bias};
     Plan& plan = plan_for(p, operands);
     if (!plan.found) return false;
-    MOCA_CUBLAS_CHECK(enqueue(plan, p, operands, plan.algo, C));
+    const cublasStatus_t status = enqueue(plan, p, operands, plan.algo, C);
+    if (status == CUBLAS_STATUS_NOT_SUPPORTED) {
+      plan.found = false;  // not asked again for this problem
+      return false;
+    }
+    MOCA_CUBLAS_CHECK(status);
     return true;
   }
 
@@ -132,11 +139,16 @@ class LtMatmul {
     const void* bias;
   };
 
+  // Epilogues that read or write the vector at CUBLASLT_MATMUL_DESC_BIAS_POINTER.
+  static bool uses_bias(cublasLtEpilogue_t e) {
+    return e == CUBLASLT_EPILOGUE_BIAS || e == CUBLASLT_EPILOGUE_BGRADB;
+  }
+
   // Queues D = alpha · op(A) · op(B) + beta · C with `algo`, D at `D` (C itself, or a scratch
   // buffer while tuning); returns cuBLASLt's status.
   cublasStatus_t enqueue(Plan& plan, const LtProblem& p, const Operands& o,
                          const cublasLtMatmulAlgo_t& algo, void* D) {
-    if (p.epilogue == CUBLASLT_EPILOGUE_BIAS) {
+    if (uses_bias(p.epilogue)) {
       MOCA_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER,
                                                        &o.bias, sizeof(o.bias)));
     }
@@ -199,7 +211,7 @@ class LtMatmul {
                                                      &p.op_b, sizeof(p.op_b)));
     MOCA_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_EPILOGUE,
                                                      &p.epilogue, sizeof(p.epilogue)));
-    if (p.epilogue == CUBLASLT_EPILOGUE_BIAS) {
+    if (uses_bias(p.epilogue)) {
       MOCA_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(
           plan.desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &p.out_type, sizeof(p.out_type)));
     }
