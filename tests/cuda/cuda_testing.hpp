@@ -153,4 +153,21 @@ void check_parity(const std::string& what, const TensorView<T>& expected,
   CHECK(actual.guards_intact());
 }
 
+/// Sets one of the context's switches (set_column_chunks, set_fused_bias_grads, ...) for a
+/// test's scope and puts the default back at its end, failures included.
+class ContextSwitch {
+ public:
+  using Setter = void (cuda::Context::*)(bool) noexcept;
+  ContextSwitch(Setter set, bool on, bool default_value) : set_(set), default_(default_value) {
+    (cuda::Context::get().*set_)(on);
+  }
+  ~ContextSwitch() { (cuda::Context::get().*set_)(default_); }
+  ContextSwitch(const ContextSwitch&) = delete;
+  ContextSwitch& operator=(const ContextSwitch&) = delete;
+
+ private:
+  Setter set_;
+  bool default_;
+};
+
 }  // namespace moca::testing

@@ -248,10 +248,7 @@ TEST_CASE("cuda: three MOCA steps in bf16 storage follow the CPU's bf16 steps") 
   bool fused = false;
   SUBCASE("bias gradients from the column sums") { fused = false; }
   SUBCASE("bias gradients from the products") { fused = true; }
-  struct FusedScope {
-    explicit FusedScope(bool on) { cuda::Context::get().set_fused_bias_grads(on); }
-    ~FusedScope() { cuda::Context::get().set_fused_bias_grads(false); }
-  } scope(fused);
+  const ContextSwitch scope(&cuda::Context::set_fused_bias_grads, fused, false);
   const std::uint64_t fused_runs = cuda::Context::get().fused_bias_grad_runs();
   const MocaConfig cfg = small_config();
   const std::int64_t B = 4;

@@ -1554,10 +1554,7 @@ TEST_CASE(
   bool fused = false;
   SUBCASE("column sums") { fused = false; }
   SUBCASE("the product's epilogue") { fused = true; }
-  struct FusedScope {
-    explicit FusedScope(bool on) { cuda::Context::get().set_fused_bias_grads(on); }
-    ~FusedScope() { cuda::Context::get().set_fused_bias_grads(false); }
-  } scope(fused);
+  const ContextSwitch scope(&cuda::Context::set_fused_bias_grads, fused, false);
   // A small case, the step's widest Linear (fc1's gradient: 3072 outputs over 11,392 rows) and
   // one with an odd width.
   for (auto [M, N, K] :
@@ -1670,10 +1667,7 @@ TEST_CASE("cuda parity: column sums over many rows, on 16-byte rows and element 
   bool chunks = true;
   SUBCASE("chunked where the rows allow") { chunks = true; }
   SUBCASE("element by element") { chunks = false; }
-  struct ChunksScope {
-    explicit ChunksScope(bool on) { cuda::Context::get().set_column_chunks(on); }
-    ~ChunksScope() { cuda::Context::get().set_column_chunks(true); }
-  } scope(chunks);
+  const ContextSwitch scope(&cuda::Context::set_column_chunks, chunks, true);
   // A Linear's bias gradient db += Σ_r dy and a LayerNorm's parameter gradients, at the ViT
   // step's row counts (the student's 128 · 89 rows, the teacher's 128 · 197) and widths: rows of
   // whole 16-byte chunks take the chunked kernels (64-row chunks, up to 256 of them), 770 and
