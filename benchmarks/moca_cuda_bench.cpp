@@ -22,7 +22,9 @@
 // the bias and LayerNorm parameter gradients' column sums element by element instead of on the
 // chunked kernels (Context::set_column_chunks). --staged-uploads 0 makes every copy from the host
 // wait for the stream instead of going through pinned staging blocks (Context::set_staged_uploads);
-// the JSON's "host_waits_per_step" counts the times a timed step waited for the device.
+// the JSON's "host_waits_per_step" counts the times a timed step waited for the device, and
+// "host_busy_ms_per_step" is the host's own time in a step (its wall time less those waits): near
+// ms_per_step, the step is bound by the host's launches rather than by the device.
 // --fused-bias-grads 1 takes the bf16 Linears' bias gradients from their weight-gradient
 // products (cuBLASLt's BGRADB epilogue; Context::set_fused_bias_grads); "fused_bias_grads" in the
 // JSON counts the Linears per step that took them so.
@@ -169,10 +171,16 @@ void bench(const Options& o, const MocaConfig& cfg) {
   const std::uint64_t fragment_launches = cuda::Context::get().flash_mma_launches();
   cuda::synchronize();
   const std::uint64_t waits_before = cuda::Context::get().host_waits();
+  const double waited_before = cuda::Context::get().host_wait_seconds();
   const std::uint64_t fused_before = cuda::Context::get().fused_bias_grad_runs();
   const auto t0 = std::chrono::steady_clock::now();
   double loss = 0;
   for (std::int64_t i = 0; i < steps; ++i, ++s) loss = model.train_step(x1, x2, plans[s], hyper).loss;
+  // The host's own time in the steps: their wall time (the device may still be running the last
+  // one's update) less the time spent waiting for the device.
+  const double host_seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() -
+      (cuda::Context::get().host_wait_seconds() - waited_before);
   const double waits_per_step =
       static_cast<double>(cuda::Context::get().host_waits() - waits_before) /
       static_cast<double>(steps);
@@ -233,7 +241,8 @@ void bench(const Options& o, const MocaConfig& cfg) {
       "{\"side\": \"moca\", \"device\": \"%s\", \"preset\": \"%s\", \"batch\": %lld, "
       "\"precision\": \"%s\", \"flash_tile\": %d, \"flash_threads\": %d, "
       "\"fragment_passes\": %.0f, \"column_chunks\": %d, \"staged_uploads\": %d, "
-      "\"host_waits_per_step\": %.2f, \"fused_bias_grads\": %.0f, \"gemm_tuning\": %d, "
+      "\"host_waits_per_step\": %.2f, \"host_busy_ms_per_step\": %.3f, "
+      "\"fused_bias_grads\": %.0f, \"gemm_tuning\": %d, "
       "\"gemm_plans_tuned\": %zu, "
       "\"gemm_plans_retuned\": %zu, "
       "\"steps\": %lld, \"ms_per_step\": %.3f, \"pairs_per_s\": %.2f, "
@@ -243,10 +252,11 @@ void bench(const Options& o, const MocaConfig& cfg) {
       "\"loss\": %s}\n",
       prop.name, o.preset.c_str(), static_cast<long long>(batch), label.c_str(), o.flash_tile,
       o.flash_threads, fragment_passes, o.column_chunks ? 1 : 0, o.staged_uploads ? 1 : 0,
-      waits_per_step, fused_per_step, o.gemm_tuning, cuda::LtMatmul::get().tuned_plans(),
-      cuda::LtMatmul::get().retuned_plans(), static_cast<long long>(steps), 1e3 * per_step,
-      static_cast<double>(batch) / per_step, 2.0 * static_cast<double>(batch) / per_step,
-      flops / 1e9, flops / per_step / 1e12, flops / per_step / (o.peak_tflops * 1e12),
+      waits_per_step, 1e3 * host_seconds / static_cast<double>(steps), fused_per_step,
+      o.gemm_tuning, cuda::LtMatmul::get().tuned_plans(), cuda::LtMatmul::get().retuned_plans(),
+      static_cast<long long>(steps), 1e3 * per_step, static_cast<double>(batch) / per_step,
+      2.0 * static_cast<double>(batch) / per_step, flops / 1e9, flops / per_step / 1e12,
+      flops / per_step / (o.peak_tflops * 1e12),
       static_cast<double>(memory_stats<Cuda>().peak_bytes) / mib,
       static_cast<double>(cuda::pool_stats().reserved_peak) / mib,
       static_cast<double>(total_bytes - free_bytes) / mib,

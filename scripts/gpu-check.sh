@@ -207,8 +207,9 @@ for line in open(sys.argv[1]):
     r = json.loads(line)
     keys = ("flash_tile", "flash_threads", "fragment_passes", "gemm_tuning", "column_chunks",
             "staged_uploads", "fused_bias_grads")
-    print("  %8.2f ms  MFU %5.1f%%  waits/step %5s  %s" % (
+    print("  %8.2f ms  MFU %5.1f%%  waits/step %5s  host busy %7s ms  %s" % (
         r["ms_per_step"], 100 * r["mfu"], r.get("host_waits_per_step", "-"),
+        r.get("host_busy_ms_per_step", "-"),
         " ".join("%s=%s" % (k, r[k]) for k in keys if k in r)))
 PY
   done

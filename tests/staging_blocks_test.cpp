@@ -1,10 +1,14 @@
 // The staging blocks that uploads to a GPU go through (backend/cuda/staging_blocks.hpp), run on
-// the host with events that complete when the test says so.
+// the host with events that complete when the test says so; and the counter of the host's waits.
 #include <doctest/doctest.h>
 
+#include <chrono>
 #include <cstdlib>
+#include <moca/backend/cuda/host_waits.hpp>
 #include <moca/backend/cuda/staging_blocks.hpp>
 #include <set>
+#include <stdexcept>
+#include <thread>
 #include <vector>
 
 using moca::cuda::StagingBlocks;
@@ -165,4 +169,21 @@ TEST_CASE("staging blocks: pinned memory stays under max_bytes; a free block is 
   // With no block at all, the first upload gets one whatever its size.
   StagingBlocks<HostStaging> tiny(policy, 64, 1);
   CHECK(tiny.acquire(kMin).capacity == kMin);
+}
+
+TEST_CASE("host waits are counted and timed, a wait that throws included") {
+  moca::cuda::HostWaitCounter waits;
+  CHECK(waits.count() == 0);
+  CHECK(waits.seconds() == 0.0);
+  waits.wait([] { std::this_thread::sleep_for(std::chrono::milliseconds(20)); });
+  CHECK(waits.count() == 1);
+  CHECK(waits.seconds() >= 0.02);
+  const double after_one = waits.seconds();
+  CHECK_THROWS_AS(waits.wait([] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    throw std::runtime_error("device failed");
+  }),
+                  std::runtime_error);
+  CHECK(waits.count() == 2);
+  CHECK(waits.seconds() >= after_one + 0.01);
 }

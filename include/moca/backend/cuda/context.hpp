@@ -14,8 +14,9 @@
 // memory and queued like kernels (upload()), so the host's source may be reused at once and the
 // device's queue is not emptied.
 //
-// Host waits: every place where the host waits for the device counts in host_waits(), so tests
-// and benchmarks can say how often a training step empties the device's queue.
+// Host waits: every place where the host waits for the device counts in host_waits() and
+// host_wait_seconds(), so tests and benchmarks can say how often a training step empties the
+// device's queue, and how much of the step's wall time is the host's own work.
 //
 // Device: the device current when the context is first created (device 0 unless the program
 // called cudaSetDevice before its first CUDA op). One device per process for now.
@@ -31,8 +32,10 @@
 #include <limits>
 #include <mutex>
 #include <string>
+#include <utility>
 
 #include "moca/backend/cuda/check.hpp"
+#include "moca/backend/cuda/host_waits.hpp"
 #include "moca/backend/cuda/staging.hpp"
 #include "moca/core/check.hpp"
 
@@ -203,15 +206,20 @@ class Context {
   /// synchronize(), as the backend's own code calls it: a copy to the host, a value returned by
   /// a reduction.
   void wait_for_stream() {
-    note_host_wait();
-    MOCA_CUDA_CHECK(cudaStreamSynchronize(stream()));
+    host_wait([&] { MOCA_CUDA_CHECK(cudaStreamSynchronize(stream())); });
   }
 
   /// Number of times the host has waited for the device so far (stream synchronisations, copies
-  /// to the host, staging buffers still in use, timed candidates): each one empties the device's
-  /// queue until the host launches work again.
-  std::uint64_t host_waits() const noexcept { return host_waits_.load(std::memory_order_relaxed); }
-  void note_host_wait() noexcept { host_waits_.fetch_add(1, std::memory_order_relaxed); }
+  /// to the host, staging buffers still in use, timed candidates), and the seconds it spent in
+  /// those waits: each one empties the device's queue until the host launches work again.
+  std::uint64_t host_waits() const noexcept { return host_waits_.count(); }
+  double host_wait_seconds() const noexcept { return host_waits_.seconds(); }
+  /// Runs `blocking`, a call that blocks the host until the device has done something, counted
+  /// and timed in host_waits() and host_wait_seconds().
+  template <class F>
+  void host_wait(F&& blocking) {
+    host_waits_.wait(std::forward<F>(blocking));
+  }
 
   /// Uploads larger than this (weights loaded at start, not a step's inputs) wait for the stream
   /// instead of taking a staging block: pinned memory is kept small.
@@ -369,7 +377,7 @@ class Context {
   bool column_chunks_ = true;
   bool fused_bias_grads_ = false;
   std::atomic<std::uint64_t> flash_mma_launches_{0};
-  std::atomic<std::uint64_t> host_waits_{0};
+  HostWaitCounter host_waits_;
   std::atomic<std::uint64_t> fused_bias_grad_runs_{0};
   bool staged_uploads_ = true;
   std::mutex staging_mutex_;

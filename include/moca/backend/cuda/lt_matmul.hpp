@@ -273,8 +273,7 @@ class LtMatmul {
           // A candidate the library declines to run is skipped, not an error.
           ran = enqueue(plan, p, o, results[i].algo, scratch) == CUBLAS_STATUS_SUCCESS;
           MOCA_CUDA_CHECK(cudaEventRecord(stop, ctx.stream()));
-          ctx.note_host_wait();
-          MOCA_CUDA_CHECK(cudaEventSynchronize(stop));
+          ctx.host_wait([&] { MOCA_CUDA_CHECK(cudaEventSynchronize(stop)); });
           if (run > 0) MOCA_CUDA_CHECK(cudaEventElapsedTime(&ms[run - 1], start, stop));
         }
         if (!ran) continue;

@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "moca/backend/cuda/check.hpp"
+#include "moca/backend/cuda/host_waits.hpp"
 #include "moca/backend/cuda/staging_blocks.hpp"
 
 namespace moca::cuda {
@@ -16,7 +17,7 @@ namespace moca::cuda {
 struct CudaStaging {
   using Event = cudaEvent_t;
   const std::atomic<cudaStream_t>* stream = nullptr;  // the context's stream, read at each record
-  std::atomic<std::uint64_t>* host_waits = nullptr;   // the context's counter, bumped by wait()
+  HostWaitCounter* host_waits = nullptr;              // the context's, counting wait()
 
   void* allocate(std::size_t bytes) {
     void* p = nullptr;
@@ -48,8 +49,7 @@ struct CudaStaging {
     return true;
   }
   void wait(Event e) {
-    if (host_waits != nullptr) host_waits->fetch_add(1, std::memory_order_relaxed);
-    MOCA_CUDA_CHECK(cudaEventSynchronize(e));
+    host_waits->wait([&] { MOCA_CUDA_CHECK(cudaEventSynchronize(e)); });
   }
 };
 

@@ -44,8 +44,8 @@ class EventTimeline final : public profiler::Timeline {
   }
 
   double seconds_between(int first, int second) override {
-    Context::get().note_host_wait();
-    MOCA_CUDA_CHECK(cudaEventSynchronize(events_[static_cast<std::size_t>(second)]));
+    Context::get().host_wait(
+        [&] { MOCA_CUDA_CHECK(cudaEventSynchronize(events_[static_cast<std::size_t>(second)])); });
     float ms = 0.0f;
     MOCA_CUDA_CHECK(cudaEventElapsedTime(&ms, events_[static_cast<std::size_t>(first)],
                                          events_[static_cast<std::size_t>(second)]));
