@@ -16,6 +16,10 @@
 #
 #   scripts/gpu-check.sh [--build-dir DIR (default build-gpu)] [--out DIR (default gpu-check)]
 #                        [--configs vit_b16_b64,vit_s16_b64] [--budget SECONDS (default 480)]
+#                        [--only STAGE,STAGE,...]
+#
+# --only runs the named stages alone (device, build, test-ops, test-moca, products, profile, bench,
+# attention, tiles, test-cli, memcheck-ops, memcheck-moca, racecheck), in the order above.
 #
 # The stages run in that order, most informative first, within --budget seconds in all: a stage
 # gets its own limit or what is left of the budget, whichever is less, and is skipped (and
@@ -41,12 +45,14 @@ build_dir=build-gpu
 out=gpu-check
 configs=vit_b16_b64,vit_s16_b64
 budget=480
+only=
 while [ $# -gt 0 ]; do
   case $1 in
     --build-dir) build_dir=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
     --configs) configs=$2; shift 2 ;;
     --budget) budget=$2; shift 2 ;;
+    --only) only=",$2,"; shift 2 ;;
     *) echo "gpu-check: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -78,6 +84,10 @@ t_start=$SECONDS
 stage() {
   local name=$1 limit=$2 t0=$SECONDS rc=0
   shift 2
+  if [ -n "$only" ] && [[ "$only" != *",$name,"* ]]; then
+    summary+=("$(printf '  %-14s not selected' "$name")")
+    return
+  fi
   local left=$((budget - (SECONDS - t_start)))
   if [ "$left" -lt 20 ]; then
     summary+=("$(printf '  %-14s SKIPPED (budget spent)' "$name")")
@@ -127,6 +137,21 @@ fi
 
 stage test-ops 90 "$build_dir/tests/test_ops_cuda"
 stage test-moca 120 "$build_dir/tests/test_moca_cuda"
+# The bf16 ViT-B/16 step as it runs by default, then with one setting changed at a time:
+# cuBLASLt's heuristic choice of algorithm for every product against the fastest of up to 8 of
+# its candidates, timed on the first step; the column sums (bias and LayerNorm gradients) element
+# by element instead of chunked; every upload waiting for the stream instead of staged; the bias
+# gradients from the products' epilogue instead of the column sums. First among the timings: the
+# first line is the step as it ships.
+stage products 140 bash -c "for run in '0 1 1 0' '8 1 1 0' '0 0 1 0' '0 1 0 0' '0 1 1 1'; do
+  set -- \$run; '$build_dir/benchmarks/moca_cuda_bench' --preset vit-b16 --batch 64 --steps 5 \
+    --warmup 2 --precision bf16 --gemm-tuning \$1 --column-chunks \$2 --staged-uploads \$3 \
+    --fused-bias-grads \$4 || exit 1; done"
+# Where the ViT-B/16 step's device time goes in bf16 mixed precision, scope by scope: timed on
+# the stream by CUDA events, then by waiting for the device at every scope boundary.
+stage profile 90 bash -c "for mode in --profile --profile-sync; do
+  '$build_dir/benchmarks/moca_cuda_bench' --preset vit-b16 --batch 64 --steps 3 --precision bf16 \
+    \$mode || exit 1; done"
 # The modes that decide the targets (TF32 against TF32, bf16 mixed precision against AMP); fp32
 # against fp32 was 0.99× and 1.08× on the last card and costs the most time.
 stage bench 180 python3 -u benchmarks/compare_moca_cuda.py \
@@ -135,24 +160,12 @@ stage bench 180 python3 -u benchmarks/compare_moca_cuda.py \
 # The attention alone at the ViT-B/16 step's shapes, beside PyTorch's fused attention.
 stage attention 60 python3 -u benchmarks/compare_attention_cuda.py \
   --bench "$build_dir/benchmarks/moca_cuda_bench" --json "$out/bench.jsonl"
-# Where the ViT-B/16 step's device time goes in bf16 mixed precision, scope by scope: timed on
-# the stream by CUDA events, then by waiting for the device at every scope boundary.
-stage profile 90 bash -c "for mode in --profile --profile-sync; do
-  '$build_dir/benchmarks/moca_cuda_bench' --preset vit-b16 --batch 64 --steps 3 --precision bf16 \
-    \$mode || exit 1; done"
 # The fused attention's launch, timed (bf16 step): the register-fragment kernels (the default)
 # against the block programs at their default (largest tile, four warps), 32-row tiles and eight
 # warps.
 stage tiles 90 bash -c "for launch in '0 128 1' '0 128 0' '32 128 0' '0 256 0'; do set -- \$launch;
   '$build_dir/benchmarks/moca_cuda_bench' --preset vit-b16 --batch 64 --steps 5 --warmup 2 \
     --precision bf16 --flash-tile \$1 --flash-threads \$2 --flash-mma \$3 || exit 1; done"
-# cuBLASLt's heuristic choice of algorithm for every product (the default) against the fastest
-# of up to 8 of its candidates, timed on the first step; then the column sums (bias and LayerNorm
-# gradients) element by element instead of chunked (bf16 step).
-stage products 140 bash -c "for run in '0 1 1 0' '8 1 1 0' '0 0 1 0' '0 1 0 0' '0 1 1 1'; do
-  set -- \$run; '$build_dir/benchmarks/moca_cuda_bench' --preset vit-b16 --batch 64 --steps 5 \
-    --warmup 2 --precision bf16 --gemm-tuning \$1 --column-chunks \$2 --staged-uploads \$3 \
-    --fused-bias-grads \$4 || exit 1; done"
 # The program on the GPU, driven as a user would (only where the build made the CLI and its tests).
 if [ -x "$build_dir/examples/moca" ] && [ -x "$build_dir/tests/test_cli_pretrain" ] &&
    [ -x "$build_dir/tests/test_cli_knn" ] && [ -x "$build_dir/tests/test_cli_extract" ]; then
@@ -215,6 +228,12 @@ PY
   done
   echo "==== summary (total $((SECONDS - t_start))s)"
   printf '%s\n' "${summary[@]}"
-  if [ $failed -eq 0 ]; then echo "==== all stages passed"; else echo "==== FAILED"; fi
+  if [ $failed -ne 0 ]; then
+    echo "==== FAILED"
+  elif [ -n "$only" ]; then
+    echo "==== all selected stages passed"
+  else
+    echo "==== all stages passed"
+  fi
 } | tee -a "$log"
 exit $failed
