@@ -5,7 +5,7 @@
 //   moca_cuda_bench [--preset tiny|vit-s16|vit-b16] [--batch B] [--steps N] [--warmup W]
 //                   [--precision fp32|bf16] [--matmul fp32|tf32|bf16] [--flash-tile 0|16|32|64]
 //                   [--flash-threads 128|256] [--flash-mma 0|1] [--gemm-tuning N] [--column-chunks
-//                   0|1] [--staged-uploads 0|1] [--fused-bias-grads 0|1]
+//                   0|1] [--staged-uploads 0|1] [--fused-bias-grads 0|1] [--fused-residual 0|1]
 //                   [--peak-tflops P] [--profile | --profile-sync]
 //
 // --precision fp32 trains Moca<float, Cuda> with its products in --matmul's mode; --precision
@@ -27,7 +27,9 @@
 // ms_per_step, the step is bound by the host's launches rather than by the device.
 // --fused-bias-grads 1 takes the bf16 Linears' bias gradients from their weight-gradient
 // products (cuBLASLt's BGRADB epilogue; Context::set_fused_bias_grads); "fused_bias_grads" in the
-// JSON counts the Linears per step that took them so.
+// JSON counts the Linears per step that took them so. --fused-residual 0 adds each block's
+// residual in a pass of its own instead of as its second MLP product stores its output
+// (Context::set_fused_residual).
 //
 //   moca_cuda_bench --attention B,H,S,hd [--steps N] [--warmup W] [--flash-mma 0|1] ...
 //
@@ -82,7 +84,7 @@ using namespace moca;
                "[--warmup W] [--precision fp32|bf16] [--matmul fp32|tf32|bf16] "
                "[--flash-tile 0|16|32|64] [--flash-threads 128|256] [--flash-mma 0|1] "
                "[--gemm-tuning N] [--column-chunks 0|1] [--staged-uploads 0|1] "
-               "[--fused-bias-grads 0|1] "
+               "[--fused-bias-grads 0|1] [--fused-residual 0|1] "
                "[--peak-tflops P] [--profile | "
                "--profile-sync] [--attention "
                "B,H,S,hd]\n%s\n",
@@ -100,6 +102,7 @@ struct Options {
   bool column_chunks = true;
   bool staged_uploads = true;
   bool fused_bias_grads = false;
+  bool fused_residual = true;
   bool profile = false, profile_sync = false;
   std::vector<std::int64_t> attention;  // B, H, S, hd: time the attention alone
   double peak_tflops = 989.0;
@@ -242,7 +245,7 @@ void bench(const Options& o, const MocaConfig& cfg) {
       "\"precision\": \"%s\", \"flash_tile\": %d, \"flash_threads\": %d, "
       "\"fragment_passes\": %.0f, \"column_chunks\": %d, \"staged_uploads\": %d, "
       "\"host_waits_per_step\": %.2f, \"host_busy_ms_per_step\": %.3f, "
-      "\"fused_bias_grads\": %.0f, \"gemm_tuning\": %d, "
+      "\"fused_bias_grads\": %.0f, \"fused_residual\": %d, \"gemm_tuning\": %d, "
       "\"gemm_plans_tuned\": %zu, "
       "\"gemm_plans_retuned\": %zu, "
       "\"steps\": %lld, \"ms_per_step\": %.3f, \"pairs_per_s\": %.2f, "
@@ -253,10 +256,10 @@ void bench(const Options& o, const MocaConfig& cfg) {
       prop.name, o.preset.c_str(), static_cast<long long>(batch), label.c_str(), o.flash_tile,
       o.flash_threads, fragment_passes, o.column_chunks ? 1 : 0, o.staged_uploads ? 1 : 0,
       waits_per_step, 1e3 * host_seconds / static_cast<double>(steps), fused_per_step,
-      o.gemm_tuning, cuda::LtMatmul::get().tuned_plans(), cuda::LtMatmul::get().retuned_plans(),
-      static_cast<long long>(steps), 1e3 * per_step, static_cast<double>(batch) / per_step,
-      2.0 * static_cast<double>(batch) / per_step, flops / 1e9, flops / per_step / 1e12,
-      flops / per_step / (o.peak_tflops * 1e12),
+      o.fused_residual ? 1 : 0, o.gemm_tuning, cuda::LtMatmul::get().tuned_plans(),
+      cuda::LtMatmul::get().retuned_plans(), static_cast<long long>(steps), 1e3 * per_step,
+      static_cast<double>(batch) / per_step, 2.0 * static_cast<double>(batch) / per_step,
+      flops / 1e9, flops / per_step / 1e12, flops / per_step / (o.peak_tflops * 1e12),
       static_cast<double>(memory_stats<Cuda>().peak_bytes) / mib,
       static_cast<double>(cuda::pool_stats().reserved_peak) / mib,
       static_cast<double>(total_bytes - free_bytes) / mib,
@@ -359,6 +362,8 @@ int main(int argc, char** argv) {
       o.staged_uploads = std::atoi(argv[++i]) != 0;
     } else if (a == "--fused-bias-grads" && has_value) {
       o.fused_bias_grads = std::atoi(argv[++i]) != 0;
+    } else if (a == "--fused-residual" && has_value) {
+      o.fused_residual = std::atoi(argv[++i]) != 0;
     } else if (a == "--attention" && has_value) {
       std::string spec = argv[++i];
       for (std::size_t at = 0; at <= spec.size();) {
@@ -408,6 +413,7 @@ int main(int argc, char** argv) {
     cuda::Context::get().set_column_chunks(o.column_chunks);
     cuda::Context::get().set_staged_uploads(o.staged_uploads);
     cuda::Context::get().set_fused_bias_grads(o.fused_bias_grads);
+    cuda::Context::get().set_fused_residual(o.fused_residual);
     if (!o.attention.empty()) {
       bench_attention(o);
     } else if (o.precision == "bf16") {

@@ -7,8 +7,8 @@
 #      the attention alone beside PyTorch's (benchmarks/compare_attention_cuda.py), where the
 #      ViT-B/16 step's time goes (moca_cuda_bench --profile), the fused attention's kernels,
 #      tiles and block sizes timed against each other, the products' algorithms tuned or not, the
-#      column sums chunked or not, uploads staged or waited for, and the bias gradients from the
-#      column sums or the products' epilogue;
+#      column sums chunked or not, uploads staged or waited for, the bias gradients from the
+#      column sums or the products' epilogue, and the residual added by the product or after it;
 #   4. where the build has them, the command-line tests' GPU cases (`moca pretrain --device cuda`,
 #      `moca knn --device cuda`, `moca extract --device cuda`);
 #   5. compute-sanitizer: memcheck over the op tests and the MOCA parity test, racecheck over the
@@ -141,12 +141,14 @@ stage test-moca 120 "$build_dir/tests/test_moca_cuda"
 # cuBLASLt's heuristic choice of algorithm for every product against the fastest of up to 8 of
 # its candidates, timed on the first step; the column sums (bias and LayerNorm gradients) element
 # by element instead of chunked; every upload waiting for the stream instead of staged; the bias
-# gradients from the products' epilogue instead of the column sums. First among the timings: the
-# first line is the step as it ships.
-stage products 140 bash -c "for run in '0 1 1 0' '8 1 1 0' '0 0 1 0' '0 1 0 0' '0 1 1 1'; do
-  set -- \$run; '$build_dir/benchmarks/moca_cuda_bench' --preset vit-b16 --batch 64 --steps 5 \
-    --warmup 2 --precision bf16 --gemm-tuning \$1 --column-chunks \$2 --staged-uploads \$3 \
-    --fused-bias-grads \$4 || exit 1; done"
+# gradients from the products' epilogue instead of the column sums; the residual added in a pass
+# of its own instead of as the second MLP product stores its output. First among the timings:
+# the first line is the step as it ships.
+stage products 170 bash -c "for run in '0 1 1 0 1' '8 1 1 0 1' '0 0 1 0 1' '0 1 0 0 1' \
+    '0 1 1 1 1' '0 1 1 0 0'; do set -- \$run;
+  '$build_dir/benchmarks/moca_cuda_bench' --preset vit-b16 --batch 64 --steps 5 --warmup 2 \
+    --precision bf16 --gemm-tuning \$1 --column-chunks \$2 --staged-uploads \$3 \
+    --fused-bias-grads \$4 --fused-residual \$5 || exit 1; done"
 # Where the ViT-B/16 step's device time goes in bf16 mixed precision, scope by scope: timed on
 # the stream by CUDA events, then by waiting for the device at every scope boundary.
 stage profile 90 bash -c "for mode in --profile --profile-sync; do
@@ -219,7 +221,7 @@ for line in open(sys.argv[1]):
         continue
     r = json.loads(line)
     keys = ("flash_tile", "flash_threads", "fragment_passes", "gemm_tuning", "column_chunks",
-            "staged_uploads", "fused_bias_grads")
+            "staged_uploads", "fused_bias_grads", "fused_residual")
     print("  %8.2f ms  MFU %5.1f%%  waits/step %5s  host busy %7s ms  %s" % (
         r["ms_per_step"], 100 * r["mfu"], r.get("host_waits_per_step", "-"),
         r.get("host_busy_ms_per_step", "-"),

@@ -153,6 +153,57 @@ TEST_CASE("Block: pre-norm residual structure and gradients") {
       [&](auto& in, auto dy, auto dx) { block.backward(in, dy, dx); });
 }
 
+namespace {
+// An MLP with no forward_add: a Block adds its residual in a pass of its own.
+class PlainMlp {
+ public:
+  Mlp<double> mlp;
+  PlainMlp(std::int64_t dim, std::int64_t hidden) : mlp(dim, hidden) {}
+  template <class V>
+  void visit(V&& v) {
+    mlp.visit(v);
+  }
+  void forward(const TensorView<double>& x, const TensorView<double>& y) { mlp.forward(x, y); }
+  void backward(const TensorView<double>& x, const TensorView<double>& dy,
+                const TensorView<double>& dx) {
+    mlp.backward(x, dy, dx);
+  }
+};
+static_assert(ResidualMlp<Mlp<double>, double, Cpu>);
+static_assert(MlpLayer<PlainMlp, double, Cpu> && !ResidualMlp<PlainMlp, double, Cpu>);
+}  // namespace
+
+TEST_CASE("Mlp::forward_add adds the residual; a Block computes the same with either MLP") {
+  Mlp<double> mlp(6, 10);
+  ParameterStore<double> ps(mlp);
+  ps.initialize(4);
+  const auto x = random_tensor({2, 3, 6}, 3), r = random_tensor({2, 3, 6}, 4);
+  Tensor<double> y({2, 3, 6}), z({2, 3, 6});
+  mlp.forward(x, y);
+  mlp.forward_add(x, r, z);
+  for (std::int64_t i = 0; i < y.numel(); ++i)
+    CHECK(z.data()[i] == doctest::Approx(y.data()[i] + r.data()[i]).epsilon(1e-14));
+  CHECK_THROWS_AS(mlp.forward_add(x, z, z), Error);  // the output may not be the residual
+
+  // Blocks with the same weights, one with a plain MLP: the same output and gradients.
+  Block<double> fused(BlockConfig{8, 2, 16, 1e-6});
+  Block<double, Cpu, MultiHeadAttention<double>, PlainMlp> plain(BlockConfig{8, 2, 16, 1e-6});
+  ParameterStore<double> pf(fused), pp(plain);
+  pf.initialize(6);
+  REQUIRE(pf.num_trainable() == pp.num_trainable());
+  copy(pf.values(), pp.values());
+  const auto in = random_tensor({2, 4, 8}, 5), dy = random_tensor({2, 4, 8}, 6);
+  Tensor<double> yf({2, 4, 8}), yp({2, 4, 8}), dxf({2, 4, 8}), dxp({2, 4, 8});
+  fused.forward(in, yf);
+  plain.forward(in, yp);
+  fused.backward(in, dy, dxf);
+  plain.backward(in, dy, dxp);
+  for (std::int64_t i = 0; i < yf.numel(); ++i) {
+    CHECK(yf.data()[i] == doctest::Approx(yp.data()[i]).epsilon(1e-14));
+    CHECK(dxf.data()[i] == doctest::Approx(dxp.data()[i]).epsilon(1e-14));
+  }
+}
+
 TEST_CASE("PatchEmbed: equals a strided convolution and passes gradcheck") {
   const int N = 2, C = 2, H = 4, W = 6, p = 2, Dm = 3;
   PatchEmbed<double> pe(C, p, Dm);

@@ -563,6 +563,32 @@ TEST_CASE_TEMPLATE("cuda parity: gemm_bias, all transposes, aligned and misalign
   CHECK(gC.guards_intact());
 }
 
+TEST_CASE_TEMPLATE("cuda parity: gemm_bias_residual, the residual read as the product's C", T,
+                   float, double) {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  // y = x · wᵀ + b + r: a block's second MLP product. Fused (float: cuBLASLt reads r as C with
+  // beta = 1 and writes y as D) or composed (double always; float with the switch off).
+  bool fused = true;
+  SUBCASE("fused where it applies") { fused = true; }
+  SUBCASE("composed") { fused = false; }
+  const ContextSwitch scope(&cuda::Context::set_fused_residual, fused, true);
+  for (auto [M, N, K] : {std::array<std::int64_t, 3>{7, 33, 5}, {197, 768, 3072}, {64, 257, 33}}) {
+    CAPTURE(M);
+    CAPTURE(N);
+    CAPTURE(K);
+    const Tensor<T> x = random_tensor<T>({M, K}), w = random_tensor<T>({N, K});
+    const Tensor<T> bias = random_tensor<T>({N}), r = random_tensor<T>({M, N});
+    const Tensor<T, Cuda> gx = to_device<T>(x), gw = to_device<T>(w), gbias = to_device<T>(bias);
+    Guarded<T> gr(r);  // read only: it must come back unchanged
+    Tensor<T> y = nan_tensor<T>({M, N});
+    ops::gemm_bias_residual(x, Trans::N, w, Trans::T, bias, r, y);
+    Guarded<T> gy(nan_tensor<T>({M, N}));  // overwritten without being read
+    ops::gemm_bias_residual(gx, Trans::N, gw, Trans::T, gbias, gr.view(), gy.view());
+    check_parity<T>("gemm_bias_residual", y, gy, tolerance<T>(K + 2));
+    check_parity<T>("its residual, unchanged", r, gr, 0.0);
+  }
+}
+
 TEST_CASE("cuda: gemm_bias in TF32 and bf16 agrees with fp32 to their precision, planned once") {
   SKIP_WITHOUT_CUDA_DEVICE();
   // The budgets of the plain products (see the TF32/bf16 gemm test); the bias is exact in fp32.
@@ -1431,6 +1457,44 @@ Guarded<bf16> bf16_output(Shape shape) { return Guarded<bf16>(nan_tensor<bf16>(s
 Guarded<float> float_output(Shape shape) { return Guarded<float>(nan_tensor<float>(shape)); }
 
 }  // namespace
+
+TEST_CASE("cuda parity: a bf16 product with bias and residual, against its float value") {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  // Fused, the device rounds acc + bias + residual once; composed (and on the CPU) the product
+  // with its bias is rounded, then the sum. Where the residual cancels the product, the first
+  // rounding is large beside the result, so both are held to the float value normwise: within
+  // a few bf16 roundings (2^-9 each).
+  bool fused = true;
+  SUBCASE("fused") { fused = true; }
+  SUBCASE("composed") { fused = false; }
+  const ContextSwitch scope(&cuda::Context::set_fused_residual, fused, true);
+  const std::int64_t M = 11392 / 4, N = 768, K = 3072;  // fc2 at the student's width
+  const Tensor<bf16> x = random_bf16({M, K}), w = random_bf16({N, K}), bias = random_bf16({N});
+  const Tensor<bf16> r = random_bf16({M, N}, -4.0, 4.0);
+  auto widen = [](const Tensor<bf16>& h) {
+    Tensor<float> f(h.shape());
+    ops::convert(TensorView<bf16>(h), TensorView<float>(f));
+    return f;
+  };
+  const Tensor<float> xf = widen(x), wf = widen(w), bf = widen(bias), rf = widen(r);
+  Tensor<float> want({M, N});
+  ops::gemm_bias_residual(TensorView<float>(xf), Trans::N, TensorView<float>(wf), Trans::T,
+                          TensorView<float>(bf), TensorView<float>(rf), TensorView<float>(want));
+  const Tensor<bf16, Cuda> gx = bf16_to_device(x), gw = bf16_to_device(w),
+                           gbias = bf16_to_device(bias), gr = bf16_to_device(r);
+  Guarded<bf16> gy = bf16_output({M, N});
+  ops::gemm_bias_residual(TensorView<bf16, Cuda>(gx), Trans::N, TensorView<bf16, Cuda>(gw),
+                          Trans::T, TensorView<bf16, Cuda>(gbias), TensorView<bf16, Cuda>(gr),
+                          gy.view());
+  const double err = relative_error(TensorView<float>(want), TensorView<float>(widen(gy.result())));
+  const char* how = fused ? "fused" : "composed";
+  MESSAGE(how, ": ", err, " from the float value (normwise)");
+  CHECK(err <= 4e-3);
+  CHECK(gy.guards_intact());
+  const Tensor<bf16> r_after = to_host(TensorView<bf16, Cuda>(gr));
+  CHECK(std::equal(r.begin(), r.end(), r_after.begin(),
+                   [](bf16 a, bf16 b) { return float(a) == float(b); }));  // only read
+}
 
 TEST_CASE("cuda parity: bf16 products (plain, batched, with bias) within one ulp of the CPU's") {
   SKIP_WITHOUT_CUDA_DEVICE();

@@ -54,8 +54,12 @@ class Block {
       ops::add(x, TensorView<T, D>(mid_), TensorView<T, D>(mid_));
       norm2.forward(mid_, n2_);
     }
-    mlp.forward(n2_, out);
-    ops::add(out, TensorView<T, D>(mid_), out);  // out = mid + mlp
+    if constexpr (ResidualMlp<MlpT, T, D>) {  // out = mid + mlp, added as fc2 stores out
+      mlp.forward_add(n2_, mid_, out);
+    } else {
+      mlp.forward(n2_, out);
+      ops::add(out, TensorView<T, D>(mid_), out);
+    }
   }
 
   /// x is the input of the last forward; writes dx (may alias dout), accumulates parameter grads.

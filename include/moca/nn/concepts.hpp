@@ -76,6 +76,14 @@ concept AttentionLayer =
 template <class M, class T, class D>
 concept MlpLayer = SequenceLayer<M, T, D> && std::constructible_from<M, std::int64_t, std::int64_t>;
 
+/// An MLP that can add the block's residual as its last product stores its output (Mlp does):
+///   forward_add(x, residual, y): y = residual + mlp(x), backward as after forward.
+/// A Block uses it when its MLP has it, and ops::add after forward otherwise.
+template <class M, class T, class D>
+concept ResidualMlp = MlpLayer<M, T, D> && requires(M m, const TensorView<T, D>& v) {
+  m.forward_add(v, v, v);
+};
+
 /// Parameters a transformer block is built from.
 struct BlockConfig {
   std::int64_t dim = 768;

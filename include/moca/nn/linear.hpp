@@ -46,6 +46,19 @@ class Linear {
     }
   }
 
+  /// y = x · Wᵀ + b + residual (a product that ends a residual branch; y must not be the
+  /// residual). The backward is the plain Linear's: the residual's gradient is the caller's.
+  void forward_add(const TensorView<T, D>& x, const TensorView<T, D>& residual,
+                   const TensorView<T, D>& y) const {
+    MOCA_PROFILE_SCOPE("linear");
+    if (has_bias_) {
+      ops::gemm_bias_residual(x, Trans::N, weight.value, Trans::T, bias.value, residual, y);
+    } else {
+      ops::gemm(x, Trans::N, weight.value, Trans::T, y);
+      ops::add(y, residual, y);
+    }
+  }
+
   /// Accumulates dW += dyᵀ · x and db += Σ dy; writes dx = dy · W (or adds it, with
   /// `accumulate_dx`). dx may be an empty view when the input needs no gradient.
   void backward(const TensorView<T, D>& x, const TensorView<T, D>& dy, const TensorView<T, D>& dx,

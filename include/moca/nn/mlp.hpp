@@ -33,6 +33,18 @@ class Mlp {
     fc2.forward(act_, y);
   }
 
+  /// y = residual + MLP(x), the residual added as fc2 stores y (y must not be the residual);
+  /// backward as after forward.
+  void forward_add(const TensorView<T, D>& x, const TensorView<T, D>& residual,
+                   const TensorView<T, D>& y) {
+    const Shape h{x.shape().leading(), fc1.out_features()};
+    pre_.resize(h);
+    act_.resize(h);
+    fc1.forward(x, pre_);
+    Activation::forward(TensorView<T, D>(pre_), TensorView<T, D>(act_));
+    fc2.forward_add(act_, residual, y);
+  }
+
   /// x is the input of the last forward; writes dx, accumulates parameter gradients.
   void backward(const TensorView<T, D>& x, const TensorView<T, D>& dy, const TensorView<T, D>& dx) {
     grad_.resize(pre_.shape());

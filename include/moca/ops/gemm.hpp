@@ -3,12 +3,14 @@
 //   ops::gemm(x, Trans::N, w, Trans::T, y);          // y[M,N] = x[M,K] · w[N,K]ᵀ  (a Linear)
 //   ops::gemm(dy, Trans::T, x, Trans::N, dw, 1, 1);   // dw += dyᵀ · x          (its weight grad)
 //   ops::linear_grads(dy, x, dw, db);                  // the same, and db += Σ_rows dy
+//   ops::gemm_bias_residual(h, Trans::N, w, Trans::T, b, r, y);   // y = h · wᵀ + b + r
 //
 // Tensors of rank > 2 are read as matrices [product of leading dims, last dim].
 #pragma once
 
 #include "moca/core/profiler.hpp"
 #include "moca/ops/common.hpp"
+#include "moca/ops/elementwise.hpp"
 #include "moca/ops/reduce.hpp"
 
 namespace moca {
@@ -67,6 +69,46 @@ void gemm_bias(const TensorView<T, D>& A, Trans ta, const TensorView<T, D>& B, T
     gemm(A, ta, B, tb, C);
     Backend<D>::add_bias(M, N, bias.data(), c.data());
   }
+}
+
+namespace gemm_impl {
+template <class T, class D>
+concept ResidualGemmBackend = requires(bool t, std::int64_t n, const T* c, T* p) {
+  {
+    Backend<D>::gemm_bias_residual(t, t, n, n, n, c, n, c, n, c, c, p, n)
+    } -> std::convertible_to<bool>;
+};
+}  // namespace gemm_impl
+
+/// C = op(A) · op(B) + bias + residual (residual of C's shape): a Linear that ends a residual
+/// branch. Backends that provide gemm_bias_residual may read the residual as the product's C
+/// and add it as they store C (CUDA, Context::set_fused_residual); otherwise gemm_bias and add.
+/// C must not alias the residual.
+template <class T, class D>
+void gemm_bias_residual(const TensorView<T, D>& A, Trans ta, const TensorView<T, D>& B, Trans tb,
+                        const TensorView<T, D>& bias, const TensorView<T, D>& residual,
+                        const TensorView<T, D>& C) {
+  MOCA_CHECK(residual.shape() == C.shape(), "gemm_bias_residual: residual ", residual.shape(),
+             " and output ", C.shape(), " differ");
+  MOCA_CHECK(residual.data() != C.data() || C.numel() == 0,
+             "gemm_bias_residual: the output must not be the residual");
+  if constexpr (gemm_impl::ResidualGemmBackend<T, D>) {
+    const auto a = A.matrix(), b = B.matrix(), c = C.matrix();
+    const bool tA = ta == Trans::T, tB = tb == Trans::T;
+    const std::int64_t M = tA ? a.size(1) : a.size(0), K = tA ? a.size(0) : a.size(1);
+    const std::int64_t Kb = tB ? b.size(1) : b.size(0), N = tB ? b.size(0) : b.size(1);
+    MOCA_CHECK(K == Kb && c.size(0) == M && c.size(1) == N && bias.numel() == N,
+               "gemm_bias_residual: incompatible shapes: A ", A.shape(), tA ? "ᵀ" : "", " · B ",
+               B.shape(), tB ? "ᵀ" : "", " + bias ", bias.shape(), " -> C ", C.shape());
+    if (Backend<D>::gemm_bias_residual(tA, tB, M, N, K, a.data(), a.size(1), b.data(), b.size(1),
+                                       bias.data(), residual.data(), c.data(), c.size(1))) {
+      profiler::count_flops(2.0 * double(M) * double(N) * double(K));
+      detail::count_traffic(a, b, bias, residual, c);
+      return;
+    }
+  }
+  gemm_bias(A, ta, B, tb, bias, C);
+  add(C, residual, C);
 }
 
 namespace gemm_impl {

@@ -332,34 +332,33 @@ void gemm(bool trans_a, bool trans_b, std::int64_t M, std::int64_t N, std::int64
   }
 }
 
-/// Row-major C = op(A) · op(B) + bias (bias [N] added to every row). For float, one cuBLASLt
-/// product whose epilogue adds the bias as C is stored, computing as the float matmul mode says;
-/// for bf16 the same in bf16 (fp32 accumulation, the bias added before the one rounding); for
-/// double, or where cuBLASLt offers no algorithm (or the bias is not 16-byte aligned, which its
-/// epilogue needs), a product and then add_bias.
+/// Row-major C = op(A) · op(B) + bias (+ residual) as one cuBLASLt product whose epilogue adds
+/// the bias as C is stored, computing as the float matmul mode says (bf16: fp32 accumulation, the
+/// bias and residual added before the one rounding); the residual ([M, N], rows ldc apart like
+/// C) is the product's C operand (beta = 1) and C its D. False, having queued nothing, for
+/// double, a bias that is not 16-byte aligned (the epilogue needs it), or where cuBLASLt offers
+/// no algorithm.
 template <class T>
-void gemm_bias(bool trans_a, bool trans_b, std::int64_t M, std::int64_t N, std::int64_t K,
-               const T* A, std::int64_t lda, const T* B, std::int64_t ldb, const T* bias, T* C,
-               std::int64_t ldc) {
-  if constexpr (std::is_same_v<T, bf16>) {
-    if (M > 0 && N > 0 && K > 0 && pointer_alignment(bias) >= 16) {
-      const ColumnMajorProduct p(trans_a, trans_b, M, N, K, lda, ldb, ldc);
-      const LtProblem problem = lt_problem(p, CUDA_R_16BF, CUDA_R_16BF, CUBLAS_COMPUTE_32F, B, A, C,
-                                           CUBLASLT_EPILOGUE_BIAS);
-      const float one = 1.0f, zero = 0.0f;
-      if (LtMatmul::get().run(problem, &one, B, A, &zero, C, bias)) return;
-    }
-  }
-  if constexpr (std::is_same_v<T, float>) {
-    if (M > 0 && N > 0 && K > 0 && pointer_alignment(bias) >= 16) {
-      const ColumnMajorProduct p(trans_a, trans_b, M, N, K, lda, ldb, ldc);
+bool lt_gemm_bias(bool trans_a, bool trans_b, std::int64_t M, std::int64_t N, std::int64_t K,
+                  const T* A, std::int64_t lda, const T* B, std::int64_t ldb, const T* bias,
+                  const T* residual, T* C, std::int64_t ldc) {
+  if constexpr (std::is_same_v<T, double>) {
+    return false;
+  } else {
+    if (M <= 0 || N <= 0 || K <= 0 || pointer_alignment(bias) < 16) return false;
+    const ColumnMajorProduct p(trans_a, trans_b, M, N, K, lda, ldb, ldc);
+    LtProblem problem;
+    const void* first = B;
+    const void* second = A;
+    if constexpr (std::is_same_v<T, bf16>) {
+      problem = lt_problem(p, CUDA_R_16BF, CUDA_R_16BF, CUBLAS_COMPUTE_32F, B, A, C,
+                           CUBLASLT_EPILOGUE_BIAS);
+    } else {
       const FloatMatmul mode = Context::get().float_matmul();
-      LtProblem problem =
+      problem =
           lt_problem(p, CUDA_R_32F, CUDA_R_32F,
                      mode == FloatMatmul::Tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F,
                      B, A, C, CUBLASLT_EPILOGUE_BIAS);
-      const void* first = B;
-      const void* second = A;
       if (mode == FloatMatmul::Bf16) {
         const Bf16Operands in = round_operands_to_bf16(p, B, A);
         problem.in_type = CUDA_R_16BF;
@@ -368,10 +367,24 @@ void gemm_bias(bool trans_a, bool trans_b, std::int64_t M, std::int64_t N, std::
         first = in.first;
         second = in.second;
       }
-      const float one = 1.0f, zero = 0.0f;
-      if (LtMatmul::get().run(problem, &one, first, second, &zero, C, bias)) return;
     }
+    const float one = 1.0f, zero = 0.0f;
+    if (residual == nullptr)
+      return LtMatmul::get().run(problem, &one, first, second, &zero, C, bias);
+    problem.align_c = std::min(problem.align_c, pointer_alignment(residual));
+    return LtMatmul::get().run(problem, &one, first, second, &one, const_cast<T*>(residual), bias,
+                               C);
   }
+}
+
+/// Row-major C = op(A) · op(B) + bias (bias [N] added to every row): lt_gemm_bias where it
+/// applies; for double, or where cuBLASLt offers no algorithm (or the bias is not 16-byte
+/// aligned), a product and then add_bias.
+template <class T>
+void gemm_bias(bool trans_a, bool trans_b, std::int64_t M, std::int64_t N, std::int64_t K,
+               const T* A, std::int64_t lda, const T* B, std::int64_t ldb, const T* bias, T* C,
+               std::int64_t ldc) {
+  if (lt_gemm_bias<T>(trans_a, trans_b, M, N, K, A, lda, B, ldb, bias, nullptr, C, ldc)) return;
   gemm(trans_a, trans_b, M, N, K, T(1), A, lda, 0, B, ldb, 0, T(0), C, ldc, 0, 1);
   if (ldc == N)
     add_bias(M, N, bias, C);
@@ -415,6 +428,15 @@ struct Backend<Cuda> {
                    const T* A, std::int64_t lda, const T* B, std::int64_t ldb, G beta, G* C,
                    std::int64_t ldc) {
     cuda::detail::gemm(ta, tb, M, N, K, alpha, A, lda, 0, B, ldb, 0, beta, C, ldc, 0, 1);
+  }
+  /// C = op(A) · op(B) + bias + residual in one cuBLASLt product (the residual read as its C)
+  /// where Context::fused_residual() asks for it and cuBLASLt offers one; false: the op composes.
+  template <class T>
+  static bool gemm_bias_residual(bool ta, bool tb, std::int64_t M, std::int64_t N, std::int64_t K,
+                                 const T* A, std::int64_t lda, const T* B, std::int64_t ldb,
+                                 const T* bias, const T* residual, T* C, std::int64_t ldc) {
+    if (!cuda::Context::get().fused_residual()) return false;
+    return cuda::detail::lt_gemm_bias(ta, tb, M, N, K, A, lda, B, ldb, bias, residual, C, ldc);
   }
   /// A Linear's weight and bias gradients from one pass over dy, where it applies (bf16 values,
   /// float gradients, Context::fused_bias_grads()); false: the op composes them. See

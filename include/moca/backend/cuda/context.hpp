@@ -171,6 +171,12 @@ class Context {
   /// second pass over the output gradient (the column sums). Off by default: cuBLASLt's order of
   /// that sum is its own. Not meant to be called while ops are running.
   void set_fused_bias_grads(bool on) noexcept { fused_bias_grads_ = on; }
+  /// Whether a Linear that ends a residual branch (a block's second MLP product) adds the
+  /// residual as its product is stored, reading it as cuBLASLt's C operand (the default), or
+  /// writes the branch and adds the residual in a second pass (to time one against the other).
+  /// Not meant to be called while ops are running.
+  void set_fused_residual(bool on) noexcept { fused_residual_ = on; }
+  bool fused_residual() const noexcept { return fused_residual_; }
   bool fused_bias_grads() const noexcept { return fused_bias_grads_; }
   /// Bias gradients taken from a product's epilogue so far (cuBLASLt may decline a problem,
   /// which then takes the column sums): for tests and benchmarks.
@@ -376,6 +382,7 @@ class Context {
   int gemm_tuning_ = 0;
   bool column_chunks_ = true;
   bool fused_bias_grads_ = false;
+  bool fused_residual_ = true;
   std::atomic<std::uint64_t> flash_mma_launches_{0};
   HostWaitCounter host_waits_;
   std::atomic<std::uint64_t> fused_bias_grad_runs_{0};

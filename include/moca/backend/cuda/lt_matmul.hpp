@@ -36,8 +36,8 @@
 
 namespace moca::cuda {
 
-/// One column-major product D[m, n] = alpha · op_a(A) · op_b(B) + beta · C (C = D), with an
-/// optional epilogue.
+/// One column-major product D[m, n] = alpha · op_a(A) · op_b(B) + beta · C (C and D of one type
+/// and layout, at one address or two), with an optional epilogue.
 struct LtProblem {
   cudaDataType_t in_type;      ///< of A and B
   cudaDataType_t out_type;     ///< of C, D and the bias
@@ -45,7 +45,8 @@ struct LtProblem {
   cudaDataType_t scale_type;   ///< of alpha and beta
   cublasOperation_t op_a, op_b;
   std::int64_t m, n, k, lda, ldb, ldc;
-  std::uint32_t align_a, align_b, align_c;  ///< of the pointers, in bytes (a power of two ≤ 256)
+  std::uint32_t align_a, align_b, align_c;  ///< of the pointers (C's: the lesser of C's and D's),
+                                            ///< in bytes (a power of two ≤ 256)
   cublasLtEpilogue_t epilogue;              ///< CUBLASLT_EPILOGUE_DEFAULT, _BIAS or _BGRADB
 
   auto operator<=>(const LtProblem&) const = default;
@@ -76,13 +77,15 @@ class LtMatmul {
   /// gradient, from the pass over its output gradient that the weight gradient makes). Returns
   /// false, having queued nothing, when cuBLASLt offers no algorithm for the problem or declines
   /// to run the one it offered (the caller then composes the product from other calls).
+  /// `D`, when given, receives the result instead of C, which is then only read (beta · C: a
+  /// residual added as the product is stored).
   bool run(const LtProblem& p, const void* alpha, const void* A, const void* B, const void* beta,
-           void* C, const void* bias = nullptr) {
+           void* C, const void* bias = nullptr, void* D = nullptr) {
     std::lock_guard<std::mutex> lock(mutex_);
     const Operands operands{alpha, A, B, beta, C, bias};
     Plan& plan = plan_for(p, operands);
     if (!plan.found) return false;
-    const cublasStatus_t status = enqueue(plan, p, operands, plan.algo, C);
+    const cublasStatus_t status = enqueue(plan, p, operands, plan.algo, D != nullptr ? D : C);
     if (status == CUBLAS_STATUS_NOT_SUPPORTED) {
       plan.found = false;  // not asked again for this problem
       return false;
