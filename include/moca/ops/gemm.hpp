@@ -8,6 +8,8 @@
 // Tensors of rank > 2 are read as matrices [product of leading dims, last dim].
 #pragma once
 
+#include <concepts>
+
 #include "moca/core/profiler.hpp"
 #include "moca/ops/common.hpp"
 #include "moca/ops/elementwise.hpp"
