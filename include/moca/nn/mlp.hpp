@@ -24,25 +24,13 @@ class Mlp {
   }
 
   /// x [..., dim] → y [..., dim]
-  void forward(const TensorView<T, D>& x, const TensorView<T, D>& y) {
-    const Shape h{x.shape().leading(), fc1.out_features()};
-    pre_.resize(h);
-    act_.resize(h);
-    fc1.forward(x, pre_);
-    Activation::forward(TensorView<T, D>(pre_), TensorView<T, D>(act_));
-    fc2.forward(act_, y);
-  }
+  void forward(const TensorView<T, D>& x, const TensorView<T, D>& y) { fc2.forward(hidden(x), y); }
 
   /// y = residual + MLP(x), the residual added as fc2 stores y (y must not be the residual);
   /// backward as after forward.
   void forward_add(const TensorView<T, D>& x, const TensorView<T, D>& residual,
                    const TensorView<T, D>& y) {
-    const Shape h{x.shape().leading(), fc1.out_features()};
-    pre_.resize(h);
-    act_.resize(h);
-    fc1.forward(x, pre_);
-    Activation::forward(TensorView<T, D>(pre_), TensorView<T, D>(act_));
-    fc2.forward_add(act_, residual, y);
+    fc2.forward_add(hidden(x), residual, y);
   }
 
   /// x is the input of the last forward; writes dx, accumulates parameter gradients.
@@ -61,6 +49,16 @@ class Mlp {
   void swap_scratch(Mlp& other) noexcept { std::swap(grad_, other.grad_); }
 
  private:
+  // The hidden layer, activation(fc1(x)), kept (with fc1's output) for backward.
+  TensorView<T, D> hidden(const TensorView<T, D>& x) {
+    const Shape h{x.shape().leading(), fc1.out_features()};
+    pre_.resize(h);
+    act_.resize(h);
+    fc1.forward(x, pre_);
+    Activation::forward(TensorView<T, D>(pre_), TensorView<T, D>(act_));
+    return act_;
+  }
+
   Tensor<T, D> pre_, act_, grad_;  // fc1 output, activation output, gradient scratch
 };
 
